@@ -1,0 +1,163 @@
+//! Batches of decoded records. A batch closes by count, bytes or age, whichever comes first.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use crate::config::BatchConfig;
+use crate::domain::TopicPartition;
+use crate::envelope::Decoded;
+
+/// Records in Kafka order within each partition.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub records: Vec<Decoded>,
+    pub bytes: usize,
+}
+
+impl Batch {
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    /// The first and last offset of each partition in the batch.
+    pub fn ranges(&self) -> BTreeMap<TopicPartition, (i64, i64)> {
+        let mut out: BTreeMap<TopicPartition, (i64, i64)> = BTreeMap::new();
+        for r in &self.records {
+            let c = r.coords();
+            let tp = c.topic_partition();
+            out.entry(tp)
+                .and_modify(|(lo, hi)| {
+                    *lo = (*lo).min(c.offset);
+                    *hi = (*hi).max(c.offset);
+                })
+                .or_insert((c.offset, c.offset));
+        }
+        out
+    }
+}
+
+/// Accumulates records and says when the batch must close.
+pub struct Batcher {
+    limits: BatchConfig,
+    current: Batch,
+    opened_at: Option<Instant>,
+}
+
+impl Batcher {
+    pub fn new(limits: BatchConfig) -> Self {
+        Self {
+            limits,
+            current: Batch::default(),
+            opened_at: None,
+        }
+    }
+
+    pub fn push(&mut self, record: Decoded) {
+        self.opened_at.get_or_insert_with(Instant::now);
+        self.current.bytes += match &record {
+            Decoded::Change(e) => e.size_bytes(),
+            Decoded::Reject(r) => {
+                r.value.as_ref().map_or(0, Vec::len) + r.key.as_ref().map_or(0, Vec::len)
+            }
+            Decoded::Skip(..) => 64,
+        };
+        self.current.records.push(record);
+    }
+
+    /// True when the batch reached its count or byte limit.
+    pub fn is_full(&self) -> bool {
+        self.current.records.len() >= self.limits.max_records
+            || self.current.bytes as u64 >= self.limits.max_bytes.0
+    }
+
+    /// Time left until the age limit closes the batch; None while it is empty.
+    pub fn time_left(&self) -> Option<Duration> {
+        self.opened_at
+            .map(|t| self.limits.max_age.0.saturating_sub(t.elapsed()))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.current.is_empty()
+    }
+
+    pub fn take(&mut self) -> Batch {
+        self.opened_at = None;
+        std::mem::take(&mut self.current)
+    }
+
+    /// Drops buffered records of revoked partitions: another consumer now owns them.
+    pub fn retain_partitions(&mut self, keep: impl Fn(&TopicPartition) -> bool) {
+        self.current
+            .records
+            .retain(|r| keep(&r.coords().topic_partition()));
+        if self.current.records.is_empty() {
+            self.opened_at = None;
+            self.current.bytes = 0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ByteSize, HumanDuration};
+    use crate::domain::KafkaCoordinates;
+    use crate::envelope::SkipReason;
+
+    fn skip(partition: i32, offset: i64) -> Decoded {
+        Decoded::Skip(
+            KafkaCoordinates {
+                topic: "t".into(),
+                partition,
+                offset,
+                timestamp_ms: None,
+            },
+            SkipReason::Tombstone,
+        )
+    }
+
+    fn limits(records: usize, bytes: u64, age_ms: u64) -> BatchConfig {
+        BatchConfig {
+            max_records: records,
+            max_bytes: ByteSize(bytes),
+            max_age: HumanDuration(Duration::from_millis(age_ms)),
+        }
+    }
+
+    #[test]
+    fn closes_by_count_bytes_and_age() {
+        let mut b = Batcher::new(limits(2, 1 << 20, 60_000));
+        assert_eq!(b.time_left(), None);
+        b.push(skip(0, 0));
+        assert!(!b.is_full());
+        b.push(skip(0, 1));
+        assert!(b.is_full(), "count limit");
+
+        let mut b = Batcher::new(limits(100, 100, 60_000));
+        b.push(skip(0, 0));
+        b.push(skip(0, 1));
+        assert!(b.is_full(), "byte limit: two skips count 128 bytes");
+
+        let mut b = Batcher::new(limits(100, 1 << 20, 1));
+        b.push(skip(0, 0));
+        std::thread::sleep(Duration::from_millis(2));
+        assert_eq!(b.time_left(), Some(Duration::ZERO), "age limit");
+    }
+
+    #[test]
+    fn ranges_and_revocation_are_per_partition() {
+        let mut b = Batcher::new(limits(100, 1 << 20, 60_000));
+        for (p, o) in [(0, 5), (1, 9), (0, 6), (1, 10)] {
+            b.push(skip(p, o));
+        }
+        b.retain_partitions(|tp| tp.partition == 0);
+        let batch = b.take();
+        let ranges: Vec<_> = batch.ranges().into_iter().collect();
+        assert_eq!(ranges, vec![(TopicPartition::new("t", 0), (5, 6))]);
+        assert!(b.is_empty());
+    }
+}

@@ -1,0 +1,603 @@
+//! Configuration: a TOML file, then `CDC_LAKE__SECTION__KEY` environment overrides, then secrets
+//! from `*_file` paths, then [`Config::validate`]. Secrets are never printed: see
+//! [`Config::redacted`].
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config is not valid TOML: {0}")]
+    Parse(String),
+    #[error("environment override {var}: {reason}")]
+    Env { var: String, reason: String },
+    #[error("cannot read secret file {path} (for {field}): {source}")]
+    Secret {
+        field: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// A credential. Its `Debug` never shows the value, so it cannot leak through a log line.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    /// The value, for the one place that hands it to a client library.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// A byte size written as `16MiB`, `512KiB`, `1GB` or a plain integer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "SizeOrInt", into = "String")]
+pub struct ByteSize(pub u64);
+
+/// A duration written as `500ms`, `2s`, `5m` or `1h`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct HumanDuration(pub Duration);
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SizeOrInt {
+    Int(u64),
+    Text(String),
+}
+
+impl TryFrom<SizeOrInt> for ByteSize {
+    type Error = String;
+    fn try_from(v: SizeOrInt) -> Result<Self, String> {
+        match v {
+            SizeOrInt::Int(n) => Ok(ByteSize(n)),
+            SizeOrInt::Text(s) => parse_size(&s).map(ByteSize),
+        }
+    }
+}
+
+impl From<ByteSize> for String {
+    fn from(v: ByteSize) -> String {
+        v.0.to_string()
+    }
+}
+
+impl TryFrom<String> for HumanDuration {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        parse_duration(&s).map(HumanDuration)
+    }
+}
+
+impl From<HumanDuration> for String {
+    fn from(v: HumanDuration) -> String {
+        format!("{}ms", v.0.as_millis())
+    }
+}
+
+fn split_unit(s: &str) -> (&str, &str) {
+    let s = s.trim();
+    let idx = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    (&s[..idx], s[idx..].trim())
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (num, unit) = split_unit(s);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size like 16MiB"))?;
+    let mult = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1000,
+        "kib" => 1 << 10,
+        "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        _ => return Err(format!("{s:?} has an unknown size unit {unit:?}")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = split_unit(s);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 500ms or 2s"))?;
+    Ok(match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => return Err(format!("{s:?} needs a unit: ms, s, m or h")),
+    })
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub kafka: KafkaConfig,
+    #[serde(default)]
+    pub batch: BatchConfig,
+    pub postgres: PostgresConfig,
+    #[serde(default)]
+    pub raw: RawConfig,
+    #[serde(default)]
+    pub state: StateConfig,
+    #[serde(default)]
+    pub lake: LakeConfig,
+    #[serde(default)]
+    pub http: HttpConfig,
+    #[serde(default)]
+    pub shutdown: ShutdownConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Comma-separated bootstrap servers.
+    pub brokers: String,
+    /// Consumer group; also the name sink checkpoints are stored under.
+    #[serde(default = "default_group")]
+    pub group_id: String,
+    /// Topic names, or regexes when they start with `^` (librdkafka's convention).
+    pub topics: Vec<String>,
+    /// Extra librdkafka properties (e.g. `session.timeout.ms`, SASL settings).
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+fn default_group() -> String {
+    "cdc-lake".into()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchConfig {
+    /// A batch closes at this many records...
+    pub max_records: usize,
+    /// ...or this many bytes of record values...
+    pub max_bytes: ByteSize,
+    /// ...or when its first record is this old.
+    pub max_age: HumanDuration,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self {
+            max_records: 10_000,
+            max_bytes: ByteSize(16 << 20),
+            max_age: HumanDuration(Duration::from_millis(200)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// `postgres://user@host:port/db`. Put the password in `password_file`, not here.
+    pub url: String,
+    /// File holding the password (e.g. a mounted Kubernetes Secret).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    #[serde(skip)]
+    pub password: Option<Secret>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConfig {
+    pub enabled: bool,
+}
+
+impl Default for RawConfig {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
+}
+
+/// What a delete does to a state target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeleteMode {
+    /// Remove the row.
+    Delete,
+    /// Keep the row with `cdc_deleted = true`.
+    Soft,
+    /// Keep the row as it was (append-only targets).
+    Ignore,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateConfig {
+    pub enabled: bool,
+    /// Schema holding the mirror tables.
+    pub schema: String,
+    pub delete_mode: DeleteMode,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            schema: "cdc_processed".into(),
+            delete_mode: DeleteMode::Delete,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LakeConfig {
+    pub enabled: bool,
+    /// Local directory used when no `s3` section is given.
+    pub root: PathBuf,
+    /// Key prefix inside the bucket or directory.
+    pub prefix: String,
+    pub s3: Option<S3Config>,
+    /// A file closes at this many rows...
+    pub roll_rows: usize,
+    /// ...or this many bytes of envelopes...
+    pub roll_bytes: ByteSize,
+    /// ...or when its oldest record has waited this long.
+    pub roll_age: HumanDuration,
+}
+
+impl Default for LakeConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            root: PathBuf::from("lake"),
+            prefix: String::new(),
+            s3: None,
+            roll_rows: 200_000,
+            roll_bytes: ByteSize(64 << 20),
+            roll_age: HumanDuration(Duration::from_secs(10)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Config {
+    pub bucket: String,
+    /// S3 API endpoint for MinIO and other S3-compatible servers; omit for AWS.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    #[serde(default = "default_region")]
+    pub region: String,
+    #[serde(default)]
+    pub access_key_id: Option<String>,
+    #[serde(default)]
+    pub secret_access_key_file: Option<PathBuf>,
+    #[serde(skip)]
+    pub secret_access_key: Option<Secret>,
+    /// Allow plain HTTP (local MinIO); off by default.
+    #[serde(default)]
+    pub allow_http: bool,
+}
+
+fn default_region() -> String {
+    "us-east-1".into()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address of `/healthz`, `/readyz` and `/metrics`; empty disables the server.
+    pub listen: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9187".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// On SIGTERM, how long to drain in-flight batches before exiting anyway.
+    pub drain_deadline: HumanDuration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self {
+            drain_deadline: HumanDuration(Duration::from_secs(10)),
+        }
+    }
+}
+
+pub const ENV_PREFIX: &str = "CDC_LAKE__";
+
+impl Config {
+    /// Loads the file (or the embedded demo defaults when `path` is None), applies environment
+    /// overrides and secret files, and validates.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_with_env(path, std::env::vars())
+    }
+
+    pub fn load_with_env(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let text = match path {
+            Some(p) => std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                path: p.to_path_buf(),
+                source,
+            })?,
+            None => DEMO_DEFAULTS.to_string(),
+        };
+        let mut table: toml::Table =
+            toml::from_str(&text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        apply_env_overrides(&mut table, env)?;
+        let mut config: Config = table
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
+        config.read_secrets()?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn read_secrets(&mut self) -> Result<(), ConfigError> {
+        let read = |field: &'static str, path: &Path| {
+            std::fs::read_to_string(path)
+                .map(|s| Secret::new(s.trim_end_matches(['\n', '\r'])))
+                .map_err(|source| ConfigError::Secret {
+                    field,
+                    path: path.to_path_buf(),
+                    source,
+                })
+        };
+        if let Some(p) = &self.postgres.password_file {
+            self.postgres.password = Some(read("postgres.password_file", p)?);
+        }
+        if let Some(s3) = &mut self.lake.s3 {
+            if let Some(p) = &s3.secret_access_key_file {
+                s3.secret_access_key = Some(read("lake.s3.secret_access_key_file", p)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks everything that can be checked without I/O.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.kafka.brokers.trim().is_empty() {
+            return bad("kafka.brokers is empty".into());
+        }
+        if self.kafka.topics.is_empty() {
+            return bad("kafka.topics lists no topic or pattern".into());
+        }
+        if let Some(t) = self.kafka.topics.iter().find(|t| t.trim().is_empty()) {
+            return bad(format!("kafka.topics has an empty entry {t:?}"));
+        }
+        if self.kafka.group_id.trim().is_empty() {
+            return bad("kafka.group_id is empty".into());
+        }
+        for managed in ["enable.auto.commit", "enable.auto.offset.store", "group.id"] {
+            if self.kafka.properties.contains_key(managed) {
+                return bad(format!(
+                    "kafka.properties.{managed} is managed by cdc-lake (offsets live with the data)"
+                ));
+            }
+        }
+        if !self.postgres.url.starts_with("postgres://") && !self.postgres.url.starts_with("postgresql://") {
+            return bad("postgres.url must start with postgres://".into());
+        }
+        if url_password(&self.postgres.url).is_some() {
+            return bad("postgres.url contains a password; use postgres.password_file".into());
+        }
+        if self.batch.max_records == 0 {
+            return bad("batch.max_records must be at least 1".into());
+        }
+        if self.batch.max_bytes.0 < 1024 {
+            return bad("batch.max_bytes must be at least 1KiB".into());
+        }
+        if self.batch.max_age.0.is_zero() {
+            return bad("batch.max_age must be above 0".into());
+        }
+        if self.lake.roll_rows == 0 || self.lake.roll_age.0.is_zero() {
+            return bad("lake.roll_rows and lake.roll_age must be above 0".into());
+        }
+        if !crate::sink::ident::is_valid_ident(&self.state.schema) {
+            return bad(format!(
+                "state.schema {:?} is not a plain identifier (letters, digits, _)",
+                self.state.schema
+            ));
+        }
+        if let Some(s3) = &self.lake.s3 {
+            if s3.bucket.is_empty() {
+                return bad("lake.s3.bucket is empty".into());
+            }
+            if s3.access_key_id.is_some() != s3.secret_access_key.is_some() {
+                return bad("lake.s3 needs both access_key_id and secret_access_key_file, or neither".into());
+            }
+        }
+        if self.lake.prefix.contains("..") || self.lake.prefix.starts_with('/') {
+            return bad("lake.prefix must be a relative path without ..".into());
+        }
+        if !(self.raw.enabled || self.state.enabled || self.lake.enabled) {
+            return bad("every sink is disabled; enable at least one of raw, state, lake".into());
+        }
+        Ok(())
+    }
+
+    /// The effective config as TOML, with secrets replaced by `<redacted>`.
+    pub fn redacted(&self) -> String {
+        let mut c = self.clone();
+        for (k, v) in c.kafka.properties.iter_mut() {
+            if k.contains("password") || k.contains("secret") || k.contains("sasl.oauthbearer") {
+                *v = "<redacted>".into();
+            }
+        }
+        let mut table = toml::Table::try_from(&c).expect("config serialises");
+        if let Some(pg) = table.get_mut("postgres").and_then(|v| v.as_table_mut()) {
+            if self.postgres.password.is_some() {
+                pg.insert("password".into(), "<redacted: from password_file>".into());
+            }
+        }
+        toml::to_string_pretty(&table).expect("config serialises")
+    }
+}
+
+fn url_password(url: &str) -> Option<&str> {
+    let rest = url.split_once("://")?.1;
+    let userinfo = rest.split_once('@')?.0;
+    userinfo.split_once(':').map(|(_, p)| p)
+}
+
+/// `CDC_LAKE__KAFKA__BROKERS=x` sets `kafka.brokers`. Values parse as TOML (numbers, booleans,
+/// arrays) and fall back to strings.
+fn apply_env_overrides(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    for (var, raw) in env {
+        let Some(path) = var.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        let keys: Vec<String> = path.split("__").map(|k| k.to_ascii_lowercase()).collect();
+        if keys.iter().any(String::is_empty) {
+            return Err(ConfigError::Env {
+                var,
+                reason: "empty path segment".into(),
+            });
+        }
+        let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(raw.clone()));
+        let mut cur = &mut *table;
+        for k in &keys[..keys.len() - 1] {
+            let entry = cur
+                .entry(k.clone())
+                .or_insert_with(|| toml::Value::Table(Default::default()));
+            cur = entry.as_table_mut().ok_or_else(|| ConfigError::Env {
+                var: var.clone(),
+                reason: format!("{k} is not a section"),
+            })?;
+        }
+        cur.insert(keys[keys.len() - 1].clone(), value);
+    }
+    Ok(())
+}
+
+/// The embedded defaults: the demo stack from `tools/up` on loopback.
+pub const DEMO_DEFAULTS: &str = include_str!("../deploy/config/demo.toml");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn demo_defaults_load_and_validate() {
+        let c = Config::load_with_env(None, env(&[])).unwrap();
+        assert_eq!(c.state.schema, "cdc_processed");
+        assert!(c.lake.enabled);
+    }
+
+    #[test]
+    fn env_overrides_win_and_parse_types() {
+        let c = Config::load_with_env(
+            None,
+            env(&[
+                ("CDC_LAKE__KAFKA__BROKERS", "10.0.0.1:9092"),
+                ("CDC_LAKE__BATCH__MAX_RECORDS", "77"),
+                ("CDC_LAKE__LAKE__ENABLED", "false"),
+                ("CDC_LAKE__KAFKA__TOPICS", "[\"a\", \"^b\\\\..*\"]"),
+                ("OTHER", "ignored"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.kafka.brokers, "10.0.0.1:9092");
+        assert_eq!(c.batch.max_records, 77);
+        assert!(!c.lake.enabled);
+        assert_eq!(c.kafka.topics, vec!["a".to_string(), "^b\\..*".to_string()]);
+    }
+
+    #[test]
+    fn invalid_configs_name_the_problem() {
+        let cases = [
+            ("CDC_LAKE__KAFKA__TOPICS", "[]", "kafka.topics lists no topic"),
+            ("CDC_LAKE__POSTGRES__URL", "postgres://u:hunter2@h/db", "contains a password"),
+            ("CDC_LAKE__POSTGRES__URL", "mysql://h/db", "must start with postgres://"),
+            ("CDC_LAKE__BATCH__MAX_RECORDS", "0", "max_records"),
+            ("CDC_LAKE__BATCH__MAX_AGE", "5x", "needs a unit"),
+            ("CDC_LAKE__BATCH__MAX_BYTES", "12XB", "unknown size unit"),
+            ("CDC_LAKE__STATE__SCHEMA", "x;drop", "not a plain identifier"),
+            ("CDC_LAKE__KAFKA__PROPERTIES__ENABLE.AUTO.COMMIT", "true", "managed by cdc-lake"),
+            ("CDC_LAKE__KAFKA__NOPE", "1", "unknown field"),
+            ("CDC_LAKE__POSTGRES__PASSWORD_FILE", "/nonexistent/pw", "cannot read secret file"),
+        ];
+        for (var, value, want) in cases {
+            let err = Config::load_with_env(None, env(&[(var, value)])).unwrap_err().to_string();
+            assert!(err.contains(want), "{var}={value}: {err}");
+        }
+    }
+
+    #[test]
+    fn secrets_are_read_from_files_and_redacted() {
+        let dir = std::env::temp_dir().join(format!("cdc-lake-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pw = dir.join("pw");
+        std::fs::write(&pw, "s3cr3t-pg\n").unwrap();
+        let key = dir.join("key");
+        std::fs::write(&key, "s3cr3t-s3").unwrap();
+        let c = Config::load_with_env(
+            None,
+            env(&[
+                ("CDC_LAKE__POSTGRES__PASSWORD_FILE", pw.to_str().unwrap()),
+                ("CDC_LAKE__LAKE__S3__BUCKET", "b"),
+                ("CDC_LAKE__LAKE__S3__ACCESS_KEY_ID", "AKIA"),
+                ("CDC_LAKE__LAKE__S3__SECRET_ACCESS_KEY_FILE", key.to_str().unwrap()),
+                ("CDC_LAKE__KAFKA__PROPERTIES__SASL.PASSWORD", "s3cr3t-kafka"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.postgres.password.as_ref().unwrap().expose(), "s3cr3t-pg");
+        let s3 = c.lake.s3.as_ref().unwrap();
+        assert_eq!(s3.secret_access_key.as_ref().unwrap().expose(), "s3cr3t-s3");
+        let shown = c.redacted();
+        assert!(!shown.contains("s3cr3t"), "{shown}");
+        assert!(shown.contains("<redacted"), "{shown}");
+        let debug = format!("{c:?}");
+        assert!(!debug.contains("s3cr3t-pg") && !debug.contains("s3cr3t-s3"), "{debug}");
+    }
+
+    #[test]
+    fn sizes_and_durations_parse() {
+        assert_eq!(parse_size("16MiB").unwrap(), 16 << 20);
+        assert_eq!(parse_size("1000").unwrap(), 1000);
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+    }
+}

@@ -1,0 +1,179 @@
+//! PostgreSQL connections and the numbered migrations in `sql/`.
+
+use tokio_postgres::{Client, NoTls};
+
+use crate::config::PostgresConfig;
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot connect to PostgreSQL at {target}: {source}")]
+pub struct ConnectError {
+    pub target: String,
+    #[source]
+    pub source: tokio_postgres::Error,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("migration {version} ({name}) failed: {source}")]
+    Migration {
+        version: i32,
+        name: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("migration {version} ({name}) was changed after it was applied; migrations are immutable")]
+    MigrationChanged { version: i32, name: &'static str },
+    #[error(transparent)]
+    Query(#[from] tokio_postgres::Error),
+}
+
+/// One numbered migration, embedded at build time.
+pub struct Migration {
+    pub version: i32,
+    pub name: &'static str,
+    pub sql: &'static str,
+}
+
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "0001_bookkeeping",
+        sql: include_str!("../sql/0001_bookkeeping.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "0002_raw_log",
+        sql: include_str!("../sql/0002_raw_log.sql"),
+    },
+    Migration {
+        version: 3,
+        name: "0003_processed",
+        sql: include_str!("../sql/0003_processed.sql"),
+    },
+];
+
+/// `host:port/db` of a URL, for error messages: never the credentials.
+pub fn describe_url(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    rest.rsplit_once('@').map_or(rest, |(_, hp)| hp).to_string()
+}
+
+/// Opens a connection and drives it on a background task.
+pub async fn connect(cfg: &PostgresConfig, application: &str) -> Result<Client, ConnectError> {
+    let target = describe_url(&cfg.url);
+    let mut pg: tokio_postgres::Config = cfg.url.parse().map_err(|source| ConnectError {
+        target: target.clone(),
+        source,
+    })?;
+    if let Some(pw) = &cfg.password {
+        pg.password(pw.expose());
+    }
+    pg.application_name(application);
+    pg.connect_timeout(std::time::Duration::from_secs(10));
+    let (client, conn) = pg.connect(NoTls).await.map_err(|source| ConnectError {
+        target: target.clone(),
+        source,
+    })?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::warn!(target = %target, error = %e, "postgres connection closed");
+        }
+    });
+    Ok(client)
+}
+
+/// Applies pending migrations, each in its own transaction, under an advisory lock so that
+/// pods starting together do not race. Returns the versions applied now.
+pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, DbError> {
+    // Arbitrary constant: "cdc-lake migrate".
+    const LOCK_KEY: i64 = 0x6364_635f_6c61_6b65;
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&LOCK_KEY])
+        .await?;
+    let result = apply_pending(client).await;
+    client
+        .execute("SELECT pg_advisory_unlock($1)", &[&LOCK_KEY])
+        .await?;
+    result
+}
+
+async fn apply_pending(client: &mut Client) -> Result<Vec<i32>, DbError> {
+    client
+        .batch_execute(
+            "CREATE SCHEMA IF NOT EXISTS cdc_lake;
+             CREATE TABLE IF NOT EXISTS cdc_lake.schema_migrations (
+                 version integer PRIMARY KEY,
+                 name text NOT NULL,
+                 checksum text NOT NULL,
+                 applied_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await?;
+    let mut applied = Vec::new();
+    for m in MIGRATIONS {
+        let checksum = checksum(m.sql);
+        let row = client
+            .query_opt(
+                "SELECT checksum FROM cdc_lake.schema_migrations WHERE version = $1",
+                &[&m.version],
+            )
+            .await?;
+        match row {
+            Some(r) if r.get::<_, String>(0) == checksum => continue,
+            Some(_) => {
+                return Err(DbError::MigrationChanged {
+                    version: m.version,
+                    name: m.name,
+                })
+            }
+            None => {}
+        }
+        let wrap = |source| DbError::Migration {
+            version: m.version,
+            name: m.name,
+            source,
+        };
+        let tx = client.transaction().await?;
+        tx.batch_execute(m.sql).await.map_err(wrap)?;
+        tx.execute(
+            "INSERT INTO cdc_lake.schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+            &[&m.version, &m.name, &checksum],
+        )
+        .await
+        .map_err(wrap)?;
+        tx.commit().await.map_err(wrap)?;
+        applied.push(m.version);
+    }
+    Ok(applied)
+}
+
+/// FNV-1a: a stable fingerprint of a migration's text (std's hasher is not stable across
+/// releases).
+fn checksum(sql: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in sql.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_are_numbered_in_order() {
+        for (i, m) in MIGRATIONS.iter().enumerate() {
+            assert_eq!(m.version as usize, i + 1);
+            assert!(m.name.starts_with(&format!("{:04}_", m.version)));
+        }
+    }
+
+    #[test]
+    fn urls_are_described_without_credentials() {
+        assert_eq!(describe_url("postgres://u:pw@h:5432/db"), "h:5432/db");
+        assert_eq!(describe_url("postgres://h/db"), "h/db");
+    }
+}

@@ -1,0 +1,511 @@
+//! Decoding at the edge: one Kafka record becomes a typed [`ChangeEvent`], a counted
+//! [`Skip`], or a [`Reject`] with the reason. Nothing downstream reads the raw JSON again.
+
+pub mod schema;
+pub mod value;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use crate::domain::{KafkaCoordinates, Position, TableId};
+pub use schema::{Column, ColumnType, RowSchema, TimeUnit};
+
+/// Debezium's operation codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Op {
+    Read,
+    Create,
+    Update,
+    Delete,
+    Truncate,
+    Message,
+}
+
+impl Op {
+    pub fn parse(code: &str) -> Option<Op> {
+        Some(match code {
+            "r" => Op::Read,
+            "c" => Op::Create,
+            "u" => Op::Update,
+            "d" => Op::Delete,
+            "t" => Op::Truncate,
+            "m" => Op::Message,
+            _ => return None,
+        })
+    }
+
+    pub fn code(self) -> &'static str {
+        match self {
+            Op::Read => "r",
+            Op::Create => "c",
+            Op::Update => "u",
+            Op::Delete => "d",
+            Op::Truncate => "t",
+            Op::Message => "m",
+        }
+    }
+}
+
+/// The typed parts of Debezium's `source` block that the pipeline uses.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceInfo {
+    pub connector: Option<String>,
+    pub name: Option<String>,
+    pub db: Option<String>,
+    pub ts_ms: Option<i64>,
+    pub snapshot: Option<String>,
+    pub tx_id: Option<i64>,
+    pub lsn: Option<i64>,
+    pub sequence: Option<String>,
+}
+
+/// One decoded change, with its Kafka coordinates.
+#[derive(Debug, Clone)]
+pub struct ChangeEvent {
+    pub coords: KafkaCoordinates,
+    /// The key payload (`{"id": …}`), without its Connect schema. None for keyless tables.
+    pub key: Option<Value>,
+    pub op: Op,
+    pub table: TableId,
+    pub before: Option<Map<String, Value>>,
+    pub after: Option<Map<String, Value>>,
+    pub source: SourceInfo,
+    /// The whole `source` block as sent, kept for the raw log.
+    pub source_json: Value,
+    pub transaction: Option<Value>,
+    /// Envelope `ts_ms`: when Debezium processed the change.
+    pub ts_ms: Option<i64>,
+    /// Column types of `before`/`after`, shared by every event with the same schema.
+    pub schema: Arc<RowSchema>,
+    pub position: Position,
+    /// The record value exactly as received, so the lake can reproduce the envelope.
+    pub raw_value: Arc<str>,
+    pub raw_key: Option<Arc<str>>,
+}
+
+impl ChangeEvent {
+    /// Source commit time (epoch ms), falling back to processing time then Kafka time.
+    pub fn event_time_ms(&self) -> Option<i64> {
+        self.source
+            .ts_ms
+            .or(self.ts_ms)
+            .or(self.coords.timestamp_ms)
+    }
+
+    /// The row image that carries the state: `after`, or `before` for deletes.
+    pub fn row(&self) -> Option<&Map<String, Value>> {
+        self.after.as_ref().or(self.before.as_ref())
+    }
+
+    /// `image` (`before` or `after`) with each value converted for PostgreSQL by its column type.
+    /// TOAST placeholders stay when `keep_unavailable` (the raw log records what was sent) and
+    /// are left out otherwise (the column did not change, so state keeps its stored value).
+    pub fn sql_image(
+        &self,
+        image: &Map<String, Value>,
+        keep_unavailable: bool,
+    ) -> Result<Map<String, Value>, String> {
+        let mut out = Map::with_capacity(image.len());
+        for (name, v) in image {
+            if v.as_str() == Some(value::UNAVAILABLE_VALUE) {
+                if keep_unavailable {
+                    out.insert(name.clone(), v.clone());
+                }
+                continue;
+            }
+            let converted = match self.schema.column(name) {
+                Some(c) => value::to_sql_json(&c.ty, v).map_err(|e| format!("column {name}: {e}"))?,
+                None => v.clone(),
+            };
+            out.insert(name.clone(), converted);
+        }
+        Ok(out)
+    }
+
+    /// Approximate in-memory size, for batching by bytes.
+    pub fn size_bytes(&self) -> usize {
+        self.raw_value.len() + self.raw_key.as_ref().map_or(0, |k| k.len()) + 256
+    }
+}
+
+/// Records that are intentionally not stored, each counted under its reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SkipReason {
+    /// A null value after a delete: Kafka compaction's marker, not a second delete.
+    Tombstone,
+    /// Debezium heartbeat records.
+    Heartbeat,
+    /// Transaction metadata (BEGIN/END) records.
+    TransactionMarker,
+}
+
+impl SkipReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SkipReason::Tombstone => "tombstone",
+            SkipReason::Heartbeat => "heartbeat",
+            SkipReason::TransactionMarker => "transaction_marker",
+        }
+    }
+}
+
+/// A record that cannot be decoded, kept byte for byte with the reason.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reject {
+    pub coords: KafkaCoordinates,
+    /// A short stable class of the reason, for metrics (`invalid_json`, `unknown_op`, …).
+    pub kind: &'static str,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub reason: String,
+}
+
+/// What one Kafka record decodes to.
+#[derive(Debug, Clone)]
+pub enum Decoded {
+    Change(Arc<ChangeEvent>),
+    Skip(KafkaCoordinates, SkipReason),
+    Reject(Reject),
+}
+
+impl Decoded {
+    pub fn coords(&self) -> &KafkaCoordinates {
+        match self {
+            Decoded::Change(e) => &e.coords,
+            Decoded::Skip(c, _) => c,
+            Decoded::Reject(r) => &r.coords,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct WireSource {
+    connector: Option<String>,
+    name: Option<String>,
+    db: Option<String>,
+    schema: Option<String>,
+    table: Option<String>,
+    ts_ms: Option<i64>,
+    snapshot: Option<String>,
+    #[serde(rename = "txId")]
+    tx_id: Option<i64>,
+    lsn: Option<i64>,
+    sequence: Option<String>,
+}
+
+/// Decodes Debezium JSON records (schemaless, or `{schema, payload}`).
+///
+/// Keeps a cache of parsed Connect schemas so that the defaults form, which repeats the full
+/// schema in every record, costs one parse per distinct schema.
+#[derive(Default)]
+pub struct Decoder {
+    schemas: HashMap<u64, Arc<RowSchema>>,
+}
+
+impl Decoder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn decode(
+        &mut self,
+        coords: KafkaCoordinates,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+    ) -> Decoded {
+        let value = match value {
+            None => return Decoded::Skip(coords, SkipReason::Tombstone),
+            Some(v) if v.is_empty() => return Decoded::Skip(coords, SkipReason::Tombstone),
+            Some(v) => v,
+        };
+        match self.decode_value(&coords, key, value) {
+            Ok(d) => d,
+            Err(reason) => Decoded::Reject(Reject {
+                kind: reject_kind(&reason),
+                coords,
+                key: key.map(<[u8]>::to_vec),
+                value: Some(value.to_vec()),
+                reason,
+            }),
+        }
+    }
+
+    fn decode_value(
+        &mut self,
+        coords: &KafkaCoordinates,
+        key: Option<&[u8]>,
+        value: &[u8],
+    ) -> Result<Decoded, String> {
+        let text = std::str::from_utf8(value).map_err(|e| format!("value is not UTF-8: {e}"))?;
+        let root: Value =
+            serde_json::from_str(text).map_err(|e| format!("value is not valid JSON: {e}"))?;
+        let Value::Object(mut root) = root else {
+            return Err("value is not a JSON object, so not a Debezium envelope".into());
+        };
+        // {schema, payload} form: the row types come from the schema.
+        let (mut payload, connect_schema) = match (root.remove("payload"), root.remove("schema")) {
+            (Some(Value::Object(p)), schema) if root.is_empty() => (p, schema),
+            (Some(_), _) if root.is_empty() => {
+                return Err("envelope payload is not a JSON object".into())
+            }
+            (payload, schema) => {
+                // Flat form: put back anything we took out.
+                if let Some(p) = payload {
+                    root.insert("payload".into(), p);
+                }
+                if let Some(s) = schema {
+                    root.insert("schema".into(), s);
+                }
+                (root, None)
+            }
+        };
+
+        let Some(op_value) = payload.get("op") else {
+            return classify_non_change(coords, &payload);
+        };
+        let op_code = op_value
+            .as_str()
+            .ok_or("envelope field op is not a string")?
+            .to_string();
+        let op = Op::parse(&op_code).ok_or_else(|| format!("unknown op {op_code:?}"))?;
+
+        let source_json = payload
+            .remove("source")
+            .ok_or("envelope has no source block")?;
+        let source: WireSource = serde_json::from_value(source_json.clone())
+            .map_err(|e| format!("envelope source block is malformed: {e}"))?;
+        let (Some(schema_name), Some(table_name)) = (source.schema.clone(), source.table.clone())
+        else {
+            return Err("envelope source block names no schema/table".into());
+        };
+
+        let before = take_row(&mut payload, "before")?;
+        let after = take_row(&mut payload, "after")?;
+        match op {
+            Op::Create | Op::Read | Op::Update if after.is_none() => {
+                return Err(format!("op {op_code:?} without an after image"))
+            }
+            Op::Delete if before.is_none() && key.is_none() => {
+                return Err("delete without a before image or a key".into())
+            }
+            _ => {}
+        }
+
+        let row_schema = match connect_schema {
+            Some(s) => self.connect_schema(&s)?,
+            None => Arc::new(
+                after
+                    .as_ref()
+                    .or(before.as_ref())
+                    .map(RowSchema::infer)
+                    .unwrap_or_default(),
+            ),
+        };
+
+        let (raw_key, key_payload) = match key {
+            None => (None, None),
+            Some(k) => {
+                let text = String::from_utf8_lossy(k);
+                let parsed = match serde_json::from_str::<Value>(&text) {
+                    Ok(Value::Object(mut m)) if m.contains_key("payload") && m.contains_key("schema") => {
+                        m.remove("payload")
+                    }
+                    Ok(v) => Some(v),
+                    Err(e) => return Err(format!("record key is not valid JSON: {e}")),
+                };
+                (Some(Arc::<str>::from(text.as_ref())), parsed.filter(|v| !v.is_null()))
+            }
+        };
+
+        let change_lsn = source
+            .sequence
+            .as_deref()
+            .and_then(|s| parse_sequence(s).1)
+            .or(source.lsn)
+            .unwrap_or(0);
+        let commit_lsn = source
+            .sequence
+            .as_deref()
+            .and_then(|s| parse_sequence(s).0)
+            .unwrap_or(change_lsn);
+
+        Ok(Decoded::Change(Arc::new(ChangeEvent {
+            coords: coords.clone(),
+            key: key_payload,
+            op,
+            table: TableId::new(schema_name, table_name),
+            before,
+            after,
+            position: Position {
+                commit_lsn,
+                change_lsn,
+                offset: coords.offset,
+            },
+            source: SourceInfo {
+                connector: source.connector,
+                name: source.name,
+                db: source.db,
+                ts_ms: source.ts_ms,
+                snapshot: source.snapshot,
+                tx_id: source.tx_id,
+                lsn: source.lsn,
+                sequence: source.sequence,
+            },
+            source_json,
+            transaction: payload.remove("transaction").filter(|t| !t.is_null()),
+            ts_ms: payload.get("ts_ms").and_then(Value::as_i64),
+            schema: row_schema,
+            raw_value: Arc::from(text),
+            raw_key,
+        })))
+    }
+
+    fn connect_schema(&mut self, schema: &Value) -> Result<Arc<RowSchema>, String> {
+        use std::hash::{Hash, Hasher};
+        // Hash the schema's canonical text; serde_json keeps object order as received.
+        let text = schema.to_string();
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        text.hash(&mut h);
+        let id = h.finish();
+        if let Some(s) = self.schemas.get(&id) {
+            return Ok(s.clone());
+        }
+        let parsed = RowSchema::from_connect_envelope(schema)
+            .ok_or("Connect schema has no before/after struct")?;
+        let parsed = Arc::new(parsed);
+        self.schemas.insert(id, parsed.clone());
+        Ok(parsed)
+    }
+}
+
+/// Maps a reason to its metric class.
+fn reject_kind(reason: &str) -> &'static str {
+    const KINDS: &[(&str, &str)] = &[
+        ("not UTF-8", "invalid_utf8"),
+        ("not valid JSON", "invalid_json"),
+        ("key is not valid JSON", "invalid_key"),
+        ("not a JSON object", "not_an_envelope"),
+        ("not a Debezium envelope", "not_an_envelope"),
+        ("unknown op", "unknown_op"),
+        ("Connect schema", "bad_schema"),
+    ];
+    KINDS
+        .iter()
+        .find(|(needle, _)| reason.contains(needle))
+        .map_or("malformed_envelope", |(_, kind)| kind)
+}
+
+/// Envelopes without `op`: Debezium heartbeats and transaction markers are skips; anything else
+/// is not an envelope.
+fn classify_non_change(
+    coords: &KafkaCoordinates,
+    payload: &Map<String, Value>,
+) -> Result<Decoded, String> {
+    if payload.contains_key("status") && payload.contains_key("id") {
+        return Ok(Decoded::Skip(coords.clone(), SkipReason::TransactionMarker));
+    }
+    if payload.len() == 1 && payload.get("ts_ms").is_some_and(Value::is_i64) {
+        return Ok(Decoded::Skip(coords.clone(), SkipReason::Heartbeat));
+    }
+    Err("JSON object is not a Debezium envelope (no op field)".into())
+}
+
+fn take_row(payload: &mut Map<String, Value>, field: &str) -> Result<Option<Map<String, Value>>, String> {
+    match payload.remove(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Object(m)) => Ok(Some(m)),
+        Some(_) => Err(format!("envelope field {field} is not an object")),
+    }
+}
+
+/// Parses `source.sequence`: a JSON string holding `[last_commit_lsn, change_lsn]` as decimal
+/// strings or nulls.
+fn parse_sequence(seq: &str) -> (Option<i64>, Option<i64>) {
+    let Ok(Value::Array(parts)) = serde_json::from_str::<Value>(seq) else {
+        return (None, None);
+    };
+    let lsn = |v: Option<&Value>| match v {
+        Some(Value::String(s)) => s.parse().ok(),
+        Some(Value::Number(n)) => n.as_i64(),
+        _ => None,
+    };
+    (lsn(parts.first()), lsn(parts.get(1)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn coords(offset: i64) -> KafkaCoordinates {
+        KafkaCoordinates {
+            topic: "t".into(),
+            partition: 0,
+            offset,
+            timestamp_ms: Some(1),
+        }
+    }
+
+    fn decode(key: Option<&str>, value: Option<&str>) -> Decoded {
+        Decoder::new().decode(coords(0), key.map(str::as_bytes), value.map(str::as_bytes))
+    }
+
+    fn reason(d: Decoded) -> String {
+        match d {
+            Decoded::Reject(r) => r.reason,
+            other => panic!("expected a reject, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn sequence_parses_both_lsns() {
+        assert_eq!(parse_sequence("[null,\"26747456\"]"), (None, Some(26747456)));
+        assert_eq!(parse_sequence("[\"35795464\",\"35795465\"]"), (Some(35795464), Some(35795465)));
+        assert_eq!(parse_sequence("garbage"), (None, None));
+    }
+
+    #[test]
+    fn bad_input_is_rejected_with_a_reason() {
+        let cases = [
+            ("{not json", "not valid JSON"),
+            ("[1,2]", "not a JSON object"),
+            ("{\"foo\":1}", "not a Debezium envelope"),
+            ("{\"op\":\"x\",\"source\":{}}", "unknown op \"x\""),
+            ("{\"op\":\"c\",\"after\":{\"a\":1}}", "no source block"),
+            ("{\"op\":\"c\",\"source\":{\"schema\":\"s\",\"table\":\"t\"}}", "without an after image"),
+            ("{\"op\":\"c\",\"after\":5,\"source\":{\"schema\":\"s\",\"table\":\"t\"}}", "after is not an object"),
+        ];
+        for (value, want) in cases {
+            let got = reason(decode(Some("{\"id\":1}"), Some(value)));
+            assert!(got.contains(want), "{value}: {got}");
+        }
+        assert!(reason(decode(None, Some("\u{0}\u{159}"))).contains("not valid JSON"));
+    }
+
+    #[test]
+    fn tombstones_heartbeats_and_markers_are_skips() {
+        let cases = [
+            (None, SkipReason::Tombstone),
+            (Some(""), SkipReason::Tombstone),
+            (Some("{\"ts_ms\":1795239001549}"), SkipReason::Heartbeat),
+            (Some("{\"status\":\"BEGIN\",\"id\":\"571:53195832\",\"event_count\":null,\"data_collections\":null,\"ts_ms\":1}"), SkipReason::TransactionMarker),
+        ];
+        for (value, want) in cases {
+            match decode(Some("{\"id\":1}"), value) {
+                Decoded::Skip(_, got) => assert_eq!(got, want, "{value:?}"),
+                other => panic!("{value:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn snapshot_position_falls_back_to_change_lsn() {
+        let v = r#"{"before":null,"after":{"id":1},"source":{"schema":"public","table":"t","lsn":7,"sequence":"[null,\"7\"]"},"op":"r","ts_ms":1}"#;
+        let Decoded::Change(e) = decode(Some("{\"id\":1}"), Some(v)) else { panic!() };
+        assert_eq!(e.position, Position { commit_lsn: 7, change_lsn: 7, offset: 0 });
+        assert_eq!(e.op, Op::Read);
+        assert_eq!(e.key, Some(serde_json::json!({"id": 1})));
+    }
+}

@@ -1,0 +1,242 @@
+//! Column types of a captured table, from the Connect schema when the envelope carries one and
+//! inferred from JSON values otherwise. Sinks map these to PostgreSQL and Arrow types.
+
+use serde_json::Value;
+
+/// The logical type of one source column.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ColumnType {
+    Boolean,
+    Int16,
+    Int32,
+    Int64,
+    Float32,
+    Float64,
+    /// Connect `Decimal`: base64 two's-complement bytes with a fixed scale (precise mode).
+    Decimal {
+        precision: Option<u8>,
+        scale: i8,
+    },
+    /// Debezium `VariableScaleDecimal`: `{scale, value}` with a per-value scale.
+    VariableDecimal,
+    Text,
+    Uuid,
+    Json,
+    Bytes,
+    Date,
+    /// Time of day, normalised to microseconds.
+    Time(TimeUnit),
+    /// Timestamp without time zone, epoch-based in the given unit.
+    Timestamp(TimeUnit),
+    /// `ZonedTimestamp`: an ISO-8601 string with offset.
+    TimestampTz,
+    /// Only nulls seen so far (schemaless input): the type is not known yet.
+    Unknown,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TimeUnit {
+    Millis,
+    Micros,
+    Nanos,
+}
+
+impl TimeUnit {
+    /// How many of this unit make one microsecond, as a (multiply, divide) pair.
+    pub fn to_micros(self, v: i64) -> i64 {
+        match self {
+            TimeUnit::Millis => v.saturating_mul(1000),
+            TimeUnit::Micros => v,
+            TimeUnit::Nanos => v.div_euclid(1000),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Column {
+    pub name: String,
+    pub ty: ColumnType,
+}
+
+/// The columns of `before`/`after`, in source order.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct RowSchema {
+    pub columns: Vec<Column>,
+    /// True when the types came from a Connect schema rather than inference.
+    pub declared: bool,
+}
+
+impl RowSchema {
+    pub fn column(&self, name: &str) -> Option<&Column> {
+        self.columns.iter().find(|c| c.name == name)
+    }
+
+    /// Types inferred from one row of a schemaless envelope. Nulls give [`ColumnType::Unknown`].
+    pub fn infer(row: &serde_json::Map<String, Value>) -> RowSchema {
+        RowSchema {
+            columns: row
+                .iter()
+                .map(|(name, v)| Column {
+                    name: name.clone(),
+                    ty: infer_type(v),
+                })
+                .collect(),
+            declared: false,
+        }
+    }
+
+    /// Parses the Connect schema of the row struct (`after`/`before` field of the envelope
+    /// schema).
+    pub fn from_connect_envelope(schema: &Value) -> Option<RowSchema> {
+        let fields = schema.get("fields")?.as_array()?;
+        let row = fields.iter().find(|f| {
+            matches!(f.get("field").and_then(Value::as_str), Some("after" | "before"))
+                && f.get("type").and_then(Value::as_str) == Some("struct")
+        })?;
+        let columns = row
+            .get("fields")?
+            .as_array()?
+            .iter()
+            .filter_map(|f| {
+                Some(Column {
+                    name: f.get("field")?.as_str()?.to_string(),
+                    ty: connect_type(f),
+                })
+            })
+            .collect();
+        Some(RowSchema {
+            columns,
+            declared: true,
+        })
+    }
+
+    /// Merges the columns of `other` into `self`: new columns are appended, unknown types
+    /// are resolved, and int/float conflicts widen to float. Returns true when anything changed.
+    pub fn merge(&mut self, other: &RowSchema) -> bool {
+        let mut changed = false;
+        for col in &other.columns {
+            match self.columns.iter_mut().find(|c| c.name == col.name) {
+                None => {
+                    self.columns.push(col.clone());
+                    changed = true;
+                }
+                Some(existing) => {
+                    let widened = widen(&existing.ty, &col.ty);
+                    if widened != existing.ty {
+                        existing.ty = widened;
+                        changed = true;
+                    }
+                }
+            }
+        }
+        self.declared &= other.declared;
+        changed
+    }
+}
+
+fn widen(a: &ColumnType, b: &ColumnType) -> ColumnType {
+    use ColumnType::*;
+    match (a, b) {
+        (x, y) if x == y => x.clone(),
+        (Unknown, y) => y.clone(),
+        (x, Unknown) => x.clone(),
+        (Int64, Float64) | (Float64, Int64) => Float64,
+        // Irreconcilable: keep the first type; the sinks decide whether a value fits.
+        (x, _) => x.clone(),
+    }
+}
+
+fn infer_type(v: &Value) -> ColumnType {
+    match v {
+        Value::Null => ColumnType::Unknown,
+        Value::Bool(_) => ColumnType::Boolean,
+        Value::Number(n) if n.is_i64() || n.is_u64() => ColumnType::Int64,
+        Value::Number(_) => ColumnType::Float64,
+        Value::String(_) => ColumnType::Text,
+        Value::Array(_) | Value::Object(_) => ColumnType::Json,
+    }
+}
+
+fn connect_type(field: &Value) -> ColumnType {
+    let name = field.get("name").and_then(Value::as_str).unwrap_or("");
+    let ty = field.get("type").and_then(Value::as_str).unwrap_or("");
+    match name {
+        "org.apache.kafka.connect.data.Decimal" => {
+            let params = field.get("parameters");
+            let param = |k: &str| {
+                params
+                    .and_then(|p| p.get(k))
+                    .and_then(Value::as_str)
+                    .and_then(|s| s.parse::<i64>().ok())
+            };
+            ColumnType::Decimal {
+                precision: param("connect.decimal.precision")
+                    .and_then(|p| u8::try_from(p).ok())
+                    .filter(|p| *p > 0 && *p <= 76),
+                scale: param("scale").and_then(|s| i8::try_from(s).ok()).unwrap_or(0),
+            }
+        }
+        "io.debezium.data.VariableScaleDecimal" => ColumnType::VariableDecimal,
+        "io.debezium.data.Uuid" => ColumnType::Uuid,
+        "io.debezium.data.Json" => ColumnType::Json,
+        "org.apache.kafka.connect.data.Date" | "io.debezium.time.Date" => ColumnType::Date,
+        "org.apache.kafka.connect.data.Time" | "io.debezium.time.Time" => {
+            ColumnType::Time(TimeUnit::Millis)
+        }
+        "io.debezium.time.MicroTime" => ColumnType::Time(TimeUnit::Micros),
+        "io.debezium.time.NanoTime" => ColumnType::Time(TimeUnit::Nanos),
+        "org.apache.kafka.connect.data.Timestamp" | "io.debezium.time.Timestamp" => {
+            ColumnType::Timestamp(TimeUnit::Millis)
+        }
+        "io.debezium.time.MicroTimestamp" => ColumnType::Timestamp(TimeUnit::Micros),
+        "io.debezium.time.NanoTimestamp" => ColumnType::Timestamp(TimeUnit::Nanos),
+        "io.debezium.time.ZonedTimestamp" => ColumnType::TimestampTz,
+        _ => match ty {
+            "boolean" => ColumnType::Boolean,
+            "int8" | "int16" => ColumnType::Int16,
+            "int32" => ColumnType::Int32,
+            "int64" => ColumnType::Int64,
+            "float32" => ColumnType::Float32,
+            "float64" => ColumnType::Float64,
+            "bytes" => ColumnType::Bytes,
+            "array" | "map" | "struct" => ColumnType::Json,
+            _ => ColumnType::Text,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn connect_types_map_to_logical_types() {
+        let cases = [
+            (json!({"type":"int32","field":"a"}), ColumnType::Int32),
+            (json!({"type":"int64","name":"io.debezium.time.MicroTimestamp","field":"a"}), ColumnType::Timestamp(TimeUnit::Micros)),
+            (json!({"type":"int64","name":"org.apache.kafka.connect.data.Timestamp","field":"a"}), ColumnType::Timestamp(TimeUnit::Millis)),
+            (json!({"type":"string","name":"io.debezium.time.ZonedTimestamp","field":"a"}), ColumnType::TimestampTz),
+            (json!({"type":"string","name":"io.debezium.data.Uuid","field":"a"}), ColumnType::Uuid),
+            (json!({"type":"int32","name":"io.debezium.time.Date","field":"a"}), ColumnType::Date),
+            (json!({"type":"bytes","name":"org.apache.kafka.connect.data.Decimal","parameters":{"scale":"2","connect.decimal.precision":"10"},"field":"a"}),
+             ColumnType::Decimal { precision: Some(10), scale: 2 }),
+            (json!({"type":"bytes","field":"a"}), ColumnType::Bytes),
+            (json!({"type":"string","field":"a"}), ColumnType::Text),
+        ];
+        for (field, want) in cases {
+            assert_eq!(connect_type(&field), want, "{field}");
+        }
+    }
+
+    #[test]
+    fn merge_resolves_unknown_and_widens_numbers() {
+        let mut a = RowSchema::infer(json!({"x": null, "n": 1}).as_object().unwrap());
+        let b = RowSchema::infer(json!({"x": "s", "n": 1.5, "new": true}).as_object().unwrap());
+        assert!(a.merge(&b));
+        assert_eq!(a.column("x").unwrap().ty, ColumnType::Text);
+        assert_eq!(a.column("n").unwrap().ty, ColumnType::Float64);
+        assert_eq!(a.column("new").unwrap().ty, ColumnType::Boolean);
+        assert!(!a.merge(&b), "merging the same schema twice changes nothing");
+    }
+}

@@ -1,0 +1,104 @@
+//! Wires the ingest pod together: sinks, HTTP, the source thread and the pipeline, with
+//! shutdown on SIGTERM/SIGINT.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::pipeline::{AnySink, Pipeline, Readiness};
+use crate::sink::lake::LakeSink;
+use crate::sink::raw::RawSink;
+use crate::sink::state::StateSink;
+
+/// Builds the enabled sinks, in a fixed order: raw, lake, state.
+pub fn build_sinks(config: &Config) -> anyhow::Result<Vec<AnySink>> {
+    let consumer = config.kafka.group_id.clone();
+    let mut sinks = Vec::new();
+    if config.raw.enabled {
+        sinks.push(AnySink::Raw(RawSink::new(config.postgres.clone(), consumer.clone())));
+    }
+    if config.lake.enabled {
+        let lake = LakeSink::new(&config.lake)?;
+        tracing::info!(location = lake.location(), "lake sink");
+        sinks.push(AnySink::Lake(lake));
+    }
+    if config.state.enabled {
+        sinks.push(AnySink::State(StateSink::new(
+            config.postgres.clone(),
+            &config.state,
+            consumer,
+        )));
+    }
+    Ok(sinks)
+}
+
+/// Resolves when SIGTERM or SIGINT arrives.
+pub async fn termination_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("can install a SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: draining"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: draining"),
+    }
+}
+
+/// Runs the ingest pod until `shutdown` fires, then drains within the configured deadline.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let readiness = Readiness::default();
+    let http = if config.http.listen.is_empty() {
+        None
+    } else {
+        Some(
+            crate::http::serve(&config.http.listen, readiness.clone(), shutdown.clone())
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.http.listen))?,
+        )
+    };
+    let sinks = build_sinks(&config)?;
+
+    let (tx, rx) = mpsc::channel(4);
+    let deadline = config.shutdown.drain_deadline.0;
+    let (consumer, closing) = crate::source::create_consumer(&config.kafka, tx.clone(), deadline)?;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let poll_thread = {
+        let (consumer, stop) = (consumer.clone(), stop.clone());
+        let chunk = config.batch.max_records.clamp(100, 5000);
+        std::thread::Builder::new()
+            .name("kafka-poll".into())
+            .spawn(move || crate::source::run_poll_loop(consumer, tx, stop, chunk))?
+    };
+    // When shutdown starts, stop fetching at once; the pipeline drains what it already has.
+    {
+        let (stop, closing, shutdown) = (stop.clone(), closing.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            closing.store(true, Ordering::SeqCst);
+            stop.store(true, Ordering::SeqCst);
+        });
+    }
+    readiness.set(true, "consumer started");
+    tracing::info!(group = %config.kafka.group_id, topics = ?config.kafka.topics, "ingest running");
+
+    let pipeline = Pipeline::new(sinks, consumer.clone(), config.batch.clone(), readiness.clone(), shutdown.clone());
+    pipeline.run(rx, deadline).await;
+
+    readiness.set(false, "shutting down");
+    stop.store(true, Ordering::SeqCst);
+    closing.store(true, Ordering::SeqCst);
+    tokio::task::spawn_blocking(move || {
+        let _ = poll_thread.join();
+        // Leaving the group here lets the next owner take our partitions without waiting for
+        // the session timeout.
+        drop(consumer);
+    })
+    .await?;
+    shutdown.cancel();
+    if let Some(h) = http {
+        let _ = tokio::time::timeout(Duration::from_secs(2), h).await;
+    }
+    Ok(())
+}

@@ -1,0 +1,464 @@
+//! The run loop: receive decoded records, batch them, write every sink concurrently, and
+//! commit to Kafka the lowest offset that every sink holds durably.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::batch::{Batch, Batcher};
+use crate::config::BatchConfig;
+use crate::domain::TopicPartition;
+use crate::envelope::Decoded;
+use crate::sink::lake::LakeSink;
+use crate::sink::memory::MemorySink;
+use crate::sink::raw::RawSink;
+use crate::sink::state::StateSink;
+use crate::sink::{Ack, Offsets, Sink, SinkError};
+use crate::source::{KafkaConsumer, SourceEvent};
+use crate::telemetry::METRICS;
+
+/// The configured sinks behind one type, so the loop can drive them together.
+pub enum AnySink {
+    Raw(RawSink),
+    Lake(LakeSink),
+    State(StateSink),
+    Memory(MemorySink),
+}
+
+macro_rules! each_sink {
+    ($self:expr, $s:ident => $body:expr) => {
+        match $self {
+            AnySink::Raw($s) => $body,
+            AnySink::Lake($s) => $body,
+            AnySink::State($s) => $body,
+            AnySink::Memory($s) => $body,
+        }
+    };
+}
+
+impl Sink for AnySink {
+    fn name(&self) -> &'static str {
+        each_sink!(self, s => s.name())
+    }
+    async fn checkpoints(&mut self, partitions: &[TopicPartition]) -> Result<Offsets, SinkError> {
+        each_sink!(self, s => s.checkpoints(partitions).await)
+    }
+    async fn write(&mut self, batch: &Batch) -> Result<Ack, SinkError> {
+        each_sink!(self, s => s.write(batch).await)
+    }
+    async fn flush(&mut self, force: bool) -> Result<Ack, SinkError> {
+        each_sink!(self, s => s.flush(force).await)
+    }
+    fn revoke(&mut self, partitions: &[TopicPartition]) {
+        each_sink!(self, s => s.revoke(partitions))
+    }
+}
+
+/// Exponential backoff with full jitter, capped.
+pub struct Backoff {
+    attempt: u32,
+    base: Duration,
+    cap: Duration,
+}
+
+impl Backoff {
+    pub fn new(base: Duration, cap: Duration) -> Self {
+        Self { attempt: 0, base, cap }
+    }
+
+    pub fn next_delay(&mut self) -> Duration {
+        let exp = self.base.saturating_mul(1 << self.attempt.min(16)).min(self.cap);
+        self.attempt += 1;
+        // Jitter from the clock's low bits: good enough to de-synchronise pods.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let frac = f64::from(nanos % 1000) / 1000.0;
+        exp.mul_f64(0.5 + frac / 2.0)
+    }
+
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+/// Readiness as `/readyz` reports it: the consumer runs and every sink's last attempt worked.
+#[derive(Clone, Default)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    pub fn set(&self, ready: bool, why: &str) {
+        let was = self.0.swap(ready, Ordering::SeqCst);
+        if was != ready {
+            METRICS.ready.set(i64::from(ready));
+            if ready {
+                tracing::info!(reason = why, "ready");
+            } else {
+                tracing::warn!(reason = why, "not ready");
+            }
+        }
+    }
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Where Kafka commits go. A trait so unit tests can run the loop without a broker.
+pub trait Committer: Send {
+    fn commit(&self, offsets: &Offsets, sync: bool);
+}
+
+impl Committer for Arc<KafkaConsumer> {
+    fn commit(&self, offsets: &Offsets, sync: bool) {
+        if offsets.is_empty() {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (tp, o) in offsets {
+            if tpl
+                .add_partition_offset(&tp.topic, tp.partition, Offset::Offset(*o))
+                .is_err()
+            {
+                return;
+            }
+        }
+        let mode = if sync { CommitMode::Sync } else { CommitMode::Async };
+        if let Err(e) = Consumer::commit(self.as_ref(), &tpl, mode) {
+            tracing::warn!(error = %e, "kafka commit failed (monitoring only; sinks hold the checkpoints)");
+        }
+    }
+}
+
+pub struct Pipeline<C: Committer> {
+    sinks: Vec<AnySink>,
+    committer: C,
+    batcher: Batcher,
+    owned: HashSet<TopicPartition>,
+    /// Per sink, per partition: the next offset that sink holds durably.
+    durable: Vec<HashMap<TopicPartition, i64>>,
+    committed: HashMap<TopicPartition, i64>,
+    readiness: Readiness,
+    shutdown: CancellationToken,
+    /// How often buffered sinks (the lake) are asked to flush what is due.
+    flush_every: Duration,
+}
+
+impl<C: Committer> Pipeline<C> {
+    pub fn new(
+        sinks: Vec<AnySink>,
+        committer: C,
+        batch: BatchConfig,
+        readiness: Readiness,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let n = sinks.len();
+        Self {
+            sinks,
+            committer,
+            batcher: Batcher::new(batch),
+            owned: HashSet::new(),
+            durable: vec![HashMap::new(); n],
+            committed: HashMap::new(),
+            readiness,
+            shutdown,
+            flush_every: Duration::from_millis(500),
+        }
+    }
+
+    /// Runs until shutdown is requested or the source ends, then drains: writes the open
+    /// batch, flushes buffered sinks and commits, within `deadline`.
+    pub async fn run(mut self, mut events: mpsc::Receiver<SourceEvent>, deadline: Duration) {
+        let mut last_flush = Instant::now();
+        loop {
+            let wait = self
+                .batcher
+                .time_left()
+                .unwrap_or(self.flush_every)
+                .min(self.flush_every.saturating_sub(last_flush.elapsed()));
+            tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => break,
+                ev = events.recv() => match ev {
+                    None => break,
+                    Some(SourceEvent::Records(records)) => {
+                        for r in records {
+                            if self.owned.contains(&r.coords().topic_partition()) {
+                                self.batcher.push(r);
+                            }
+                        }
+                        if self.batcher.is_full() {
+                            self.write_batch().await;
+                        }
+                    }
+                    Some(SourceEvent::Assigned { partitions, reply }) => {
+                        self.write_batch().await;
+                        let starts = self.start_offsets(&partitions).await;
+                        self.owned.extend(partitions);
+                        let _ = reply.send(starts);
+                    }
+                    Some(SourceEvent::Revoked { partitions, done }) => {
+                        self.release(&partitions).await;
+                        let _ = done.send(());
+                    }
+                },
+                _ = tokio::time::sleep(wait) => {}
+            }
+            if self.batcher.time_left() == Some(Duration::ZERO) {
+                self.write_batch().await;
+            }
+            if last_flush.elapsed() >= self.flush_every {
+                self.flush(false).await;
+                last_flush = Instant::now();
+            }
+        }
+        // Drain: what is batched gets written, what is buffered gets flushed and committed.
+        let drain = async {
+            // Records already handed over by the source are ours to finish.
+            while let Ok(SourceEvent::Records(records)) = events.try_recv() {
+                for r in records {
+                    if self.owned.contains(&r.coords().topic_partition()) {
+                        self.batcher.push(r);
+                    }
+                }
+            }
+            self.write_batch().await;
+            self.flush(true).await;
+        };
+        if tokio::time::timeout(deadline, drain).await.is_err() {
+            tracing::error!(?deadline, "drain did not finish in time; uncommitted records will be re-read on restart");
+        }
+        self.commit(true);
+        tracing::info!("pipeline stopped");
+    }
+
+    /// Where to start each partition: the lowest checkpoint over all sinks; the beginning when
+    /// some sink has none.
+    async fn start_offsets(&mut self, partitions: &[TopicPartition]) -> Offsets {
+        let mut per_sink = Vec::with_capacity(self.sinks.len());
+        for (i, sink) in self.sinks.iter_mut().enumerate() {
+            let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+            let cps = loop {
+                match sink.checkpoints(partitions).await {
+                    Ok(cps) => break cps,
+                    Err(e) => {
+                        if !on_error(sink.name(), &e, &mut backoff, &self.readiness, &self.shutdown).await {
+                            return Offsets::new();
+                        }
+                    }
+                }
+            };
+            self.durable[i].extend(cps.iter().map(|(k, v)| (k.clone(), *v)));
+            per_sink.push(cps);
+        }
+        partitions
+            .iter()
+            .filter_map(|tp| {
+                let lowest = per_sink.iter().map(|cps| cps.get(tp).copied()).collect::<Option<Vec<i64>>>()?;
+                lowest.into_iter().min().map(|m| (tp.clone(), m))
+            })
+            .inspect(|(tp, o)| tracing::info!(%tp, offset = o, "resuming from sink checkpoint"))
+            .collect()
+    }
+
+    /// Finishes work for revoked partitions, commits them, and forgets them.
+    async fn release(&mut self, partitions: &[TopicPartition]) {
+        self.write_batch().await;
+        let commit: Offsets = self
+            .commit_candidates()
+            .into_iter()
+            .filter(|(tp, _)| partitions.contains(tp))
+            .collect();
+        self.committer.commit(&commit, true);
+        for s in &mut self.sinks {
+            s.revoke(partitions);
+        }
+        for tp in partitions {
+            self.owned.remove(tp);
+            self.committed.remove(tp);
+            for d in &mut self.durable {
+                d.remove(tp);
+            }
+        }
+        self.batcher.retain_partitions(|tp| !partitions.contains(tp));
+    }
+
+    /// Writes the open batch to every sink concurrently, each retried until durable.
+    async fn write_batch(&mut self) {
+        if self.batcher.is_empty() {
+            return;
+        }
+        let batch = self.batcher.take();
+        count_decode_outcomes(&batch);
+        let (readiness, shutdown) = (&self.readiness, &self.shutdown);
+        let acks = futures::future::join_all(
+            self.sinks
+                .iter_mut()
+                .map(|s| write_with_retry(s, &batch, readiness, shutdown)),
+        )
+        .await;
+        self.absorb(acks);
+    }
+
+    /// Asks buffering sinks to make due (or, when forced, all) data durable.
+    async fn flush(&mut self, force: bool) {
+        let (readiness, shutdown) = (&self.readiness, &self.shutdown);
+        let acks = futures::future::join_all(self.sinks.iter_mut().map(|s| async move {
+            let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
+            loop {
+                match s.flush(force).await {
+                    Ok(ack) => return Some(ack),
+                    Err(e) => {
+                        if !on_error(s.name(), &e, &mut backoff, readiness, shutdown).await {
+                            return None;
+                        }
+                    }
+                }
+            }
+        }))
+        .await;
+        self.absorb(acks);
+    }
+
+    fn absorb(&mut self, acks: Vec<Option<Ack>>) {
+        let all_ok = acks.iter().all(Option::is_some);
+        for (i, ack) in acks.into_iter().enumerate() {
+            let Some(ack) = ack else { continue };
+            let name = self.sinks[i].name();
+            METRICS.written.with_label_values(&[name]).inc_by(ack.stats.written);
+            for (reason, n) in &ack.stats.ignored {
+                METRICS.skipped.with_label_values(&[name, reason]).inc_by(*n);
+            }
+            for (tp, o) in ack.durable {
+                if self.owned.contains(&tp) {
+                    let d = self.durable[i].entry(tp).or_insert(o);
+                    *d = (*d).max(o);
+                }
+            }
+        }
+        if all_ok {
+            self.readiness.set(true, "every sink accepted the last batch");
+        }
+        self.commit(false);
+    }
+
+    /// Offsets that every sink holds durably and that are ahead of the last commit.
+    fn commit_candidates(&self) -> Offsets {
+        self.owned
+            .iter()
+            .filter_map(|tp| {
+                let lowest = self
+                    .durable
+                    .iter()
+                    .map(|d| d.get(tp).copied())
+                    .collect::<Option<Vec<i64>>>()?
+                    .into_iter()
+                    .min()?;
+                (self.committed.get(tp).is_none_or(|c| lowest > *c)).then(|| (tp.clone(), lowest))
+            })
+            .collect()
+    }
+
+    fn commit(&mut self, sync: bool) {
+        let offsets = self.commit_candidates();
+        if offsets.is_empty() {
+            return;
+        }
+        self.committer.commit(&offsets, sync);
+        for (tp, o) in offsets {
+            METRICS
+                .committed
+                .with_label_values(&[tp.topic.as_str(), &tp.partition.to_string()])
+                .set(o);
+            self.committed.insert(tp, o);
+        }
+    }
+}
+
+/// Counts decode rejects and skips once per batch (not once per sink).
+fn count_decode_outcomes(batch: &Batch) {
+    for r in &batch.records {
+        match r {
+            Decoded::Reject(rej) => METRICS.rejected.with_label_values(&[rej.kind]).inc(),
+            Decoded::Skip(_, reason) => METRICS
+                .skipped
+                .with_label_values(&["decode", reason.as_str()])
+                .inc(),
+            Decoded::Change(_) => {}
+        }
+    }
+}
+
+async fn write_with_retry(
+    sink: &mut AnySink,
+    batch: &Batch,
+    readiness: &Readiness,
+    shutdown: &CancellationToken,
+) -> Option<Ack> {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
+    loop {
+        let started = Instant::now();
+        match sink.write(batch).await {
+            Ok(ack) => {
+                METRICS
+                    .batch_seconds
+                    .with_label_values(&[sink.name()])
+                    .observe(started.elapsed().as_secs_f64());
+                return Some(ack);
+            }
+            Err(e) => {
+                if !on_error(sink.name(), &e, &mut backoff, readiness, shutdown).await {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// Records a failed attempt and waits before the next. Returns false when shutdown was
+/// requested instead. Records are never skipped on error: a sink that cannot write holds the
+/// pipeline back rather than losing data.
+async fn on_error(
+    name: &'static str,
+    e: &SinkError,
+    backoff: &mut Backoff,
+    readiness: &Readiness,
+    shutdown: &CancellationToken,
+) -> bool {
+    METRICS.sink_errors.with_label_values(&[name]).inc();
+    readiness.set(false, &format!("{name}: {e}"));
+    let delay = backoff.next_delay();
+    if e.is_retryable() {
+        tracing::warn!(sink = name, error = %e, retry_in = ?delay, "sink unavailable, retrying");
+    } else {
+        tracing::error!(sink = name, error = %e, retry_in = ?delay, "sink failed; retrying without skipping records");
+    }
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => true,
+        _ = shutdown.cancelled() => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_the_cap_with_jitter() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        let first = b.next_delay();
+        assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));
+        for _ in 0..10 {
+            b.next_delay();
+        }
+        let late = b.next_delay();
+        assert!(late >= Duration::from_secs(1) && late <= Duration::from_secs(2), "{late:?}");
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,109 @@
+//! Checkpoint rows in `cdc_lake.checkpoints`, read and advanced inside the sink's own
+//! transaction so that data and checkpoint commit together.
+
+use std::collections::BTreeMap;
+
+use tokio_postgres::{GenericClient, Transaction};
+
+use super::{Offsets, SinkError};
+use crate::domain::TopicPartition;
+
+fn pg_err<'a>(sink: &'static str, context: &'a str) -> impl FnOnce(tokio_postgres::Error) -> SinkError + 'a {
+    move |source| SinkError::Postgres {
+        sink,
+        context: context.to_string(),
+        source,
+    }
+}
+
+fn split(tps: &[TopicPartition]) -> (Vec<&str>, Vec<i32>) {
+    tps.iter().map(|tp| (tp.topic.as_str(), tp.partition)).unzip()
+}
+
+/// Reads stored checkpoints without locking.
+pub async fn load(
+    client: &impl GenericClient,
+    sink: &'static str,
+    consumer: &str,
+    tps: &[TopicPartition],
+) -> Result<Offsets, SinkError> {
+    let (topics, partitions) = split(tps);
+    let rows = client
+        .query(
+            "SELECT c.kafka_topic, c.kafka_partition, c.next_offset
+               FROM cdc_lake.checkpoints c
+               JOIN unnest($3::text[], $4::int[]) AS w(t, p)
+                 ON c.kafka_topic = w.t AND c.kafka_partition = w.p
+              WHERE c.sink = $1 AND c.consumer = $2",
+            &[&sink, &consumer, &topics, &partitions],
+        )
+        .await
+        .map_err(pg_err(sink, "reading checkpoints"))?;
+    Ok(rows
+        .iter()
+        .map(|r| (TopicPartition::new(r.get::<_, String>(0), r.get(1)), r.get(2)))
+        .collect())
+}
+
+/// Locks the checkpoint rows of `tps` for the rest of the transaction and returns them
+/// (0 where none was stored). A second writer for the same partition (a consumer that lost the
+/// partition but has not noticed yet) waits here, then sees the advanced checkpoint and skips.
+pub async fn lock(
+    tx: &Transaction<'_>,
+    sink: &'static str,
+    consumer: &str,
+    tps: &[TopicPartition],
+) -> Result<Offsets, SinkError> {
+    let mut sorted = tps.to_vec();
+    sorted.sort();
+    let (topics, partitions) = split(&sorted);
+    tx.execute(
+        "INSERT INTO cdc_lake.checkpoints (sink, consumer, kafka_topic, kafka_partition, next_offset)
+         SELECT $1, $2, t, p, 0 FROM unnest($3::text[], $4::int[]) AS w(t, p)
+         ON CONFLICT DO NOTHING",
+        &[&sink, &consumer, &topics, &partitions],
+    )
+    .await
+    .map_err(pg_err(sink, "creating checkpoint rows"))?;
+    let rows = tx
+        .query(
+            "SELECT c.kafka_topic, c.kafka_partition, c.next_offset
+               FROM cdc_lake.checkpoints c
+               JOIN unnest($3::text[], $4::int[]) AS w(t, p)
+                 ON c.kafka_topic = w.t AND c.kafka_partition = w.p
+              WHERE c.sink = $1 AND c.consumer = $2
+              ORDER BY c.kafka_topic, c.kafka_partition
+                FOR UPDATE OF c",
+            &[&sink, &consumer, &topics, &partitions],
+        )
+        .await
+        .map_err(pg_err(sink, "locking checkpoints"))?;
+    Ok(rows
+        .iter()
+        .map(|r| (TopicPartition::new(r.get::<_, String>(0), r.get(1)), r.get(2)))
+        .collect())
+}
+
+/// Moves checkpoints forward (never backwards) inside the transaction.
+pub async fn advance(
+    tx: &Transaction<'_>,
+    sink: &'static str,
+    consumer: &str,
+    next: &BTreeMap<TopicPartition, i64>,
+) -> Result<(), SinkError> {
+    let (tps, offsets): (Vec<TopicPartition>, Vec<i64>) =
+        next.iter().map(|(tp, o)| (tp.clone(), *o)).unzip();
+    let (topics, partitions) = split(&tps);
+    tx.execute(
+        "UPDATE cdc_lake.checkpoints c
+            SET next_offset = w.n, updated_at = now()
+           FROM unnest($3::text[], $4::int[], $5::bigint[]) AS w(t, p, n)
+          WHERE c.sink = $1 AND c.consumer = $2
+            AND c.kafka_topic = w.t AND c.kafka_partition = w.p
+            AND c.next_offset < w.n",
+        &[&sink, &consumer, &topics, &partitions, &offsets],
+    )
+    .await
+    .map_err(pg_err(sink, "advancing checkpoints"))?;
+    Ok(())
+}

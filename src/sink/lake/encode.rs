@@ -1,0 +1,256 @@
+//! Encodes one lake file: change events of one table, one date and one offset range, as Parquet
+//! with `before`/`after` as typed structs and the original envelope kept for losslessness.
+
+use std::sync::Arc;
+
+use arrow::array::{
+    ArrayRef, BinaryBuilder, BooleanBuilder, Date32Builder, Decimal128Builder, Float32Builder,
+    Float64Builder, Int16Builder, Int32Builder, Int64Builder, StringBuilder, StructArray,
+    Time64MicrosecondBuilder, TimestampMicrosecondBuilder, TimestampMillisecondBuilder,
+    TimestampNanosecondBuilder,
+};
+use arrow::buffer::NullBuffer;
+use arrow::datatypes::{DataType, Field, Fields, Schema, TimeUnit as ArrowUnit};
+use arrow::record_batch::RecordBatch;
+use base64::Engine as _;
+use parquet::arrow::ArrowWriter;
+use parquet::basic::Compression;
+use parquet::file::properties::WriterProperties;
+use serde_json::{Map, Value};
+
+use crate::envelope::value::{decimal_unscaled, temporal_i64, to_sql_json, UNAVAILABLE_VALUE};
+use crate::envelope::{ChangeEvent, ColumnType, RowSchema, TimeUnit};
+
+/// The Arrow type a column is stored as in the lake.
+pub fn arrow_type(ty: &ColumnType) -> DataType {
+    match ty {
+        ColumnType::Boolean => DataType::Boolean,
+        ColumnType::Int16 => DataType::Int16,
+        ColumnType::Int32 => DataType::Int32,
+        ColumnType::Int64 => DataType::Int64,
+        ColumnType::Float32 => DataType::Float32,
+        ColumnType::Float64 => DataType::Float64,
+        ColumnType::Decimal {
+            precision,
+            scale,
+        } if *scale >= 0 && precision.is_none_or(|p| p <= 38 && i16::from(*scale) <= i16::from(p)) => {
+            DataType::Decimal128(precision.unwrap_or(38), *scale)
+        }
+        ColumnType::Bytes => DataType::Binary,
+        ColumnType::Date => DataType::Date32,
+        ColumnType::Time(_) => DataType::Time64(ArrowUnit::Microsecond),
+        ColumnType::Timestamp(TimeUnit::Millis) => DataType::Timestamp(ArrowUnit::Millisecond, None),
+        ColumnType::Timestamp(TimeUnit::Micros) => DataType::Timestamp(ArrowUnit::Microsecond, None),
+        ColumnType::Timestamp(TimeUnit::Nanos) => DataType::Timestamp(ArrowUnit::Nanosecond, None),
+        ColumnType::TimestampTz => DataType::Timestamp(ArrowUnit::Microsecond, Some("UTC".into())),
+        // Wide decimals, variable-scale decimals, text, uuid, json and unknown: exact text.
+        _ => DataType::Utf8,
+    }
+}
+
+/// A value for the lake: null for SQL NULL and for TOAST placeholders (unknown here; the
+/// envelope column still holds what was sent).
+fn present<'a>(v: Option<&'a Value>) -> Option<&'a Value> {
+    v.filter(|v| !v.is_null() && v.as_str() != Some(UNAVAILABLE_VALUE))
+}
+
+fn text(ty: &ColumnType, v: &Value) -> String {
+    match to_sql_json(ty, v) {
+        Ok(Value::String(s)) => s,
+        Ok(other) => other.to_string(),
+        Err(_) => v.to_string(),
+    }
+}
+
+/// Builds one typed column from the rows' values. Values that do not match the declared type
+/// become null here (and are still in the envelope column).
+fn build_column<'a>(ty: &ColumnType, values: impl Iterator<Item = Option<&'a Value>>) -> ArrayRef {
+    let values = values.map(present);
+    macro_rules! build {
+        ($builder:expr, $conv:expr) => {{
+            let mut b = $builder;
+            for v in values {
+                b.append_option(v.and_then($conv));
+            }
+            Arc::new(b.finish()) as ArrayRef
+        }};
+    }
+    match arrow_type(ty) {
+        DataType::Boolean => build!(BooleanBuilder::new(), Value::as_bool),
+        DataType::Int16 => build!(Int16Builder::new(), |v: &Value| v.as_i64().and_then(|n| i16::try_from(n).ok())),
+        DataType::Int32 => build!(Int32Builder::new(), |v: &Value| v.as_i64().and_then(|n| i32::try_from(n).ok())),
+        DataType::Int64 => build!(Int64Builder::new(), Value::as_i64),
+        DataType::Float32 => build!(Float32Builder::new(), |v: &Value| v.as_f64().map(|f| f as f32)),
+        DataType::Float64 => build!(Float64Builder::new(), Value::as_f64),
+        DataType::Decimal128(p, s) => {
+            let b = Decimal128Builder::new().with_precision_and_scale(p, s).expect("valid precision");
+            build!(b, |v: &Value| v.as_str().and_then(|s| decimal_unscaled(s).ok()))
+        }
+        DataType::Binary => build!(BinaryBuilder::new(), |v: &Value| v
+            .as_str()
+            .and_then(|s| base64::engine::general_purpose::STANDARD.decode(s).ok())),
+        DataType::Date32 => build!(Date32Builder::new(), |v: &Value| temporal_i64(ty, v)
+            .ok()
+            .and_then(|d| i32::try_from(d).ok())),
+        DataType::Time64(_) => build!(Time64MicrosecondBuilder::new(), |v: &Value| temporal_i64(ty, v).ok()),
+        DataType::Timestamp(ArrowUnit::Millisecond, _) => {
+            build!(TimestampMillisecondBuilder::new(), Value::as_i64)
+        }
+        DataType::Timestamp(ArrowUnit::Nanosecond, _) => {
+            build!(TimestampNanosecondBuilder::new(), Value::as_i64)
+        }
+        DataType::Timestamp(ArrowUnit::Microsecond, Some(tz)) => build!(
+            TimestampMicrosecondBuilder::new().with_timezone(tz),
+            |v: &Value| temporal_i64(ty, v).ok()
+        ),
+        DataType::Timestamp(..) => build!(TimestampMicrosecondBuilder::new(), Value::as_i64),
+        _ => build!(StringBuilder::new(), |v: &Value| Some(text(ty, v))),
+    }
+}
+
+fn row_struct(schema: &RowSchema, rows: &[Option<&Map<String, Value>>]) -> (Field, ArrayRef, Fields) {
+    let fields: Fields = schema
+        .columns
+        .iter()
+        .map(|c| Field::new(&c.name, arrow_type(&c.ty), true))
+        .collect();
+    let arrays: Vec<ArrayRef> = schema
+        .columns
+        .iter()
+        .map(|c| build_column(&c.ty, rows.iter().map(|r| r.and_then(|m| m.get(&c.name)))))
+        .collect();
+    let nulls = NullBuffer::from(rows.iter().map(Option::is_some).collect::<Vec<bool>>());
+    let array = if fields.is_empty() {
+        Arc::new(StructArray::new_empty_fields(rows.len(), Some(nulls))) as ArrayRef
+    } else {
+        Arc::new(StructArray::new(fields.clone(), arrays, Some(nulls))) as ArrayRef
+    };
+    (Field::new("row", DataType::Struct(fields.clone()), true), array, fields)
+}
+
+/// Encodes events (all of one table and date, in offset order) as one Parquet object.
+pub fn encode_parquet(events: &[Arc<ChangeEvent>], schema: &RowSchema) -> Result<Vec<u8>, String> {
+    let n = events.len();
+    let mut topic = StringBuilder::new();
+    let mut partition = Int32Builder::with_capacity(n);
+    let mut offset = Int64Builder::with_capacity(n);
+    let mut kts = TimestampMillisecondBuilder::with_capacity(n).with_timezone("UTC");
+    let mut key = StringBuilder::new();
+    let mut op = StringBuilder::new();
+    let mut ts_ms = Int64Builder::with_capacity(n);
+    let mut transaction = StringBuilder::new();
+    let mut envelope = StringBuilder::new();
+    let (mut s_connector, mut s_name, mut s_db, mut s_schema, mut s_table, mut s_snapshot, mut s_seq) = (
+        StringBuilder::new(),
+        StringBuilder::new(),
+        StringBuilder::new(),
+        StringBuilder::new(),
+        StringBuilder::new(),
+        StringBuilder::new(),
+        StringBuilder::new(),
+    );
+    let (mut s_ts, mut s_tx, mut s_lsn, mut s_commit) = (
+        Int64Builder::new(),
+        Int64Builder::new(),
+        Int64Builder::new(),
+        Int64Builder::new(),
+    );
+    for e in events {
+        topic.append_value(&e.coords.topic);
+        partition.append_value(e.coords.partition);
+        offset.append_value(e.coords.offset);
+        kts.append_option(e.coords.timestamp_ms);
+        key.append_option(e.raw_key.as_deref());
+        op.append_value(e.op.code());
+        ts_ms.append_option(e.ts_ms);
+        transaction.append_option(e.transaction.as_ref().map(Value::to_string));
+        envelope.append_value(&*e.raw_value);
+        s_connector.append_option(e.source.connector.as_deref());
+        s_name.append_option(e.source.name.as_deref());
+        s_db.append_option(e.source.db.as_deref());
+        s_schema.append_value(&e.table.schema);
+        s_table.append_value(&e.table.table);
+        s_snapshot.append_option(e.source.snapshot.as_deref());
+        s_seq.append_option(e.source.sequence.as_deref());
+        s_ts.append_option(e.source.ts_ms);
+        s_tx.append_option(e.source.tx_id);
+        s_lsn.append_option(e.source.lsn);
+        s_commit.append_value(e.position.commit_lsn);
+    }
+    let source_fields = Fields::from(vec![
+        Field::new("connector", DataType::Utf8, true),
+        Field::new("name", DataType::Utf8, true),
+        Field::new("db", DataType::Utf8, true),
+        Field::new("schema", DataType::Utf8, true),
+        Field::new("table", DataType::Utf8, true),
+        Field::new("ts_ms", DataType::Int64, true),
+        Field::new("snapshot", DataType::Utf8, true),
+        Field::new("tx_id", DataType::Int64, true),
+        Field::new("lsn", DataType::Int64, true),
+        Field::new("sequence", DataType::Utf8, true),
+        Field::new("commit_lsn", DataType::Int64, true),
+    ]);
+    let source = StructArray::new(
+        source_fields.clone(),
+        vec![
+            Arc::new(s_connector.finish()),
+            Arc::new(s_name.finish()),
+            Arc::new(s_db.finish()),
+            Arc::new(s_schema.finish()),
+            Arc::new(s_table.finish()),
+            Arc::new(s_ts.finish()),
+            Arc::new(s_snapshot.finish()),
+            Arc::new(s_tx.finish()),
+            Arc::new(s_lsn.finish()),
+            Arc::new(s_seq.finish()),
+            Arc::new(s_commit.finish()),
+        ],
+        None,
+    );
+    let befores: Vec<_> = events.iter().map(|e| e.before.as_ref()).collect();
+    let afters: Vec<_> = events.iter().map(|e| e.after.as_ref()).collect();
+    let (_, before, row_fields) = row_struct(schema, &befores);
+    let (_, after, _) = row_struct(schema, &afters);
+
+    let arrow_schema = Arc::new(Schema::new(vec![
+        Field::new("kafka_topic", DataType::Utf8, false),
+        Field::new("kafka_partition", DataType::Int32, false),
+        Field::new("kafka_offset", DataType::Int64, false),
+        Field::new("kafka_timestamp", DataType::Timestamp(ArrowUnit::Millisecond, Some("UTC".into())), true),
+        Field::new("kafka_key", DataType::Utf8, true),
+        Field::new("op", DataType::Utf8, false),
+        Field::new("ts_ms", DataType::Int64, true),
+        Field::new("source", DataType::Struct(source_fields), false),
+        Field::new("before", DataType::Struct(row_fields.clone()), true),
+        Field::new("after", DataType::Struct(row_fields), true),
+        Field::new("transaction", DataType::Utf8, true),
+        Field::new("envelope", DataType::Utf8, false),
+    ]));
+    let batch = RecordBatch::try_new(
+        arrow_schema.clone(),
+        vec![
+            Arc::new(topic.finish()),
+            Arc::new(partition.finish()),
+            Arc::new(offset.finish()),
+            Arc::new(kts.finish()),
+            Arc::new(key.finish()),
+            Arc::new(op.finish()),
+            Arc::new(ts_ms.finish()),
+            Arc::new(source),
+            before,
+            after,
+            Arc::new(transaction.finish()),
+            Arc::new(envelope.finish()),
+        ],
+    )
+    .map_err(|e| e.to_string())?;
+    let props = WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .set_created_by(format!("cdc-lake {}", env!("CARGO_PKG_VERSION")))
+        .build();
+    let mut buf = Vec::new();
+    let mut writer = ArrowWriter::try_new(&mut buf, arrow_schema, Some(props)).map_err(|e| e.to_string())?;
+    writer.write(&batch).map_err(|e| e.to_string())?;
+    writer.close().map_err(|e| e.to_string())?;
+    Ok(buf)
+}

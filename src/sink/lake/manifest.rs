@@ -1,0 +1,108 @@
+//! The lake manifest: one immutable JSON object per commit, per topic-partition, written only
+//! after every file it lists is uploaded. Readers and the checkpoint trust the manifest, never a
+//! directory listing.
+//!
+//! `<prefix>/_manifest/<topic>/<partition>/<first offset, 20 digits>.json` lists the files
+//! covering offsets `[first_offset, next_offset)`. Ranges of one partition are contiguous.
+//! `_pending.json` beside them names the objects of the commit being uploaded, so that a
+//! restart can delete objects that were uploaded but never committed.
+
+use object_store::path::Path;
+use serde::{Deserialize, Serialize};
+
+use crate::domain::TopicPartition;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub path: String,
+    pub table: String,
+    pub date: String,
+    pub rows: u64,
+    pub bytes: u64,
+    pub min_offset: i64,
+    pub max_offset: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Commit {
+    pub topic: String,
+    pub partition: i32,
+    pub first_offset: i64,
+    pub next_offset: i64,
+    pub files: Vec<FileEntry>,
+    pub committed_at: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pending {
+    pub first_offset: i64,
+    pub paths: Vec<String>,
+}
+
+/// Builds paths from a validated prefix. Topic names are checked by the caller.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    prefix: String,
+}
+
+impl Layout {
+    pub fn new(prefix: &str) -> Self {
+        let prefix = prefix.trim_matches('/');
+        Self {
+            prefix: if prefix.is_empty() {
+                String::new()
+            } else {
+                format!("{prefix}/")
+            },
+        }
+    }
+
+    pub fn data_file(&self, table: &str, date: &str, tp: &TopicPartition, first_offset: i64) -> Path {
+        Path::from(format!(
+            "{}cdc_events/table={table}/date={date}/{}+{}+{first_offset}.parquet",
+            self.prefix, tp.topic, tp.partition
+        ))
+    }
+
+    pub fn manifest_dir(&self, tp: &TopicPartition) -> Path {
+        Path::from(format!("{}_manifest/{}/{}", self.prefix, tp.topic, tp.partition))
+    }
+
+    pub fn commit(&self, tp: &TopicPartition, first_offset: i64) -> Path {
+        Path::from(format!(
+            "{}_manifest/{}/{}/{first_offset:020}.json",
+            self.prefix, tp.topic, tp.partition
+        ))
+    }
+
+    pub fn pending(&self, tp: &TopicPartition) -> Path {
+        Path::from(format!("{}_manifest/{}/{}/_pending.json", self.prefix, tp.topic, tp.partition))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_follow_the_layout() {
+        let l = Layout::new("/team/");
+        let tp = TopicPartition::new("ecom.public.books", 2);
+        assert_eq!(
+            l.data_file("public.books", "2024-03-02", &tp, 17).as_ref(),
+            "team/cdc_events/table=public.books/date=2024-03-02/ecom.public.books+2+17.parquet"
+        );
+        assert_eq!(l.commit(&tp, 17).as_ref(), "team/_manifest/ecom.public.books/2/00000000000000000017.json");
+        let root = Layout::new("");
+        assert_eq!(root.pending(&tp).as_ref(), "_manifest/ecom.public.books/2/_pending.json");
+    }
+
+    #[test]
+    fn commit_names_sort_by_offset() {
+        let l = Layout::new("");
+        let tp = TopicPartition::new("t", 0);
+        let a = l.commit(&tp, 9).to_string();
+        let b = l.commit(&tp, 10).to_string();
+        assert!(a < b, "zero padding keeps lexicographic order numeric");
+    }
+}

@@ -1,0 +1,468 @@
+//! The lake: Hive-partitioned Parquet files in object storage (local directory or S3).
+//!
+//! Records are buffered per topic-partition, one file per (table, date), and committed together
+//! when the partition's buffer rolls (rows, bytes or age) or a declared schema changes. A commit
+//! uploads every file, then writes the manifest entry with a create-only put, then forgets
+//! `_pending.json`. File names are deterministic (`<topic>+<partition>+<first offset>`), so a
+//! retry after a crash rewrites the same objects instead of adding copies.
+
+pub mod encode;
+pub mod manifest;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::future::try_join_all;
+use futures::TryStreamExt;
+use object_store::aws::AmazonS3Builder;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path;
+use object_store::{ObjectStore, PutMode, PutOptions, PutPayload};
+
+use self::manifest::{Commit, FileEntry, Layout, Pending};
+use super::ident::is_safe_path_segment;
+use super::{Ack, Offsets, Sink, SinkError, WriteStats};
+use crate::batch::Batch;
+use crate::config::LakeConfig;
+use crate::domain::TopicPartition;
+use crate::envelope::{ChangeEvent, Decoded, RowSchema};
+
+pub const NAME: &str = "lake";
+
+/// Opens the configured store: S3 when `[lake.s3]` is set, else the local root directory.
+/// Returns the store and a human-readable location for logs.
+pub fn open_store(cfg: &LakeConfig) -> Result<(Arc<dyn ObjectStore>, String), SinkError> {
+    let err = |path: String| move |source| SinkError::ObjectStore { path, source };
+    match &cfg.s3 {
+        Some(s3) => {
+            let mut b = AmazonS3Builder::new()
+                .with_bucket_name(&s3.bucket)
+                .with_region(&s3.region)
+                .with_allow_http(s3.allow_http);
+            if let Some(endpoint) = &s3.endpoint {
+                // MinIO and other S3-compatible servers want path-style requests.
+                b = b.with_endpoint(endpoint).with_virtual_hosted_style_request(false);
+            }
+            if let (Some(id), Some(secret)) = (&s3.access_key_id, &s3.secret_access_key) {
+                b = b.with_access_key_id(id).with_secret_access_key(secret.expose());
+            }
+            let location = format!("s3://{}/{}", s3.bucket, cfg.prefix);
+            let store = b.build().map_err(err(location.clone()))?;
+            Ok((Arc::new(store), location))
+        }
+        None => {
+            std::fs::create_dir_all(&cfg.root).map_err(|e| SinkError::ObjectStore {
+                path: cfg.root.display().to_string(),
+                source: object_store::Error::Generic {
+                    store: "LocalFileSystem",
+                    source: Box::new(e),
+                },
+            })?;
+            let root = std::fs::canonicalize(&cfg.root).unwrap_or_else(|_| cfg.root.clone());
+            let location = root.join(&cfg.prefix).display().to_string();
+            let store = LocalFileSystem::new_with_prefix(&root).map_err(err(location.clone()))?;
+            Ok((Arc::new(store), location))
+        }
+    }
+}
+
+/// Records of one table and date waiting for the next commit.
+struct FileBuffer {
+    events: Vec<Arc<ChangeEvent>>,
+    schema: RowSchema,
+    /// The declared (Connect) schema the file was opened with; a different one rolls the file.
+    declared: Option<Arc<RowSchema>>,
+}
+
+#[derive(Default)]
+struct PartitionState {
+    /// Start of the next commit's offset range; None until the first record or commit.
+    committed_next: Option<i64>,
+    /// One past the last offset seen.
+    seen_next: Option<i64>,
+    files: BTreeMap<(String, String), FileBuffer>,
+    rows: usize,
+    bytes: usize,
+    opened_at: Option<Instant>,
+}
+
+impl PartitionState {
+    /// The next offset this sink would need after a crash right now.
+    fn durable(&self) -> Option<i64> {
+        self.files
+            .values()
+            .filter_map(|f| f.events.first().map(|e| e.coords.offset))
+            .min()
+            .or(self.seen_next)
+    }
+}
+
+pub struct LakeSink {
+    store: Arc<dyn ObjectStore>,
+    layout: Layout,
+    cfg: LakeConfig,
+    location: String,
+    partitions: HashMap<TopicPartition, PartitionState>,
+}
+
+fn store_err(path: &Path) -> impl FnOnce(object_store::Error) -> SinkError + '_ {
+    move |source| SinkError::ObjectStore {
+        path: path.to_string(),
+        source,
+    }
+}
+
+/// UTC date of epoch milliseconds.
+fn date_of(ms: Option<i64>) -> String {
+    ms.and_then(chrono::DateTime::from_timestamp_millis)
+        .unwrap_or_default()
+        .format("%Y-%m-%d")
+        .to_string()
+}
+
+impl LakeSink {
+    pub fn new(cfg: &LakeConfig) -> Result<Self, SinkError> {
+        let (store, location) = open_store(cfg)?;
+        Ok(Self::with_store(store, cfg, location))
+    }
+
+    pub fn with_store(store: Arc<dyn ObjectStore>, cfg: &LakeConfig, location: String) -> Self {
+        Self {
+            store,
+            layout: Layout::new(&cfg.prefix),
+            cfg: cfg.clone(),
+            location,
+            partitions: HashMap::new(),
+        }
+    }
+
+    /// Where the lake is, for humans: a directory or an `s3://` URL.
+    pub fn location(&self) -> &str {
+        &self.location
+    }
+
+    pub fn store(&self) -> Arc<dyn ObjectStore> {
+        self.store.clone()
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// Every committed manifest entry of a partition, in offset order.
+    pub async fn commits(&self, tp: &TopicPartition) -> Result<Vec<Commit>, SinkError> {
+        read_commits(&*self.store, &self.layout, tp).await
+    }
+
+    /// Cleans up an interrupted commit and loads the partition's checkpoint.
+    async fn recover(&mut self, tp: &TopicPartition) -> Result<Option<i64>, SinkError> {
+        let pending_path = self.layout.pending(tp);
+        match self.store.get(&pending_path).await {
+            Ok(res) => {
+                let bytes = res.bytes().await.map_err(store_err(&pending_path))?;
+                let pending: Pending = serde_json::from_slice(&bytes).map_err(|e| SinkError::Manifest {
+                    path: pending_path.to_string(),
+                    reason: e.to_string(),
+                })?;
+                let commit_path = self.layout.commit(tp, pending.first_offset);
+                let committed = match self.store.head(&commit_path).await {
+                    Ok(_) => true,
+                    Err(object_store::Error::NotFound { .. }) => false,
+                    Err(e) => return Err(store_err(&commit_path)(e)),
+                };
+                if !committed {
+                    for p in &pending.paths {
+                        let path = Path::from(p.as_str());
+                        match self.store.delete(&path).await {
+                            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                            Err(e) => return Err(store_err(&path)(e)),
+                        }
+                    }
+                    tracing::info!(%tp, objects = pending.paths.len(), "removed objects of an uncommitted lake upload");
+                }
+                self.store.delete(&pending_path).await.map_err(store_err(&pending_path))?;
+            }
+            Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(store_err(&pending_path)(e)),
+        }
+        let last = read_commits(&*self.store, &self.layout, tp).await?.pop();
+        let next = last.map(|c| c.next_offset);
+        self.partitions.insert(
+            tp.clone(),
+            PartitionState {
+                committed_next: next,
+                seen_next: next,
+                ..Default::default()
+            },
+        );
+        Ok(next)
+    }
+
+    fn is_due(&self, st: &PartitionState) -> bool {
+        st.rows >= self.cfg.roll_rows || st.bytes as u64 >= self.cfg.roll_bytes.0
+    }
+
+    /// Uploads a partition's buffered files and commits them in the manifest.
+    async fn commit_partition(&mut self, tp: &TopicPartition) -> Result<(), SinkError> {
+        let Some(st) = self.partitions.get_mut(tp) else { return Ok(()) };
+        if st.files.is_empty() {
+            return Ok(());
+        }
+        let first_offset = st.committed_next.expect("set when the first record arrived");
+        let next_offset = st.seen_next.expect("set when the first record arrived");
+        let files = std::mem::take(&mut st.files);
+        let paths: Vec<(Path, &(String, String), &FileBuffer)> = files
+            .iter()
+            .map(|(k, f)| {
+                let first = f.events[0].coords.offset;
+                (self.layout.data_file(&k.0, &k.1, tp, first), k, f)
+            })
+            .collect();
+
+        let pending_path = self.layout.pending(tp);
+        let pending = Pending {
+            first_offset,
+            paths: paths.iter().map(|(p, ..)| p.to_string()).collect(),
+        };
+        let result = async {
+            self.store
+                .put(&pending_path, PutPayload::from(serde_json::to_vec(&pending).expect("serialises")))
+                .await
+                .map_err(store_err(&pending_path))?;
+            let uploads = paths.iter().map(|(path, (table, date), f)| {
+                let store = self.store.clone();
+                async move {
+                    let bytes = encode::encode_parquet(&f.events, &f.schema).map_err(|reason| SinkError::Encode {
+                        table: table.clone(),
+                        reason,
+                    })?;
+                    let len = bytes.len() as u64;
+                    store.put(path, PutPayload::from(bytes)).await.map_err(store_err(path))?;
+                    Ok::<_, SinkError>(FileEntry {
+                        path: path.to_string(),
+                        table: table.clone(),
+                        date: date.clone(),
+                        rows: f.events.len() as u64,
+                        bytes: len,
+                        min_offset: f.events[0].coords.offset,
+                        max_offset: f.events[f.events.len() - 1].coords.offset,
+                    })
+                }
+            });
+            let entries = try_join_all(uploads).await?;
+            let commit = Commit {
+                topic: tp.topic.clone(),
+                partition: tp.partition,
+                first_offset,
+                next_offset,
+                files: entries,
+                committed_at: chrono::Utc::now().to_rfc3339(),
+            };
+            let commit_path = self.layout.commit(tp, first_offset);
+            let body = serde_json::to_vec_pretty(&commit).expect("serialises");
+            let create = PutOptions {
+                mode: PutMode::Create,
+                ..Default::default()
+            };
+            match self.store.put_opts(&commit_path, PutPayload::from(body), create).await {
+                Ok(_) => {}
+                Err(object_store::Error::AlreadyExists { .. }) => {
+                    // Either our own earlier attempt succeeded (lost response), or another
+                    // consumer now owns this partition.
+                    let theirs: Commit = read_json(&*self.store, &commit_path).await?;
+                    if theirs.next_offset != commit.next_offset || theirs.files != commit.files {
+                        return Err(SinkError::Fenced {
+                            sink: NAME,
+                            tp: tp.clone(),
+                            theirs: theirs.next_offset,
+                        });
+                    }
+                }
+                Err(e) => return Err(store_err(&commit_path)(e)),
+            }
+            self.store.delete(&pending_path).await.map_err(store_err(&pending_path))?;
+            Ok::<_, SinkError>(commit)
+        }
+        .await;
+        match result {
+            Ok(commit) => {
+                let st = self.partitions.get_mut(tp).expect("present above");
+                st.committed_next = Some(commit.next_offset);
+                st.rows = 0;
+                st.bytes = 0;
+                st.opened_at = None;
+                tracing::debug!(%tp, first = first_offset, next = next_offset, files = commit.files.len(), "lake commit");
+                Ok(())
+            }
+            Err(e) => {
+                if matches!(e, SinkError::Fenced { .. }) {
+                    self.partitions.remove(tp);
+                } else if let Some(st) = self.partitions.get_mut(tp) {
+                    // Keep the records for the retry; the pending file lets a restart clean up.
+                    st.files = files;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn acks(&self, tps: impl Iterator<Item = TopicPartition>) -> Offsets {
+        tps.filter_map(|tp| {
+            let d = self.partitions.get(&tp)?.durable()?;
+            Some((tp, d))
+        })
+        .collect()
+    }
+}
+
+async fn read_json<T: serde::de::DeserializeOwned>(store: &dyn ObjectStore, path: &Path) -> Result<T, SinkError> {
+    let bytes = store
+        .get(path)
+        .await
+        .map_err(store_err(path))?
+        .bytes()
+        .await
+        .map_err(store_err(path))?;
+    serde_json::from_slice(&bytes).map_err(|e| SinkError::Manifest {
+        path: path.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+/// Reads every manifest entry of a partition, in offset order.
+pub async fn read_commits(
+    store: &dyn ObjectStore,
+    layout: &Layout,
+    tp: &TopicPartition,
+) -> Result<Vec<Commit>, SinkError> {
+    let dir = layout.manifest_dir(tp);
+    let mut paths: Vec<Path> = store
+        .list(Some(&dir))
+        .map_ok(|m| m.location)
+        .try_collect::<Vec<_>>()
+        .await
+        .map_err(store_err(&dir))?
+        .into_iter()
+        .filter(|p| p.filename().is_some_and(|f| f.ends_with(".json") && !f.starts_with('_')))
+        .collect();
+    paths.sort();
+    let mut out = Vec::with_capacity(paths.len());
+    for p in paths {
+        out.push(read_json(store, &p).await?);
+    }
+    Ok(out)
+}
+
+impl Sink for LakeSink {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    async fn checkpoints(&mut self, partitions: &[TopicPartition]) -> Result<Offsets, SinkError> {
+        let mut out = Offsets::new();
+        for tp in partitions {
+            if let Some(next) = self.recover(tp).await? {
+                out.insert(tp.clone(), next);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn write(&mut self, batch: &Batch) -> Result<Ack, SinkError> {
+        let mut stats = WriteStats::default();
+        let ranges = batch.ranges();
+        for tp in ranges.keys() {
+            if !self.partitions.contains_key(tp) {
+                self.recover(tp).await?;
+            }
+        }
+        for r in &batch.records {
+            let coords = r.coords();
+            let tp = coords.topic_partition();
+            let st = self.partitions.get_mut(&tp).expect("recovered above");
+            if st.committed_next.is_some_and(|n| coords.offset < n) {
+                stats.already_stored += 1;
+                continue;
+            }
+            st.committed_next.get_or_insert(coords.offset);
+            st.seen_next = Some(st.seen_next.unwrap_or(0).max(coords.offset + 1));
+            let e = match r {
+                Decoded::Change(e) => e,
+                Decoded::Reject(_) => {
+                    *stats.ignored.entry("rejected").or_default() += 1;
+                    continue;
+                }
+                Decoded::Skip(_, reason) => {
+                    *stats.ignored.entry(reason.as_str()).or_default() += 1;
+                    continue;
+                }
+            };
+            let table = e.table.to_string();
+            if !is_safe_path_segment(&table) || !is_safe_path_segment(&tp.topic) {
+                *stats.ignored.entry("unsafe_lake_path").or_default() += 1;
+                continue;
+            }
+            let key = (table, date_of(e.event_time_ms()));
+            let declared = e.schema.declared.then(|| e.schema.clone());
+            let needs_roll = st.files.get(&key).is_some_and(|f| match (&f.declared, &declared) {
+                (Some(a), Some(b)) => !Arc::ptr_eq(a, b) && a != b,
+                (None, None) => false,
+                _ => true,
+            });
+            if needs_roll {
+                // A schema change starts a new file: commit what we have first.
+                self.commit_partition(&tp).await?;
+            }
+            let st = self.partitions.get_mut(&tp).expect("still owned");
+            let file = st.files.entry(key).or_insert_with(|| FileBuffer {
+                events: Vec::new(),
+                schema: RowSchema::default(),
+                declared: declared.clone(),
+            });
+            if file.events.last().is_none_or(|last| !Arc::ptr_eq(&last.schema, &e.schema)) {
+                file.schema.merge(&e.schema);
+            }
+            file.events.push(e.clone());
+            st.rows += 1;
+            st.bytes += e.size_bytes();
+            st.opened_at.get_or_insert_with(Instant::now);
+            stats.written += 1;
+        }
+        let due: Vec<TopicPartition> = ranges
+            .keys()
+            .filter(|tp| self.partitions.get(*tp).is_some_and(|st| self.is_due(st)))
+            .cloned()
+            .collect();
+        for tp in &due {
+            self.commit_partition(tp).await?;
+        }
+        Ok(Ack {
+            durable: self.acks(ranges.into_keys()),
+            stats,
+        })
+    }
+
+    async fn flush(&mut self, force: bool) -> Result<Ack, SinkError> {
+        let roll_age = self.cfg.roll_age.0;
+        let due: Vec<TopicPartition> = self
+            .partitions
+            .iter()
+            .filter(|(_, st)| !st.files.is_empty() && (force || st.opened_at.is_some_and(|t| t.elapsed() >= roll_age)))
+            .map(|(tp, _)| tp.clone())
+            .collect();
+        for tp in &due {
+            self.commit_partition(tp).await?;
+        }
+        Ok(Ack {
+            durable: self.acks(self.partitions.keys().cloned().collect::<Vec<_>>().into_iter()),
+            stats: WriteStats::default(),
+        })
+    }
+
+    fn revoke(&mut self, partitions: &[TopicPartition]) {
+        for tp in partitions {
+            self.partitions.remove(tp);
+        }
+    }
+}

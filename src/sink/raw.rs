@@ -1,0 +1,214 @@
+//! The raw audit log: `cdc_raw.cdc_events` (one row per change) and `cdc_raw.cdc_rejects`,
+//! written with binary COPY, with the checkpoint advanced in the same transaction.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use postgres_types::{Json, ToSql, Type};
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::Client;
+
+use super::{checkpoint, Ack, Offsets, Sink, SinkError, WriteStats};
+use crate::batch::Batch;
+use crate::config::PostgresConfig;
+use crate::domain::TopicPartition;
+use crate::envelope::Decoded;
+
+pub const NAME: &str = "raw";
+
+const EVENT_COLUMNS: &str = "kafka_topic, kafka_partition, kafka_offset, kafka_timestamp, \
+    event_key, operation, source_table, source_db, before_data, after_data, source_metadata, \
+    transaction_data, source_lsn, commit_lsn, event_timestamp, ingested_at";
+const EVENT_TYPES: &[Type] = &[
+    Type::TEXT,
+    Type::INT4,
+    Type::INT8,
+    Type::TIMESTAMPTZ,
+    Type::JSONB,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::JSONB,
+    Type::JSONB,
+    Type::JSONB,
+    Type::JSONB,
+    Type::INT8,
+    Type::INT8,
+    Type::TIMESTAMPTZ,
+    Type::TIMESTAMPTZ,
+];
+const REJECT_COLUMNS: &str =
+    "kafka_topic, kafka_partition, kafka_offset, kafka_timestamp, raw_key, raw_value, stage, reason";
+const REJECT_TYPES: &[Type] = &[
+    Type::TEXT,
+    Type::INT4,
+    Type::INT8,
+    Type::TIMESTAMPTZ,
+    Type::BYTEA,
+    Type::BYTEA,
+    Type::TEXT,
+    Type::TEXT,
+];
+
+pub struct RawSink {
+    pg: PostgresConfig,
+    consumer: String,
+    client: Option<Client>,
+}
+
+fn ms_to_ts(ms: Option<i64>) -> Option<DateTime<Utc>> {
+    ms.and_then(DateTime::from_timestamp_millis)
+}
+
+impl RawSink {
+    pub fn new(pg: PostgresConfig, consumer: impl Into<String>) -> Self {
+        Self {
+            pg,
+            consumer: consumer.into(),
+            client: None,
+        }
+    }
+
+    async fn client(&mut self) -> Result<&mut Client, SinkError> {
+        if self.client.as_ref().is_none_or(Client::is_closed) {
+            self.client = Some(super::connect(&self.pg, NAME).await?);
+        }
+        Ok(self.client.as_mut().expect("connected above"))
+    }
+
+    async fn write_inner(&mut self, batch: &Batch) -> Result<Ack, SinkError> {
+        let ranges = batch.ranges();
+        let tps: Vec<TopicPartition> = ranges.keys().cloned().collect();
+        let consumer = self.consumer.clone();
+        let client = self.client().await?;
+        let err = |context: &'static str| {
+            move |source| SinkError::Postgres {
+                sink: NAME,
+                context: context.into(),
+                source,
+            }
+        };
+        let tx = client.transaction().await.map_err(err("beginning"))?;
+        let stored = checkpoint::lock(&tx, NAME, &consumer, &tps).await?;
+        let is_new = |tp: &TopicPartition, offset: i64| offset >= stored.get(tp).copied().unwrap_or(0);
+
+        let mut stats = WriteStats::default();
+        let now = Utc::now();
+        let has_changes = batch.records.iter().any(|r| matches!(r, Decoded::Change(_)));
+        if has_changes {
+            let sink = tx
+                .copy_in(&format!("COPY cdc_raw.cdc_events ({EVENT_COLUMNS}) FROM STDIN BINARY"))
+                .await
+                .map_err(err("starting COPY into cdc_events"))?;
+            let writer = BinaryCopyInWriter::new(sink, EVENT_TYPES);
+            futures::pin_mut!(writer);
+            for r in &batch.records {
+                let Decoded::Change(e) = r else { continue };
+                if !is_new(&e.coords.topic_partition(), e.coords.offset) {
+                    stats.already_stored += 1;
+                    continue;
+                }
+                let before = e.before.as_ref().map(|b| e.sql_image(b, true).unwrap_or_else(|_| b.clone()));
+                let after = e.after.as_ref().map(|a| e.sql_image(a, true).unwrap_or_else(|_| a.clone()));
+                let source_table = e.table.to_string();
+                let row: [&(dyn ToSql + Sync); 16] = [
+                    &e.coords.topic,
+                    &e.coords.partition,
+                    &e.coords.offset,
+                    &ms_to_ts(e.coords.timestamp_ms),
+                    &e.key.as_ref().map(Json),
+                    &e.op.code(),
+                    &source_table,
+                    &e.source.db,
+                    &before.as_ref().map(Json),
+                    &after.as_ref().map(Json),
+                    &Json(&e.source_json),
+                    &e.transaction.as_ref().map(Json),
+                    &e.source.lsn,
+                    &e.position.commit_lsn,
+                    &ms_to_ts(e.event_time_ms()),
+                    &now,
+                ];
+                writer.as_mut().write(&row).await.map_err(err("copying into cdc_events"))?;
+                stats.written += 1;
+            }
+            writer.finish().await.map_err(err("finishing COPY into cdc_events"))?;
+        }
+
+        let has_rejects = batch.records.iter().any(|r| matches!(r, Decoded::Reject(_)));
+        if has_rejects {
+            let sink = tx
+                .copy_in(&format!("COPY cdc_raw.cdc_rejects ({REJECT_COLUMNS}) FROM STDIN BINARY"))
+                .await
+                .map_err(err("starting COPY into cdc_rejects"))?;
+            let writer = BinaryCopyInWriter::new(sink, REJECT_TYPES);
+            futures::pin_mut!(writer);
+            for r in &batch.records {
+                let Decoded::Reject(rej) = r else { continue };
+                if !is_new(&rej.coords.topic_partition(), rej.coords.offset) {
+                    stats.already_stored += 1;
+                    continue;
+                }
+                let row: [&(dyn ToSql + Sync); 8] = [
+                    &rej.coords.topic,
+                    &rej.coords.partition,
+                    &rej.coords.offset,
+                    &ms_to_ts(rej.coords.timestamp_ms),
+                    &rej.key.as_deref(),
+                    &rej.value.as_deref(),
+                    &"decode",
+                    &rej.reason,
+                ];
+                writer.as_mut().write(&row).await.map_err(err("copying into cdc_rejects"))?;
+                *stats.ignored.entry("rejected").or_default() += 1;
+            }
+            writer.finish().await.map_err(err("finishing COPY into cdc_rejects"))?;
+        }
+        for r in &batch.records {
+            if let Decoded::Skip(_, reason) = r {
+                *stats.ignored.entry(reason.as_str()).or_default() += 1;
+            }
+        }
+
+        let next: BTreeMap<TopicPartition, i64> = ranges
+            .iter()
+            .map(|(tp, (_, last))| (tp.clone(), (last + 1).max(stored.get(tp).copied().unwrap_or(0))))
+            .collect();
+        checkpoint::advance(&tx, NAME, &consumer, &next).await?;
+        tx.commit().await.map_err(err("committing"))?;
+        Ok(Ack {
+            durable: next.into_iter().collect(),
+            stats,
+        })
+    }
+}
+
+impl Sink for RawSink {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    async fn checkpoints(&mut self, partitions: &[TopicPartition]) -> Result<Offsets, SinkError> {
+        let consumer = self.consumer.clone();
+        let client = self.client().await?;
+        checkpoint::load(&*client, NAME, &consumer, partitions).await
+    }
+
+    async fn write(&mut self, batch: &Batch) -> Result<Ack, SinkError> {
+        if batch.is_empty() {
+            return Ok(Ack::default());
+        }
+        let result = self.write_inner(batch).await;
+        if result.as_ref().is_err_and(SinkError::needs_reconnect) {
+            self.client = None;
+        }
+        result
+    }
+
+    async fn flush(&mut self, _force: bool) -> Result<Ack, SinkError> {
+        // Every write commits; nothing is buffered.
+        Ok(Ack::default())
+    }
+
+    fn revoke(&mut self, _partitions: &[TopicPartition]) {}
+}

@@ -1,0 +1,576 @@
+//! Current state: `cdc_processed.<table>` mirrors, applied set-based per batch.
+//!
+//! Per table and batch: binary COPY of the changes into a temporary staging table, then one
+//! `MERGE` that keeps the last change per key and inserts, updates or deletes, guarded by the
+//! source position so that replays and duplicates never move a row backwards. The checkpoint
+//! advances in the same transaction.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use chrono::DateTime;
+use postgres_types::{Json, ToSql, Type};
+use serde_json::{Map, Value};
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::{Client, Transaction};
+
+use super::ident::quote_ident;
+use super::{checkpoint, Ack, Offsets, Sink, SinkError, WriteStats};
+use crate::batch::Batch;
+use crate::config::{DeleteMode, PostgresConfig, StateConfig};
+use crate::domain::{TableId, TopicPartition};
+use crate::envelope::{ChangeEvent, ColumnType, Decoded, Op, RowSchema, TimeUnit};
+
+pub const NAME: &str = "state";
+
+/// Metadata columns every mirror carries, after the source columns.
+const META_COLUMNS: &[(&str, &str)] = &[
+    ("cdc_operation", "text NOT NULL"),
+    ("cdc_commit_lsn", "bigint NOT NULL"),
+    ("cdc_lsn", "bigint NOT NULL"),
+    ("cdc_source_ts", "timestamptz"),
+    ("cdc_kafka_partition", "integer NOT NULL"),
+    ("cdc_kafka_offset", "bigint NOT NULL"),
+    ("cdc_synced_at", "timestamptz NOT NULL DEFAULT now()"),
+    ("cdc_deleted", "boolean NOT NULL DEFAULT false"),
+];
+
+const STAGE_DDL: &str = "CREATE TEMP TABLE IF NOT EXISTS cdc_stage (
+    _cdc_op text NOT NULL,
+    _cdc_key jsonb NOT NULL,
+    _cdc_row jsonb NOT NULL,
+    _cdc_commit_lsn bigint NOT NULL,
+    _cdc_lsn bigint NOT NULL,
+    _cdc_partition integer NOT NULL,
+    _cdc_offset bigint NOT NULL,
+    _cdc_source_ts timestamptz
+) ON COMMIT DELETE ROWS";
+const STAGE_TYPES: &[Type] = &[
+    Type::TEXT,
+    Type::JSONB,
+    Type::JSONB,
+    Type::INT8,
+    Type::INT8,
+    Type::INT4,
+    Type::INT8,
+    Type::TIMESTAMPTZ,
+];
+
+/// The PostgreSQL type of a mirror column. None while the type is unknown (only nulls seen):
+/// the column is added once a value shows its type.
+pub fn pg_type(ty: &ColumnType) -> Option<String> {
+    Some(match ty {
+        ColumnType::Boolean => "boolean".into(),
+        ColumnType::Int16 => "smallint".into(),
+        ColumnType::Int32 => "integer".into(),
+        ColumnType::Int64 => "bigint".into(),
+        ColumnType::Float32 => "real".into(),
+        ColumnType::Float64 => "double precision".into(),
+        ColumnType::Decimal {
+            precision: Some(p),
+            scale,
+        } if *scale >= 0 && i16::from(*scale) <= i16::from(*p) && *p <= 200 => {
+            format!("numeric({p},{scale})")
+        }
+        ColumnType::Decimal { .. } | ColumnType::VariableDecimal => "numeric".into(),
+        ColumnType::Text => "text".into(),
+        ColumnType::Uuid => "uuid".into(),
+        ColumnType::Json => "jsonb".into(),
+        ColumnType::Bytes => "bytea".into(),
+        ColumnType::Date => "date".into(),
+        ColumnType::Time(_) => "time".into(),
+        ColumnType::Timestamp(TimeUnit::Millis | TimeUnit::Micros | TimeUnit::Nanos) => {
+            "timestamp".into()
+        }
+        ColumnType::TimestampTz => "timestamptz".into(),
+        ColumnType::Unknown => return None,
+    })
+}
+
+/// The mirror table name for a source table: `<table>` for the `public` schema, otherwise
+/// `<schema>_<table>`.
+pub fn mirror_name(table: &TableId) -> String {
+    if table.schema == "public" {
+        table.table.clone()
+    } else {
+        format!("{}_{}", table.schema, table.table)
+    }
+}
+
+/// What the sink knows about one mirror table.
+struct Mirror {
+    /// `"schema"."table"`, quoted.
+    qualified: String,
+    /// Source columns present in the table, in order.
+    columns: Vec<String>,
+    key: Vec<String>,
+    merge_sql: Option<String>,
+}
+
+pub struct StateSink {
+    pg: PostgresConfig,
+    consumer: String,
+    schema: String,
+    delete_mode: DeleteMode,
+    client: Option<Client>,
+    mirrors: HashMap<TableId, Mirror>,
+}
+
+fn pg_err(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> SinkError {
+    let context = context.into();
+    move |source| SinkError::Postgres {
+        sink: NAME,
+        context,
+        source,
+    }
+}
+
+/// Errors caused by the data of one change (a value that does not fit its column), as opposed
+/// to the database being unavailable.
+fn is_data_error(e: &SinkError) -> bool {
+    match e {
+        SinkError::Postgres { source, .. } => source.code().is_some_and(|c| {
+            let c = c.code();
+            (c.starts_with("22") || c.starts_with("23") || c == "42804") && c != "23505"
+        }),
+        _ => false,
+    }
+}
+
+impl StateSink {
+    pub fn new(pg: PostgresConfig, cfg: &StateConfig, consumer: impl Into<String>) -> Self {
+        Self {
+            pg,
+            consumer: consumer.into(),
+            schema: cfg.schema.clone(),
+            delete_mode: cfg.delete_mode,
+            client: None,
+            mirrors: HashMap::new(),
+        }
+    }
+
+    async fn connect(&mut self) -> Result<(), SinkError> {
+        if self.client.as_ref().is_none_or(Client::is_closed) {
+            let client = super::connect(&self.pg, NAME).await?;
+            client
+                .batch_execute(&format!(
+                    "CREATE SCHEMA IF NOT EXISTS {}; {STAGE_DDL}",
+                    quote_ident(&self.schema).expect("validated in config")
+                ))
+                .await
+                .map_err(pg_err("creating the staging table"))?;
+            self.client = Some(client);
+            // Another pod may have changed the tables meanwhile: re-read them.
+            self.mirrors.clear();
+        }
+        Ok(())
+    }
+
+    async fn write_inner(&mut self, batch: &Batch) -> Result<Ack, SinkError> {
+        self.connect().await?;
+        let ranges = batch.ranges();
+        let tps: Vec<TopicPartition> = ranges.keys().cloned().collect();
+        let mut client = self.client.take().expect("connected");
+        let result = async {
+            let tx = client.transaction().await.map_err(pg_err("beginning"))?;
+            let stored = checkpoint::lock(&tx, NAME, &self.consumer, &tps).await?;
+            let mut stats = WriteStats::default();
+
+            // Changes per table, in Kafka order.
+            let mut by_table: BTreeMap<&TableId, Vec<&ChangeEvent>> = BTreeMap::new();
+            for r in &batch.records {
+                match r {
+                    Decoded::Change(e) => {
+                        let next = stored.get(&e.coords.topic_partition()).copied().unwrap_or(0);
+                        if e.coords.offset < next {
+                            stats.already_stored += 1;
+                        } else {
+                            by_table.entry(&e.table).or_default().push(e);
+                        }
+                    }
+                    Decoded::Reject(_) => *stats.ignored.entry("rejected").or_default() += 1,
+                    Decoded::Skip(_, reason) => {
+                        *stats.ignored.entry(reason.as_str()).or_default() += 1
+                    }
+                }
+            }
+            for (table, events) in by_table {
+                self.apply_table(&tx, table, &events, &mut stats).await?;
+            }
+
+            let next: BTreeMap<TopicPartition, i64> = ranges
+                .iter()
+                .map(|(tp, (_, last))| {
+                    (tp.clone(), (last + 1).max(stored.get(tp).copied().unwrap_or(0)))
+                })
+                .collect();
+            checkpoint::advance(&tx, NAME, &self.consumer, &next).await?;
+            tx.commit().await.map_err(pg_err("committing"))?;
+            Ok(Ack {
+                durable: next.into_iter().collect(),
+                stats,
+            })
+        }
+        .await;
+        self.client = Some(client);
+        if result.is_err() {
+            // DDL may have rolled back with the transaction: forget what we think exists.
+            self.mirrors.clear();
+        }
+        result
+    }
+
+    /// Applies one table's changes, split at truncates (which must apply in order).
+    async fn apply_table(
+        &mut self,
+        tx: &Transaction<'_>,
+        table: &TableId,
+        events: &[&ChangeEvent],
+        stats: &mut WriteStats,
+    ) -> Result<(), SinkError> {
+        let mut pending: Vec<&ChangeEvent> = Vec::new();
+        for e in events {
+            match e.op {
+                Op::Message => *stats.ignored.entry("logical_message").or_default() += 1,
+                Op::Truncate => {
+                    self.apply_changes(tx, table, &pending, stats).await?;
+                    pending.clear();
+                    self.truncate(tx, table, e).await?;
+                    stats.written += 1;
+                }
+                Op::Delete if self.delete_mode == DeleteMode::Ignore => {
+                    *stats.ignored.entry("delete_ignored").or_default() += 1
+                }
+                _ if e.key.as_ref().is_none_or(|k| !k.is_object()) => {
+                    *stats.ignored.entry("no_primary_key").or_default() += 1
+                }
+                _ => pending.push(e),
+            }
+        }
+        self.apply_changes(tx, table, &pending, stats).await
+    }
+
+    /// Set-based apply; if the data of some change does not fit its column, falls back to one
+    /// change at a time so that only the bad ones are rejected (with the reason) and the rest
+    /// apply.
+    async fn apply_changes(
+        &mut self,
+        tx: &Transaction<'_>,
+        table: &TableId,
+        events: &[&ChangeEvent],
+        stats: &mut WriteStats,
+    ) -> Result<(), SinkError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        self.ensure_mirror(tx, table, events).await?;
+        tx.batch_execute("SAVEPOINT cdc_apply")
+            .await
+            .map_err(pg_err("savepoint"))?;
+        match self.stage_and_merge(tx, table, events).await {
+            Ok(()) => {
+                stats.written += events.len() as u64;
+                return Ok(());
+            }
+            Err(e) if is_data_error(&e) => {
+                tracing::warn!(table = %table, error = %e, "set-based apply failed on data; applying one change at a time");
+            }
+            Err(e) => return Err(e),
+        }
+        tx.batch_execute("ROLLBACK TO SAVEPOINT cdc_apply")
+            .await
+            .map_err(pg_err("rolling back to savepoint"))?;
+        for e in events {
+            tx.batch_execute("SAVEPOINT cdc_one")
+                .await
+                .map_err(pg_err("savepoint"))?;
+            match self.stage_and_merge(tx, table, std::slice::from_ref(e)).await {
+                Ok(()) => stats.written += 1,
+                Err(err) if is_data_error(&err) => {
+                    tx.batch_execute("ROLLBACK TO SAVEPOINT cdc_one")
+                        .await
+                        .map_err(pg_err("rolling back to savepoint"))?;
+                    let reason = match &err {
+                        SinkError::Postgres { source, .. } => format!(
+                            "cannot apply to {}.{}: {}",
+                            self.schema,
+                            mirror_name(table),
+                            source.as_db_error().map_or_else(|| source.to_string(), |d| d.message().to_string())
+                        ),
+                        other => other.to_string(),
+                    };
+                    reject(tx, e, &reason).await?;
+                    *stats.ignored.entry("rejected_by_state").or_default() += 1;
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates the mirror or adds columns that appeared in these changes.
+    async fn ensure_mirror(
+        &mut self,
+        tx: &Transaction<'_>,
+        table: &TableId,
+        events: &[&ChangeEvent],
+    ) -> Result<(), SinkError> {
+        let mut schema = RowSchema::default();
+        let mut last: Option<&Arc<RowSchema>> = None;
+        for e in events {
+            if last.is_none_or(|l| !Arc::ptr_eq(l, &e.schema)) {
+                schema.merge(&e.schema);
+                last = Some(&e.schema);
+            }
+        }
+        let name = mirror_name(table);
+        let qualified = format!(
+            "{}.{}",
+            quote_ident(&self.schema).expect("validated in config"),
+            quote_ident(&name).map_err(|reason| SinkError::Encode { table: table.to_string(), reason })?
+        );
+        if !self.mirrors.contains_key(table) {
+            let rows = tx
+                .query(
+                    "SELECT a.attname::text
+                       FROM pg_attribute a
+                      WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped
+                      ORDER BY a.attnum",
+                    &[&qualified],
+                )
+                .await
+                .map_err(pg_err(format!("reading columns of {qualified}")))?;
+            let existing: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+            let key: Vec<String> = events
+                .iter()
+                .find_map(|e| e.key.as_ref().and_then(Value::as_object))
+                .map(|k| k.keys().cloned().collect())
+                .unwrap_or_default();
+            if existing.is_empty() {
+                let mut cols = Vec::new();
+                for k in &key {
+                    let ty = schema.column(k).and_then(|c| pg_type(&c.ty)).unwrap_or_else(|| "text".into());
+                    cols.push(format!("{} {ty} NOT NULL", quote_ident(k).map_err(|reason| SinkError::Encode { table: table.to_string(), reason })?));
+                }
+                for (m, ty) in META_COLUMNS {
+                    cols.push(format!("{m} {ty}"));
+                }
+                let pk: Vec<String> = key.iter().map(|k| quote_ident(k).expect("checked above")).collect();
+                tx.batch_execute(&format!(
+                    "CREATE TABLE IF NOT EXISTS {qualified} ({}, PRIMARY KEY ({}))",
+                    cols.join(", "),
+                    pk.join(", ")
+                ))
+                .await
+                .map_err(pg_err(format!("creating {qualified}")))?;
+                tracing::info!(table = %qualified, key = ?key, "created mirror table");
+            }
+            let columns = if existing.is_empty() {
+                key.clone()
+            } else {
+                existing.into_iter().filter(|c| !c.starts_with("cdc_")).collect()
+            };
+            self.mirrors.insert(
+                table.clone(),
+                Mirror {
+                    qualified: qualified.clone(),
+                    columns,
+                    key,
+                    merge_sql: None,
+                },
+            );
+        }
+        let mirror = self.mirrors.get_mut(table).expect("inserted above");
+        let mut added = Vec::new();
+        for col in &schema.columns {
+            if mirror.columns.contains(&col.name) {
+                continue;
+            }
+            let Some(ty) = pg_type(&col.ty) else { continue };
+            if col.name.starts_with("cdc_") || col.name.starts_with("_cdc_") {
+                return Err(SinkError::Encode {
+                    table: table.to_string(),
+                    reason: format!("source column {} collides with cdc-lake's metadata columns", col.name),
+                });
+            }
+            let q = quote_ident(&col.name).map_err(|reason| SinkError::Encode { table: table.to_string(), reason })?;
+            added.push(format!("ADD COLUMN IF NOT EXISTS {q} {ty}"));
+            mirror.columns.push(col.name.clone());
+        }
+        if !added.is_empty() {
+            tx.batch_execute(&format!("ALTER TABLE {} {}", mirror.qualified, added.join(", ")))
+                .await
+                .map_err(pg_err(format!("adding columns to {}", mirror.qualified)))?;
+            mirror.merge_sql = None;
+            tracing::info!(table = %mirror.qualified, columns = added.len(), "added mirror columns");
+        }
+        Ok(())
+    }
+
+    async fn stage_and_merge(
+        &mut self,
+        tx: &Transaction<'_>,
+        table: &TableId,
+        events: &[&ChangeEvent],
+    ) -> Result<(), SinkError> {
+        tx.batch_execute("TRUNCATE pg_temp.cdc_stage")
+            .await
+            .map_err(pg_err("clearing the staging table"))?;
+        let sink = tx
+            .copy_in("COPY pg_temp.cdc_stage FROM STDIN BINARY")
+            .await
+            .map_err(pg_err("starting COPY into staging"))?;
+        let writer = BinaryCopyInWriter::new(sink, STAGE_TYPES);
+        futures::pin_mut!(writer);
+        for e in events {
+            let key = e.key.as_ref().expect("keyless changes are filtered out");
+            let row: Map<String, Value> = match (e.op, &e.after) {
+                (Op::Delete, _) | (_, None) => key.as_object().cloned().unwrap_or_default(),
+                (_, Some(after)) => e.sql_image(after, false).map_err(|reason| SinkError::Encode {
+                    table: table.to_string(),
+                    reason,
+                })?,
+            };
+            let ts = e.source.ts_ms.and_then(DateTime::from_timestamp_millis);
+            let op = if e.op == Op::Delete { "d" } else { e.op.code() };
+            let values: [&(dyn ToSql + Sync); 8] = [
+                &op,
+                &Json(key),
+                &Json(&row),
+                &e.position.commit_lsn,
+                &e.position.change_lsn,
+                &e.coords.partition,
+                &e.coords.offset,
+                &ts,
+            ];
+            writer.as_mut().write(&values).await.map_err(pg_err("copying into staging"))?;
+        }
+        writer.finish().await.map_err(pg_err("finishing COPY into staging"))?;
+
+        let mirror = self.mirrors.get_mut(table).expect("ensured before");
+        if mirror.merge_sql.is_none() {
+            mirror.merge_sql = Some(merge_sql(mirror, self.delete_mode));
+        }
+        let sql = mirror.merge_sql.as_deref().expect("built above");
+        tx.execute(sql, &[])
+            .await
+            .map_err(pg_err(format!("merging into {}", mirror.qualified)))?;
+        Ok(())
+    }
+
+    /// A truncate removes every row older than its position.
+    async fn truncate(&mut self, tx: &Transaction<'_>, table: &TableId, e: &ChangeEvent) -> Result<(), SinkError> {
+        let Some(mirror) = self.mirrors.get(table) else {
+            // Nothing mirrored yet, so nothing to remove.
+            return Ok(());
+        };
+        let sql = format!(
+            "DELETE FROM {} WHERE (cdc_commit_lsn, cdc_lsn, cdc_kafka_offset) < ($1, $2, $3)",
+            mirror.qualified
+        );
+        tx.execute(&sql, &[&e.position.commit_lsn, &e.position.change_lsn, &e.coords.offset])
+            .await
+            .map_err(pg_err(format!("truncating {}", mirror.qualified)))?;
+        Ok(())
+    }
+}
+
+/// Builds the one statement that applies a staged batch to a mirror.
+fn merge_sql(m: &Mirror, delete_mode: DeleteMode) -> String {
+    let q = |c: &str| quote_ident(c).expect("validated when the column was added");
+    let on: Vec<String> = m.key.iter().map(|k| format!("m.{0} = s.{0}", q(k))).collect();
+    let guard = "(m.cdc_commit_lsn, m.cdc_lsn, m.cdc_kafka_offset) < (s._cdc_commit_lsn, s._cdc_lsn, s._cdc_offset)";
+    let meta_set = "cdc_operation = s._cdc_op, cdc_commit_lsn = s._cdc_commit_lsn, cdc_lsn = s._cdc_lsn, \
+        cdc_source_ts = s._cdc_source_ts, cdc_kafka_partition = s._cdc_partition, \
+        cdc_kafka_offset = s._cdc_offset, cdc_synced_at = now()";
+    // A column missing from the staged row was a TOAST placeholder: keep the stored value.
+    let set: Vec<String> = m
+        .columns
+        .iter()
+        .filter(|c| !m.key.contains(c))
+        .map(|c| format!("{0} = CASE WHEN s._cdc_row ? '{1}' THEN s.{0} ELSE m.{0} END", q(c), c.replace('\'', "''")))
+        .collect();
+    let mut set_clause = set.join(", ");
+    if !set_clause.is_empty() {
+        set_clause.push_str(", ");
+    }
+    let cols: Vec<String> = m.columns.iter().map(|c| q(c)).collect();
+    let vals: Vec<String> = m.columns.iter().map(|c| format!("s.{}", q(c))).collect();
+    let insert = format!(
+        "INSERT ({}, cdc_operation, cdc_commit_lsn, cdc_lsn, cdc_source_ts, cdc_kafka_partition, cdc_kafka_offset, cdc_deleted) \
+         VALUES ({}, s._cdc_op, s._cdc_commit_lsn, s._cdc_lsn, s._cdc_source_ts, s._cdc_partition, s._cdc_offset, s._cdc_op = 'd')",
+        cols.join(", "),
+        vals.join(", ")
+    );
+    let (on_delete, insert_when) = match delete_mode {
+        DeleteMode::Delete | DeleteMode::Ignore => ("DELETE".to_string(), "AND s._cdc_op <> 'd'"),
+        // Soft deletes keep a row (inserted from the key if absent) so the ordering guard
+        // still holds for late older changes.
+        DeleteMode::Soft => (format!("UPDATE SET cdc_deleted = true, {meta_set}"), ""),
+    };
+    format!(
+        "MERGE INTO {t} AS m
+         USING (SELECT DISTINCT ON (st._cdc_key) st.*, r.*
+                  FROM pg_temp.cdc_stage st
+                  CROSS JOIN LATERAL jsonb_populate_record(NULL::{t}, st._cdc_row) AS r
+                 ORDER BY st._cdc_key, st._cdc_commit_lsn DESC, st._cdc_lsn DESC, st._cdc_offset DESC) AS s
+            ON {on}
+          WHEN MATCHED AND s._cdc_op = 'd' AND {guard} THEN {on_delete}
+          WHEN MATCHED AND s._cdc_op <> 'd' AND {guard} THEN
+               UPDATE SET {set_clause}cdc_deleted = false, {meta_set}
+          WHEN NOT MATCHED {insert_when} THEN {insert}",
+        t = m.qualified,
+        on = on.join(" AND "),
+    )
+}
+
+/// Records a change the mirror cannot take, with the reason, in the same transaction.
+async fn reject(tx: &Transaction<'_>, e: &ChangeEvent, reason: &str) -> Result<(), SinkError> {
+    tx.execute(
+        "INSERT INTO cdc_raw.cdc_rejects
+             (kafka_topic, kafka_partition, kafka_offset, kafka_timestamp, raw_key, raw_value, stage, reason)
+         VALUES ($1, $2, $3, to_timestamp($4::bigint / 1000.0), $5, $6, 'state', $7)
+         ON CONFLICT DO NOTHING",
+        &[
+            &e.coords.topic,
+            &e.coords.partition,
+            &e.coords.offset,
+            &e.coords.timestamp_ms,
+            &e.raw_key.as_deref().map(str::as_bytes),
+            &e.raw_value.as_bytes(),
+            &reason,
+        ],
+    )
+    .await
+    .map_err(pg_err("recording a reject"))?;
+    Ok(())
+}
+
+impl Sink for StateSink {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    async fn checkpoints(&mut self, partitions: &[TopicPartition]) -> Result<Offsets, SinkError> {
+        self.connect().await?;
+        let client = self.client.as_ref().expect("connected");
+        checkpoint::load(client, NAME, &self.consumer, partitions).await
+    }
+
+    async fn write(&mut self, batch: &Batch) -> Result<Ack, SinkError> {
+        if batch.is_empty() {
+            return Ok(Ack::default());
+        }
+        let result = self.write_inner(batch).await;
+        if result.as_ref().is_err_and(SinkError::needs_reconnect) {
+            self.client = None;
+        }
+        result
+    }
+
+    async fn flush(&mut self, _force: bool) -> Result<Ack, SinkError> {
+        Ok(Ack::default())
+    }
+
+    fn revoke(&mut self, _partitions: &[TopicPartition]) {}
+}

@@ -1,0 +1,116 @@
+//! Logs and metrics. Metric names live here as constants; labels stay low-cardinality (sink,
+//! reason class, topic-partition). Row values are never logged.
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    register_histogram_vec_with_registry, register_int_counter_vec_with_registry,
+    register_int_gauge_vec_with_registry, register_int_gauge_with_registry, Encoder, HistogramVec,
+    IntCounterVec, IntGauge, IntGaugeVec, Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub consumed: IntCounterVec,
+    pub written: IntCounterVec,
+    pub skipped: IntCounterVec,
+    pub rejected: IntCounterVec,
+    pub batch_seconds: HistogramVec,
+    pub sink_errors: IntCounterVec,
+    pub lag: IntGaugeVec,
+    pub committed: IntGaugeVec,
+    pub ready: IntGauge,
+}
+
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    let r = Registry::new();
+    Metrics {
+        consumed: register_int_counter_vec_with_registry!(
+            "cdc_lake_records_consumed_total",
+            "Kafka records received, per topic",
+            &["topic"],
+            r
+        )
+        .expect("metric registers"),
+        written: register_int_counter_vec_with_registry!(
+            "cdc_lake_records_written_total",
+            "Records durably written, per sink",
+            &["sink"],
+            r
+        )
+        .expect("metric registers"),
+        skipped: register_int_counter_vec_with_registry!(
+            "cdc_lake_records_skipped_total",
+            "Records intentionally not stored (tombstones, heartbeats, ...), per sink and reason",
+            &["sink", "reason"],
+            r
+        )
+        .expect("metric registers"),
+        rejected: register_int_counter_vec_with_registry!(
+            "cdc_lake_records_rejected_total",
+            "Records sent to cdc_raw.cdc_rejects at decode time, per reason class",
+            &["reason"],
+            r
+        )
+        .expect("metric registers"),
+        batch_seconds: register_histogram_vec_with_registry!(
+            "cdc_lake_batch_duration_seconds",
+            "Time for a sink to make one batch durable",
+            &["sink"],
+            vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],
+            r
+        )
+        .expect("metric registers"),
+        sink_errors: register_int_counter_vec_with_registry!(
+            "cdc_lake_sink_errors_total",
+            "Failed sink writes (retried with backoff), per sink",
+            &["sink"],
+            r
+        )
+        .expect("metric registers"),
+        lag: register_int_gauge_vec_with_registry!(
+            "cdc_lake_consumer_lag",
+            "Records between the high watermark and the consumer position, per partition",
+            &["topic", "partition"],
+            r
+        )
+        .expect("metric registers"),
+        committed: register_int_gauge_vec_with_registry!(
+            "cdc_lake_committed_offset",
+            "Offset committed to Kafka (the lowest durable sink checkpoint), per partition",
+            &["topic", "partition"],
+            r
+        )
+        .expect("metric registers"),
+        ready: register_int_gauge_with_registry!(
+            "cdc_lake_ready",
+            "1 while every sink is reachable and the consumer is running",
+            r
+        )
+        .expect("metric registers"),
+        registry: r,
+    }
+});
+
+/// The Prometheus text exposition of every metric.
+pub fn render() -> String {
+    let mut buf = Vec::new();
+    TextEncoder::new()
+        .encode(&METRICS.registry.gather(), &mut buf)
+        .expect("text encoding cannot fail");
+    String::from_utf8(buf).expect("prometheus text is UTF-8")
+}
+
+/// Logs to stderr; `RUST_LOG` filters (default `info`), `CDC_LAKE_LOG_FORMAT=json` for JSON lines.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::env::var("CDC_LAKE_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
