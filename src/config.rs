@@ -163,8 +163,27 @@ pub struct KafkaConfig {
     /// Topic names, or regexes when they start with `^` (librdkafka's convention).
     pub topics: Vec<String>,
     /// Extra librdkafka properties (e.g. `session.timeout.ms`, SASL settings).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "properties_as_strings")]
     pub properties: BTreeMap<String, String>,
+}
+
+/// librdkafka takes every property as a string; accept `6000` and `true` as well as `"6000"`.
+fn properties_as_strings<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, String>, D::Error> {
+    let raw = BTreeMap::<String, toml::Value>::deserialize(d)?;
+    raw.into_iter()
+        .map(|(k, v)| match v {
+            toml::Value::String(s) => Ok((k, s)),
+            toml::Value::Integer(i) => Ok((k, i.to_string())),
+            toml::Value::Boolean(b) => Ok((k, b.to_string())),
+            toml::Value::Float(f) => Ok((k, f.to_string())),
+            other => Err(serde::de::Error::custom(format!(
+                "kafka.properties.{k} must be a string, number or boolean, not {}",
+                other.type_str()
+            ))),
+        })
+        .collect()
 }
 
 fn default_group() -> String {
