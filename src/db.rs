@@ -16,7 +16,7 @@ pub struct ConnectError {
 pub enum DbError {
     #[error(transparent)]
     Connect(#[from] ConnectError),
-    #[error("migration {version} ({name}) failed: {source}")]
+    #[error("migration {version} ({name}) failed: {}", crate::sink::pg_detail(source))]
     Migration {
         version: i32,
         name: &'static str,
@@ -25,7 +25,7 @@ pub enum DbError {
     },
     #[error("migration {version} ({name}) was changed after it was applied; migrations are immutable")]
     MigrationChanged { version: i32, name: &'static str },
-    #[error(transparent)]
+    #[error("{}", crate::sink::pg_detail(.0))]
     Query(#[from] tokio_postgres::Error),
 }
 

@@ -46,8 +46,18 @@ pub async fn termination_signal() {
     }
 }
 
+/// Applies pending migrations to the sink database.
+pub async fn migrate(config: &Config) -> anyhow::Result<Vec<i32>> {
+    let mut client = crate::db::connect(&config.postgres, "cdc-lake migrate").await?;
+    Ok(crate::db::migrate(&mut client).await?)
+}
+
 /// Runs the ingest pod until `shutdown` fires, then drains within the configured deadline.
-pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// Pending migrations are applied first unless `skip_migrations`.
+pub async fn run(config: Config, shutdown: CancellationToken, skip_migrations: bool) -> anyhow::Result<()> {
+    if !skip_migrations {
+        migrate(&config).await?;
+    }
     let readiness = Readiness::default();
     let http = if config.http.listen.is_empty() {
         None

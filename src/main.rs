@@ -75,14 +75,11 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Migrate => {
-            let applied = migrate(&config).await?;
+            let applied = cdc_lake::ingest::migrate(&config).await?;
             println!("migrations applied: {applied:?} (all {} present)", cdc_lake::db::MIGRATIONS.len());
             Ok(())
         }
         Command::Ingest { no_migrate } => {
-            if !no_migrate {
-                migrate(&config).await?;
-            }
             let shutdown = CancellationToken::new();
             {
                 let shutdown = shutdown.clone();
@@ -91,12 +88,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                     shutdown.cancel();
                 });
             }
-            cdc_lake::ingest::run(config, shutdown).await
+            cdc_lake::ingest::run(config, shutdown, no_migrate).await
         }
     }
-}
-
-async fn migrate(config: &Config) -> anyhow::Result<Vec<i32>> {
-    let mut client = cdc_lake::db::connect(&config.postgres, "cdc-lake migrate").await?;
-    Ok(cdc_lake::db::migrate(&mut client).await?)
 }

@@ -32,7 +32,7 @@ pub type Offsets = HashMap<TopicPartition, i64>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
-    #[error("{sink}: PostgreSQL error while {context}: {source}")]
+    #[error("{sink}: PostgreSQL error while {context}: {}", pg_detail(source))]
     Postgres {
         sink: &'static str,
         context: String,
@@ -85,6 +85,15 @@ impl SinkError {
     /// True when the connection itself is gone and the sink must reconnect.
     pub fn needs_reconnect(&self) -> bool {
         matches!(self, SinkError::Postgres { source, .. } if source.is_closed() || source.code().is_none())
+    }
+}
+
+/// tokio-postgres displays server errors as just "db error"; show the server's message and
+/// SQLSTATE instead.
+pub fn pg_detail(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        None => e.to_string(),
     }
 }
 

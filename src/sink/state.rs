@@ -346,11 +346,24 @@ impl StateSink {
                 .find_map(|e| e.key.as_ref().and_then(Value::as_object))
                 .map(|k| k.keys().cloned().collect())
                 .unwrap_or_default();
-            if existing.is_empty() {
+            let columns = if existing.is_empty() {
+                // Source columns in source order (those whose type is known yet), key columns
+                // NOT NULL, then cdc-lake's metadata columns. Later columns are appended.
+                let bad_ident = |reason| SinkError::Encode { table: table.to_string(), reason };
                 let mut cols = Vec::new();
-                for k in &key {
-                    let ty = schema.column(k).and_then(|c| pg_type(&c.ty)).unwrap_or_else(|| "text".into());
-                    cols.push(format!("{} {ty} NOT NULL", quote_ident(k).map_err(|reason| SinkError::Encode { table: table.to_string(), reason })?));
+                let mut created = Vec::new();
+                for k in key.iter().filter(|k| schema.column(k).is_none()) {
+                    cols.push(format!("{} text NOT NULL", quote_ident(k).map_err(bad_ident)?));
+                    created.push(k.clone());
+                }
+                for c in &schema.columns {
+                    let Some(ty) = pg_type(&c.ty).or_else(|| key.contains(&c.name).then(|| "text".into())) else {
+                        continue;
+                    };
+                    check_not_metadata(table, &c.name)?;
+                    let not_null = if key.contains(&c.name) { " NOT NULL" } else { "" };
+                    cols.push(format!("{} {ty}{not_null}", quote_ident(&c.name).map_err(bad_ident)?));
+                    created.push(c.name.clone());
                 }
                 for (m, ty) in META_COLUMNS {
                     cols.push(format!("{m} {ty}"));
@@ -364,9 +377,7 @@ impl StateSink {
                 .await
                 .map_err(pg_err(format!("creating {qualified}")))?;
                 tracing::info!(table = %qualified, key = ?key, "created mirror table");
-            }
-            let columns = if existing.is_empty() {
-                key.clone()
+                created
             } else {
                 existing.into_iter().filter(|c| !c.starts_with("cdc_")).collect()
             };
@@ -387,12 +398,7 @@ impl StateSink {
                 continue;
             }
             let Some(ty) = pg_type(&col.ty) else { continue };
-            if col.name.starts_with("cdc_") || col.name.starts_with("_cdc_") {
-                return Err(SinkError::Encode {
-                    table: table.to_string(),
-                    reason: format!("source column {} collides with cdc-lake's metadata columns", col.name),
-                });
-            }
+            check_not_metadata(table, &col.name)?;
             let q = quote_ident(&col.name).map_err(|reason| SinkError::Encode { table: table.to_string(), reason })?;
             added.push(format!("ADD COLUMN IF NOT EXISTS {q} {ty}"));
             mirror.columns.push(col.name.clone());
@@ -473,6 +479,17 @@ impl StateSink {
             .map_err(pg_err(format!("truncating {}", mirror.qualified)))?;
         Ok(())
     }
+}
+
+/// Source columns may not use the names of cdc-lake's metadata or staging columns.
+fn check_not_metadata(table: &TableId, column: &str) -> Result<(), SinkError> {
+    if column.starts_with("cdc_") || column.starts_with("_cdc_") {
+        return Err(SinkError::Encode {
+            table: table.to_string(),
+            reason: format!("source column {column} collides with cdc-lake's metadata columns (cdc_*)"),
+        });
+    }
+    Ok(())
 }
 
 /// Builds the one statement that applies a staged batch to a mirror.
