@@ -56,8 +56,8 @@ const STAGE_TYPES: &[Type] = &[
     Type::TIMESTAMPTZ,
 ];
 
-/// The PostgreSQL type of a mirror column. None while the type is unknown (only nulls seen):
-/// the column is added once a value shows its type.
+/// The PostgreSQL type of a mirror column. A column seen only as null (schemaless input) gets
+/// `text`, the conservative choice: every JSON scalar fits it.
 pub fn pg_type(ty: &ColumnType) -> Option<String> {
     Some(match ty {
         ColumnType::Boolean => "boolean".into(),
@@ -83,7 +83,7 @@ pub fn pg_type(ty: &ColumnType) -> Option<String> {
             "timestamp".into()
         }
         ColumnType::TimestampTz => "timestamptz".into(),
-        ColumnType::Unknown => return None,
+        ColumnType::Unknown => "text".into(),
     })
 }
 

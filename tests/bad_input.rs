@@ -1,0 +1,119 @@
+//! Bad input never stops the pod: every record lands in the raw log, in cdc_rejects with its
+//! reason, or in a counted skip, and healthy records after it keep flowing.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+fn order(prefix: &str, id: &str, op: &str, lsn: i64) -> String {
+    let after = if op == "d" {
+        "null".to_string()
+    } else {
+        format!(r#"{{"id":"{id}","user_id":"u","total":1.5,"status":"CONFIRMED","created_at":1}}"#)
+    };
+    let before = if op == "d" { format!(r#"{{"id":"{id}"}}"#) } else { "null".into() };
+    format!(
+        r#"{{"before":{before},"after":{after},"source":{{"name":"{prefix}","ts_ms":1795239028962,"snapshot":"false","db":"ecomdb","sequence":"[\"{lsn}\",\"{lsn}\"]","schema":"public","table":"orders","txId":1,"lsn":{lsn}}},"op":"{op}","ts_ms":1795239029422}}"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_records_are_rejected_or_skipped_and_the_stream_continues() {
+    let prefix = unique("bad").replace('_', "-");
+    let topic = format!("{prefix}.public.orders");
+    let rec = |key: Option<&str>, value: Option<String>| Fixture {
+        topic: topic.clone(),
+        partition: 0,
+        offset: 0,
+        key: key.map(str::to_string),
+        value,
+    };
+    let k1 = r#"{"id":"a1"}"#;
+    let k2 = r#"{"id":"a2"}"#;
+    let records = vec![
+        rec(Some(k1), Some(order(&prefix, "a1", "c", 100))),
+        rec(Some(k1), Some("{\"before\": nul".into())),
+        rec(Some(k1), Some(r#"{"hello":"world"}"#.into())),
+        rec(Some(k1), Some(order(&prefix, "a1", "x", 150))),
+        rec(Some(k1), Some(order(&prefix, "a1", "d", 200))),
+        // Debezium's tombstone after the delete: a null value.
+        rec(Some(k1), None),
+        rec(Some(k2), Some(order(&prefix, "a2", "c", 300))),
+    ];
+    let delivered = produce(&records).await;
+    let offsets: Vec<i64> = delivered.iter().map(|d| d.2).collect();
+    assert_eq!(offsets, (0..7).collect::<Vec<i64>>());
+
+    let db = fresh_db("badinput").await;
+    let lake = LakeTarget::local("bad-input");
+    let pod = Pod::start(config(&db, &prefix, &lake, &[]));
+    let client = pg(&db).await;
+    // The healthy record after the poison ones arrives: the partition did not stop.
+    wait_until("the record after the bad ones in the mirror", Duration::from_secs(60), || async {
+        count(&client, "SELECT count(*) FROM cdc_processed.orders WHERE id = 'a2'").await == 1
+    })
+    .await;
+    let metrics = cdc_lake::telemetry::render();
+    pod.stop().await;
+
+    let raw: Vec<i64> = client
+        .query("SELECT kafka_offset FROM cdc_raw.cdc_events ORDER BY 1", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(raw, vec![0, 4, 6], "valid envelopes in the raw log");
+
+    let rejects: Vec<(i64, String, Vec<u8>)> = client
+        .query("SELECT kafka_offset, reason, raw_value FROM cdc_raw.cdc_rejects ORDER BY 1", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(rejects.len(), 3, "{rejects:?}");
+    assert_eq!(rejects[0].0, 1);
+    assert!(rejects[0].1.contains("not valid JSON"), "{}", rejects[0].1);
+    assert_eq!(rejects[0].2, b"{\"before\": nul", "raw bytes kept exactly");
+    assert_eq!(rejects[1].0, 2);
+    assert!(rejects[1].1.contains("not a Debezium envelope"), "{}", rejects[1].1);
+    assert_eq!(rejects[2].0, 3);
+    assert!(rejects[2].1.contains("unknown op \"x\""), "{}", rejects[2].1);
+
+    // The tombstone (offset 5) is in neither table: it is a counted skip, and the checkpoint
+    // moved past every offset.
+    let next: i64 = client
+        .query_one(
+            "SELECT next_offset FROM cdc_lake.checkpoints WHERE sink = 'raw' AND kafka_topic = $1",
+            &[&topic],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(next, 7);
+    let tombstones = metrics
+        .lines()
+        .find(|l| l.starts_with("cdc_lake_records_skipped_total") && l.contains("sink=\"decode\"") && l.contains("tombstone"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse::<u64>().ok());
+    assert_eq!(tombstones, Some(1), "tombstone counted as a skip:\n{metrics}");
+    for kind in ["invalid_json", "not_an_envelope", "unknown_op"] {
+        assert!(
+            metrics.lines().any(|l| l.starts_with("cdc_lake_records_rejected_total") && l.contains(kind)),
+            "reject metric for {kind}:\n{metrics}"
+        );
+    }
+
+    // State: a1 was created then deleted (the tombstone is not a second delete), a2 exists.
+    let ids: Vec<String> = client
+        .query("SELECT id FROM cdc_processed.orders ORDER BY 1", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ids, vec!["a2".to_string()]);
+}
