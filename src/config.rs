@@ -105,7 +105,9 @@ fn split_unit(s: &str) -> (&str, &str) {
 
 fn parse_size(s: &str) -> Result<u64, String> {
     let (num, unit) = split_unit(s);
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size like 16MiB"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 16MiB"))?;
     let mult = match unit.to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "kb" => 1000,
@@ -116,7 +118,8 @@ fn parse_size(s: &str) -> Result<u64, String> {
         "gib" => 1 << 30,
         _ => return Err(format!("{s:?} has an unknown size unit {unit:?}")),
     };
-    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -425,7 +428,9 @@ impl Config {
                 ));
             }
         }
-        if !self.postgres.url.starts_with("postgres://") && !self.postgres.url.starts_with("postgresql://") {
+        if !self.postgres.url.starts_with("postgres://")
+            && !self.postgres.url.starts_with("postgresql://")
+        {
             return bad("postgres.url must start with postgres://".into());
         }
         if url_password(&self.postgres.url).is_some() {
@@ -454,7 +459,10 @@ impl Config {
                 return bad("lake.s3.bucket is empty".into());
             }
             if s3.access_key_id.is_some() != s3.secret_access_key.is_some() {
-                return bad("lake.s3 needs both access_key_id and secret_access_key_file, or neither".into());
+                return bad(
+                    "lake.s3 needs both access_key_id and secret_access_key_file, or neither"
+                        .into(),
+                );
             }
         }
         if self.lake.prefix.contains("..") || self.lake.prefix.starts_with('/') {
@@ -534,7 +542,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -566,19 +577,45 @@ mod tests {
     #[test]
     fn invalid_configs_name_the_problem() {
         let cases = [
-            ("CDC_LAKE__KAFKA__TOPICS", "[]", "kafka.topics lists no topic"),
-            ("CDC_LAKE__POSTGRES__URL", "postgres://u:hunter2@h/db", "contains a password"),
-            ("CDC_LAKE__POSTGRES__URL", "mysql://h/db", "must start with postgres://"),
+            (
+                "CDC_LAKE__KAFKA__TOPICS",
+                "[]",
+                "kafka.topics lists no topic",
+            ),
+            (
+                "CDC_LAKE__POSTGRES__URL",
+                "postgres://u:hunter2@h/db",
+                "contains a password",
+            ),
+            (
+                "CDC_LAKE__POSTGRES__URL",
+                "mysql://h/db",
+                "must start with postgres://",
+            ),
             ("CDC_LAKE__BATCH__MAX_RECORDS", "0", "max_records"),
             ("CDC_LAKE__BATCH__MAX_AGE", "5x", "needs a unit"),
             ("CDC_LAKE__BATCH__MAX_BYTES", "12XB", "unknown size unit"),
-            ("CDC_LAKE__STATE__SCHEMA", "x;drop", "not a plain identifier"),
-            ("CDC_LAKE__KAFKA__PROPERTIES__ENABLE.AUTO.COMMIT", "true", "managed by cdc-lake"),
+            (
+                "CDC_LAKE__STATE__SCHEMA",
+                "x;drop",
+                "not a plain identifier",
+            ),
+            (
+                "CDC_LAKE__KAFKA__PROPERTIES__ENABLE.AUTO.COMMIT",
+                "true",
+                "managed by cdc-lake",
+            ),
             ("CDC_LAKE__KAFKA__NOPE", "1", "unknown field"),
-            ("CDC_LAKE__POSTGRES__PASSWORD_FILE", "/nonexistent/pw", "cannot read secret file"),
+            (
+                "CDC_LAKE__POSTGRES__PASSWORD_FILE",
+                "/nonexistent/pw",
+                "cannot read secret file",
+            ),
         ];
         for (var, value, want) in cases {
-            let err = Config::load_with_env(None, env(&[(var, value)])).unwrap_err().to_string();
+            let err = Config::load_with_env(None, env(&[(var, value)]))
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(want), "{var}={value}: {err}");
         }
     }
@@ -597,7 +634,10 @@ mod tests {
                 ("CDC_LAKE__POSTGRES__PASSWORD_FILE", pw.to_str().unwrap()),
                 ("CDC_LAKE__LAKE__S3__BUCKET", "b"),
                 ("CDC_LAKE__LAKE__S3__ACCESS_KEY_ID", "AKIA"),
-                ("CDC_LAKE__LAKE__S3__SECRET_ACCESS_KEY_FILE", key.to_str().unwrap()),
+                (
+                    "CDC_LAKE__LAKE__S3__SECRET_ACCESS_KEY_FILE",
+                    key.to_str().unwrap(),
+                ),
                 ("CDC_LAKE__KAFKA__PROPERTIES__SASL.PASSWORD", "s3cr3t-kafka"),
             ]),
         )
@@ -609,7 +649,10 @@ mod tests {
         assert!(!shown.contains("s3cr3t"), "{shown}");
         assert!(shown.contains("<redacted"), "{shown}");
         let debug = format!("{c:?}");
-        assert!(!debug.contains("s3cr3t-pg") && !debug.contains("s3cr3t-s3"), "{debug}");
+        assert!(
+            !debug.contains("s3cr3t-pg") && !debug.contains("s3cr3t-s3"),
+            "{debug}"
+        );
     }
 
     #[test]

@@ -16,14 +16,19 @@ pub struct ConnectError {
 pub enum DbError {
     #[error(transparent)]
     Connect(#[from] ConnectError),
-    #[error("migration {version} ({name}) failed: {}", crate::sink::pg_detail(source))]
+    #[error(
+        "migration {version} ({name}) failed: {}",
+        crate::sink::pg_detail(source)
+    )]
     Migration {
         version: i32,
         name: &'static str,
         #[source]
         source: tokio_postgres::Error,
     },
-    #[error("migration {version} ({name}) was changed after it was applied; migrations are immutable")]
+    #[error(
+        "migration {version} ({name}) was changed after it was applied; migrations are immutable"
+    )]
     MigrationChanged { version: i32, name: &'static str },
     #[error("{}", crate::sink::pg_detail(.0))]
     Query(#[from] tokio_postgres::Error),

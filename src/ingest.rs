@@ -19,7 +19,10 @@ pub fn build_sinks(config: &Config) -> anyhow::Result<Vec<AnySink>> {
     let consumer = config.kafka.group_id.clone();
     let mut sinks = Vec::new();
     if config.raw.enabled {
-        sinks.push(AnySink::Raw(RawSink::new(config.postgres.clone(), consumer.clone())));
+        sinks.push(AnySink::Raw(RawSink::new(
+            config.postgres.clone(),
+            consumer.clone(),
+        )));
     }
     if config.lake.enabled {
         let lake = LakeSink::new(&config.lake)?;
@@ -54,7 +57,11 @@ pub async fn migrate(config: &Config) -> anyhow::Result<Vec<i32>> {
 
 /// Runs the ingest pod until `shutdown` fires, then drains within the configured deadline.
 /// Pending migrations are applied first unless `skip_migrations`.
-pub async fn run(config: Config, shutdown: CancellationToken, skip_migrations: bool) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    shutdown: CancellationToken,
+    skip_migrations: bool,
+) -> anyhow::Result<()> {
     if !skip_migrations {
         migrate(&config).await?;
     }
@@ -93,7 +100,13 @@ pub async fn run(config: Config, shutdown: CancellationToken, skip_migrations: b
     readiness.set(true, "consumer started");
     tracing::info!(group = %config.kafka.group_id, topics = ?config.kafka.topics, "ingest running");
 
-    let pipeline = Pipeline::new(sinks, consumer.clone(), config.batch.clone(), readiness.clone(), shutdown.clone());
+    let pipeline = Pipeline::new(
+        sinks,
+        consumer.clone(),
+        config.batch.clone(),
+        readiness.clone(),
+        shutdown.clone(),
+    );
     pipeline.run(rx, deadline).await;
 
     readiness.set(false, "shutting down");

@@ -52,7 +52,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cdc-lake: cannot start the async runtime: {e}");
@@ -76,7 +79,10 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         }
         Command::Migrate => {
             let applied = cdc_lake::ingest::migrate(&config).await?;
-            println!("migrations applied: {applied:?} (all {} present)", cdc_lake::db::MIGRATIONS.len());
+            println!(
+                "migrations applied: {applied:?} (all {} present)",
+                cdc_lake::db::MIGRATIONS.len()
+            );
             Ok(())
         }
         Command::Ingest { no_migrate } => {

@@ -69,11 +69,18 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(base: Duration, cap: Duration) -> Self {
-        Self { attempt: 0, base, cap }
+        Self {
+            attempt: 0,
+            base,
+            cap,
+        }
     }
 
     pub fn next_delay(&mut self) -> Duration {
-        let exp = self.base.saturating_mul(1 << self.attempt.min(16)).min(self.cap);
+        let exp = self
+            .base
+            .saturating_mul(1 << self.attempt.min(16))
+            .min(self.cap);
         self.attempt += 1;
         // Jitter from the clock's low bits: good enough to de-synchronise pods.
         let nanos = std::time::SystemTime::now()
@@ -128,7 +135,11 @@ impl Committer for Arc<KafkaConsumer> {
                 return;
             }
         }
-        let mode = if sync { CommitMode::Sync } else { CommitMode::Async };
+        let mode = if sync {
+            CommitMode::Sync
+        } else {
+            CommitMode::Async
+        };
         if let Err(e) = Consumer::commit(self.as_ref(), &tpl, mode) {
             tracing::warn!(error = %e, "kafka commit failed (monitoring only; sinks hold the checkpoints)");
         }
@@ -231,7 +242,10 @@ impl<C: Committer> Pipeline<C> {
             self.flush(true).await;
         };
         if tokio::time::timeout(deadline, drain).await.is_err() {
-            tracing::error!(?deadline, "drain did not finish in time; uncommitted records will be re-read on restart");
+            tracing::error!(
+                ?deadline,
+                "drain did not finish in time; uncommitted records will be re-read on restart"
+            );
         }
         self.commit(true);
         tracing::info!("pipeline stopped");
@@ -247,7 +261,15 @@ impl<C: Committer> Pipeline<C> {
                 match sink.checkpoints(partitions).await {
                     Ok(cps) => break cps,
                     Err(e) => {
-                        if !on_error(sink.name(), &e, &mut backoff, &self.readiness, &self.shutdown).await {
+                        if !on_error(
+                            sink.name(),
+                            &e,
+                            &mut backoff,
+                            &self.readiness,
+                            &self.shutdown,
+                        )
+                        .await
+                        {
                             return Offsets::new();
                         }
                     }
@@ -259,7 +281,10 @@ impl<C: Committer> Pipeline<C> {
         partitions
             .iter()
             .filter_map(|tp| {
-                let lowest = per_sink.iter().map(|cps| cps.get(tp).copied()).collect::<Option<Vec<i64>>>()?;
+                let lowest = per_sink
+                    .iter()
+                    .map(|cps| cps.get(tp).copied())
+                    .collect::<Option<Vec<i64>>>()?;
                 lowest.into_iter().min().map(|m| (tp.clone(), m))
             })
             .inspect(|(tp, o)| tracing::info!(%tp, offset = o, "resuming from sink checkpoint"))
@@ -285,7 +310,8 @@ impl<C: Committer> Pipeline<C> {
                 d.remove(tp);
             }
         }
-        self.batcher.retain_partitions(|tp| !partitions.contains(tp));
+        self.batcher
+            .retain_partitions(|tp| !partitions.contains(tp));
     }
 
     /// Writes the open batch to every sink concurrently, each retried until durable.
@@ -330,9 +356,15 @@ impl<C: Committer> Pipeline<C> {
         for (i, ack) in acks.into_iter().enumerate() {
             let Some(ack) = ack else { continue };
             let name = self.sinks[i].name();
-            METRICS.written.with_label_values(&[name]).inc_by(ack.stats.written);
+            METRICS
+                .written
+                .with_label_values(&[name])
+                .inc_by(ack.stats.written);
             for (reason, n) in &ack.stats.ignored {
-                METRICS.skipped.with_label_values(&[name, reason]).inc_by(*n);
+                METRICS
+                    .skipped
+                    .with_label_values(&[name, reason])
+                    .inc_by(*n);
             }
             for (tp, o) in ack.durable {
                 if self.owned.contains(&tp) {
@@ -342,7 +374,8 @@ impl<C: Committer> Pipeline<C> {
             }
         }
         if all_ok {
-            self.readiness.set(true, "every sink accepted the last batch");
+            self.readiness
+                .set(true, "every sink accepted the last batch");
         }
         self.commit(false);
     }
@@ -457,7 +490,10 @@ mod tests {
             b.next_delay();
         }
         let late = b.next_delay();
-        assert!(late >= Duration::from_secs(1) && late <= Duration::from_secs(2), "{late:?}");
+        assert!(
+            late >= Duration::from_secs(1) && late <= Duration::from_secs(2),
+            "{late:?}"
+        );
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));
     }

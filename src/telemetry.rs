@@ -103,8 +103,9 @@ pub fn render() -> String {
 
 /// Logs to stderr; `RUST_LOG` filters (default `info`), `CDC_LAKE_LOG_FORMAT=json` for JSON lines.
 pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn,tokio_postgres=warn"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,rdkafka=warn,tokio_postgres=warn")
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

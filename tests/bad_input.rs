@@ -13,7 +13,11 @@ fn order(prefix: &str, id: &str, op: &str, lsn: i64) -> String {
     } else {
         format!(r#"{{"id":"{id}","user_id":"u","total":1.5,"status":"CONFIRMED","created_at":1}}"#)
     };
-    let before = if op == "d" { format!(r#"{{"id":"{id}"}}"#) } else { "null".into() };
+    let before = if op == "d" {
+        format!(r#"{{"id":"{id}"}}"#)
+    } else {
+        "null".into()
+    };
     format!(
         r#"{{"before":{before},"after":{after},"source":{{"name":"{prefix}","ts_ms":1795239028962,"snapshot":"false","db":"ecomdb","sequence":"[\"{lsn}\",\"{lsn}\"]","schema":"public","table":"orders","txId":1,"lsn":{lsn}}},"op":"{op}","ts_ms":1795239029422}}"#
     )
@@ -51,15 +55,27 @@ async fn bad_records_are_rejected_or_skipped_and_the_stream_continues() {
     let pod = Pod::start(config(&db, &prefix, &lake, &[]));
     let client = pg(&db).await;
     // The healthy record after the poison ones arrives: the partition did not stop.
-    wait_until("the record after the bad ones in the mirror", Duration::from_secs(60), || async {
-        count(&client, "SELECT count(*) FROM cdc_processed.orders WHERE id = 'a2'").await == 1
-    })
+    wait_until(
+        "the record after the bad ones in the mirror",
+        Duration::from_secs(60),
+        || async {
+            count(
+                &client,
+                "SELECT count(*) FROM cdc_processed.orders WHERE id = 'a2'",
+            )
+            .await
+                == 1
+        },
+    )
     .await;
     let metrics = cdc_lake::telemetry::render();
     pod.stop().await;
 
     let raw: Vec<i64> = client
-        .query("SELECT kafka_offset FROM cdc_raw.cdc_events ORDER BY 1", &[])
+        .query(
+            "SELECT kafka_offset FROM cdc_raw.cdc_events ORDER BY 1",
+            &[],
+        )
         .await
         .unwrap()
         .iter()
@@ -68,7 +84,10 @@ async fn bad_records_are_rejected_or_skipped_and_the_stream_continues() {
     assert_eq!(raw, vec![0, 4, 6], "valid envelopes in the raw log");
 
     let rejects: Vec<(i64, String, Vec<u8>)> = client
-        .query("SELECT kafka_offset, reason, raw_value FROM cdc_raw.cdc_rejects ORDER BY 1", &[])
+        .query(
+            "SELECT kafka_offset, reason, raw_value FROM cdc_raw.cdc_rejects ORDER BY 1",
+            &[],
+        )
         .await
         .unwrap()
         .iter()
@@ -79,9 +98,17 @@ async fn bad_records_are_rejected_or_skipped_and_the_stream_continues() {
     assert!(rejects[0].1.contains("not valid JSON"), "{}", rejects[0].1);
     assert_eq!(rejects[0].2, b"{\"before\": nul", "raw bytes kept exactly");
     assert_eq!(rejects[1].0, 2);
-    assert!(rejects[1].1.contains("not a Debezium envelope"), "{}", rejects[1].1);
+    assert!(
+        rejects[1].1.contains("not a Debezium envelope"),
+        "{}",
+        rejects[1].1
+    );
     assert_eq!(rejects[2].0, 3);
-    assert!(rejects[2].1.contains("unknown op \"x\""), "{}", rejects[2].1);
+    assert!(
+        rejects[2].1.contains("unknown op \"x\""),
+        "{}",
+        rejects[2].1
+    );
 
     // The tombstone (offset 5) is in neither table: it is a counted skip, and the checkpoint
     // moved past every offset.
@@ -96,13 +123,23 @@ async fn bad_records_are_rejected_or_skipped_and_the_stream_continues() {
     assert_eq!(next, 7);
     let tombstones = metrics
         .lines()
-        .find(|l| l.starts_with("cdc_lake_records_skipped_total") && l.contains("sink=\"decode\"") && l.contains("tombstone"))
+        .find(|l| {
+            l.starts_with("cdc_lake_records_skipped_total")
+                && l.contains("sink=\"decode\"")
+                && l.contains("tombstone")
+        })
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|n| n.parse::<u64>().ok());
-    assert_eq!(tombstones, Some(1), "tombstone counted as a skip:\n{metrics}");
+    assert_eq!(
+        tombstones,
+        Some(1),
+        "tombstone counted as a skip:\n{metrics}"
+    );
     for kind in ["invalid_json", "not_an_envelope", "unknown_op"] {
         assert!(
-            metrics.lines().any(|l| l.starts_with("cdc_lake_records_rejected_total") && l.contains(kind)),
+            metrics
+                .lines()
+                .any(|l| l.starts_with("cdc_lake_records_rejected_total") && l.contains(kind)),
             "reject metric for {kind}:\n{metrics}"
         );
     }

@@ -15,11 +15,24 @@ fn order_stream(prefix: &str, orders: usize) -> (Vec<Fixture>, BTreeMap<String, 
     let mut last: BTreeMap<String, String> = BTreeMap::new();
     let mut lsn = 40_000_000i64;
     let mut next_offset = [0i64; 4];
-    let mut push = |id: &str, op: &str, status: Option<&str>, lsn: i64, records: &mut Vec<Fixture>| {
+    let mut push = |id: &str,
+                    op: &str,
+                    status: Option<&str>,
+                    lsn: i64,
+                    records: &mut Vec<Fixture>| {
         let partition = (id.bytes().map(u32::from).sum::<u32>() % 4) as i32;
-        let row = |s: &str| format!(r#"{{"id":"{id}","user_id":"u1","total":12.5,"status":"{s}","created_at":1709375445123}}"#);
+        let row = |s: &str| {
+            format!(
+                r#"{{"id":"{id}","user_id":"u1","total":12.5,"status":"{s}","created_at":1709375445123}}"#
+            )
+        };
         let (before, after) = match (op, status) {
-            ("d", _) => (format!(r#"{{"id":"{id}","user_id":null,"total":null,"status":null,"created_at":null}}"#), "null".to_string()),
+            ("d", _) => (
+                format!(
+                    r#"{{"id":"{id}","user_id":null,"total":null,"status":null,"created_at":null}}"#
+                ),
+                "null".to_string(),
+            ),
             (_, Some(s)) => ("null".to_string(), row(s)),
             _ => unreachable!(),
         };
@@ -55,28 +68,53 @@ fn order_stream(prefix: &str, orders: usize) -> (Vec<Fixture>, BTreeMap<String, 
     (records, last)
 }
 
-async fn assert_exactly_once(db: &str, lake: &LakeTarget, records: &[Fixture], expected_state: &BTreeMap<String, String>) {
+async fn assert_exactly_once(
+    db: &str,
+    lake: &LakeTarget,
+    records: &[Fixture],
+    expected_state: &BTreeMap<String, String>,
+) {
     let client = pg(db).await;
-    let expected: BTreeSet<(String, i32, i64)> = records.iter().map(|r| (r.topic.clone(), r.partition, r.offset)).collect();
+    let expected: BTreeSet<(String, i32, i64)> = records
+        .iter()
+        .map(|r| (r.topic.clone(), r.partition, r.offset))
+        .collect();
     let raw = raw_coords(&client).await;
     assert!(raw.iter().all(|(.., n)| *n == 1), "duplicate raw rows");
     let raw_set: BTreeSet<_> = raw.into_iter().map(|(t, p, o, _)| (t, p, o)).collect();
     assert_eq!(raw_set.len(), expected.len(), "raw rows");
     assert_eq!(raw_set, expected, "raw log has a gap");
 
-    let rows = client.query("SELECT id::text, status FROM cdc_processed.orders", &[]).await.unwrap();
+    let rows = client
+        .query("SELECT id::text, status FROM cdc_processed.orders", &[])
+        .await
+        .unwrap();
     let state: BTreeMap<String, String> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-    assert_eq!(&state, expected_state, "mirror differs from the reference model");
+    assert_eq!(
+        &state, expected_state,
+        "mirror differs from the reference model"
+    );
 
     let report = lake.check();
     assert_eq!(report["duplicates"], 0, "lake duplicates");
-    assert_eq!(report["unlisted"].as_array().unwrap().len(), 0, "objects outside the manifest: {}", report["unlisted"]);
+    assert_eq!(
+        report["unlisted"].as_array().unwrap().len(),
+        0,
+        "objects outside the manifest: {}",
+        report["unlisted"]
+    );
     assert_eq!(report["zero_byte"], 0);
     let lake_set: BTreeSet<(String, i32, i64)> = report["coords"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|c| (c[0].as_str().unwrap().to_string(), c[1].as_i64().unwrap() as i32, c[2].as_i64().unwrap()))
+        .map(|c| {
+            (
+                c[0].as_str().unwrap().to_string(),
+                c[1].as_i64().unwrap() as i32,
+                c[2].as_i64().unwrap(),
+            )
+        })
         .collect();
     assert_eq!(lake_set, expected, "lake has a gap");
 }
@@ -96,9 +134,11 @@ async fn run_with_interruptions(lake: LakeTarget, kill: bool) {
     let total = records.len() as i64;
 
     let pod = Pod::start(cfg.clone());
-    wait_until("a first part in the raw log", Duration::from_secs(60), || async {
-        count(&client, "SELECT count(*) FROM cdc_raw.cdc_events").await >= total / 4
-    })
+    wait_until(
+        "a first part in the raw log",
+        Duration::from_secs(60),
+        || async { count(&client, "SELECT count(*) FROM cdc_raw.cdc_events").await >= total / 4 },
+    )
     .await;
     if kill {
         pod.kill().await;
@@ -106,12 +146,17 @@ async fn run_with_interruptions(lake: LakeTarget, kill: bool) {
         pod.stop().await;
     }
     let part = count(&client, "SELECT count(*) FROM cdc_raw.cdc_events").await;
-    assert!(part < total, "the interruption must land mid-stream ({part} of {total})");
+    assert!(
+        part < total,
+        "the interruption must land mid-stream ({part} of {total})"
+    );
 
     let pod = Pod::start(cfg.clone());
-    wait_until("every record in the raw log", Duration::from_secs(90), || async {
-        count(&client, "SELECT count(*) FROM cdc_raw.cdc_events").await >= total
-    })
+    wait_until(
+        "every record in the raw log",
+        Duration::from_secs(90),
+        || async { count(&client, "SELECT count(*) FROM cdc_raw.cdc_events").await >= total },
+    )
     .await;
     // The mirror and the lake catch up within a roll interval; stop drains the rest.
     pod.stop().await;

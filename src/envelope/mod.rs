@@ -117,7 +117,9 @@ impl ChangeEvent {
                 continue;
             }
             let converted = match self.schema.column(name) {
-                Some(c) => value::to_sql_json(&c.ty, v).map_err(|e| format!("column {name}: {e}"))?,
+                Some(c) => {
+                    value::to_sql_json(&c.ty, v).map_err(|e| format!("column {name}: {e}"))?
+                }
                 None => v.clone(),
             };
             out.insert(name.clone(), converted);
@@ -310,13 +312,18 @@ impl Decoder {
             Some(k) => {
                 let text = String::from_utf8_lossy(k);
                 let parsed = match serde_json::from_str::<Value>(&text) {
-                    Ok(Value::Object(mut m)) if m.contains_key("payload") && m.contains_key("schema") => {
+                    Ok(Value::Object(mut m))
+                        if m.contains_key("payload") && m.contains_key("schema") =>
+                    {
                         m.remove("payload")
                     }
                     Ok(v) => Some(v),
                     Err(e) => return Err(format!("record key is not valid JSON: {e}")),
                 };
-                (Some(Arc::<str>::from(text.as_ref())), parsed.filter(|v| !v.is_null()))
+                (
+                    Some(Arc::<str>::from(text.as_ref())),
+                    parsed.filter(|v| !v.is_null()),
+                )
             }
         };
 
@@ -413,7 +420,10 @@ fn classify_non_change(
     Err("JSON object is not a Debezium envelope (no op field)".into())
 }
 
-fn take_row(payload: &mut Map<String, Value>, field: &str) -> Result<Option<Map<String, Value>>, String> {
+fn take_row(
+    payload: &mut Map<String, Value>,
+    field: &str,
+) -> Result<Option<Map<String, Value>>, String> {
     match payload.remove(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Object(m)) => Ok(Some(m)),
@@ -461,8 +471,14 @@ mod tests {
 
     #[test]
     fn sequence_parses_both_lsns() {
-        assert_eq!(parse_sequence("[null,\"26747456\"]"), (None, Some(26747456)));
-        assert_eq!(parse_sequence("[\"35795464\",\"35795465\"]"), (Some(35795464), Some(35795465)));
+        assert_eq!(
+            parse_sequence("[null,\"26747456\"]"),
+            (None, Some(26747456))
+        );
+        assert_eq!(
+            parse_sequence("[\"35795464\",\"35795465\"]"),
+            (Some(35795464), Some(35795465))
+        );
         assert_eq!(parse_sequence("garbage"), (None, None));
     }
 
@@ -474,8 +490,14 @@ mod tests {
             ("{\"foo\":1}", "not a Debezium envelope"),
             ("{\"op\":\"x\",\"source\":{}}", "unknown op \"x\""),
             ("{\"op\":\"c\",\"after\":{\"a\":1}}", "no source block"),
-            ("{\"op\":\"c\",\"source\":{\"schema\":\"s\",\"table\":\"t\"}}", "without an after image"),
-            ("{\"op\":\"c\",\"after\":5,\"source\":{\"schema\":\"s\",\"table\":\"t\"}}", "after is not an object"),
+            (
+                "{\"op\":\"c\",\"source\":{\"schema\":\"s\",\"table\":\"t\"}}",
+                "without an after image",
+            ),
+            (
+                "{\"op\":\"c\",\"after\":5,\"source\":{\"schema\":\"s\",\"table\":\"t\"}}",
+                "after is not an object",
+            ),
         ];
         for (value, want) in cases {
             let got = reason(decode(Some("{\"id\":1}"), Some(value)));
@@ -503,8 +525,17 @@ mod tests {
     #[test]
     fn snapshot_position_falls_back_to_change_lsn() {
         let v = r#"{"before":null,"after":{"id":1},"source":{"schema":"public","table":"t","lsn":7,"sequence":"[null,\"7\"]"},"op":"r","ts_ms":1}"#;
-        let Decoded::Change(e) = decode(Some("{\"id\":1}"), Some(v)) else { panic!() };
-        assert_eq!(e.position, Position { commit_lsn: 7, change_lsn: 7, offset: 0 });
+        let Decoded::Change(e) = decode(Some("{\"id\":1}"), Some(v)) else {
+            panic!()
+        };
+        assert_eq!(
+            e.position,
+            Position {
+                commit_lsn: 7,
+                change_lsn: 7,
+                offset: 0
+            }
+        );
         assert_eq!(e.op, Op::Read);
         assert_eq!(e.key, Some(serde_json::json!({"id": 1})));
     }

@@ -90,8 +90,10 @@ impl RowSchema {
     pub fn from_connect_envelope(schema: &Value) -> Option<RowSchema> {
         let fields = schema.get("fields")?.as_array()?;
         let row = fields.iter().find(|f| {
-            matches!(f.get("field").and_then(Value::as_str), Some("after" | "before"))
-                && f.get("type").and_then(Value::as_str) == Some("struct")
+            matches!(
+                f.get("field").and_then(Value::as_str),
+                Some("after" | "before")
+            ) && f.get("type").and_then(Value::as_str) == Some("struct")
         })?;
         let columns = row
             .get("fields")?
@@ -173,7 +175,9 @@ fn connect_type(field: &Value) -> ColumnType {
                 precision: param("connect.decimal.precision")
                     .and_then(|p| u8::try_from(p).ok())
                     .filter(|p| *p > 0 && *p <= 76),
-                scale: param("scale").and_then(|s| i8::try_from(s).ok()).unwrap_or(0),
+                scale: param("scale")
+                    .and_then(|s| i8::try_from(s).ok())
+                    .unwrap_or(0),
             }
         }
         "io.debezium.data.VariableScaleDecimal" => ColumnType::VariableDecimal,
@@ -214,13 +218,33 @@ mod tests {
     fn connect_types_map_to_logical_types() {
         let cases = [
             (json!({"type":"int32","field":"a"}), ColumnType::Int32),
-            (json!({"type":"int64","name":"io.debezium.time.MicroTimestamp","field":"a"}), ColumnType::Timestamp(TimeUnit::Micros)),
-            (json!({"type":"int64","name":"org.apache.kafka.connect.data.Timestamp","field":"a"}), ColumnType::Timestamp(TimeUnit::Millis)),
-            (json!({"type":"string","name":"io.debezium.time.ZonedTimestamp","field":"a"}), ColumnType::TimestampTz),
-            (json!({"type":"string","name":"io.debezium.data.Uuid","field":"a"}), ColumnType::Uuid),
-            (json!({"type":"int32","name":"io.debezium.time.Date","field":"a"}), ColumnType::Date),
-            (json!({"type":"bytes","name":"org.apache.kafka.connect.data.Decimal","parameters":{"scale":"2","connect.decimal.precision":"10"},"field":"a"}),
-             ColumnType::Decimal { precision: Some(10), scale: 2 }),
+            (
+                json!({"type":"int64","name":"io.debezium.time.MicroTimestamp","field":"a"}),
+                ColumnType::Timestamp(TimeUnit::Micros),
+            ),
+            (
+                json!({"type":"int64","name":"org.apache.kafka.connect.data.Timestamp","field":"a"}),
+                ColumnType::Timestamp(TimeUnit::Millis),
+            ),
+            (
+                json!({"type":"string","name":"io.debezium.time.ZonedTimestamp","field":"a"}),
+                ColumnType::TimestampTz,
+            ),
+            (
+                json!({"type":"string","name":"io.debezium.data.Uuid","field":"a"}),
+                ColumnType::Uuid,
+            ),
+            (
+                json!({"type":"int32","name":"io.debezium.time.Date","field":"a"}),
+                ColumnType::Date,
+            ),
+            (
+                json!({"type":"bytes","name":"org.apache.kafka.connect.data.Decimal","parameters":{"scale":"2","connect.decimal.precision":"10"},"field":"a"}),
+                ColumnType::Decimal {
+                    precision: Some(10),
+                    scale: 2,
+                },
+            ),
             (json!({"type":"bytes","field":"a"}), ColumnType::Bytes),
             (json!({"type":"string","field":"a"}), ColumnType::Text),
         ];
@@ -232,11 +256,18 @@ mod tests {
     #[test]
     fn merge_resolves_unknown_and_widens_numbers() {
         let mut a = RowSchema::infer(json!({"x": null, "n": 1}).as_object().unwrap());
-        let b = RowSchema::infer(json!({"x": "s", "n": 1.5, "new": true}).as_object().unwrap());
+        let b = RowSchema::infer(
+            json!({"x": "s", "n": 1.5, "new": true})
+                .as_object()
+                .unwrap(),
+        );
         assert!(a.merge(&b));
         assert_eq!(a.column("x").unwrap().ty, ColumnType::Text);
         assert_eq!(a.column("n").unwrap().ty, ColumnType::Float64);
         assert_eq!(a.column("new").unwrap().ty, ColumnType::Boolean);
-        assert!(!a.merge(&b), "merging the same schema twice changes nothing");
+        assert!(
+            !a.merge(&b),
+            "merging the same schema twice changes nothing"
+        );
     }
 }

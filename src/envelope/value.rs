@@ -159,11 +159,11 @@ pub fn to_sql_json(ty: &ColumnType, v: &Value) -> Result<Value, ValueError> {
 pub fn temporal_i64(ty: &ColumnType, v: &Value) -> Result<i64, ValueError> {
     match ty {
         ColumnType::Date => as_i64(ty, v),
-        ColumnType::Time(unit) | ColumnType::Timestamp(unit) => {
-            Ok(unit.to_micros(as_i64(ty, v)?))
-        }
+        ColumnType::Time(unit) | ColumnType::Timestamp(unit) => Ok(unit.to_micros(as_i64(ty, v)?)),
         ColumnType::TimestampTz => {
-            let s = v.as_str().ok_or_else(|| shape(ty, "an ISO-8601 string", v))?;
+            let s = v
+                .as_str()
+                .ok_or_else(|| shape(ty, "an ISO-8601 string", v))?;
             DateTime::parse_from_rfc3339(s)
                 .map(|d| d.timestamp_micros())
                 .map_err(|_| shape(ty, "an ISO-8601 string", v))
@@ -181,24 +181,50 @@ mod tests {
     #[test]
     fn decimals_decode_exactly() {
         // Values from the defaults sample: Dune at 19.99 then 17.49, Emma at 9.50.
-        let cases = [("B88=", 2, "19.99"), ("BtU=", 2, "17.49"), ("A7Y=", 2, "9.50"),
-                     ("/w==", 0, "-1"), ("/4M=", 2, "-1.25"), ("", 2, "0.00"), ("AQ==", -2, "100")];
+        let cases = [
+            ("B88=", 2, "19.99"),
+            ("BtU=", 2, "17.49"),
+            ("A7Y=", 2, "9.50"),
+            ("/w==", 0, "-1"),
+            ("/4M=", 2, "-1.25"),
+            ("", 2, "0.00"),
+            ("AQ==", -2, "100"),
+        ];
         for (b64, scale, want) in cases {
-            assert_eq!(format_decimal(decimal_unscaled(b64).unwrap(), scale), want, "{b64}");
+            assert_eq!(
+                format_decimal(decimal_unscaled(b64).unwrap(), scale),
+                want,
+                "{b64}"
+            );
         }
         assert_eq!(decimal_unscaled("!!"), Err(ValueError::Base64));
     }
 
     #[test]
     fn wire_values_become_sql_text() {
-        let dec = ColumnType::Decimal { precision: Some(10), scale: 2 };
+        let dec = ColumnType::Decimal {
+            precision: Some(10),
+            scale: 2,
+        };
         let cases = [
             (dec.clone(), json!("D54="), json!("39.98")),
             (dec, json!(9.5), json!(9.5)),
-            (ColumnType::Timestamp(TimeUnit::Micros), json!(1709375445123456i64), json!("2024-03-02T10:30:45.123456")),
-            (ColumnType::Timestamp(TimeUnit::Millis), json!(1709155056789i64), json!("2024-02-28T21:17:36.789000")),
+            (
+                ColumnType::Timestamp(TimeUnit::Micros),
+                json!(1709375445123456i64),
+                json!("2024-03-02T10:30:45.123456"),
+            ),
+            (
+                ColumnType::Timestamp(TimeUnit::Millis),
+                json!(1709155056789i64),
+                json!("2024-02-28T21:17:36.789000"),
+            ),
             (ColumnType::Date, json!(19784), json!("2024-03-02")),
-            (ColumnType::Time(TimeUnit::Micros), json!(37845123456i64), json!("10:30:45.123456")),
+            (
+                ColumnType::Time(TimeUnit::Micros),
+                json!(37845123456i64),
+                json!("10:30:45.123456"),
+            ),
             (ColumnType::Bytes, json!("AQL/"), json!("\\x0102ff")),
             (ColumnType::Json, json!("{\"a\":1}"), json!({"a": 1})),
             (ColumnType::Text, json!("x"), json!("x")),
@@ -213,6 +239,9 @@ mod tests {
     #[test]
     fn zoned_timestamps_parse_to_micros() {
         let v = json!("2024-02-28T21:17:36.789000Z");
-        assert_eq!(temporal_i64(&ColumnType::TimestampTz, &v).unwrap(), 1709155056789000);
+        assert_eq!(
+            temporal_i64(&ColumnType::TimestampTz, &v).unwrap(),
+            1709155056789000
+        );
     }
 }

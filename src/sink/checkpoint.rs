@@ -8,7 +8,10 @@ use tokio_postgres::{GenericClient, Transaction};
 use super::{Offsets, SinkError};
 use crate::domain::TopicPartition;
 
-fn pg_err<'a>(sink: &'static str, context: &'a str) -> impl FnOnce(tokio_postgres::Error) -> SinkError + 'a {
+fn pg_err<'a>(
+    sink: &'static str,
+    context: &'a str,
+) -> impl FnOnce(tokio_postgres::Error) -> SinkError + 'a {
     move |source| SinkError::Postgres {
         sink,
         context: context.to_string(),
@@ -17,7 +20,9 @@ fn pg_err<'a>(sink: &'static str, context: &'a str) -> impl FnOnce(tokio_postgre
 }
 
 fn split(tps: &[TopicPartition]) -> (Vec<&str>, Vec<i32>) {
-    tps.iter().map(|tp| (tp.topic.as_str(), tp.partition)).unzip()
+    tps.iter()
+        .map(|tp| (tp.topic.as_str(), tp.partition))
+        .unzip()
 }
 
 /// Reads stored checkpoints without locking.
@@ -41,7 +46,12 @@ pub async fn load(
         .map_err(pg_err(sink, "reading checkpoints"))?;
     Ok(rows
         .iter()
-        .map(|r| (TopicPartition::new(r.get::<_, String>(0), r.get(1)), r.get(2)))
+        .map(|r| {
+            (
+                TopicPartition::new(r.get::<_, String>(0), r.get(1)),
+                r.get(2),
+            )
+        })
         .collect())
 }
 
@@ -80,7 +90,12 @@ pub async fn lock(
         .map_err(pg_err(sink, "locking checkpoints"))?;
     Ok(rows
         .iter()
-        .map(|r| (TopicPartition::new(r.get::<_, String>(0), r.get(1)), r.get(2)))
+        .map(|r| {
+            (
+                TopicPartition::new(r.get::<_, String>(0), r.get(1)),
+                r.get(2),
+            )
+        })
         .collect())
 }
 

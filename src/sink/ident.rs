@@ -26,8 +26,7 @@ pub fn is_safe_path_segment(s: &str) -> bool {
         && s != "."
         && s != ".."
         && s.len() <= 200
-        && s
-            .chars()
+        && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '=' | '+'))
 }
 
@@ -51,7 +50,11 @@ mod tests {
 
     #[test]
     fn path_segments_cannot_escape() {
-        for ok in ["public.books", "ecom-connector.public.books+0+12", "date=2024-03-02"] {
+        for ok in [
+            "public.books",
+            "ecom-connector.public.books+0+12",
+            "date=2024-03-02",
+        ] {
             assert!(is_safe_path_segment(ok), "{ok}");
         }
         for bad in ["..", ".", "a/b", "a\\b", "", "x y", "a\nb"] {

@@ -90,14 +90,20 @@ impl RawSink {
         };
         let tx = client.transaction().await.map_err(err("beginning"))?;
         let stored = checkpoint::lock(&tx, NAME, &consumer, &tps).await?;
-        let is_new = |tp: &TopicPartition, offset: i64| offset >= stored.get(tp).copied().unwrap_or(0);
+        let is_new =
+            |tp: &TopicPartition, offset: i64| offset >= stored.get(tp).copied().unwrap_or(0);
 
         let mut stats = WriteStats::default();
         let now = Utc::now();
-        let has_changes = batch.records.iter().any(|r| matches!(r, Decoded::Change(_)));
+        let has_changes = batch
+            .records
+            .iter()
+            .any(|r| matches!(r, Decoded::Change(_)));
         if has_changes {
             let sink = tx
-                .copy_in(&format!("COPY cdc_raw.cdc_events ({EVENT_COLUMNS}) FROM STDIN BINARY"))
+                .copy_in(&format!(
+                    "COPY cdc_raw.cdc_events ({EVENT_COLUMNS}) FROM STDIN BINARY"
+                ))
                 .await
                 .map_err(err("starting COPY into cdc_events"))?;
             let writer = BinaryCopyInWriter::new(sink, EVENT_TYPES);
@@ -108,8 +114,14 @@ impl RawSink {
                     stats.already_stored += 1;
                     continue;
                 }
-                let before = e.before.as_ref().map(|b| e.sql_image(b, true).unwrap_or_else(|_| b.clone()));
-                let after = e.after.as_ref().map(|a| e.sql_image(a, true).unwrap_or_else(|_| a.clone()));
+                let before = e
+                    .before
+                    .as_ref()
+                    .map(|b| e.sql_image(b, true).unwrap_or_else(|_| b.clone()));
+                let after = e
+                    .after
+                    .as_ref()
+                    .map(|a| e.sql_image(a, true).unwrap_or_else(|_| a.clone()));
                 let source_table = e.table.to_string();
                 let row: [&(dyn ToSql + Sync); 16] = [
                     &e.coords.topic,
@@ -129,16 +141,28 @@ impl RawSink {
                     &ms_to_ts(e.event_time_ms()),
                     &now,
                 ];
-                writer.as_mut().write(&row).await.map_err(err("copying into cdc_events"))?;
+                writer
+                    .as_mut()
+                    .write(&row)
+                    .await
+                    .map_err(err("copying into cdc_events"))?;
                 stats.written += 1;
             }
-            writer.finish().await.map_err(err("finishing COPY into cdc_events"))?;
+            writer
+                .finish()
+                .await
+                .map_err(err("finishing COPY into cdc_events"))?;
         }
 
-        let has_rejects = batch.records.iter().any(|r| matches!(r, Decoded::Reject(_)));
+        let has_rejects = batch
+            .records
+            .iter()
+            .any(|r| matches!(r, Decoded::Reject(_)));
         if has_rejects {
             let sink = tx
-                .copy_in(&format!("COPY cdc_raw.cdc_rejects ({REJECT_COLUMNS}) FROM STDIN BINARY"))
+                .copy_in(&format!(
+                    "COPY cdc_raw.cdc_rejects ({REJECT_COLUMNS}) FROM STDIN BINARY"
+                ))
                 .await
                 .map_err(err("starting COPY into cdc_rejects"))?;
             let writer = BinaryCopyInWriter::new(sink, REJECT_TYPES);
@@ -159,20 +183,36 @@ impl RawSink {
                     &"decode",
                     &rej.reason,
                 ];
-                writer.as_mut().write(&row).await.map_err(err("copying into cdc_rejects"))?;
+                writer
+                    .as_mut()
+                    .write(&row)
+                    .await
+                    .map_err(err("copying into cdc_rejects"))?;
                 *stats.ignored.entry("rejected").or_default() += 1;
             }
-            writer.finish().await.map_err(err("finishing COPY into cdc_rejects"))?;
+            writer
+                .finish()
+                .await
+                .map_err(err("finishing COPY into cdc_rejects"))?;
         }
         for r in &batch.records {
-            if let Decoded::Skip(_, reason) = r {
-                *stats.ignored.entry(reason.as_str()).or_default() += 1;
+            if let Decoded::Skip(c, reason) = r {
+                if is_new(&c.topic_partition(), c.offset) {
+                    *stats.ignored.entry(reason.as_str()).or_default() += 1;
+                } else {
+                    stats.already_stored += 1;
+                }
             }
         }
 
         let next: BTreeMap<TopicPartition, i64> = ranges
             .iter()
-            .map(|(tp, (_, last))| (tp.clone(), (last + 1).max(stored.get(tp).copied().unwrap_or(0))))
+            .map(|(tp, (_, last))| {
+                (
+                    tp.clone(),
+                    (last + 1).max(stored.get(tp).copied().unwrap_or(0)),
+                )
+            })
             .collect();
         checkpoint::advance(&tx, NAME, &consumer, &next).await?;
         tx.commit().await.map_err(err("committing"))?;

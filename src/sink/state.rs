@@ -179,15 +179,13 @@ impl StateSink {
             // Changes per table, in Kafka order.
             let mut by_table: BTreeMap<&TableId, Vec<&ChangeEvent>> = BTreeMap::new();
             for r in &batch.records {
+                let c = r.coords();
+                if c.offset < stored.get(&c.topic_partition()).copied().unwrap_or(0) {
+                    stats.already_stored += 1;
+                    continue;
+                }
                 match r {
-                    Decoded::Change(e) => {
-                        let next = stored.get(&e.coords.topic_partition()).copied().unwrap_or(0);
-                        if e.coords.offset < next {
-                            stats.already_stored += 1;
-                        } else {
-                            by_table.entry(&e.table).or_default().push(e);
-                        }
-                    }
+                    Decoded::Change(e) => by_table.entry(&e.table).or_default().push(e),
                     Decoded::Reject(_) => *stats.ignored.entry("rejected").or_default() += 1,
                     Decoded::Skip(_, reason) => {
                         *stats.ignored.entry(reason.as_str()).or_default() += 1
@@ -201,7 +199,10 @@ impl StateSink {
             let next: BTreeMap<TopicPartition, i64> = ranges
                 .iter()
                 .map(|(tp, (_, last))| {
-                    (tp.clone(), (last + 1).max(stored.get(tp).copied().unwrap_or(0)))
+                    (
+                        tp.clone(),
+                        (last + 1).max(stored.get(tp).copied().unwrap_or(0)),
+                    )
                 })
                 .collect();
             checkpoint::advance(&tx, NAME, &self.consumer, &next).await?;
@@ -284,7 +285,10 @@ impl StateSink {
             tx.batch_execute("SAVEPOINT cdc_one")
                 .await
                 .map_err(pg_err("savepoint"))?;
-            match self.stage_and_merge(tx, table, std::slice::from_ref(e)).await {
+            match self
+                .stage_and_merge(tx, table, std::slice::from_ref(e))
+                .await
+            {
                 Ok(()) => stats.written += 1,
                 Err(err) if is_data_error(&err) => {
                     tx.batch_execute("ROLLBACK TO SAVEPOINT cdc_one")
@@ -295,7 +299,9 @@ impl StateSink {
                             "cannot apply to {}.{}: {}",
                             self.schema,
                             mirror_name(table),
-                            source.as_db_error().map_or_else(|| source.to_string(), |d| d.message().to_string())
+                            source
+                                .as_db_error()
+                                .map_or_else(|| source.to_string(), |d| d.message().to_string())
                         ),
                         other => other.to_string(),
                     };
@@ -327,7 +333,10 @@ impl StateSink {
         let qualified = format!(
             "{}.{}",
             quote_ident(&self.schema).expect("validated in config"),
-            quote_ident(&name).map_err(|reason| SinkError::Encode { table: table.to_string(), reason })?
+            quote_ident(&name).map_err(|reason| SinkError::Encode {
+                table: table.to_string(),
+                reason
+            })?
         );
         if !self.mirrors.contains_key(table) {
             let rows = tx
@@ -349,26 +358,44 @@ impl StateSink {
             let columns = if existing.is_empty() {
                 // Source columns in source order (those whose type is known yet), key columns
                 // NOT NULL, then cdc-lake's metadata columns. Later columns are appended.
-                let bad_ident = |reason| SinkError::Encode { table: table.to_string(), reason };
+                let bad_ident = |reason| SinkError::Encode {
+                    table: table.to_string(),
+                    reason,
+                };
                 let mut cols = Vec::new();
                 let mut created = Vec::new();
                 for k in key.iter().filter(|k| schema.column(k).is_none()) {
-                    cols.push(format!("{} text NOT NULL", quote_ident(k).map_err(bad_ident)?));
+                    cols.push(format!(
+                        "{} text NOT NULL",
+                        quote_ident(k).map_err(bad_ident)?
+                    ));
                     created.push(k.clone());
                 }
                 for c in &schema.columns {
-                    let Some(ty) = pg_type(&c.ty).or_else(|| key.contains(&c.name).then(|| "text".into())) else {
+                    let Some(ty) =
+                        pg_type(&c.ty).or_else(|| key.contains(&c.name).then(|| "text".into()))
+                    else {
                         continue;
                     };
                     check_not_metadata(table, &c.name)?;
-                    let not_null = if key.contains(&c.name) { " NOT NULL" } else { "" };
-                    cols.push(format!("{} {ty}{not_null}", quote_ident(&c.name).map_err(bad_ident)?));
+                    let not_null = if key.contains(&c.name) {
+                        " NOT NULL"
+                    } else {
+                        ""
+                    };
+                    cols.push(format!(
+                        "{} {ty}{not_null}",
+                        quote_ident(&c.name).map_err(bad_ident)?
+                    ));
                     created.push(c.name.clone());
                 }
                 for (m, ty) in META_COLUMNS {
                     cols.push(format!("{m} {ty}"));
                 }
-                let pk: Vec<String> = key.iter().map(|k| quote_ident(k).expect("checked above")).collect();
+                let pk: Vec<String> = key
+                    .iter()
+                    .map(|k| quote_ident(k).expect("checked above"))
+                    .collect();
                 tx.batch_execute(&format!(
                     "CREATE TABLE IF NOT EXISTS {qualified} ({}, PRIMARY KEY ({}))",
                     cols.join(", "),
@@ -379,7 +406,10 @@ impl StateSink {
                 tracing::info!(table = %qualified, key = ?key, "created mirror table");
                 created
             } else {
-                existing.into_iter().filter(|c| !c.starts_with("cdc_")).collect()
+                existing
+                    .into_iter()
+                    .filter(|c| !c.starts_with("cdc_"))
+                    .collect()
             };
             self.mirrors.insert(
                 table.clone(),
@@ -399,14 +429,21 @@ impl StateSink {
             }
             let Some(ty) = pg_type(&col.ty) else { continue };
             check_not_metadata(table, &col.name)?;
-            let q = quote_ident(&col.name).map_err(|reason| SinkError::Encode { table: table.to_string(), reason })?;
+            let q = quote_ident(&col.name).map_err(|reason| SinkError::Encode {
+                table: table.to_string(),
+                reason,
+            })?;
             added.push(format!("ADD COLUMN IF NOT EXISTS {q} {ty}"));
             mirror.columns.push(col.name.clone());
         }
         if !added.is_empty() {
-            tx.batch_execute(&format!("ALTER TABLE {} {}", mirror.qualified, added.join(", ")))
-                .await
-                .map_err(pg_err(format!("adding columns to {}", mirror.qualified)))?;
+            tx.batch_execute(&format!(
+                "ALTER TABLE {} {}",
+                mirror.qualified,
+                added.join(", ")
+            ))
+            .await
+            .map_err(pg_err(format!("adding columns to {}", mirror.qualified)))?;
             mirror.merge_sql = None;
             tracing::info!(table = %mirror.qualified, columns = added.len(), "added mirror columns");
         }
@@ -432,10 +469,13 @@ impl StateSink {
             let key = e.key.as_ref().expect("keyless changes are filtered out");
             let row: Map<String, Value> = match (e.op, &e.after) {
                 (Op::Delete, _) | (_, None) => key.as_object().cloned().unwrap_or_default(),
-                (_, Some(after)) => e.sql_image(after, false).map_err(|reason| SinkError::Encode {
-                    table: table.to_string(),
-                    reason,
-                })?,
+                (_, Some(after)) => {
+                    e.sql_image(after, false)
+                        .map_err(|reason| SinkError::Encode {
+                            table: table.to_string(),
+                            reason,
+                        })?
+                }
             };
             let ts = e.source.ts_ms.and_then(DateTime::from_timestamp_millis);
             let op = if e.op == Op::Delete { "d" } else { e.op.code() };
@@ -449,9 +489,16 @@ impl StateSink {
                 &e.coords.offset,
                 &ts,
             ];
-            writer.as_mut().write(&values).await.map_err(pg_err("copying into staging"))?;
+            writer
+                .as_mut()
+                .write(&values)
+                .await
+                .map_err(pg_err("copying into staging"))?;
         }
-        writer.finish().await.map_err(pg_err("finishing COPY into staging"))?;
+        writer
+            .finish()
+            .await
+            .map_err(pg_err("finishing COPY into staging"))?;
 
         let mirror = self.mirrors.get_mut(table).expect("ensured before");
         if mirror.merge_sql.is_none() {
@@ -465,7 +512,12 @@ impl StateSink {
     }
 
     /// A truncate removes every row older than its position.
-    async fn truncate(&mut self, tx: &Transaction<'_>, table: &TableId, e: &ChangeEvent) -> Result<(), SinkError> {
+    async fn truncate(
+        &mut self,
+        tx: &Transaction<'_>,
+        table: &TableId,
+        e: &ChangeEvent,
+    ) -> Result<(), SinkError> {
         let Some(mirror) = self.mirrors.get(table) else {
             // Nothing mirrored yet, so nothing to remove.
             return Ok(());
@@ -474,9 +526,16 @@ impl StateSink {
             "DELETE FROM {} WHERE (cdc_commit_lsn, cdc_lsn, cdc_kafka_offset) < ($1, $2, $3)",
             mirror.qualified
         );
-        tx.execute(&sql, &[&e.position.commit_lsn, &e.position.change_lsn, &e.coords.offset])
-            .await
-            .map_err(pg_err(format!("truncating {}", mirror.qualified)))?;
+        tx.execute(
+            &sql,
+            &[
+                &e.position.commit_lsn,
+                &e.position.change_lsn,
+                &e.coords.offset,
+            ],
+        )
+        .await
+        .map_err(pg_err(format!("truncating {}", mirror.qualified)))?;
         Ok(())
     }
 }
@@ -486,7 +545,9 @@ fn check_not_metadata(table: &TableId, column: &str) -> Result<(), SinkError> {
     if column.starts_with("cdc_") || column.starts_with("_cdc_") {
         return Err(SinkError::Encode {
             table: table.to_string(),
-            reason: format!("source column {column} collides with cdc-lake's metadata columns (cdc_*)"),
+            reason: format!(
+                "source column {column} collides with cdc-lake's metadata columns (cdc_*)"
+            ),
         });
     }
     Ok(())
@@ -495,9 +556,14 @@ fn check_not_metadata(table: &TableId, column: &str) -> Result<(), SinkError> {
 /// Builds the one statement that applies a staged batch to a mirror.
 fn merge_sql(m: &Mirror, delete_mode: DeleteMode) -> String {
     let q = |c: &str| quote_ident(c).expect("validated when the column was added");
-    let on: Vec<String> = m.key.iter().map(|k| format!("m.{0} = s.{0}", q(k))).collect();
+    let on: Vec<String> = m
+        .key
+        .iter()
+        .map(|k| format!("m.{0} = s.{0}", q(k)))
+        .collect();
     let guard = "(m.cdc_commit_lsn, m.cdc_lsn, m.cdc_kafka_offset) < (s._cdc_commit_lsn, s._cdc_lsn, s._cdc_offset)";
-    let meta_set = "cdc_operation = s._cdc_op, cdc_commit_lsn = s._cdc_commit_lsn, cdc_lsn = s._cdc_lsn, \
+    let meta_set =
+        "cdc_operation = s._cdc_op, cdc_commit_lsn = s._cdc_commit_lsn, cdc_lsn = s._cdc_lsn, \
         cdc_source_ts = s._cdc_source_ts, cdc_kafka_partition = s._cdc_partition, \
         cdc_kafka_offset = s._cdc_offset, cdc_synced_at = now()";
     // A column missing from the staged row was a TOAST placeholder: keep the stored value.
@@ -505,7 +571,13 @@ fn merge_sql(m: &Mirror, delete_mode: DeleteMode) -> String {
         .columns
         .iter()
         .filter(|c| !m.key.contains(c))
-        .map(|c| format!("{0} = CASE WHEN s._cdc_row ? '{1}' THEN s.{0} ELSE m.{0} END", q(c), c.replace('\'', "''")))
+        .map(|c| {
+            format!(
+                "{0} = CASE WHEN s._cdc_row ? '{1}' THEN s.{0} ELSE m.{0} END",
+                q(c),
+                c.replace('\'', "''")
+            )
+        })
         .collect();
     let mut set_clause = set.join(", ");
     if !set_clause.is_empty() {

@@ -23,11 +23,15 @@ pub fn s3_endpoint() -> String {
     std::env::var("CDC_LAKE_TEST_S3").unwrap_or_else(|_| "http://127.0.0.1:19000".into())
 }
 pub fn pg_base() -> String {
-    std::env::var("CDC_LAKE_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+    std::env::var("CDC_LAKE_TEST_PG")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
 }
 pub fn python() -> String {
     std::env::var("CDC_LAKE_PYTHON").unwrap_or_else(|_| {
-        format!("{}/.cache/cdc-lake/venv/bin/python", std::env::var("HOME").unwrap_or_default())
+        format!(
+            "{}/.cache/cdc-lake/venv/bin/python",
+            std::env::var("HOME").unwrap_or_default()
+        )
     })
 }
 
@@ -52,7 +56,10 @@ pub async fn pg(url: &str) -> Client {
 pub async fn fresh_db(name: &str) -> String {
     let db = unique(name);
     let admin = pg(&format!("{}/postgres", pg_base())).await;
-    admin.batch_execute(&format!("CREATE DATABASE {db}")).await.unwrap();
+    admin
+        .batch_execute(&format!("CREATE DATABASE {db}"))
+        .await
+        .unwrap();
     format!("{}/{db}", pg_base())
 }
 
@@ -67,7 +74,9 @@ pub struct Fixture {
 }
 
 pub fn fixture_path(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/debezium").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/debezium")
+        .join(name)
 }
 
 pub fn load_fixture(name: &str) -> Vec<Fixture> {
@@ -91,7 +100,11 @@ pub fn load_fixture(name: &str) -> Vec<Fixture> {
 /// topics on the shared broker.
 pub fn retopic(records: &mut [Fixture], prefix: &str) {
     for r in records {
-        let rest = r.topic.split_once('.').map(|(_, rest)| rest.to_string()).unwrap();
+        let rest = r
+            .topic
+            .split_once('.')
+            .map(|(_, rest)| rest.to_string())
+            .unwrap();
         r.topic = format!("{prefix}.{rest}");
     }
 }
@@ -105,11 +118,17 @@ pub async fn create_topics(topics: &BTreeSet<String>, partitions: i32) {
         .iter()
         .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
         .collect();
-    let results = admin.create_topics(&new, &AdminOptions::new()).await.unwrap();
+    let results = admin
+        .create_topics(&new, &AdminOptions::new())
+        .await
+        .unwrap();
     for r in results {
         if let Err((t, e)) = r {
             // Auto-created meanwhile is fine.
-            assert!(format!("{e:?}").contains("TopicAlreadyExists"), "create topic {t}: {e:?}");
+            assert!(
+                format!("{e:?}").contains("TopicAlreadyExists"),
+                "create topic {t}: {e:?}"
+            );
         }
     }
 }
@@ -149,25 +168,44 @@ pub async fn produce(records: &[Fixture]) -> Vec<(String, i32, i64)> {
 }
 
 /// The embedded defaults with overrides for one test: its own database, topics, group and lake.
-pub fn config(db_url: &str, topic_prefix: &str, lake: &LakeTarget, extra: &[(&str, &str)]) -> Config {
+pub fn config(
+    db_url: &str,
+    topic_prefix: &str,
+    lake: &LakeTarget,
+    extra: &[(&str, &str)],
+) -> Config {
     let mut env: Vec<(String, String)> = vec![
         ("CDC_LAKE__KAFKA__BROKERS".into(), broker()),
         ("CDC_LAKE__KAFKA__GROUP_ID".into(), unique("group")),
-        ("CDC_LAKE__KAFKA__TOPICS".into(), format!("['^{}\\..*']", topic_prefix.replace('.', "\\."))),
-        ("CDC_LAKE__KAFKA__PROPERTIES__TOPIC.METADATA.REFRESH.INTERVAL.MS".into(), "1000".into()),
+        (
+            "CDC_LAKE__KAFKA__TOPICS".into(),
+            format!("['^{}\\..*']", topic_prefix.replace('.', "\\.")),
+        ),
+        (
+            "CDC_LAKE__KAFKA__PROPERTIES__TOPIC.METADATA.REFRESH.INTERVAL.MS".into(),
+            "1000".into(),
+        ),
         ("CDC_LAKE__POSTGRES__URL".into(), db_url.into()),
         ("CDC_LAKE__HTTP__LISTEN".into(), "".into()),
         ("CDC_LAKE__LAKE__ROLL_AGE".into(), "1s".into()),
     ];
     match lake {
-        LakeTarget::Local(dir) => env.push(("CDC_LAKE__LAKE__ROOT".into(), dir.display().to_string())),
-        LakeTarget::S3 { prefix, secret_file } => {
+        LakeTarget::Local(dir) => {
+            env.push(("CDC_LAKE__LAKE__ROOT".into(), dir.display().to_string()))
+        }
+        LakeTarget::S3 {
+            prefix,
+            secret_file,
+        } => {
             env.push(("CDC_LAKE__LAKE__PREFIX".into(), prefix.clone()));
             env.push(("CDC_LAKE__LAKE__S3__BUCKET".into(), "cdc-lake".into()));
             env.push(("CDC_LAKE__LAKE__S3__ENDPOINT".into(), s3_endpoint()));
             env.push(("CDC_LAKE__LAKE__S3__ALLOW_HTTP".into(), "true".into()));
             env.push(("CDC_LAKE__LAKE__S3__ACCESS_KEY_ID".into(), "testing".into()));
-            env.push(("CDC_LAKE__LAKE__S3__SECRET_ACCESS_KEY_FILE".into(), secret_file.display().to_string()));
+            env.push((
+                "CDC_LAKE__LAKE__S3__SECRET_ACCESS_KEY_FILE".into(),
+                secret_file.display().to_string(),
+            ));
         }
     }
     for (k, v) in extra {
@@ -178,7 +216,10 @@ pub fn config(db_url: &str, topic_prefix: &str, lake: &LakeTarget, extra: &[(&st
 
 pub enum LakeTarget {
     Local(PathBuf),
-    S3 { prefix: String, secret_file: PathBuf },
+    S3 {
+        prefix: String,
+        secret_file: PathBuf,
+    },
 }
 
 impl LakeTarget {
@@ -191,7 +232,10 @@ impl LakeTarget {
     pub fn s3(name: &str) -> Self {
         let secret_file = std::env::temp_dir().join(unique("s3-secret"));
         std::fs::write(&secret_file, "testing").unwrap();
-        LakeTarget::S3 { prefix: unique(name), secret_file }
+        LakeTarget::S3 {
+            prefix: unique(name),
+            secret_file,
+        }
     }
 
     /// Reads the lake with pyarrow (an independent reader): every Parquet object found by
@@ -209,7 +253,11 @@ impl LakeTarget {
             }
         }
         let out = cmd.output().expect("run tests/lake_check.py");
-        assert!(out.status.success(), "lake_check failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "lake_check failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).unwrap()
     }
 }
@@ -223,7 +271,10 @@ pub struct Pod {
 impl Pod {
     pub fn start(config: Config) -> Pod {
         let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,tokio_postgres=warn".into()))
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "info,tokio_postgres=warn".into()),
+            )
             .with_test_writer()
             .try_init();
         let shutdown = CancellationToken::new();
@@ -261,13 +312,20 @@ where
         if check().await {
             return;
         }
-        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
 pub async fn count(client: &Client, sql: &str) -> i64 {
-    client.query_one(sql, &[]).await.map(|r| r.get::<_, i64>(0)).unwrap_or(-1)
+    client
+        .query_one(sql, &[])
+        .await
+        .map(|r| r.get::<_, i64>(0))
+        .unwrap_or(-1)
 }
 
 /// Every (topic, partition, offset) in the raw log, with how often it appears.

@@ -30,17 +30,21 @@ pub fn arrow_type(ty: &ColumnType) -> DataType {
         ColumnType::Int64 => DataType::Int64,
         ColumnType::Float32 => DataType::Float32,
         ColumnType::Float64 => DataType::Float64,
-        ColumnType::Decimal {
-            precision,
-            scale,
-        } if *scale >= 0 && precision.is_none_or(|p| p <= 38 && i16::from(*scale) <= i16::from(p)) => {
+        ColumnType::Decimal { precision, scale }
+            if *scale >= 0
+                && precision.is_none_or(|p| p <= 38 && i16::from(*scale) <= i16::from(p)) =>
+        {
             DataType::Decimal128(precision.unwrap_or(38), *scale)
         }
         ColumnType::Bytes => DataType::Binary,
         ColumnType::Date => DataType::Date32,
         ColumnType::Time(_) => DataType::Time64(ArrowUnit::Microsecond),
-        ColumnType::Timestamp(TimeUnit::Millis) => DataType::Timestamp(ArrowUnit::Millisecond, None),
-        ColumnType::Timestamp(TimeUnit::Micros) => DataType::Timestamp(ArrowUnit::Microsecond, None),
+        ColumnType::Timestamp(TimeUnit::Millis) => {
+            DataType::Timestamp(ArrowUnit::Millisecond, None)
+        }
+        ColumnType::Timestamp(TimeUnit::Micros) => {
+            DataType::Timestamp(ArrowUnit::Microsecond, None)
+        }
         ColumnType::Timestamp(TimeUnit::Nanos) => DataType::Timestamp(ArrowUnit::Nanosecond, None),
         ColumnType::TimestampTz => DataType::Timestamp(ArrowUnit::Microsecond, Some("UTC".into())),
         // Wide decimals, variable-scale decimals, text, uuid, json and unknown: exact text.
@@ -77,14 +81,24 @@ fn build_column<'a>(ty: &ColumnType, values: impl Iterator<Item = Option<&'a Val
     }
     match arrow_type(ty) {
         DataType::Boolean => build!(BooleanBuilder::new(), Value::as_bool),
-        DataType::Int16 => build!(Int16Builder::new(), |v: &Value| v.as_i64().and_then(|n| i16::try_from(n).ok())),
-        DataType::Int32 => build!(Int32Builder::new(), |v: &Value| v.as_i64().and_then(|n| i32::try_from(n).ok())),
+        DataType::Int16 => build!(Int16Builder::new(), |v: &Value| v
+            .as_i64()
+            .and_then(|n| i16::try_from(n).ok())),
+        DataType::Int32 => build!(Int32Builder::new(), |v: &Value| v
+            .as_i64()
+            .and_then(|n| i32::try_from(n).ok())),
         DataType::Int64 => build!(Int64Builder::new(), Value::as_i64),
-        DataType::Float32 => build!(Float32Builder::new(), |v: &Value| v.as_f64().map(|f| f as f32)),
+        DataType::Float32 => build!(Float32Builder::new(), |v: &Value| v
+            .as_f64()
+            .map(|f| f as f32)),
         DataType::Float64 => build!(Float64Builder::new(), Value::as_f64),
         DataType::Decimal128(p, s) => {
-            let b = Decimal128Builder::new().with_precision_and_scale(p, s).expect("valid precision");
-            build!(b, |v: &Value| v.as_str().and_then(|s| decimal_unscaled(s).ok()))
+            let b = Decimal128Builder::new()
+                .with_precision_and_scale(p, s)
+                .expect("valid precision");
+            build!(b, |v: &Value| v
+                .as_str()
+                .and_then(|s| decimal_unscaled(s).ok()))
         }
         DataType::Binary => build!(BinaryBuilder::new(), |v: &Value| v
             .as_str()
@@ -92,7 +106,10 @@ fn build_column<'a>(ty: &ColumnType, values: impl Iterator<Item = Option<&'a Val
         DataType::Date32 => build!(Date32Builder::new(), |v: &Value| temporal_i64(ty, v)
             .ok()
             .and_then(|d| i32::try_from(d).ok())),
-        DataType::Time64(_) => build!(Time64MicrosecondBuilder::new(), |v: &Value| temporal_i64(ty, v).ok()),
+        DataType::Time64(_) => build!(Time64MicrosecondBuilder::new(), |v: &Value| temporal_i64(
+            ty, v
+        )
+        .ok()),
         DataType::Timestamp(ArrowUnit::Millisecond, _) => {
             build!(TimestampMillisecondBuilder::new(), Value::as_i64)
         }
@@ -108,7 +125,10 @@ fn build_column<'a>(ty: &ColumnType, values: impl Iterator<Item = Option<&'a Val
     }
 }
 
-fn row_struct(schema: &RowSchema, rows: &[Option<&Map<String, Value>>]) -> (Field, ArrayRef, Fields) {
+fn row_struct(
+    schema: &RowSchema,
+    rows: &[Option<&Map<String, Value>>],
+) -> (Field, ArrayRef, Fields) {
     let fields: Fields = schema
         .columns
         .iter()
@@ -125,7 +145,11 @@ fn row_struct(schema: &RowSchema, rows: &[Option<&Map<String, Value>>]) -> (Fiel
     } else {
         Arc::new(StructArray::new(fields.clone(), arrays, Some(nulls))) as ArrayRef
     };
-    (Field::new("row", DataType::Struct(fields.clone()), true), array, fields)
+    (
+        Field::new("row", DataType::Struct(fields.clone()), true),
+        array,
+        fields,
+    )
 }
 
 /// Encodes events (all of one table and date, in offset order) as one Parquet object.
@@ -140,7 +164,15 @@ pub fn encode_parquet(events: &[Arc<ChangeEvent>], schema: &RowSchema) -> Result
     let mut ts_ms = Int64Builder::with_capacity(n);
     let mut transaction = StringBuilder::new();
     let mut envelope = StringBuilder::new();
-    let (mut s_connector, mut s_name, mut s_db, mut s_schema, mut s_table, mut s_snapshot, mut s_seq) = (
+    let (
+        mut s_connector,
+        mut s_name,
+        mut s_db,
+        mut s_schema,
+        mut s_table,
+        mut s_snapshot,
+        mut s_seq,
+    ) = (
         StringBuilder::new(),
         StringBuilder::new(),
         StringBuilder::new(),
@@ -216,7 +248,11 @@ pub fn encode_parquet(events: &[Arc<ChangeEvent>], schema: &RowSchema) -> Result
         Field::new("kafka_topic", DataType::Utf8, false),
         Field::new("kafka_partition", DataType::Int32, false),
         Field::new("kafka_offset", DataType::Int64, false),
-        Field::new("kafka_timestamp", DataType::Timestamp(ArrowUnit::Millisecond, Some("UTC".into())), true),
+        Field::new(
+            "kafka_timestamp",
+            DataType::Timestamp(ArrowUnit::Millisecond, Some("UTC".into())),
+            true,
+        ),
         Field::new("kafka_key", DataType::Utf8, true),
         Field::new("op", DataType::Utf8, false),
         Field::new("ts_ms", DataType::Int64, true),
@@ -249,7 +285,8 @@ pub fn encode_parquet(events: &[Arc<ChangeEvent>], schema: &RowSchema) -> Result
         .set_created_by(format!("cdc-lake {}", env!("CARGO_PKG_VERSION")))
         .build();
     let mut buf = Vec::new();
-    let mut writer = ArrowWriter::try_new(&mut buf, arrow_schema, Some(props)).map_err(|e| e.to_string())?;
+    let mut writer =
+        ArrowWriter::try_new(&mut buf, arrow_schema, Some(props)).map_err(|e| e.to_string())?;
     writer.write(&batch).map_err(|e| e.to_string())?;
     writer.close().map_err(|e| e.to_string())?;
     Ok(buf)

@@ -57,7 +57,13 @@ impl Layout {
         }
     }
 
-    pub fn data_file(&self, table: &str, date: &str, tp: &TopicPartition, first_offset: i64) -> Path {
+    pub fn data_file(
+        &self,
+        table: &str,
+        date: &str,
+        tp: &TopicPartition,
+        first_offset: i64,
+    ) -> Path {
         Path::from(format!(
             "{}cdc_events/table={table}/date={date}/{}+{}+{first_offset}.parquet",
             self.prefix, tp.topic, tp.partition
@@ -65,7 +71,10 @@ impl Layout {
     }
 
     pub fn manifest_dir(&self, tp: &TopicPartition) -> Path {
-        Path::from(format!("{}_manifest/{}/{}", self.prefix, tp.topic, tp.partition))
+        Path::from(format!(
+            "{}_manifest/{}/{}",
+            self.prefix, tp.topic, tp.partition
+        ))
     }
 
     pub fn commit(&self, tp: &TopicPartition, first_offset: i64) -> Path {
@@ -76,7 +85,10 @@ impl Layout {
     }
 
     pub fn pending(&self, tp: &TopicPartition) -> Path {
-        Path::from(format!("{}_manifest/{}/{}/_pending.json", self.prefix, tp.topic, tp.partition))
+        Path::from(format!(
+            "{}_manifest/{}/{}/_pending.json",
+            self.prefix, tp.topic, tp.partition
+        ))
     }
 }
 
@@ -92,9 +104,15 @@ mod tests {
             l.data_file("public.books", "2024-03-02", &tp, 17).as_ref(),
             "team/cdc_events/table=public.books/date=2024-03-02/ecom.public.books+2+17.parquet"
         );
-        assert_eq!(l.commit(&tp, 17).as_ref(), "team/_manifest/ecom.public.books/2/00000000000000000017.json");
+        assert_eq!(
+            l.commit(&tp, 17).as_ref(),
+            "team/_manifest/ecom.public.books/2/00000000000000000017.json"
+        );
         let root = Layout::new("");
-        assert_eq!(root.pending(&tp).as_ref(), "_manifest/ecom.public.books/2/_pending.json");
+        assert_eq!(
+            root.pending(&tp).as_ref(),
+            "_manifest/ecom.public.books/2/_pending.json"
+        );
     }
 
     #[test]

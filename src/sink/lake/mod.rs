@@ -42,10 +42,14 @@ pub fn open_store(cfg: &LakeConfig) -> Result<(Arc<dyn ObjectStore>, String), Si
                 .with_allow_http(s3.allow_http);
             if let Some(endpoint) = &s3.endpoint {
                 // MinIO and other S3-compatible servers want path-style requests.
-                b = b.with_endpoint(endpoint).with_virtual_hosted_style_request(false);
+                b = b
+                    .with_endpoint(endpoint)
+                    .with_virtual_hosted_style_request(false);
             }
             if let (Some(id), Some(secret)) = (&s3.access_key_id, &s3.secret_access_key) {
-                b = b.with_access_key_id(id).with_secret_access_key(secret.expose());
+                b = b
+                    .with_access_key_id(id)
+                    .with_secret_access_key(secret.expose());
             }
             let location = format!("s3://{}/{}", s3.bucket, cfg.prefix);
             let store = b.build().map_err(err(location.clone()))?;
@@ -161,10 +165,11 @@ impl LakeSink {
         match self.store.get(&pending_path).await {
             Ok(res) => {
                 let bytes = res.bytes().await.map_err(store_err(&pending_path))?;
-                let pending: Pending = serde_json::from_slice(&bytes).map_err(|e| SinkError::Manifest {
-                    path: pending_path.to_string(),
-                    reason: e.to_string(),
-                })?;
+                let pending: Pending =
+                    serde_json::from_slice(&bytes).map_err(|e| SinkError::Manifest {
+                        path: pending_path.to_string(),
+                        reason: e.to_string(),
+                    })?;
                 let commit_path = self.layout.commit(tp, pending.first_offset);
                 let committed = match self.store.head(&commit_path).await {
                     Ok(_) => true,
@@ -181,7 +186,10 @@ impl LakeSink {
                     }
                     tracing::info!(%tp, objects = pending.paths.len(), "removed objects of an uncommitted lake upload");
                 }
-                self.store.delete(&pending_path).await.map_err(store_err(&pending_path))?;
+                self.store
+                    .delete(&pending_path)
+                    .await
+                    .map_err(store_err(&pending_path))?;
             }
             Err(object_store::Error::NotFound { .. }) => {}
             Err(e) => return Err(store_err(&pending_path)(e)),
@@ -205,11 +213,15 @@ impl LakeSink {
 
     /// Uploads a partition's buffered files and commits them in the manifest.
     async fn commit_partition(&mut self, tp: &TopicPartition) -> Result<(), SinkError> {
-        let Some(st) = self.partitions.get_mut(tp) else { return Ok(()) };
+        let Some(st) = self.partitions.get_mut(tp) else {
+            return Ok(());
+        };
         if st.files.is_empty() {
             return Ok(());
         }
-        let first_offset = st.committed_next.expect("set when the first record arrived");
+        let first_offset = st
+            .committed_next
+            .expect("set when the first record arrived");
         let next_offset = st.seen_next.expect("set when the first record arrived");
         let files = std::mem::take(&mut st.files);
         let paths: Vec<(Path, &(String, String), &FileBuffer)> = files
@@ -227,18 +239,26 @@ impl LakeSink {
         };
         let result = async {
             self.store
-                .put(&pending_path, PutPayload::from(serde_json::to_vec(&pending).expect("serialises")))
+                .put(
+                    &pending_path,
+                    PutPayload::from(serde_json::to_vec(&pending).expect("serialises")),
+                )
                 .await
                 .map_err(store_err(&pending_path))?;
             let uploads = paths.iter().map(|(path, (table, date), f)| {
                 let store = self.store.clone();
                 async move {
-                    let bytes = encode::encode_parquet(&f.events, &f.schema).map_err(|reason| SinkError::Encode {
-                        table: table.clone(),
-                        reason,
+                    let bytes = encode::encode_parquet(&f.events, &f.schema).map_err(|reason| {
+                        SinkError::Encode {
+                            table: table.clone(),
+                            reason,
+                        }
                     })?;
                     let len = bytes.len() as u64;
-                    store.put(path, PutPayload::from(bytes)).await.map_err(store_err(path))?;
+                    store
+                        .put(path, PutPayload::from(bytes))
+                        .await
+                        .map_err(store_err(path))?;
                     Ok::<_, SinkError>(FileEntry {
                         path: path.to_string(),
                         table: table.clone(),
@@ -265,7 +285,11 @@ impl LakeSink {
                 mode: PutMode::Create,
                 ..Default::default()
             };
-            match self.store.put_opts(&commit_path, PutPayload::from(body), create).await {
+            match self
+                .store
+                .put_opts(&commit_path, PutPayload::from(body), create)
+                .await
+            {
                 Ok(_) => {}
                 Err(object_store::Error::AlreadyExists { .. }) => {
                     // Either our own earlier attempt succeeded (lost response), or another
@@ -281,7 +305,10 @@ impl LakeSink {
                 }
                 Err(e) => return Err(store_err(&commit_path)(e)),
             }
-            self.store.delete(&pending_path).await.map_err(store_err(&pending_path))?;
+            self.store
+                .delete(&pending_path)
+                .await
+                .map_err(store_err(&pending_path))?;
             Ok::<_, SinkError>(commit)
         }
         .await;
@@ -316,7 +343,10 @@ impl LakeSink {
     }
 }
 
-async fn read_json<T: serde::de::DeserializeOwned>(store: &dyn ObjectStore, path: &Path) -> Result<T, SinkError> {
+async fn read_json<T: serde::de::DeserializeOwned>(
+    store: &dyn ObjectStore,
+    path: &Path,
+) -> Result<T, SinkError> {
     let bytes = store
         .get(path)
         .await
@@ -344,7 +374,10 @@ pub async fn read_commits(
         .await
         .map_err(store_err(&dir))?
         .into_iter()
-        .filter(|p| p.filename().is_some_and(|f| f.ends_with(".json") && !f.starts_with('_')))
+        .filter(|p| {
+            p.filename()
+                .is_some_and(|f| f.ends_with(".json") && !f.starts_with('_'))
+        })
         .collect();
     paths.sort();
     let mut out = Vec::with_capacity(paths.len());
@@ -405,11 +438,14 @@ impl Sink for LakeSink {
             }
             let key = (table, date_of(e.event_time_ms()));
             let declared = e.schema.declared.then(|| e.schema.clone());
-            let needs_roll = st.files.get(&key).is_some_and(|f| match (&f.declared, &declared) {
-                (Some(a), Some(b)) => !Arc::ptr_eq(a, b) && a != b,
-                (None, None) => false,
-                _ => true,
-            });
+            let needs_roll = st
+                .files
+                .get(&key)
+                .is_some_and(|f| match (&f.declared, &declared) {
+                    (Some(a), Some(b)) => !Arc::ptr_eq(a, b) && a != b,
+                    (None, None) => false,
+                    _ => true,
+                });
             if needs_roll {
                 // A schema change starts a new file: commit what we have first.
                 self.commit_partition(&tp).await?;
@@ -420,7 +456,11 @@ impl Sink for LakeSink {
                 schema: RowSchema::default(),
                 declared: declared.clone(),
             });
-            if file.events.last().is_none_or(|last| !Arc::ptr_eq(&last.schema, &e.schema)) {
+            if file
+                .events
+                .last()
+                .is_none_or(|last| !Arc::ptr_eq(&last.schema, &e.schema))
+            {
                 file.schema.merge(&e.schema);
             }
             file.events.push(e.clone());
@@ -448,14 +488,23 @@ impl Sink for LakeSink {
         let due: Vec<TopicPartition> = self
             .partitions
             .iter()
-            .filter(|(_, st)| !st.files.is_empty() && (force || st.opened_at.is_some_and(|t| t.elapsed() >= roll_age)))
+            .filter(|(_, st)| {
+                !st.files.is_empty()
+                    && (force || st.opened_at.is_some_and(|t| t.elapsed() >= roll_age))
+            })
             .map(|(tp, _)| tp.clone())
             .collect();
         for tp in &due {
             self.commit_partition(tp).await?;
         }
         Ok(Ack {
-            durable: self.acks(self.partitions.keys().cloned().collect::<Vec<_>>().into_iter()),
+            durable: self.acks(
+                self.partitions
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .into_iter(),
+            ),
             stats: WriteStats::default(),
         })
     }
