@@ -218,12 +218,12 @@ pub fn run_poll_loop(
         }
         match consumer.poll(Duration::from_millis(100)) {
             None => {}
-            Some(Err(e)) => {
-                if last_error_log.elapsed() > Duration::from_secs(10) {
-                    tracing::warn!(error = %e, "kafka poll error");
-                    last_error_log = std::time::Instant::now();
-                }
+            // Broker outages repeat every poll: log at most every 10 s.
+            Some(Err(e)) if last_error_log.elapsed() > Duration::from_secs(10) => {
+                tracing::warn!(error = %e, "kafka poll error");
+                last_error_log = std::time::Instant::now();
             }
+            Some(Err(_)) => {}
             Some(Ok(m)) => {
                 chunk.push(decode(&mut decoder, &m));
                 // Drain what is already fetched without waiting.

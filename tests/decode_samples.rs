@@ -59,12 +59,11 @@ fn defaults_form_uses_the_connect_schema() {
     let events = decode_all("bookstore-defaults.ndjson");
     let dune = events
         .iter()
-        .filter(|e| {
+        .rfind(|e| {
             e.after
                 .as_ref()
                 .is_some_and(|a| a.get("title") == Some(&json!("Dune")))
         })
-        .next_back()
         .unwrap();
     assert!(dune.schema.declared);
     assert_eq!(
@@ -94,12 +93,11 @@ fn both_forms_agree_on_the_final_values() {
     let last_price = |events: &[std::sync::Arc<cdc_lake::envelope::ChangeEvent>], title: &str| {
         let e = events
             .iter()
-            .filter(|e| {
+            .rfind(|e| {
                 e.after
                     .as_ref()
                     .is_some_and(|a| a.get("title") == Some(&json!(title)))
             })
-            .next_back()
             .unwrap();
         let v = e.sql_image(e.after.as_ref().unwrap(), false).unwrap()["price"].clone();
         v.as_f64()

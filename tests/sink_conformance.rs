@@ -141,7 +141,7 @@ async fn conformance<S: Sink>(mut make: impl FnMut() -> S) {
     let flushed2 = restarted.flush(true).await.unwrap();
     let p0_durable = flushed2.durable.get(&p0).or(ack2.durable.get(&p0)).copied();
     assert_eq!(p0_durable, Some(15), "{}", restarted.name());
-    let cps = make().checkpoints(&[p0.clone()]).await.unwrap();
+    let cps = make().checkpoints(std::slice::from_ref(&p0)).await.unwrap();
     assert_eq!(
         cps.get(&p0),
         Some(&15),

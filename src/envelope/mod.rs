@@ -219,8 +219,7 @@ impl Decoder {
         value: Option<&[u8]>,
     ) -> Decoded {
         let value = match value {
-            None => return Decoded::Skip(coords, SkipReason::Tombstone),
-            Some(v) if v.is_empty() => return Decoded::Skip(coords, SkipReason::Tombstone),
+            None | Some([]) => return Decoded::Skip(coords, SkipReason::Tombstone),
             Some(v) => v,
         };
         match self.decode_value(&coords, key, value) {

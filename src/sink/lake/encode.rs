@@ -54,7 +54,7 @@ pub fn arrow_type(ty: &ColumnType) -> DataType {
 
 /// A value for the lake: null for SQL NULL and for TOAST placeholders (unknown here; the
 /// envelope column still holds what was sent).
-fn present<'a>(v: Option<&'a Value>) -> Option<&'a Value> {
+fn present(v: Option<&Value>) -> Option<&Value> {
     v.filter(|v| !v.is_null() && v.as_str() != Some(UNAVAILABLE_VALUE))
 }
 
