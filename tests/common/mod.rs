@@ -54,7 +54,7 @@ pub async fn pg(url: &str) -> Client {
 
 /// Creates an empty database for one test and returns its URL.
 pub async fn fresh_db(name: &str) -> String {
-    let db = unique(name);
+    let db = unique(&format!("cdct_{name}"));
     let admin = pg(&format!("{}/postgres", pg_base())).await;
     admin
         .batch_execute(&format!("CREATE DATABASE {db}"))
