@@ -23,6 +23,9 @@ use crate::sink::{Ack, Offsets, Sink, SinkError};
 use crate::source::{KafkaConsumer, SourceEvent};
 use crate::telemetry::METRICS;
 
+/// How often the run loop logs a progress line.
+const PROGRESS_EVERY: Duration = Duration::from_secs(30);
+
 /// The configured sinks behind one type, so the loop can drive them together.
 pub enum AnySink {
     Raw(RawSink),
@@ -158,6 +161,8 @@ pub struct Pipeline<C: Committer> {
     shutdown: CancellationToken,
     /// How often buffered sinks (the lake) are asked to flush what is due.
     flush_every: Duration,
+    /// Records rejected at decode time since start.
+    rejected: u64,
 }
 
 impl<C: Committer> Pipeline<C> {
@@ -179,6 +184,7 @@ impl<C: Committer> Pipeline<C> {
             readiness,
             shutdown,
             flush_every: Duration::from_millis(500),
+            rejected: 0,
         }
     }
 
@@ -186,6 +192,7 @@ impl<C: Committer> Pipeline<C> {
     /// batch, flushes buffered sinks and commits, within `deadline`.
     pub async fn run(mut self, mut events: mpsc::Receiver<SourceEvent>, deadline: Duration) {
         let mut last_flush = Instant::now();
+        let mut last_progress = Instant::now();
         loop {
             let wait = self
                 .batcher
@@ -227,6 +234,10 @@ impl<C: Committer> Pipeline<C> {
                 self.flush(false).await;
                 last_flush = Instant::now();
             }
+            if last_progress.elapsed() >= PROGRESS_EVERY {
+                self.log_progress();
+                last_progress = Instant::now();
+            }
         }
         // Drain: what is batched gets written, what is buffered gets flushed and committed.
         let drain = async {
@@ -249,6 +260,28 @@ impl<C: Committer> Pipeline<C> {
         }
         self.commit(true);
         tracing::info!("pipeline stopped");
+    }
+
+    /// One line for operators tailing the log: totals per sink since start.
+    fn log_progress(&self) {
+        let written: Vec<String> = self
+            .sinks
+            .iter()
+            .map(|s| {
+                format!(
+                    "{}={}",
+                    s.name(),
+                    METRICS.written.with_label_values(&[s.name()]).get()
+                )
+            })
+            .collect();
+        tracing::info!(
+            written = %written.join(" "),
+            rejected = self.rejected,
+            partitions = self.owned.len(),
+            ready = self.readiness.get(),
+            "progress"
+        );
     }
 
     /// Where to start each partition: the lowest checkpoint over all sinks; the beginning when
@@ -320,7 +353,7 @@ impl<C: Committer> Pipeline<C> {
             return;
         }
         let batch = self.batcher.take();
-        count_decode_outcomes(&batch);
+        self.rejected += count_decode_outcomes(&batch);
         let (readiness, shutdown) = (&self.readiness, &self.shutdown);
         let acks = futures::future::join_all(
             self.sinks
@@ -413,11 +446,15 @@ impl<C: Committer> Pipeline<C> {
     }
 }
 
-/// Counts decode rejects and skips once per batch (not once per sink).
-fn count_decode_outcomes(batch: &Batch) {
+/// Counts decode rejects and skips once per batch (not once per sink); returns the rejects.
+fn count_decode_outcomes(batch: &Batch) -> u64 {
+    let mut rejected = 0;
     for r in &batch.records {
         match r {
-            Decoded::Reject(rej) => METRICS.rejected.with_label_values(&[rej.kind]).inc(),
+            Decoded::Reject(rej) => {
+                METRICS.rejected.with_label_values(&[rej.kind]).inc();
+                rejected += 1;
+            }
             Decoded::Skip(_, reason) => METRICS
                 .skipped
                 .with_label_values(&["decode", reason.as_str()])
@@ -425,6 +462,7 @@ fn count_decode_outcomes(batch: &Batch) {
             Decoded::Change(_) => {}
         }
     }
+    rejected
 }
 
 async fn write_with_retry(

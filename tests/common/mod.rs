@@ -301,6 +301,22 @@ impl Pod {
     }
 }
 
+/// Members of a consumer group, as the broker reports them.
+pub fn group_members(group: &str) -> Option<usize> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", broker())
+        .create()
+        .ok()?;
+    let list = c
+        .fetch_group_list(Some(group), Duration::from_secs(5))
+        .ok()?;
+    list.groups()
+        .iter()
+        .find(|g| g.name() == group)
+        .map(|g| g.members().len())
+}
+
 /// Polls `check` until it returns true, or panics after `timeout` with `what`.
 pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F)
 where
