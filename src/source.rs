@@ -159,6 +159,9 @@ pub fn create_consumer(
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("statistics.interval.ms", "5000")
+        // CDC wants low latency: do not let the broker hold a fetch for librdkafka's 500 ms
+        // default when few records are waiting. Overridable in kafka.properties.
+        .set("fetch.wait.max.ms", "50")
         .set("client.id", "cdc-lake");
     for (k, v) in &cfg.properties {
         cc.set(k, v);

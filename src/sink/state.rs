@@ -565,7 +565,7 @@ fn merge_sql(m: &Mirror, delete_mode: DeleteMode) -> String {
     let meta_set =
         "cdc_operation = s._cdc_op, cdc_commit_lsn = s._cdc_commit_lsn, cdc_lsn = s._cdc_lsn, \
         cdc_source_ts = s._cdc_source_ts, cdc_kafka_partition = s._cdc_partition, \
-        cdc_kafka_offset = s._cdc_offset, cdc_synced_at = now()";
+        cdc_kafka_offset = s._cdc_offset, cdc_synced_at = clock_timestamp()";
     // A column missing from the staged row was a TOAST placeholder: keep the stored value.
     let set: Vec<String> = m
         .columns
@@ -586,8 +586,8 @@ fn merge_sql(m: &Mirror, delete_mode: DeleteMode) -> String {
     let cols: Vec<String> = m.columns.iter().map(|c| q(c)).collect();
     let vals: Vec<String> = m.columns.iter().map(|c| format!("s.{}", q(c))).collect();
     let insert = format!(
-        "INSERT ({}, cdc_operation, cdc_commit_lsn, cdc_lsn, cdc_source_ts, cdc_kafka_partition, cdc_kafka_offset, cdc_deleted) \
-         VALUES ({}, s._cdc_op, s._cdc_commit_lsn, s._cdc_lsn, s._cdc_source_ts, s._cdc_partition, s._cdc_offset, s._cdc_op = 'd')",
+        "INSERT ({}, cdc_operation, cdc_commit_lsn, cdc_lsn, cdc_source_ts, cdc_kafka_partition, cdc_kafka_offset, cdc_deleted, cdc_synced_at) \
+         VALUES ({}, s._cdc_op, s._cdc_commit_lsn, s._cdc_lsn, s._cdc_source_ts, s._cdc_partition, s._cdc_offset, s._cdc_op = 'd', clock_timestamp())",
         cols.join(", "),
         vals.join(", ")
     );

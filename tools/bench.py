@@ -1,0 +1,387 @@
+"""cdc-lake benchmark harness (run through tools/bench).
+
+Measures, in one run on this machine:
+  - the peer: the seeds' Python consumer (tools/peers/seed_consumer.py) on the same stream;
+  - cdc-lake ingest with raw log + lake + mirror, and each sink alone;
+  - the COPY ceiling: psql \\copy of the same raw rows into an identical table;
+  - latency: produce-to-visible in cdc_processed at a fixed offered rate;
+  - memory: peak RSS on a large backlog, and RSS at steady state.
+The stream is tools/peers/gen_orders.py's: schemaless order envelopes, 70% c, 25% u, 5% d.
+"""
+import argparse
+import datetime
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+
+import psycopg2
+from confluent_kafka import Producer
+
+TOOLS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TOOLS)
+PG_BASE = os.environ.get("BENCH_PG", "postgres://postgres@127.0.0.1:5432")
+
+
+def log(msg):
+    print(f"[bench {datetime.datetime.now():%H:%M:%S}] {msg}", file=sys.stderr, flush=True)
+
+
+def fresh_db(name):
+    db = f"cdcb_{name}_{uuid.uuid4().hex[:8]}"
+    admin = psycopg2.connect(f"{PG_BASE}/postgres")
+    admin.autocommit = True
+    admin.cursor().execute(f"CREATE DATABASE {db}")
+    admin.close()
+    return f"{PG_BASE}/{db}"
+
+
+def drop_bench_dbs():
+    admin = psycopg2.connect(f"{PG_BASE}/postgres")
+    admin.autocommit = True
+    cur = admin.cursor()
+    cur.execute("SELECT datname FROM pg_database WHERE datname LIKE 'cdcb\\_%'")
+    for (db,) in cur.fetchall():
+        cur.execute(f"DROP DATABASE IF EXISTS {db}")
+    admin.close()
+
+
+def query1(dsn, sql):
+    conn = psycopg2.connect(dsn)
+    try:
+        cur = conn.cursor()
+        cur.execute(sql)
+        return cur.fetchone()[0]
+    finally:
+        conn.close()
+
+
+def produce_orders(broker, topic, n):
+    t0 = time.time()
+    out = subprocess.run([sys.executable, os.path.join(TOOLS, "peers", "gen_orders.py"), broker, topic, str(n)],
+                         capture_output=True, text=True, check=True)
+    log(f"produced {n} envelopes to {topic} in {time.time() - t0:.1f}s ({out.stdout.strip()})")
+
+
+def free_port():
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def metrics(port):
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+            return r.read().decode()
+    except OSError:
+        return ""
+
+
+def metric_sum(text, name, topic=None):
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and (topic is None or f'topic="{topic}"' in line):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def rss_kb(pid, field):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class Pod:
+    """The cdc-lake binary as a child process, with its own database, group and lake."""
+
+    def __init__(self, binary, broker, topic, dsn, sinks=("raw", "lake", "state"), extra=None):
+        self.port = free_port()
+        self.lake = tempfile.mkdtemp(prefix="cdc-bench-lake-")
+        env = dict(os.environ)
+        env.update({
+            "CDC_LAKE__KAFKA__BROKERS": broker,
+            "CDC_LAKE__KAFKA__GROUP_ID": f"bench-{uuid.uuid4().hex[:8]}",
+            "CDC_LAKE__KAFKA__TOPICS": f"['{topic}']",
+            "CDC_LAKE__POSTGRES__URL": dsn,
+            "CDC_LAKE__HTTP__LISTEN": f"127.0.0.1:{self.port}",
+            "CDC_LAKE__LAKE__ROOT": self.lake,
+            "CDC_LAKE__LAKE__ROLL_AGE": "1s",
+            "CDC_LAKE__RAW__ENABLED": str("raw" in sinks).lower(),
+            "CDC_LAKE__LAKE__ENABLED": str("lake" in sinks).lower(),
+            "CDC_LAKE__STATE__ENABLED": str("state" in sinks).lower(),
+            "RUST_LOG": "warn",
+        })
+        env.update(extra or {})
+        self.log = open(os.path.join(self.lake, "..", os.path.basename(self.lake) + ".log"), "w")
+        self.proc = subprocess.Popen([binary, "ingest"], env=env, stdout=self.log, stderr=self.log)
+
+    def metrics(self):
+        return metrics(self.port)
+
+    def wait_committed(self, topic, n, timeout=1800, on_tick=None):
+        """Waits until Kafka commits (the lowest durable sink checkpoint) reach n; returns the
+        time of the first consumed record and of completion."""
+        first, deadline = None, time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"cdc-lake exited with {self.proc.returncode}; see {self.log.name}")
+            m = self.metrics()
+            if first is None and metric_sum(m, "cdc_lake_records_consumed_total", topic) > 0:
+                first = time.time()
+            if on_tick:
+                on_tick()
+            if metric_sum(m, "cdc_lake_committed_offset", topic) >= n:
+                return first or time.time(), time.time()
+            time.sleep(0.05)
+        raise RuntimeError(f"timed out waiting for {n} committed records on {topic}")
+
+    def stop(self):
+        hwm = rss_kb(self.proc.pid, "VmHWM")
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=30)
+        return hwm
+
+
+def run_peer(broker, topic, n):
+    dsn = fresh_db("peer")
+    out = subprocess.run([sys.executable, os.path.join(TOOLS, "peers", "seed_consumer.py"), broker, topic, str(n), dsn],
+                         capture_output=True, text=True, timeout=1800)
+    m = re.search(r"= (\d+) events/s", out.stdout)
+    if not m:
+        raise RuntimeError(f"peer failed: {out.stdout}{out.stderr}")
+    return {"events": n, "events_per_s": int(m.group(1))}
+
+
+def run_ingest(binary, broker, topic, n, sinks):
+    dsn = fresh_db("_".join(sinks))
+    pod = Pod(binary, broker, topic, dsn, sinks)
+    t0, t1 = pod.wait_committed(topic, n)
+    peak = pod.stop()
+    result = {"sinks": list(sinks), "events": n, "seconds": round(t1 - t0, 3),
+              "events_per_s": round(n / (t1 - t0)), "peak_rss_mb": round(peak / 1024, 1), "dsn": dsn, "lake": pod.lake}
+    log(f"cdc-lake {'+'.join(sinks)}: {result['events_per_s']} events/s ({n} in {result['seconds']}s), peak RSS {result['peak_rss_mb']} MB")
+    return result
+
+
+def check_counts(result, n):
+    """Correctness of an all-sinks run: every record once in raw and lake; mirror = raw's last state."""
+    dsn = result["dsn"]
+    raw = query1(dsn, "SELECT count(*) FROM cdc_raw.cdc_events")
+    raw_distinct = query1(dsn, "SELECT count(DISTINCT (kafka_topic, kafka_partition, kafka_offset)) FROM cdc_raw.cdc_events")
+    alive = query1(dsn, """SELECT count(*) FROM (SELECT DISTINCT ON (event_key) operation FROM cdc_raw.cdc_events
+                           ORDER BY event_key, kafka_offset DESC) last WHERE operation <> 'd'""")
+    mirror = query1(dsn, "SELECT count(*) FROM cdc_processed.orders")
+    import pyarrow.dataset as ds
+    lake_rows = ds.dataset(os.path.join(result["lake"], "cdc_events"), format="parquet").count_rows()
+    counts = {"raw": raw, "raw_distinct": raw_distinct, "mirror": mirror, "mirror_expected": alive, "lake_rows": lake_rows}
+    ok = raw == n and raw_distinct == n and mirror == alive and lake_rows == n
+    return ok, counts
+
+
+def copy_ceiling(binary, result, n):
+    """psql \\copy of the same raw rows into an identical table (same migrations)."""
+    src = result["dsn"]
+    dst = fresh_db("copy")
+    subprocess.run([binary, "migrate"], env={**os.environ, "CDC_LAKE__POSTGRES__URL": dst}, check=True, capture_output=True)
+    path = tempfile.mktemp(suffix=".copy")
+    subprocess.run(["psql", src, "-qc", f"\\copy cdc_raw.cdc_events TO '{path}'"], check=True)
+    t0 = time.time()
+    subprocess.run(["psql", dst, "-qc", f"\\copy cdc_raw.cdc_events FROM '{path}'"], check=True)
+    secs = time.time() - t0
+    os.unlink(path)
+    rate = round(n / secs)
+    log(f"COPY ceiling: {rate} rows/s ({n} rows in {secs:.2f}s)")
+    return {"rows": n, "seconds": round(secs, 3), "rows_per_s": rate}
+
+
+def latency(binary, broker, rate, seconds):
+    """Offered load at a fixed rate; latency = cdc_synced_at (clock_timestamp() at apply) minus
+    the produce time carried in the envelope."""
+    topic = f"bench-lat-{uuid.uuid4().hex[:6]}.public.orders"
+    dsn = fresh_db("latency")
+    p = Producer({"bootstrap.servers": broker, "linger.ms": 5})
+
+    def envelope(oid, lsn):
+        now = int(time.time() * 1000)
+        return json.dumps({"before": None, "after": {"id": oid, "user_id": "u", "total": 1.0, "status": "CONFIRMED",
+                                                      "created_at": now},
+                           "source": {"connector": "postgresql", "name": "bench", "ts_ms": now, "snapshot": "false",
+                                      "db": "ecomdb", "schema": "public", "table": "orders", "txId": lsn, "lsn": lsn},
+                           "transaction": None, "op": "c", "ts_ms": now})
+
+    warm = str(uuid.uuid4())
+    p.produce(topic, key=json.dumps({"id": warm}), value=envelope(warm, 1), partition=0)
+    p.flush(10)
+    pod = Pod(binary, broker, topic, dsn)
+    pod.wait_committed(topic, 1, timeout=120)
+    steady_rss = [0]
+    total = int(rate * seconds)
+    log(f"latency: offering {rate} events/s for {seconds}s")
+    t0 = time.time()
+    tick = 0.01
+    for i in range(total):
+        oid = str(uuid.uuid4())
+        p.produce(topic, key=json.dumps({"id": oid}), value=envelope(oid, 100 + i), partition=0)
+        if i % int(rate * tick) == 0:
+            p.poll(0)
+            ahead = t0 + i / rate - time.time()
+            if ahead > 0:
+                time.sleep(ahead)
+            steady_rss[0] = max(steady_rss[0], rss_kb(pod.proc.pid, "VmRSS"))
+    p.flush(30)
+    pod.wait_committed(topic, total + 1, timeout=300)
+    conn = psycopg2.connect(dsn)
+    cur = conn.cursor()
+    cur.execute("""SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY ms), percentile_cont(0.99) WITHIN GROUP (ORDER BY ms),
+                          max(ms), count(*)
+                   FROM (SELECT extract(epoch FROM cdc_synced_at - to_timestamp(created_at / 1000.0)) * 1000 AS ms
+                         FROM cdc_processed.orders WHERE id <> %s) x""", (warm,))
+    p50, p99, mx, count = cur.fetchone()
+    conn.close()
+    pod.stop()
+    res = {"offered_per_s": rate, "seconds": seconds, "events": count, "p50_ms": round(p50), "p99_ms": round(p99),
+           "max_ms": round(mx), "steady_rss_mb": round(steady_rss[0] / 1024, 1)}
+    log(f"latency at {rate}/s: p50 {res['p50_ms']} ms, p99 {res['p99_ms']} ms, max {res['max_ms']} ms; steady RSS {res['steady_rss_mb']} MB")
+    return res
+
+
+def backlog(binary, broker, n, profile_dir=None):
+    topic = f"bench-backlog-{uuid.uuid4().hex[:6]}.public.orders"
+    produce_orders(broker, topic, n)
+    dsn = fresh_db("backlog")
+    pod = Pod(binary, broker, topic, dsn)
+    perf = None
+    if profile_dir:
+        perf = subprocess.Popen(["perf", "record", "-F", "199", "-g", "-o", os.path.join(profile_dir, "perf.data"),
+                                 "-p", str(pod.proc.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0, t1 = pod.wait_committed(topic, n)
+    if perf:
+        perf.send_signal(signal.SIGINT)
+        perf.wait(timeout=60)
+    peak = pod.stop()
+    res = {"events": n, "seconds": round(t1 - t0, 2), "events_per_s": round(n / (t1 - t0)), "peak_rss_mb": round(peak / 1024, 1)}
+    log(f"backlog of {n}: {res['events_per_s']} events/s, peak RSS {res['peak_rss_mb']} MB")
+    return res
+
+
+def hot_spots(profile_dir, top=15):
+    data = os.path.join(profile_dir, "perf.data")
+    if not os.path.exists(data):
+        return []
+    out = subprocess.run(["perf", "report", "-i", data, "--stdio", "--no-children", "--sort", "symbol",
+                          "--percent-limit", "1"], capture_output=True, text=True)
+    spots = []
+    for line in out.stdout.splitlines():
+        m = re.match(r"\s+([\d.]+)%\s+\[\.\]\s+(.*)", line)
+        if m:
+            spots.append({"percent": float(m.group(1)), "symbol": m.group(2).strip()[:120]})
+    return spots[:top]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--broker", required=True)
+    ap.add_argument("--bin", required=True, help="the cdc-lake binary")
+    ap.add_argument("--events", type=int, default=500_000, help="events for the throughput runs")
+    ap.add_argument("--peer-events", type=int, default=20_000, help="events for the peer (it runs ~1k/s)")
+    ap.add_argument("--latency-rate", type=int, default=5000)
+    ap.add_argument("--latency-seconds", type=int, default=20)
+    ap.add_argument("--backlog", type=int, default=1_000_000, help="events for the memory run (0 skips)")
+    ap.add_argument("--profile", action="store_true", help="perf-record the backlog run and list hot spots")
+    ap.add_argument("--smoke", action="store_true", help="small run for CI: completes and counts match")
+    ap.add_argument("--out", default=os.path.join(REPO, "results"))
+    a = ap.parse_args()
+    if a.smoke:
+        a.events, a.peer_events, a.latency_rate, a.latency_seconds, a.backlog = 5000, 500, 500, 3, 0
+
+    drop_bench_dbs()
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_dir = os.path.join(a.out, f"bench-{stamp}{'-smoke' if a.smoke else ''}")
+    os.makedirs(out_dir, exist_ok=True)
+    report = {"machine": {"cores": os.cpu_count(), "kernel": os.uname().release, "time": stamp}, "smoke": a.smoke}
+
+    topic = f"bench-main-{uuid.uuid4().hex[:6]}.public.orders"
+    produce_orders(a.broker, topic, a.events)
+    log(f"peer: seed_consumer.py on {a.peer_events} events")
+    report["peer"] = run_peer(a.broker, topic, a.peer_events)
+    log(f"peer: {report['peer']['events_per_s']} events/s")
+
+    runs = {}
+    for sinks in [("raw", "lake", "state"), ("raw",), ("state",), ("lake",)]:
+        runs["+".join(sinks)] = run_ingest(a.bin, a.broker, topic, a.events, sinks)
+    ok, counts = check_counts(runs["raw+lake+state"], a.events)
+    report["counts"] = counts
+    report["counts_ok"] = ok
+    report["copy_ceiling"] = copy_ceiling(a.bin, runs["raw+lake+state"], a.events)
+    for r in runs.values():
+        r.pop("dsn")
+        r.pop("lake")
+    report["ingest"] = runs
+    report["latency"] = latency(a.bin, a.broker, a.latency_rate, a.latency_seconds)
+    if a.backlog:
+        report["backlog"] = backlog(a.bin, a.broker, a.backlog, out_dir if a.profile else None)
+        if a.profile:
+            report["hot_spots"] = hot_spots(out_dir)
+
+    peer = report["peer"]["events_per_s"]
+    ceiling = report["copy_ceiling"]["rows_per_s"]
+    report["ratios"] = {
+        "all_sinks_vs_peer": round(runs["raw+lake+state"]["events_per_s"] / peer, 1),
+        "raw_only_vs_copy_ceiling": round(runs["raw"]["events_per_s"] / ceiling, 3),
+    }
+    with open(os.path.join(out_dir, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write(render_md(report))
+    print(render_md(report))
+    log(f"report: {out_dir}/report.md")
+    if not ok:
+        log(f"COUNTS DO NOT MATCH: {counts}")
+        sys.exit(1)
+
+
+def render_md(r):
+    i = r["ingest"]
+    lines = [
+        f"# cdc-lake benchmark {r['machine']['time']}{' (smoke)' if r['smoke'] else ''}",
+        "",
+        f"Machine: {r['machine']['cores']} cores, kernel {r['machine']['kernel']}; PostgreSQL, broker and pod on the same host.",
+        "",
+        "| measure | result | ratio |",
+        "|---|---|---|",
+        f"| peer (seed_consumer.py, {r['peer']['events']} events) | {r['peer']['events_per_s']:,} events/s | 1.0× |",
+        f"| cdc-lake raw + lake + mirror | {i['raw+lake+state']['events_per_s']:,} events/s | {r['ratios']['all_sinks_vs_peer']}× peer |",
+        f"| cdc-lake raw log alone | {i['raw']['events_per_s']:,} events/s | {r['ratios']['raw_only_vs_copy_ceiling']:.0%} of COPY ceiling |",
+        f"| cdc-lake mirror alone | {i['state']['events_per_s']:,} events/s | |",
+        f"| cdc-lake lake alone | {i['lake']['events_per_s']:,} events/s | |",
+        f"| COPY ceiling (psql \\copy of the same rows) | {r['copy_ceiling']['rows_per_s']:,} rows/s | |",
+        f"| latency at {r['latency']['offered_per_s']:,}/s: p50 / p99 / max | {r['latency']['p50_ms']} / {r['latency']['p99_ms']} / {r['latency']['max_ms']} ms | |",
+        f"| RSS at steady state | {r['latency']['steady_rss_mb']} MB | |",
+    ]
+    if "backlog" in r:
+        b = r["backlog"]
+        lines.append(f"| peak RSS, {b['events']:,}-event backlog | {b['peak_rss_mb']} MB ({b['events_per_s']:,} events/s) | |")
+    lines += ["", f"Throughput runs: {i['raw']['events']:,} events each. Counts check: {'ok' if r['counts_ok'] else 'FAILED'} {r['counts']}."]
+    if r.get("hot_spots"):
+        lines += ["", "## Hot spots (perf, backlog run, self time)", "", "| % | symbol |", "|---|---|"]
+        lines += [f"| {h['percent']} | `{h['symbol']}` |" for h in r["hot_spots"]]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
