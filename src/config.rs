@@ -284,6 +284,9 @@ pub struct LakeConfig {
     pub roll_bytes: ByteSize,
     /// ...or when its oldest record has waited this long.
     pub roll_age: HumanDuration,
+    /// Memory for buffered records across all partitions; above it the largest partition is
+    /// committed early. Bounds the pod's memory on a backlog.
+    pub max_buffer_bytes: ByteSize,
 }
 
 impl Default for LakeConfig {
@@ -296,6 +299,7 @@ impl Default for LakeConfig {
             roll_rows: 200_000,
             roll_bytes: ByteSize(64 << 20),
             roll_age: HumanDuration(Duration::from_secs(10)),
+            max_buffer_bytes: ByteSize(128 << 20),
         }
     }
 }

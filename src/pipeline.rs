@@ -347,20 +347,32 @@ impl<C: Committer> Pipeline<C> {
             .retain_partitions(|tp| !partitions.contains(tp));
     }
 
-    /// Writes the open batch to every sink concurrently, each retried until durable.
+    /// Writes the open batch to every sink concurrently, each retried until durable. Each sink
+    /// runs as its own task so that their CPU work (COPY encoding, Parquet encoding) spreads
+    /// over the runtime's threads.
     async fn write_batch(&mut self) {
         if self.batcher.is_empty() {
             return;
         }
-        let batch = self.batcher.take();
+        let batch = Arc::new(self.batcher.take());
         self.rejected += count_decode_outcomes(&batch);
-        let (readiness, shutdown) = (&self.readiness, &self.shutdown);
-        let acks = futures::future::join_all(
-            self.sinks
-                .iter_mut()
-                .map(|s| write_with_retry(s, &batch, readiness, shutdown)),
-        )
-        .await;
+        let tasks: Vec<_> = std::mem::take(&mut self.sinks)
+            .into_iter()
+            .map(|mut sink| {
+                let (batch, readiness, shutdown) =
+                    (batch.clone(), self.readiness.clone(), self.shutdown.clone());
+                tokio::spawn(async move {
+                    let ack = write_with_retry(&mut sink, &batch, &readiness, &shutdown).await;
+                    (sink, ack)
+                })
+            })
+            .collect();
+        let mut acks = Vec::with_capacity(tasks.len());
+        for task in tasks {
+            let (sink, ack) = task.await.expect("a sink task panicked");
+            self.sinks.push(sink);
+            acks.push(ack);
+        }
         self.absorb(acks);
     }
 

@@ -4,6 +4,7 @@
 pub mod schema;
 pub mod value;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -103,11 +104,22 @@ impl ChangeEvent {
     /// `image` (`before` or `after`) with each value converted for PostgreSQL by its column type.
     /// TOAST placeholders stay when `keep_unavailable` (the raw log records what was sent) and
     /// are left out otherwise (the column did not change, so state keeps its stored value).
-    pub fn sql_image(
+    pub fn sql_image<'a>(
         &self,
-        image: &Map<String, Value>,
+        image: &'a Map<String, Value>,
         keep_unavailable: bool,
-    ) -> Result<Map<String, Value>, String> {
+    ) -> Result<Cow<'a, Map<String, Value>>, String> {
+        // Most rows need no conversion (schemaless input, plain types): borrow them as they are.
+        let converts = |(name, v): (&String, &Value)| {
+            (!keep_unavailable && v.as_str() == Some(value::UNAVAILABLE_VALUE))
+                || self
+                    .schema
+                    .column(name)
+                    .is_some_and(|c| value::converts(&c.ty, v))
+        };
+        if !image.iter().any(converts) {
+            return Ok(Cow::Borrowed(image));
+        }
         let mut out = Map::with_capacity(image.len());
         for (name, v) in image {
             if v.as_str() == Some(value::UNAVAILABLE_VALUE) {
@@ -124,12 +136,13 @@ impl ChangeEvent {
             };
             out.insert(name.clone(), converted);
         }
-        Ok(out)
+        Ok(Cow::Owned(out))
     }
 
-    /// Approximate in-memory size, for batching by bytes.
+    /// Approximate in-memory size, for batching and lake buffers: the received bytes plus the
+    /// parsed images (measured at roughly twice the JSON text) and fixed overhead.
     pub fn size_bytes(&self) -> usize {
-        self.raw_value.len() + self.raw_key.as_ref().map_or(0, |k| k.len()) + 256
+        3 * self.raw_value.len() + self.raw_key.as_ref().map_or(0, |k| 2 * k.len()) + 512
     }
 }
 
@@ -276,7 +289,7 @@ impl Decoder {
         let source_json = payload
             .remove("source")
             .ok_or("envelope has no source block")?;
-        let source: WireSource = serde_json::from_value(source_json.clone())
+        let source = WireSource::deserialize(&source_json)
             .map_err(|e| format!("envelope source block is malformed: {e}"))?;
         let (Some(schema_name), Some(table_name)) = (source.schema.clone(), source.table.clone())
         else {

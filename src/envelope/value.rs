@@ -100,6 +100,21 @@ fn date_string(days: i64) -> Result<String, ValueError> {
         .ok_or(ValueError::OutOfRange(days))
 }
 
+/// Whether [`to_sql_json`] changes this value (false for plain JSON scalars of plain types).
+pub fn converts(ty: &ColumnType, v: &Value) -> bool {
+    match ty {
+        _ if v.is_null() => false,
+        ColumnType::Decimal { .. } => v.is_string(),
+        ColumnType::VariableDecimal
+        | ColumnType::Date
+        | ColumnType::Time(_)
+        | ColumnType::Timestamp(_)
+        | ColumnType::Bytes => true,
+        ColumnType::Json => v.is_string(),
+        _ => false,
+    }
+}
+
 /// Converts one wire value to the form PostgreSQL parses for the column type.
 pub fn to_sql_json(ty: &ColumnType, v: &Value) -> Result<Value, ValueError> {
     if v.is_null() {

@@ -1,6 +1,7 @@
 //! The raw audit log: `cdc_raw.cdc_events` (one row per change) and `cdc_raw.cdc_rejects`,
 //! written with binary COPY, with the checkpoint advanced in the same transaction.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
@@ -117,11 +118,11 @@ impl RawSink {
                 let before = e
                     .before
                     .as_ref()
-                    .map(|b| e.sql_image(b, true).unwrap_or_else(|_| b.clone()));
+                    .map(|b| e.sql_image(b, true).unwrap_or(Cow::Borrowed(b)));
                 let after = e
                     .after
                     .as_ref()
-                    .map(|a| e.sql_image(a, true).unwrap_or_else(|_| a.clone()));
+                    .map(|a| e.sql_image(a, true).unwrap_or(Cow::Borrowed(a)));
                 let source_table = e.table.to_string();
                 let row: [&(dyn ToSql + Sync); 16] = [
                     &e.coords.topic,

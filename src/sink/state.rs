@@ -5,6 +5,7 @@
 //! source position so that replays and duplicates never move a row backwards. The checkpoint
 //! advances in the same transaction.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -467,8 +468,10 @@ impl StateSink {
         futures::pin_mut!(writer);
         for e in events {
             let key = e.key.as_ref().expect("keyless changes are filtered out");
-            let row: Map<String, Value> = match (e.op, &e.after) {
-                (Op::Delete, _) | (_, None) => key.as_object().cloned().unwrap_or_default(),
+            let row: Cow<Map<String, Value>> = match (e.op, &e.after) {
+                (Op::Delete, _) | (_, None) => {
+                    Cow::Borrowed(key.as_object().expect("non-object keys are filtered out"))
+                }
                 (_, Some(after)) => {
                     e.sql_image(after, false)
                         .map_err(|reason| SinkError::Encode {

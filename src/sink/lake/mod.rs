@@ -477,6 +477,19 @@ impl Sink for LakeSink {
         for tp in &due {
             self.commit_partition(tp).await?;
         }
+        // Over the memory budget: commit the biggest buffers first.
+        while self.partitions.values().map(|st| st.bytes).sum::<usize>() as u64
+            > self.cfg.max_buffer_bytes.0
+        {
+            let biggest = self
+                .partitions
+                .iter()
+                .filter(|(_, st)| !st.files.is_empty())
+                .max_by_key(|(_, st)| st.bytes)
+                .map(|(tp, _)| tp.clone());
+            let Some(tp) = biggest else { break };
+            self.commit_partition(&tp).await?;
+        }
         Ok(Ack {
             durable: self.acks(ranges.into_keys()),
             stats,
