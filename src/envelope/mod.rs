@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::domain::{KafkaCoordinates, Position, TableId};
@@ -74,9 +75,10 @@ pub struct ChangeEvent {
     pub before: Option<Map<String, Value>>,
     pub after: Option<Map<String, Value>>,
     pub source: SourceInfo,
-    /// The whole `source` block as sent, kept for the raw log.
-    pub source_json: Value,
-    pub transaction: Option<Value>,
+    /// The whole `source` block as sent, kept verbatim for the raw log.
+    pub source_json: Box<RawValue>,
+    /// Debezium's `transaction` block as sent, when present.
+    pub transaction: Option<Box<RawValue>>,
     /// Envelope `ts_ms`: when Debezium processed the change.
     pub ts_ms: Option<i64>,
     /// Column types of `before`/`after`, shared by every event with the same schema.
@@ -110,12 +112,14 @@ impl ChangeEvent {
         keep_unavailable: bool,
     ) -> Result<Cow<'a, Map<String, Value>>, String> {
         // Most rows need no conversion (schemaless input, plain types): borrow them as they are.
+        // Inferred types never convert; only declared (Connect) types can.
         let converts = |(name, v): (&String, &Value)| {
             (!keep_unavailable && v.as_str() == Some(value::UNAVAILABLE_VALUE))
-                || self
-                    .schema
-                    .column(name)
-                    .is_some_and(|c| value::converts(&c.ty, v))
+                || (self.schema.declared
+                    && self
+                        .schema
+                        .column(name)
+                        .is_some_and(|c| value::converts(&c.ty, v)))
         };
         if !image.iter().any(converts) {
             return Ok(Cow::Borrowed(image));
@@ -254,50 +258,35 @@ impl Decoder {
         value: &[u8],
     ) -> Result<Decoded, String> {
         let text = std::str::from_utf8(value).map_err(|e| format!("value is not UTF-8: {e}"))?;
-        let root: Value =
-            serde_json::from_str(text).map_err(|e| format!("value is not valid JSON: {e}"))?;
-        let Value::Object(mut root) = root else {
-            return Err("value is not a JSON object, so not a Debezium envelope".into());
-        };
+        let outer = parse_wire(text)?;
         // {schema, payload} form: the row types come from the schema.
-        let (mut payload, connect_schema) = match (root.remove("payload"), root.remove("schema")) {
-            (Some(Value::Object(p)), schema) if root.is_empty() => (p, schema),
-            (Some(_), _) if root.is_empty() => {
-                return Err("envelope payload is not a JSON object".into())
-            }
-            (payload, schema) => {
-                // Flat form: put back anything we took out.
-                if let Some(p) = payload {
-                    root.insert("payload".into(), p);
+        let (wire, connect_schema) = match outer.payload {
+            Some(p) if outer.op.is_none() && outer.source.is_none() => {
+                if !p.get().trim_start().starts_with('{') {
+                    return Err("envelope payload is not a JSON object".into());
                 }
-                if let Some(s) = schema {
-                    root.insert("schema".into(), s);
-                }
-                (root, None)
+                (parse_wire(p.get())?, outer.schema)
             }
+            _ => (outer, None),
         };
 
-        let Some(op_value) = payload.get("op") else {
-            return classify_non_change(coords, &payload);
+        let Some(op_value) = &wire.op else {
+            return classify_non_change(coords, text);
         };
         let op_code = op_value
             .as_str()
-            .ok_or("envelope field op is not a string")?
-            .to_string();
-        let op = Op::parse(&op_code).ok_or_else(|| format!("unknown op {op_code:?}"))?;
+            .ok_or("envelope field op is not a string")?;
+        let op = Op::parse(op_code).ok_or_else(|| format!("unknown op {op_code:?}"))?;
 
-        let source_json = payload
-            .remove("source")
-            .ok_or("envelope has no source block")?;
-        let source = WireSource::deserialize(&source_json)
+        let source_raw = wire.source.ok_or("envelope has no source block")?;
+        let source: WireSource = serde_json::from_str(source_raw.get())
             .map_err(|e| format!("envelope source block is malformed: {e}"))?;
-        let (Some(schema_name), Some(table_name)) = (source.schema.clone(), source.table.clone())
-        else {
+        let (Some(schema_name), Some(table_name)) = (source.schema, source.table) else {
             return Err("envelope source block names no schema/table".into());
         };
 
-        let before = take_row(&mut payload, "before")?;
-        let after = take_row(&mut payload, "after")?;
+        let before = into_row(wire.before, "before")?;
+        let after = into_row(wire.after, "after")?;
         match op {
             Op::Create | Op::Read | Op::Update if after.is_none() => {
                 return Err(format!("op {op_code:?} without an after image"))
@@ -309,7 +298,7 @@ impl Decoder {
         }
 
         let row_schema = match connect_schema {
-            Some(s) => self.connect_schema(&s)?,
+            Some(s) => self.connect_schema(s)?,
             None => Arc::new(
                 after
                     .as_ref()
@@ -339,17 +328,12 @@ impl Decoder {
             }
         };
 
-        let change_lsn = source
+        let (seq_commit, seq_change) = source
             .sequence
             .as_deref()
-            .and_then(|s| parse_sequence(s).1)
-            .or(source.lsn)
-            .unwrap_or(0);
-        let commit_lsn = source
-            .sequence
-            .as_deref()
-            .and_then(|s| parse_sequence(s).0)
-            .unwrap_or(change_lsn);
+            .map_or((None, None), parse_sequence);
+        let change_lsn = seq_change.or(source.lsn).unwrap_or(0);
+        let commit_lsn = seq_commit.unwrap_or(change_lsn);
 
         Ok(Decoded::Change(Arc::new(ChangeEvent {
             coords: coords.clone(),
@@ -373,26 +357,27 @@ impl Decoder {
                 lsn: source.lsn,
                 sequence: source.sequence,
             },
-            source_json,
-            transaction: payload.remove("transaction").filter(|t| !t.is_null()),
-            ts_ms: payload.get("ts_ms").and_then(Value::as_i64),
+            source_json: source_raw.to_owned(),
+            transaction: wire.transaction.map(ToOwned::to_owned),
+            ts_ms: wire.ts_ms.as_ref().and_then(Value::as_i64),
             schema: row_schema,
             raw_value: Arc::from(text),
             raw_key,
         })))
     }
 
-    fn connect_schema(&mut self, schema: &Value) -> Result<Arc<RowSchema>, String> {
+    fn connect_schema(&mut self, schema: &RawValue) -> Result<Arc<RowSchema>, String> {
         use std::hash::{Hash, Hasher};
-        // Hash the schema's canonical text; serde_json keeps object order as received.
-        let text = schema.to_string();
+        // Keyed by the schema's text as received: one parse per distinct schema.
         let mut h = std::collections::hash_map::DefaultHasher::new();
-        text.hash(&mut h);
+        schema.get().hash(&mut h);
         let id = h.finish();
         if let Some(s) = self.schemas.get(&id) {
             return Ok(s.clone());
         }
-        let parsed = RowSchema::from_connect_envelope(schema)
+        let value: Value = serde_json::from_str(schema.get())
+            .map_err(|e| format!("Connect schema is not valid JSON: {e}"))?;
+        let parsed = RowSchema::from_connect_envelope(&value)
             .ok_or("Connect schema has no before/after struct")?;
         let parsed = Arc::new(parsed);
         self.schemas.insert(id, parsed.clone());
@@ -417,12 +402,50 @@ fn reject_kind(reason: &str) -> &'static str {
         .map_or("malformed_envelope", |(_, kind)| kind)
 }
 
+/// The fields of an envelope (either form), borrowing what is stored verbatim.
+#[derive(Deserialize)]
+struct WireEnvelope<'a> {
+    #[serde(borrow, default)]
+    schema: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    payload: Option<&'a RawValue>,
+    #[serde(default)]
+    before: Option<Value>,
+    #[serde(default)]
+    after: Option<Value>,
+    #[serde(borrow, default)]
+    source: Option<&'a RawValue>,
+    #[serde(default)]
+    op: Option<Value>,
+    #[serde(default)]
+    ts_ms: Option<Value>,
+    #[serde(borrow, default)]
+    transaction: Option<&'a RawValue>,
+}
+
+fn parse_wire(text: &str) -> Result<WireEnvelope<'_>, String> {
+    serde_json::from_str(text).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => {
+            format!("value is not a JSON object, so not a Debezium envelope: {e}")
+        }
+        _ => format!("value is not valid JSON: {e}"),
+    })
+}
+
 /// Envelopes without `op`: Debezium heartbeats and transaction markers are skips; anything else
-/// is not an envelope.
-fn classify_non_change(
-    coords: &KafkaCoordinates,
-    payload: &Map<String, Value>,
-) -> Result<Decoded, String> {
+/// is not an envelope. (A rare path: the value is parsed again, whole.)
+fn classify_non_change(coords: &KafkaCoordinates, text: &str) -> Result<Decoded, String> {
+    let payload: Map<String, Value> = match serde_json::from_str::<Map<String, Value>>(text) {
+        Ok(mut m) => match m.remove("payload") {
+            Some(Value::Object(p)) => p,
+            Some(other) => {
+                m.insert("payload".into(), other);
+                m
+            }
+            None => m,
+        },
+        Err(e) => return Err(format!("value is not a JSON object: {e}")),
+    };
     if payload.contains_key("status") && payload.contains_key("id") {
         return Ok(Decoded::Skip(coords.clone(), SkipReason::TransactionMarker));
     }
@@ -432,11 +455,8 @@ fn classify_non_change(
     Err("JSON object is not a Debezium envelope (no op field)".into())
 }
 
-fn take_row(
-    payload: &mut Map<String, Value>,
-    field: &str,
-) -> Result<Option<Map<String, Value>>, String> {
-    match payload.remove(field) {
+fn into_row(v: Option<Value>, field: &str) -> Result<Option<Map<String, Value>>, String> {
+    match v {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Object(m)) => Ok(Some(m)),
         Some(_) => Err(format!("envelope field {field} is not an object")),

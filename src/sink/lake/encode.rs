@@ -195,7 +195,7 @@ pub fn encode_parquet(events: &[Arc<ChangeEvent>], schema: &RowSchema) -> Result
         key.append_option(e.raw_key.as_deref());
         op.append_value(e.op.code());
         ts_ms.append_option(e.ts_ms);
-        transaction.append_option(e.transaction.as_ref().map(Value::to_string));
+        transaction.append_option(e.transaction.as_ref().map(|t| t.get()));
         envelope.append_value(&*e.raw_value);
         s_connector.append_option(e.source.connector.as_deref());
         s_name.append_option(e.source.name.as_deref());
