@@ -209,7 +209,7 @@ impl Default for BatchConfig {
         Self {
             max_records: 10_000,
             max_bytes: ByteSize(16 << 20),
-            max_age: HumanDuration(Duration::from_millis(200)),
+            max_age: HumanDuration(Duration::from_millis(100)),
         }
     }
 }
@@ -299,7 +299,7 @@ impl Default for LakeConfig {
             roll_rows: 200_000,
             roll_bytes: ByteSize(64 << 20),
             roll_age: HumanDuration(Duration::from_secs(10)),
-            max_buffer_bytes: ByteSize(128 << 20),
+            max_buffer_bytes: ByteSize(64 << 20),
         }
     }
 }

@@ -162,6 +162,9 @@ pub fn create_consumer(
         // CDC wants low latency: do not let the broker hold a fetch for librdkafka's 500 ms
         // default when few records are waiting. Overridable in kafka.properties.
         .set("fetch.wait.max.ms", "50")
+        // librdkafka prefetches up to 64 MiB per consumer by default; the pipeline already
+        // buffers a batch, so a smaller prefetch bounds memory on a backlog without slowing it.
+        .set("queued.max.messages.kbytes", "16384")
         .set("client.id", "cdc-lake");
     for (k, v) in &cfg.properties {
         cc.set(k, v);

@@ -143,10 +143,11 @@ impl ChangeEvent {
         Ok(Cow::Owned(out))
     }
 
-    /// Approximate in-memory size, for batching and lake buffers: the received bytes plus the
-    /// parsed images (measured at roughly twice the JSON text) and fixed overhead.
+    /// Approximate in-memory size, for batching and lake buffers: the received text plus the
+    /// parsed images, whose maps and strings cost several times the JSON text (measured with
+    /// the 1M-event backlog in docs/performance.md), and fixed overhead.
     pub fn size_bytes(&self) -> usize {
-        3 * self.raw_value.len() + self.raw_key.as_ref().map_or(0, |k| 2 * k.len()) + 512
+        6 * self.raw_value.len() + self.raw_key.as_ref().map_or(0, |k| 2 * k.len()) + 512
     }
 }
 
