@@ -289,7 +289,7 @@ def hot_spots(profile_dir, top=15):
     for line in out.stdout.splitlines():
         m = re.match(r"\s+([\d.]+)%\s+\[\.\]\s+(.*)", line)
         if m:
-            spots.append({"percent": float(m.group(1)), "symbol": m.group(2).strip()[:120]})
+            spots.append({"percent": float(m.group(1)), "symbol": m.group(2).strip()[:120].rstrip()})
     return spots[:top]
 
 
