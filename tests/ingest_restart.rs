@@ -104,18 +104,7 @@ async fn assert_exactly_once(
         report["unlisted"]
     );
     assert_eq!(report["zero_byte"], 0);
-    let lake_set: BTreeSet<(String, i32, i64)> = report["coords"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| {
-            (
-                c[0].as_str().unwrap().to_string(),
-                c[1].as_i64().unwrap() as i32,
-                c[2].as_i64().unwrap(),
-            )
-        })
-        .collect();
+    let lake_set = lake_coords(&report);
     assert_eq!(lake_set, expected, "lake has a gap");
 }
 

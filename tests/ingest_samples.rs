@@ -149,18 +149,7 @@ async fn replay_samples(file: &str, lake: LakeTarget) {
     );
     assert_eq!(lake_report["zero_byte"], 0);
     assert_eq!(lake_report["pending"], 0);
-    let lake_set: BTreeSet<(String, i32, i64)> = lake_report["coords"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| {
-            (
-                c[0].as_str().unwrap().to_string(),
-                c[1].as_i64().unwrap() as i32,
-                c[2].as_i64().unwrap(),
-            )
-        })
-        .collect();
+    let lake_set = lake_coords(&lake_report);
     assert_eq!(lake_set, expected, "lake coordinates");
     // Typed structs: after.status is a plain column, after.price a number.
     assert_eq!(lake_report["status_counts"]["SHIPPED"], 1, "{lake_report}");

@@ -19,6 +19,35 @@ fn pg_err<'a>(
     }
 }
 
+/// Rows of (topic, partition, next_offset).
+fn to_offsets(rows: &[tokio_postgres::Row]) -> Offsets {
+    rows.iter()
+        .map(|r| {
+            (
+                TopicPartition::new(r.get::<_, String>(0), r.get(1)),
+                r.get(2),
+            )
+        })
+        .collect()
+}
+
+/// The checkpoint after a batch: one past its last offset per partition, never below what was
+/// stored.
+pub fn after_batch(
+    ranges: &BTreeMap<TopicPartition, (i64, i64)>,
+    stored: &Offsets,
+) -> BTreeMap<TopicPartition, i64> {
+    ranges
+        .iter()
+        .map(|(tp, (_, last))| {
+            (
+                tp.clone(),
+                (last + 1).max(stored.get(tp).copied().unwrap_or(0)),
+            )
+        })
+        .collect()
+}
+
 fn split(tps: &[TopicPartition]) -> (Vec<&str>, Vec<i32>) {
     tps.iter()
         .map(|tp| (tp.topic.as_str(), tp.partition))
@@ -44,15 +73,7 @@ pub async fn load(
         )
         .await
         .map_err(pg_err(sink, "reading checkpoints"))?;
-    Ok(rows
-        .iter()
-        .map(|r| {
-            (
-                TopicPartition::new(r.get::<_, String>(0), r.get(1)),
-                r.get(2),
-            )
-        })
-        .collect())
+    Ok(to_offsets(&rows))
 }
 
 /// Locks the checkpoint rows of `tps` for the rest of the transaction and returns them
@@ -88,15 +109,7 @@ pub async fn lock(
         )
         .await
         .map_err(pg_err(sink, "locking checkpoints"))?;
-    Ok(rows
-        .iter()
-        .map(|r| {
-            (
-                TopicPartition::new(r.get::<_, String>(0), r.get(1)),
-                r.get(2),
-            )
-        })
-        .collect())
+    Ok(to_offsets(&rows))
 }
 
 /// Moves checkpoints forward (never backwards) inside the transaction.

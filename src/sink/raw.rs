@@ -2,7 +2,6 @@
 //! written with binary COPY, with the checkpoint advanced in the same transaction.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use postgres_types::{Json, ToSql, Type};
@@ -206,15 +205,7 @@ impl RawSink {
             }
         }
 
-        let next: BTreeMap<TopicPartition, i64> = ranges
-            .iter()
-            .map(|(tp, (_, last))| {
-                (
-                    tp.clone(),
-                    (last + 1).max(stored.get(tp).copied().unwrap_or(0)),
-                )
-            })
-            .collect();
+        let next = checkpoint::after_batch(&ranges, &stored);
         checkpoint::advance(&tx, NAME, &consumer, &next).await?;
         tx.commit().await.map_err(err("committing"))?;
         Ok(Ack {

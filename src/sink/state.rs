@@ -197,15 +197,7 @@ impl StateSink {
                 self.apply_table(&tx, table, &events, &mut stats).await?;
             }
 
-            let next: BTreeMap<TopicPartition, i64> = ranges
-                .iter()
-                .map(|(tp, (_, last))| {
-                    (
-                        tp.clone(),
-                        (last + 1).max(stored.get(tp).copied().unwrap_or(0)),
-                    )
-                })
-                .collect();
+            let next = checkpoint::after_batch(&ranges, &stored);
             checkpoint::advance(&tx, NAME, &self.consumer, &next).await?;
             tx.commit().await.map_err(pg_err("committing"))?;
             Ok(Ack {

@@ -262,6 +262,22 @@ impl LakeTarget {
     }
 }
 
+/// The (topic, partition, offset) of every row a lake report found.
+pub fn lake_coords(report: &Value) -> BTreeSet<(String, i32, i64)> {
+    report["coords"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c[0].as_str().unwrap().to_string(),
+                c[1].as_i64().unwrap() as i32,
+                c[2].as_i64().unwrap(),
+            )
+        })
+        .collect()
+}
+
 /// The ingest pod running in this process.
 pub struct Pod {
     pub shutdown: CancellationToken,
