@@ -25,3 +25,11 @@ CREATE TABLE IF NOT EXISTS order_items (
     quantity int NOT NULL,
     price_at_purchase numeric(10,2) NOT NULL
 );
+-- Long reviewer notes: large enough to be TOASTed, so Debezium sends its "unavailable" placeholder
+-- when another column of the row changes (default replica identity).
+CREATE TABLE IF NOT EXISTS book_notes (
+    id serial PRIMARY KEY,
+    book_title text,
+    note text,
+    revision int NOT NULL DEFAULT 1
+);
