@@ -92,10 +92,6 @@ impl Backoff {
         let frac = f64::from(nanos % 1000) / 1000.0;
         exp.mul_f64(0.5 + frac / 2.0)
     }
-
-    pub fn reset(&mut self) {
-        self.attempt = 0;
-    }
 }
 
 /// Readiness as `/readyz` reports it: the consumer runs and every sink's last attempt worked.
@@ -544,7 +540,5 @@ mod tests {
             late >= Duration::from_secs(1) && late <= Duration::from_secs(2),
             "{late:?}"
         );
-        b.reset();
-        assert!(b.next_delay() <= Duration::from_millis(100));
     }
 }

@@ -52,18 +52,12 @@ impl Sink for MemorySink {
                 Decoded::Skip(_, reason) => *stats.ignored.entry(reason.as_str()).or_default() += 1,
             }
         }
+        let mut durable = Offsets::new();
         for (tp, (_, last)) in batch.ranges() {
-            let next = st.checkpoints.entry(tp).or_insert(0);
+            let next = st.checkpoints.entry(tp.clone()).or_insert(0);
             *next = (*next).max(last + 1);
+            durable.insert(tp, *next);
         }
-        let durable = batch
-            .ranges()
-            .into_keys()
-            .map(|tp| {
-                let o = st.checkpoints[&tp];
-                (tp, o)
-            })
-            .collect();
         Ok(Ack { durable, stats })
     }
 

@@ -125,10 +125,7 @@ fn build_column<'a>(ty: &ColumnType, values: impl Iterator<Item = Option<&'a Val
     }
 }
 
-fn row_struct(
-    schema: &RowSchema,
-    rows: &[Option<&Map<String, Value>>],
-) -> (Field, ArrayRef, Fields) {
+fn row_struct(schema: &RowSchema, rows: &[Option<&Map<String, Value>>]) -> (ArrayRef, Fields) {
     let fields: Fields = schema
         .columns
         .iter()
@@ -145,11 +142,7 @@ fn row_struct(
     } else {
         Arc::new(StructArray::new(fields.clone(), arrays, Some(nulls))) as ArrayRef
     };
-    (
-        Field::new("row", DataType::Struct(fields.clone()), true),
-        array,
-        fields,
-    )
+    (array, fields)
 }
 
 /// Encodes events (all of one table and date, in offset order) as one Parquet object.
@@ -241,8 +234,8 @@ pub fn encode_parquet(events: &[Arc<ChangeEvent>], schema: &RowSchema) -> Result
     );
     let befores: Vec<_> = events.iter().map(|e| e.before.as_ref()).collect();
     let afters: Vec<_> = events.iter().map(|e| e.after.as_ref()).collect();
-    let (_, before, row_fields) = row_struct(schema, &befores);
-    let (_, after, _) = row_struct(schema, &afters);
+    let (before, row_fields) = row_struct(schema, &befores);
+    let (after, _) = row_struct(schema, &afters);
 
     let arrow_schema = Arc::new(Schema::new(vec![
         Field::new("kafka_topic", DataType::Utf8, false),

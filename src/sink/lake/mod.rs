@@ -146,19 +146,6 @@ impl LakeSink {
         &self.location
     }
 
-    pub fn store(&self) -> Arc<dyn ObjectStore> {
-        self.store.clone()
-    }
-
-    pub fn layout(&self) -> &Layout {
-        &self.layout
-    }
-
-    /// Every committed manifest entry of a partition, in offset order.
-    pub async fn commits(&self, tp: &TopicPartition) -> Result<Vec<Commit>, SinkError> {
-        read_commits(&*self.store, &self.layout, tp).await
-    }
-
     /// Cleans up an interrupted commit and loads the partition's checkpoint.
     async fn recover(&mut self, tp: &TopicPartition) -> Result<Option<i64>, SinkError> {
         let pending_path = self.layout.pending(tp);
