@@ -149,6 +149,9 @@ pub struct Config {
     pub state: StateConfig,
     #[serde(default)]
     pub lake: LakeConfig,
+    /// More current-state targets besides `[state]`, by name (e.g. a replica database).
+    #[serde(default)]
+    pub targets: BTreeMap<String, TargetConfig>,
     #[serde(default)]
     pub http: HttpConfig,
     #[serde(default)]
@@ -257,6 +260,9 @@ pub struct StateConfig {
     /// Schema holding the mirror tables.
     pub schema: String,
     pub delete_mode: DeleteMode,
+    /// Key columns for source tables without a primary key, by `schema.table`. Changes of a
+    /// keyless table without an entry here are rejected with a reason saying so.
+    pub key_columns: BTreeMap<String, Vec<String>>,
 }
 
 impl Default for StateConfig {
@@ -265,6 +271,63 @@ impl Default for StateConfig {
             enabled: true,
             schema: "cdc_processed".into(),
             delete_mode: DeleteMode::Delete,
+            key_columns: BTreeMap::new(),
+        }
+    }
+}
+
+/// A named current-state target: mirrors in a schema of any database, with its own checkpoint
+/// in that database.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    /// The target database; `[postgres]` when omitted.
+    #[serde(default)]
+    pub url: Option<String>,
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    #[serde(skip)]
+    pub password: Option<Secret>,
+    /// True: the ingest pod keeps this target current. False: only `cdc-replay` writes it.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    #[serde(default = "default_state_schema")]
+    pub schema: String,
+    #[serde(default = "default_delete_mode")]
+    pub delete_mode: DeleteMode,
+    /// As `state.key_columns`, for this target.
+    #[serde(default)]
+    pub key_columns: BTreeMap<String, Vec<String>>,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_state_schema() -> String {
+    StateConfig::default().schema
+}
+fn default_delete_mode() -> DeleteMode {
+    StateConfig::default().delete_mode
+}
+
+/// The name of the `[state]` target, for `cdc-replay --target`.
+pub const PROCESSED_TARGET: &str = "processed";
+
+/// A current-state target resolved against `[postgres]`: where it lives and how it applies.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub name: String,
+    pub postgres: PostgresConfig,
+    pub state: StateConfig,
+}
+
+impl Target {
+    /// The name its checkpoint rows use: `state` for `[state]`, `state:<name>` otherwise.
+    pub fn sink_name(&self) -> String {
+        if self.name == PROCESSED_TARGET {
+            "state".into()
+        } else {
+            format!("state:{}", self.name)
         }
     }
 }
@@ -322,6 +385,14 @@ pub struct S3Config {
     /// Allow plain HTTP (local MinIO); off by default.
     #[serde(default)]
     pub allow_http: bool,
+    /// How long one S3 request may take. A hung endpoint then surfaces as an error (the pod
+    /// turns not-ready and retries) instead of a stall.
+    #[serde(default = "default_s3_timeout")]
+    pub request_timeout: HumanDuration,
+}
+
+fn default_s3_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
 }
 
 fn default_region() -> String {
@@ -402,6 +473,17 @@ impl Config {
         if let Some(p) = &self.postgres.password_file {
             self.postgres.password = Some(read("postgres.password_file", p)?);
         }
+        for (name, t) in &mut self.targets {
+            if let Some(p) = &t.password_file {
+                t.password = Some(read("targets.*.password_file", p).map_err(|e| match e {
+                    ConfigError::Secret { path, source, .. } => ConfigError::Invalid(format!(
+                        "cannot read targets.{name}.password_file {}: {source}",
+                        path.display()
+                    )),
+                    other => other,
+                })?);
+            }
+        }
         if let Some(s3) = &mut self.lake.s3 {
             if let Some(p) = &s3.secret_access_key_file {
                 s3.secret_access_key = Some(read("lake.s3.secret_access_key_file", p)?);
@@ -432,13 +514,33 @@ impl Config {
                 ));
             }
         }
-        if !self.postgres.url.starts_with("postgres://")
-            && !self.postgres.url.starts_with("postgresql://")
-        {
-            return bad("postgres.url must start with postgres://".into());
+        check_pg_url("postgres.url", &self.postgres.url)?;
+        let key_tables = std::iter::once(("state", &self.state.key_columns))
+            .chain(self.targets.values().map(|t| ("targets.*", &t.key_columns)));
+        for (section, keys) in key_tables {
+            for (table, columns) in keys {
+                if !table.contains('.') || columns.is_empty() {
+                    return bad(format!(
+                        "{section}.key_columns.\"{table}\" needs a schema.table name and at least one column"
+                    ));
+                }
+            }
         }
-        if url_password(&self.postgres.url).is_some() {
-            return bad("postgres.url contains a password; use postgres.password_file".into());
+        for (name, t) in &self.targets {
+            if name == PROCESSED_TARGET || !crate::sink::ident::is_valid_ident(name) {
+                return bad(format!(
+                    "targets.{name}: a target name is a plain identifier other than {PROCESSED_TARGET:?} (the [state] target)"
+                ));
+            }
+            if let Some(url) = &t.url {
+                check_pg_url(&format!("targets.{name}.url"), url)?;
+            }
+            if !crate::sink::ident::is_valid_ident(&t.schema) {
+                return bad(format!(
+                    "targets.{name}.schema {:?} is not a plain identifier (letters, digits, _)",
+                    t.schema
+                ));
+            }
         }
         if self.batch.max_records == 0 {
             return bad("batch.max_records must be at least 1".into());
@@ -478,6 +580,48 @@ impl Config {
         Ok(())
     }
 
+    /// Every current-state target: `processed` (`[state]`) first, then `[targets.*]`.
+    pub fn all_targets(&self) -> Vec<Target> {
+        let mut out = vec![Target {
+            name: PROCESSED_TARGET.into(),
+            postgres: self.postgres.clone(),
+            state: self.state.clone(),
+        }];
+        for (name, t) in &self.targets {
+            let postgres = match &t.url {
+                Some(url) => PostgresConfig {
+                    url: url.clone(),
+                    password_file: t.password_file.clone(),
+                    password: t.password.clone(),
+                },
+                None => self.postgres.clone(),
+            };
+            out.push(Target {
+                name: name.clone(),
+                postgres,
+                state: StateConfig {
+                    enabled: t.enabled,
+                    schema: t.schema.clone(),
+                    delete_mode: t.delete_mode,
+                    key_columns: t.key_columns.clone(),
+                },
+            });
+        }
+        out
+    }
+
+    /// A target by name, or an error listing the names there are.
+    pub fn target(&self, name: &str) -> Result<Target, ConfigError> {
+        let all = self.all_targets();
+        let names: Vec<String> = all.iter().map(|t| t.name.clone()).collect();
+        all.into_iter().find(|t| t.name == name).ok_or_else(|| {
+            ConfigError::Invalid(format!(
+                "unknown target {name:?}; the config has: {}",
+                names.join(", ")
+            ))
+        })
+    }
+
     /// The effective config as TOML, with secrets replaced by `<redacted>`.
     pub fn redacted(&self) -> String {
         let mut c = self.clone();
@@ -494,6 +638,20 @@ impl Config {
         }
         toml::to_string_pretty(&table).expect("config serialises")
     }
+}
+
+fn check_pg_url(field: &str, url: &str) -> Result<(), ConfigError> {
+    if !url.starts_with("postgres://") && !url.starts_with("postgresql://") {
+        return Err(ConfigError::Invalid(format!(
+            "{field} must start with postgres://"
+        )));
+    }
+    if url_password(url).is_some() {
+        return Err(ConfigError::Invalid(format!(
+            "{field} contains a password; use a password_file"
+        )));
+    }
+    Ok(())
 }
 
 fn url_password(url: &str) -> Option<&str> {
@@ -610,6 +768,21 @@ mod tests {
                 "managed by cdc-lake",
             ),
             ("CDC_LAKE__KAFKA__NOPE", "1", "unknown field"),
+            (
+                "CDC_LAKE__STATE__KEY_COLUMNS",
+                "{ audit_log = [] }",
+                "needs a schema.table name and at least one column",
+            ),
+            (
+                "CDC_LAKE__TARGETS__PROCESSED__SCHEMA",
+                "x",
+                "other than \"processed\"",
+            ),
+            (
+                "CDC_LAKE__TARGETS__REPLICA__URL",
+                "postgres://u:pw@h/db",
+                "targets.replica.url contains a password",
+            ),
             (
                 "CDC_LAKE__POSTGRES__PASSWORD_FILE",
                 "/nonexistent/pw",

@@ -57,6 +57,16 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0003_processed",
         sql: include_str!("../sql/0003_processed.sql"),
     },
+    Migration {
+        version: 4,
+        name: "0004_replay",
+        sql: include_str!("../sql/0004_replay.sql"),
+    },
+    Migration {
+        version: 5,
+        name: "0005_status_views",
+        sql: include_str!("../sql/0005_status_views.sql"),
+    },
 ];
 
 /// `host:port/db` of a URL, for error messages: never the credentials.

@@ -14,7 +14,7 @@ use crate::sink::lake::LakeSink;
 use crate::sink::raw::RawSink;
 use crate::sink::state::StateSink;
 
-/// Builds the enabled sinks, in a fixed order: raw, lake, state.
+/// Builds the enabled sinks, in a fixed order: raw, lake, then each state target.
 pub fn build_sinks(config: &Config) -> anyhow::Result<Vec<AnySink>> {
     let consumer = config.kafka.group_id.clone();
     let mut sinks = Vec::new();
@@ -29,12 +29,13 @@ pub fn build_sinks(config: &Config) -> anyhow::Result<Vec<AnySink>> {
         tracing::info!(location = lake.location(), "lake sink");
         sinks.push(AnySink::Lake(lake));
     }
-    if config.state.enabled {
-        sinks.push(AnySink::State(StateSink::new(
-            config.postgres.clone(),
-            &config.state,
-            consumer,
-        )));
+    for target in config.all_targets() {
+        if target.state.enabled {
+            sinks.push(AnySink::State(StateSink::for_target(
+                &target,
+                consumer.clone(),
+            )));
+        }
     }
     Ok(sinks)
 }
@@ -49,10 +50,18 @@ pub async fn termination_signal() {
     }
 }
 
-/// Applies pending migrations to the sink database.
+/// Applies pending migrations to the sink database and to each target's database (every
+/// database that holds data also holds its checkpoints). Returns what the sink database got.
 pub async fn migrate(config: &Config) -> anyhow::Result<Vec<i32>> {
     let mut client = crate::db::connect(&config.postgres, "cdc-lake migrate").await?;
-    Ok(crate::db::migrate(&mut client).await?)
+    let applied = crate::db::migrate(&mut client).await?;
+    for target in config.all_targets() {
+        if target.postgres.url != config.postgres.url {
+            let mut client = crate::db::connect(&target.postgres, "cdc-lake migrate").await?;
+            crate::db::migrate(&mut client).await?;
+        }
+    }
+    Ok(applied)
 }
 
 /// Runs the ingest pod until `shutdown` fires, then drains within the configured deadline.

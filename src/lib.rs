@@ -19,6 +19,7 @@
 //! See `docs/architecture.md` and `docs/delivery-semantics.md`.
 
 pub mod batch;
+pub mod cli;
 pub mod config;
 pub mod db;
 pub mod domain;
@@ -26,6 +27,8 @@ pub mod envelope;
 pub mod http;
 pub mod ingest;
 pub mod pipeline;
+pub mod rejects;
+pub mod replay;
 pub mod sink;
 pub mod source;
 pub mod telemetry;

@@ -45,42 +45,37 @@ enum Command {
     Migrate,
     /// Validate the config and print it with secrets redacted.
     CheckConfig,
+    /// Rebuild a current-state target from the raw log or the lake (same as `cdc-replay`).
+    Replay(cdc_lake::replay::ReplayArgs),
+    /// Recompute a target from the log up to its checkpoints and compare: prints differing keys,
+    /// exits 1 on any difference.
+    Verify(cdc_lake::replay::VerifyArgs),
+    /// Delete raw-log rows older than a time that the lake manifest proves are in the lake.
+    PruneRaw(cdc_lake::replay::PruneArgs),
+    /// Records no sink could take: counts per reason, a listing, and reprocessing.
+    Rejects {
+        #[command(subcommand)]
+        action: cdc_lake::rejects::RejectsAction,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    cdc_lake::telemetry::init_logging();
-    let config = match Config::load(cli.config.as_deref()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("cdc-lake: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("cdc-lake: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(cli.command, config)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("cdc-lake: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    cdc_lake::cli::run("cdc-lake", cli.config.as_deref(), |config| {
+        run(cli.command, config)
+    })
 }
 
-async fn run(command: Command, config: Config) -> anyhow::Result<()> {
+async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
+    use cdc_lake::replay;
     match command {
+        Command::Replay(args) => replay::cli_replay(&config, &args).await,
+        Command::Verify(args) => replay::cli_verify(&config, &args).await,
+        Command::PruneRaw(args) => replay::cli_prune(&config, &args).await,
+        Command::Rejects { action } => cdc_lake::rejects::cli(&config, &action).await,
         Command::CheckConfig => {
             print!("{}", config.redacted());
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Migrate => {
             let applied = cdc_lake::ingest::migrate(&config).await?;
@@ -88,7 +83,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 "migrations applied: {applied:?} (all {} present)",
                 cdc_lake::db::MIGRATIONS.len()
             );
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Ingest { no_migrate } => {
             let shutdown = CancellationToken::new();
@@ -99,7 +94,8 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                     shutdown.cancel();
                 });
             }
-            cdc_lake::ingest::run(config, shutdown, no_migrate).await
+            cdc_lake::ingest::run(config, shutdown, no_migrate).await?;
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

@@ -173,3 +173,100 @@ async fn unchanged_toasted_text_is_kept() {
     );
     pod.stop().await;
 }
+
+/// Schema evolution with real Debezium: a column added in the source becomes a mirror column
+/// and a lake column, and later rows carry it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_added_source_column_reaches_mirror_and_lake() {
+    let source = pg(&source_url()).await;
+    let table = unique("evolve");
+    source
+        .batch_execute(&format!(
+            "CREATE TABLE {table} (id int PRIMARY KEY, name text);
+             INSERT INTO {table} VALUES (1, 'before the change')"
+        ))
+        .await
+        .unwrap();
+    let db = fresh_db("evolve").await;
+    let lake = LakeTarget::local("evolve");
+    let pod = Pod::start(config(&db, "ecom-connector", &lake, &[]));
+    let sink = pg(&db).await;
+    visible_within(
+        &sink,
+        "the new table's first row (is Debezium running? tools/up --debezium)",
+        &format!("SELECT count(*) FROM cdc_processed.{table}"),
+        1,
+        Duration::from_secs(120),
+    )
+    .await;
+
+    source
+        .batch_execute(&format!(
+            "ALTER TABLE {table} ADD COLUMN rating int;
+             INSERT INTO {table} VALUES (2, 'after the change', 5)"
+        ))
+        .await
+        .unwrap();
+    visible_within(
+        &sink,
+        "the row with the added column",
+        &format!("SELECT count(*) FROM cdc_processed.{table} WHERE rating = 5"),
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    let old: Option<i64> = sink
+        .query_one(
+            &format!("SELECT rating FROM cdc_processed.{table} WHERE id = 1"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(old, None, "the earlier row has no value for the new column");
+    pod.stop().await;
+
+    // The lake (read by pyarrow) has the new column in the table's latest row.
+    let report = lake.check();
+    let latest = &report["sample"][format!("public.{table}")];
+    assert_eq!(latest["rating"], 5, "{latest}");
+    assert_eq!(latest["name"], "after the change");
+    source
+        .batch_execute(&format!("DROP TABLE {table}"))
+        .await
+        .unwrap();
+}
+
+/// `tools/verify-cdc` (the seeds' verify-cdc.sh): exit 0 while the pod runs, exit 1 with a
+/// clear message once it is stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_cdc_passes_with_the_pod_and_fails_without() {
+    let db = fresh_db("verifycdc").await;
+    let lake = LakeTarget::local("verifycdc");
+    let pod = Pod::start(config(&db, "ecom-connector", &lake, &[]));
+    let sink = pg(&db).await;
+    // The pod first catches up with the topics' history.
+    wait_until("the books mirror", Duration::from_secs(120), || async {
+        count(&sink, "SELECT count(*) FROM cdc_processed.books").await > 0
+    })
+    .await;
+    let tool = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/verify-cdc");
+    let run = || {
+        let out = std::process::Command::new(&tool)
+            .arg("10")
+            .env("SINK_PG_URL", &db)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    };
+    let (code, out) = run();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.starts_with("OK:"), "{out}");
+    pod.stop().await;
+    let (code, out) = run();
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("FAIL:") && out.contains("ingest pod"), "{out}");
+}

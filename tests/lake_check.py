@@ -4,7 +4,7 @@ Lists every object under the lake (as an analyst's glob would see it), reads eac
 with pyarrow, and checks it against the manifest. Prints one JSON object:
   files, rows, coords ([topic, partition, offset] per row), duplicates, unlisted (objects the
   manifest does not list), missing (listed but absent), zero_byte, manifest_rows, pending,
-  status_counts (after.status where present), sample (one decoded row per table).
+  status_counts (after.status where present), sample (the newest after image per table).
 
 Usage: lake_check.py --dir PATH | --s3 ENDPOINT BUCKET PREFIX
 """
@@ -54,11 +54,14 @@ def main():
             seen[c] += 1
             coords.append(list(c))
         if "after" in t.column_names:
-            for a in t.column("after").to_pylist():
+            table = path.split("table=")[1].split("/")[0]
+            offsets = t.column("kafka_offset").to_pylist()
+            for off, a in zip(offsets, t.column("after").to_pylist()):
                 if a and "status" in a and a["status"] is not None:
                     status[a["status"]] += 1
-            table = path.split("table=")[1].split("/")[0]
-            sample.setdefault(table, json.loads(json.dumps(t.slice(t.num_rows - 1, 1).column("after").to_pylist()[0], default=str)))
+                # The newest after image per table (by offset; one partition per sample table).
+                if a is not None and (table not in sample or off > sample[table][0]):
+                    sample[table] = (off, json.loads(json.dumps(a, default=str)))
     dups = sum(n - 1 for n in seen.values() if n > 1)
     print(json.dumps({
         "files": len(data),
@@ -71,7 +74,7 @@ def main():
         "manifest_rows": manifest_rows,
         "pending": pending,
         "status_counts": dict(status),
-        "sample": sample,
+        "sample": {t: a for t, (_, a) in sample.items()},
     }))
 
 

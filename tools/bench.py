@@ -209,6 +209,29 @@ def copy_ceiling(binary, result, n):
     return {"rows": n, "seconds": round(secs, 3), "rows_per_s": rate}
 
 
+def replay(binary, result, n, source):
+    """cdc-lake replay --rebuild of the all-sinks run into a replay-only target, from the raw log
+    or the lake; checks the rebuilt mirror has the live mirror's rows."""
+    env = {**os.environ, "CDC_LAKE__POSTGRES__URL": result["dsn"], "CDC_LAKE__LAKE__ROOT": result["lake"],
+           "CDC_LAKE__KAFKA__BROKERS": "unused:9092",
+           "CDC_LAKE__TARGETS__BENCH__SCHEMA": f"replay_{source}", "CDC_LAKE__TARGETS__BENCH__ENABLED": "false",
+           "RUST_LOG": "warn"}
+    t0 = time.time()
+    out = subprocess.run([binary, "replay", "--target", "bench", "--rebuild", "--source", source],
+                         env=env, capture_output=True, text=True, timeout=1800)
+    secs = time.time() - t0
+    if out.returncode != 0:
+        raise RuntimeError(f"replay --source {source} failed: {out.stderr}")
+    m = re.search(r"replayed (\d+) changes", out.stdout)
+    events = int(m.group(1)) if m else 0
+    rows = query1(result["dsn"], f"SELECT count(*) FROM replay_{source}.orders")
+    live = query1(result["dsn"], "SELECT count(*) FROM cdc_processed.orders")
+    r = {"source": source, "events": events, "seconds": round(secs, 3), "events_per_s": round(events / secs),
+         "rows_match": rows == live and events == n}
+    log(f"replay from {source}: {r['events_per_s']} events/s ({events} in {r['seconds']}s, process start to exit), rows match: {r['rows_match']}")
+    return r
+
+
 def latency(binary, broker, rate, seconds):
     """Offered load at a fixed rate; latency = cdc_synced_at (clock_timestamp() at apply) minus
     the produce time carried in the envelope."""
@@ -328,6 +351,8 @@ def main():
     report["counts"] = counts
     report["counts_ok"] = ok
     report["copy_ceiling"] = copy_ceiling(a.bin, runs["raw+lake+state"], a.events)
+    report["replay"] = {src: replay(a.bin, runs["raw+lake+state"], a.events, src) for src in ("raw", "lake")}
+    ok = ok and all(r["rows_match"] for r in report["replay"].values())
     for r in runs.values():
         r.pop("dsn")
         r.pop("lake")
@@ -370,6 +395,8 @@ def render_md(r):
         f"| cdc-lake mirror alone | {i['state']['events_per_s']:,} events/s | |",
         f"| cdc-lake lake alone | {i['lake']['events_per_s']:,} events/s | |",
         f"| COPY ceiling (psql \\copy of the same rows) | {r['copy_ceiling']['rows_per_s']:,} rows/s | |",
+        f"| cdc-replay --rebuild from the raw log | {r['replay']['raw']['events_per_s']:,} events/s | {r['replay']['raw']['events_per_s'] / r['peer']['events_per_s']:.1f}× peer ingest |",
+        f"| cdc-replay --rebuild from the lake | {r['replay']['lake']['events_per_s']:,} events/s | |",
         f"| latency at {r['latency']['offered_per_s']:,}/s: p50 / p99 / max | {r['latency']['p50_ms']} / {r['latency']['p99_ms']} / {r['latency']['max_ms']} ms | |",
         f"| RSS at steady state | {r['latency']['steady_rss_mb']} MB | |",
     ]

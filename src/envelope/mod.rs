@@ -64,6 +64,15 @@ pub struct SourceInfo {
     pub sequence: Option<String>,
 }
 
+/// How the values of `before`/`after` are encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ValueForm {
+    /// As Debezium sent them (decimals as base64, times as epoch units, …).
+    Debezium,
+    /// Already converted for PostgreSQL, as the raw log stores them (a replay reads these).
+    Sql,
+}
+
 /// One decoded change, with its Kafka coordinates.
 #[derive(Debug, Clone)]
 pub struct ChangeEvent {
@@ -74,6 +83,7 @@ pub struct ChangeEvent {
     pub table: TableId,
     pub before: Option<Map<String, Value>>,
     pub after: Option<Map<String, Value>>,
+    pub values: ValueForm,
     pub source: SourceInfo,
     /// The whole `source` block as sent, kept verbatim for the raw log.
     pub source_json: Box<RawValue>,
@@ -113,9 +123,10 @@ impl ChangeEvent {
     ) -> Result<Cow<'a, Map<String, Value>>, String> {
         // Most rows need no conversion (schemaless input, plain types): borrow them as they are.
         // Inferred types never convert; only declared (Connect) types can.
+        let convert_types = self.values == ValueForm::Debezium && self.schema.declared;
         let converts = |(name, v): (&String, &Value)| {
             (!keep_unavailable && v.as_str() == Some(value::UNAVAILABLE_VALUE))
-                || (self.schema.declared
+                || (convert_types
                     && self
                         .schema
                         .column(name)
@@ -132,7 +143,7 @@ impl ChangeEvent {
                 }
                 continue;
             }
-            let converted = match self.schema.column(name) {
+            let converted = match self.schema.column(name).filter(|_| convert_types) {
                 Some(c) => {
                     value::to_sql_json(&c.ty, v).map_err(|e| format!("column {name}: {e}"))?
                 }
@@ -280,11 +291,7 @@ impl Decoder {
         let op = Op::parse(op_code).ok_or_else(|| format!("unknown op {op_code:?}"))?;
 
         let source_raw = wire.source.ok_or("envelope has no source block")?;
-        let source: WireSource = serde_json::from_str(source_raw.get())
-            .map_err(|e| format!("envelope source block is malformed: {e}"))?;
-        let (Some(schema_name), Some(table_name)) = (source.schema, source.table) else {
-            return Err("envelope source block names no schema/table".into());
-        };
+        let (source, table) = parse_source(source_raw)?;
 
         let before = into_row(wire.before, "before")?;
         let after = into_row(wire.after, "after")?;
@@ -300,13 +307,7 @@ impl Decoder {
 
         let row_schema = match connect_schema {
             Some(s) => self.connect_schema(s)?,
-            None => Arc::new(
-                after
-                    .as_ref()
-                    .or(before.as_ref())
-                    .map(RowSchema::infer)
-                    .unwrap_or_default(),
-            ),
+            None => Arc::new(RowSchema::infer_change(before.as_ref(), after.as_ref())),
         };
 
         let (raw_key, key_payload) = match key {
@@ -329,35 +330,16 @@ impl Decoder {
             }
         };
 
-        let (seq_commit, seq_change) = source
-            .sequence
-            .as_deref()
-            .map_or((None, None), parse_sequence);
-        let change_lsn = seq_change.or(source.lsn).unwrap_or(0);
-        let commit_lsn = seq_commit.unwrap_or(change_lsn);
-
         Ok(Decoded::Change(Arc::new(ChangeEvent {
             coords: coords.clone(),
             key: key_payload,
             op,
-            table: TableId::new(schema_name, table_name),
+            table,
             before,
             after,
-            position: Position {
-                commit_lsn,
-                change_lsn,
-                offset: coords.offset,
-            },
-            source: SourceInfo {
-                connector: source.connector,
-                name: source.name,
-                db: source.db,
-                ts_ms: source.ts_ms,
-                snapshot: source.snapshot,
-                tx_id: source.tx_id,
-                lsn: source.lsn,
-                sequence: source.sequence,
-            },
+            values: ValueForm::Debezium,
+            position: source.position(coords.offset),
+            source,
             source_json: source_raw.to_owned(),
             transaction: wire.transaction.map(ToOwned::to_owned),
             ts_ms: wire.ts_ms.as_ref().and_then(Value::as_i64),
@@ -383,6 +365,44 @@ impl Decoder {
         let parsed = Arc::new(parsed);
         self.schemas.insert(id, parsed.clone());
         Ok(parsed)
+    }
+}
+
+/// The typed parts and the table of a Debezium `source` block.
+pub fn parse_source(raw: &RawValue) -> Result<(SourceInfo, TableId), String> {
+    let source: WireSource = serde_json::from_str(raw.get())
+        .map_err(|e| format!("envelope source block is malformed: {e}"))?;
+    let (Some(schema_name), Some(table_name)) = (source.schema, source.table) else {
+        return Err("envelope source block names no schema/table".into());
+    };
+    Ok((
+        SourceInfo {
+            connector: source.connector,
+            name: source.name,
+            db: source.db,
+            ts_ms: source.ts_ms,
+            snapshot: source.snapshot,
+            tx_id: source.tx_id,
+            lsn: source.lsn,
+            sequence: source.sequence,
+        },
+        TableId::new(schema_name, table_name),
+    ))
+}
+
+impl SourceInfo {
+    /// The ordering position of a change at `offset` (see [`Position`]).
+    pub fn position(&self, offset: i64) -> Position {
+        let (seq_commit, seq_change) = self
+            .sequence
+            .as_deref()
+            .map_or((None, None), parse_sequence);
+        let change_lsn = seq_change.or(self.lsn).unwrap_or(0);
+        Position {
+            commit_lsn: seq_commit.unwrap_or(change_lsn),
+            change_lsn,
+            offset,
+        }
     }
 }
 

@@ -1,10 +1,11 @@
 //! Column types of a captured table, from the Connect schema when the envelope carries one and
 //! inferred from JSON values otherwise. Sinks map these to PostgreSQL and Arrow types.
 
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// The logical type of one source column.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ColumnType {
     Boolean,
     Int16,
@@ -34,7 +35,7 @@ pub enum ColumnType {
     Unknown,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum TimeUnit {
     Millis,
     Micros,
@@ -52,18 +53,22 @@ impl TimeUnit {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Column {
     pub name: String,
     pub ty: ColumnType,
 }
 
 /// The columns of `before`/`after`, in source order.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 pub struct RowSchema {
     pub columns: Vec<Column>,
     /// True when the types came from a Connect schema rather than inference.
     pub declared: bool,
+    /// Stable fingerprint of a declared schema ([`RowSchema::fingerprint`]), under which the
+    /// raw log stores it once (`cdc_raw.cdc_row_schemas`) so that a replay gets the same types.
+    #[serde(skip)]
+    pub id: Option<i64>,
 }
 
 impl RowSchema {
@@ -82,7 +87,30 @@ impl RowSchema {
                 })
                 .collect(),
             declared: false,
+            id: None,
         }
+    }
+
+    /// The types of a schemaless change: inferred from `after`, or `before` for deletes.
+    /// The decoder and a replay from the raw log both use this, so they type alike.
+    pub fn infer_change(
+        before: Option<&serde_json::Map<String, Value>>,
+        after: Option<&serde_json::Map<String, Value>>,
+    ) -> RowSchema {
+        after.or(before).map(RowSchema::infer).unwrap_or_default()
+    }
+
+    /// A fingerprint of the columns and types that does not change between builds or
+    /// machines (FNV-1a over the JSON form), so the raw log can refer to a schema by it.
+    pub fn fingerprint(&self) -> i64 {
+        let text = serde_json::to_string(&(&self.columns, self.declared))
+            .expect("a schema always serializes");
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in text.bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        h as i64
     }
 
     /// Parses the Connect schema of the row struct (`after`/`before` field of the envelope
@@ -106,10 +134,13 @@ impl RowSchema {
                 })
             })
             .collect();
-        Some(RowSchema {
+        let mut schema = RowSchema {
             columns,
             declared: true,
-        })
+            id: None,
+        };
+        schema.id = Some(schema.fingerprint());
+        Some(schema)
     }
 
     /// Merges the columns of `other` into `self`: new columns are appended, unknown types
@@ -132,6 +163,9 @@ impl RowSchema {
             }
         }
         self.declared &= other.declared;
+        if changed {
+            self.id = None;
+        }
         changed
     }
 }

@@ -94,8 +94,9 @@ fn time_string(micros: i64) -> Result<String, ValueError> {
 /// Days since the epoch → `YYYY-MM-DD`.
 fn date_string(days: i64) -> Result<String, ValueError> {
     let epoch = NaiveDate::from_ymd_opt(1970, 1, 1).expect("valid date");
-    epoch
-        .checked_add_signed(TimeDelta::days(days))
+    // try_days: TimeDelta::days panics beyond ±2^63 ms (found by tools/fuzz).
+    TimeDelta::try_days(days)
+        .and_then(|delta| epoch.checked_add_signed(delta))
         .map(|d| d.format("%Y-%m-%d").to_string())
         .ok_or(ValueError::OutOfRange(days))
 }
@@ -192,6 +193,16 @@ mod tests {
     use super::*;
     use crate::envelope::schema::TimeUnit;
     use serde_json::json;
+
+    #[test]
+    fn absurd_dates_are_out_of_range_not_a_panic() {
+        // Found by tools/fuzz: a Date of i64::MAX days used to panic inside chrono.
+        assert_eq!(date_string(0).unwrap(), "1970-01-01");
+        assert_eq!(date_string(-1).unwrap(), "1969-12-31");
+        for days in [i64::MAX, i64::MIN, 1 << 40] {
+            assert!(matches!(date_string(days), Err(ValueError::OutOfRange(_))));
+        }
+    }
 
     #[test]
     fn decimals_decode_exactly() {

@@ -45,8 +45,11 @@ pub enum SinkError {
         #[source]
         source: object_store::Error,
     },
-    #[error("lake: cannot encode {table}: {reason}")]
+    #[error("cannot encode {table}: {reason}")]
     Encode { table: String, reason: String },
+    /// A value of one change cannot be converted for its column (bad data, not an outage).
+    #[error("cannot convert a value of {table}: {reason}")]
+    Value { table: String, reason: String },
     #[error("lake: manifest {path} is corrupt: {reason}")]
     Manifest { path: String, reason: String },
     #[error("{sink}: {tp} moved to another owner (checkpoint {theirs} is ahead of ours)")]
@@ -76,9 +79,10 @@ impl SinkError {
                 }
             },
             SinkError::ObjectStore { .. } => true,
-            SinkError::Encode { .. } | SinkError::Manifest { .. } | SinkError::Fenced { .. } => {
-                false
-            }
+            SinkError::Encode { .. }
+            | SinkError::Value { .. }
+            | SinkError::Manifest { .. }
+            | SinkError::Fenced { .. } => false,
         }
     }
 

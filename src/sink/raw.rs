@@ -2,23 +2,25 @@
 //! written with binary COPY, with the checkpoint advanced in the same transaction.
 
 use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use postgres_types::{Json, ToSql, Type};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Transaction};
 
 use super::{checkpoint, Ack, Offsets, Sink, SinkError, WriteStats};
 use crate::batch::Batch;
 use crate::config::PostgresConfig;
 use crate::domain::TopicPartition;
-use crate::envelope::Decoded;
+use crate::envelope::{Decoded, RowSchema};
 
 pub const NAME: &str = "raw";
 
 const EVENT_COLUMNS: &str = "kafka_topic, kafka_partition, kafka_offset, kafka_timestamp, \
     event_key, operation, source_table, source_db, before_data, after_data, source_metadata, \
-    transaction_data, source_lsn, commit_lsn, event_timestamp, ingested_at";
+    transaction_data, source_lsn, commit_lsn, event_timestamp, ingested_at, row_schema";
 const EVENT_TYPES: &[Type] = &[
     Type::TEXT,
     Type::INT4,
@@ -36,6 +38,7 @@ const EVENT_TYPES: &[Type] = &[
     Type::INT8,
     Type::TIMESTAMPTZ,
     Type::TIMESTAMPTZ,
+    Type::INT8,
 ];
 const REJECT_COLUMNS: &str =
     "kafka_topic, kafka_partition, kafka_offset, kafka_timestamp, raw_key, raw_value, stage, reason";
@@ -54,6 +57,16 @@ pub struct RawSink {
     pg: PostgresConfig,
     consumer: String,
     client: Option<Client>,
+    /// Row schemas known to be in `cdc_raw.cdc_row_schemas` (committed).
+    stored_schemas: HashSet<i64>,
+}
+
+fn pg_err(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SinkError {
+    move |source| SinkError::Postgres {
+        sink: NAME,
+        context: context.into(),
+        source,
+    }
 }
 
 fn ms_to_ts(ms: Option<i64>) -> Option<DateTime<Utc>> {
@@ -66,6 +79,7 @@ impl RawSink {
             pg,
             consumer: consumer.into(),
             client: None,
+            stored_schemas: HashSet::new(),
         }
     }
 
@@ -80,79 +94,17 @@ impl RawSink {
         let ranges = batch.ranges();
         let tps: Vec<TopicPartition> = ranges.keys().cloned().collect();
         let consumer = self.consumer.clone();
+        let new_schemas = self.new_schemas(batch);
         let client = self.client().await?;
-        let err = |context: &'static str| {
-            move |source| SinkError::Postgres {
-                sink: NAME,
-                context: context.into(),
-                source,
-            }
-        };
-        let tx = client.transaction().await.map_err(err("beginning"))?;
+        let tx = client.transaction().await.map_err(pg_err("beginning"))?;
         let stored = checkpoint::lock(&tx, NAME, &consumer, &tps).await?;
         let is_new =
             |tp: &TopicPartition, offset: i64| offset >= stored.get(tp).copied().unwrap_or(0);
 
+        store_schemas(&tx, &new_schemas).await?;
+
         let mut stats = WriteStats::default();
-        let now = Utc::now();
-        let has_changes = batch
-            .records
-            .iter()
-            .any(|r| matches!(r, Decoded::Change(_)));
-        if has_changes {
-            let sink = tx
-                .copy_in(&format!(
-                    "COPY cdc_raw.cdc_events ({EVENT_COLUMNS}) FROM STDIN BINARY"
-                ))
-                .await
-                .map_err(err("starting COPY into cdc_events"))?;
-            let writer = BinaryCopyInWriter::new(sink, EVENT_TYPES);
-            futures::pin_mut!(writer);
-            for r in &batch.records {
-                let Decoded::Change(e) = r else { continue };
-                if !is_new(&e.coords.topic_partition(), e.coords.offset) {
-                    stats.already_stored += 1;
-                    continue;
-                }
-                let before = e
-                    .before
-                    .as_ref()
-                    .map(|b| e.sql_image(b, true).unwrap_or(Cow::Borrowed(b)));
-                let after = e
-                    .after
-                    .as_ref()
-                    .map(|a| e.sql_image(a, true).unwrap_or(Cow::Borrowed(a)));
-                let source_table = e.table.to_string();
-                let row: [&(dyn ToSql + Sync); 16] = [
-                    &e.coords.topic,
-                    &e.coords.partition,
-                    &e.coords.offset,
-                    &ms_to_ts(e.coords.timestamp_ms),
-                    &e.key.as_ref().map(Json),
-                    &e.op.code(),
-                    &source_table,
-                    &e.source.db,
-                    &before.as_ref().map(Json),
-                    &after.as_ref().map(Json),
-                    &Json(&e.source_json),
-                    &e.transaction.as_ref().map(Json),
-                    &e.source.lsn,
-                    &e.position.commit_lsn,
-                    &ms_to_ts(e.event_time_ms()),
-                    &now,
-                ];
-                writer
-                    .as_mut()
-                    .write(&row)
-                    .await
-                    .map_err(err("copying into cdc_events"))?;
-                stats.written += 1;
-            }
-            writer
-                .finish()
-                .await
-                .map_err(err("finishing COPY into cdc_events"))?;
-        }
+        copy_events(&tx, batch, &is_new, &mut stats).await?;
 
         let has_rejects = batch
             .records
@@ -164,7 +116,7 @@ impl RawSink {
                     "COPY cdc_raw.cdc_rejects ({REJECT_COLUMNS}) FROM STDIN BINARY"
                 ))
                 .await
-                .map_err(err("starting COPY into cdc_rejects"))?;
+                .map_err(pg_err("starting COPY into cdc_rejects"))?;
             let writer = BinaryCopyInWriter::new(sink, REJECT_TYPES);
             futures::pin_mut!(writer);
             for r in &batch.records {
@@ -187,13 +139,13 @@ impl RawSink {
                     .as_mut()
                     .write(&row)
                     .await
-                    .map_err(err("copying into cdc_rejects"))?;
+                    .map_err(pg_err("copying into cdc_rejects"))?;
                 *stats.ignored.entry("rejected").or_default() += 1;
             }
             writer
                 .finish()
                 .await
-                .map_err(err("finishing COPY into cdc_rejects"))?;
+                .map_err(pg_err("finishing COPY into cdc_rejects"))?;
         }
         for r in &batch.records {
             if let Decoded::Skip(c, reason) = r {
@@ -207,12 +159,147 @@ impl RawSink {
 
         let next = checkpoint::after_batch(&ranges, &stored);
         checkpoint::advance(&tx, NAME, &consumer, &next).await?;
-        tx.commit().await.map_err(err("committing"))?;
+        tx.commit().await.map_err(pg_err("committing"))?;
+        self.stored_schemas
+            .extend(new_schemas.iter().filter_map(|s| s.id));
         Ok(Ack {
             durable: next.into_iter().collect(),
             stats,
         })
     }
+}
+
+/// COPYs the batch's changes for which `is_new` holds into `cdc_raw.cdc_events`.
+async fn copy_events(
+    tx: &Transaction<'_>,
+    batch: &Batch,
+    is_new: &(dyn Fn(&TopicPartition, i64) -> bool + Sync),
+    stats: &mut WriteStats,
+) -> Result<(), SinkError> {
+    let now = Utc::now();
+    let has_changes = batch
+        .records
+        .iter()
+        .any(|r| matches!(r, Decoded::Change(_)));
+    if has_changes {
+        let sink = tx
+            .copy_in(&format!(
+                "COPY cdc_raw.cdc_events ({EVENT_COLUMNS}) FROM STDIN BINARY"
+            ))
+            .await
+            .map_err(pg_err("starting COPY into cdc_events"))?;
+        let writer = BinaryCopyInWriter::new(sink, EVENT_TYPES);
+        futures::pin_mut!(writer);
+        for r in &batch.records {
+            let Decoded::Change(e) = r else { continue };
+            if !is_new(&e.coords.topic_partition(), e.coords.offset) {
+                stats.already_stored += 1;
+                continue;
+            }
+            let before = e
+                .before
+                .as_ref()
+                .map(|b| e.sql_image(b, true).unwrap_or(Cow::Borrowed(b)));
+            let after = e
+                .after
+                .as_ref()
+                .map(|a| e.sql_image(a, true).unwrap_or(Cow::Borrowed(a)));
+            let source_table = e.table.to_string();
+            let row: [&(dyn ToSql + Sync); 17] = [
+                &e.coords.topic,
+                &e.coords.partition,
+                &e.coords.offset,
+                &ms_to_ts(e.coords.timestamp_ms),
+                &e.key.as_ref().map(Json),
+                &e.op.code(),
+                &source_table,
+                &e.source.db,
+                &before.as_ref().map(Json),
+                &after.as_ref().map(Json),
+                &Json(&e.source_json),
+                &e.transaction.as_ref().map(Json),
+                &e.source.lsn,
+                &e.position.commit_lsn,
+                &ms_to_ts(e.event_time_ms()),
+                &now,
+                &e.schema.id,
+            ];
+            writer
+                .as_mut()
+                .write(&row)
+                .await
+                .map_err(pg_err("copying into cdc_events"))?;
+            stats.written += 1;
+        }
+        writer
+            .finish()
+            .await
+            .map_err(pg_err("finishing COPY into cdc_events"))?;
+    }
+    Ok(())
+}
+
+impl RawSink {
+    /// Stores changes outside the checkpoint (rejects that decode now) and deletes their
+    /// decode-stage reject rows, in one transaction.
+    pub async fn store_reprocessed(&mut self, batch: &Batch) -> Result<u64, SinkError> {
+        let new_schemas = self.new_schemas(batch);
+        let client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_err("beginning"))?;
+        store_schemas(&tx, &new_schemas).await?;
+        let mut stats = WriteStats::default();
+        copy_events(&tx, batch, &|_, _| true, &mut stats).await?;
+        for r in &batch.records {
+            let c = r.coords();
+            tx.execute(
+                "DELETE FROM cdc_raw.cdc_rejects
+                  WHERE kafka_topic = $1 AND kafka_partition = $2 AND kafka_offset = $3 AND stage = 'decode'",
+                &[&c.topic, &c.partition, &c.offset],
+            )
+            .await
+            .map_err(pg_err("deleting a reprocessed reject"))?;
+        }
+        tx.commit().await.map_err(pg_err("committing"))?;
+        self.stored_schemas
+            .extend(new_schemas.iter().filter_map(|s| s.id));
+        Ok(stats.written)
+    }
+
+    /// Declared schemas of this batch's changes that this sink has not stored yet.
+    fn new_schemas(&self, batch: &Batch) -> Vec<Arc<RowSchema>> {
+        let mut seen: HashMap<i64, Arc<RowSchema>> = HashMap::new();
+        for r in &batch.records {
+            if let Decoded::Change(e) = r {
+                if let Some(id) = e.schema.id {
+                    if !self.stored_schemas.contains(&id) {
+                        seen.entry(id).or_insert_with(|| e.schema.clone());
+                    }
+                }
+            }
+        }
+        seen.into_values().collect()
+    }
+}
+
+/// Stores row schemas in the batch's transaction, so no event refers to a missing schema.
+async fn store_schemas(
+    tx: &tokio_postgres::Transaction<'_>,
+    schemas: &[Arc<RowSchema>],
+) -> Result<(), SinkError> {
+    if schemas.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<i64> = schemas.iter().filter_map(|s| s.id).collect();
+    let columns: Vec<Json<&Vec<crate::envelope::Column>>> =
+        schemas.iter().map(|s| Json(&s.columns)).collect();
+    tx.execute(
+        "INSERT INTO cdc_raw.cdc_row_schemas (id, columns)
+         SELECT * FROM unnest($1::bigint[], $2::jsonb[]) ON CONFLICT DO NOTHING",
+        &[&ids, &columns],
+    )
+    .await
+    .map_err(pg_err("storing row schemas"))?;
+    Ok(())
 }
 
 impl Sink for RawSink {

@@ -18,7 +18,7 @@ use tokio_postgres::{Client, Transaction};
 use super::ident::quote_ident;
 use super::{checkpoint, Ack, Offsets, Sink, SinkError, WriteStats};
 use crate::batch::Batch;
-use crate::config::{DeleteMode, PostgresConfig, StateConfig};
+use crate::config::{DeleteMode, PostgresConfig, StateConfig, Target, PROCESSED_TARGET};
 use crate::domain::{TableId, TopicPartition};
 use crate::envelope::{ChangeEvent, ColumnType, Decoded, Op, RowSchema, TimeUnit};
 
@@ -109,18 +109,25 @@ struct Mirror {
 }
 
 pub struct StateSink {
+    /// `state`, or `state:<target>` for a named target: the checkpoint rows' sink name.
+    name: &'static str,
     pg: PostgresConfig,
     consumer: String,
     schema: String,
     delete_mode: DeleteMode,
+    /// Configured key columns of keyless source tables, by `schema.table`.
+    key_columns: BTreeMap<String, Vec<String>>,
     client: Option<Client>,
     mirrors: HashMap<TableId, Mirror>,
 }
 
-fn pg_err(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> SinkError {
+fn pg_err(
+    sink: &'static str,
+    context: impl Into<String>,
+) -> impl FnOnce(tokio_postgres::Error) -> SinkError {
     let context = context.into();
     move |source| SinkError::Postgres {
-        sink: NAME,
+        sink,
         context,
         source,
     }
@@ -130,6 +137,7 @@ fn pg_err(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> S
 /// to the database being unavailable.
 fn is_data_error(e: &SinkError) -> bool {
     match e {
+        SinkError::Value { .. } => true,
         SinkError::Postgres { source, .. } => source.code().is_some_and(|c| {
             let c = c.code();
             (c.starts_with("22") || c.starts_with("23") || c == "42804") && c != "23505"
@@ -141,25 +149,54 @@ fn is_data_error(e: &SinkError) -> bool {
 impl StateSink {
     pub fn new(pg: PostgresConfig, cfg: &StateConfig, consumer: impl Into<String>) -> Self {
         Self {
+            name: NAME,
             pg,
             consumer: consumer.into(),
             schema: cfg.schema.clone(),
             delete_mode: cfg.delete_mode,
+            key_columns: cfg.key_columns.clone(),
             client: None,
             mirrors: HashMap::new(),
         }
     }
 
+    /// The sink of a configured target (`[state]` or `[targets.<name>]`).
+    pub fn for_target(target: &Target, consumer: impl Into<String>) -> Self {
+        let mut sink = Self::new(target.postgres.clone(), &target.state, consumer);
+        if target.name != PROCESSED_TARGET {
+            // One name per configured target for the life of the process: leaking it gives
+            // the `&'static str` that errors and metrics carry.
+            sink.name = Box::leak(target.sink_name().into_boxed_str());
+        }
+        sink
+    }
+
+    /// The schema holding this target's mirrors.
+    pub fn schema(&self) -> &str {
+        &self.schema
+    }
+
+    /// The connection, opened (with the staging table) if needed.
+    pub async fn client(&mut self) -> Result<&mut Client, SinkError> {
+        self.connect().await?;
+        Ok(self.client.as_mut().expect("connected"))
+    }
+
+    /// Forgets cached table definitions (after a replay dropped or emptied tables).
+    pub fn forget_tables(&mut self) {
+        self.mirrors.clear();
+    }
+
     async fn connect(&mut self) -> Result<(), SinkError> {
         if self.client.as_ref().is_none_or(Client::is_closed) {
-            let client = super::connect(&self.pg, NAME).await?;
+            let client = super::connect(&self.pg, self.name).await?;
             client
                 .batch_execute(&format!(
                     "CREATE SCHEMA IF NOT EXISTS {}; {STAGE_DDL}",
                     quote_ident(&self.schema).expect("validated in config")
                 ))
                 .await
-                .map_err(pg_err("creating the staging table"))?;
+                .map_err(pg_err(self.name, "creating the staging table"))?;
             self.client = Some(client);
             // Another pod may have changed the tables meanwhile: re-read them.
             self.mirrors.clear();
@@ -167,14 +204,36 @@ impl StateSink {
         Ok(())
     }
 
-    async fn write_inner(&mut self, batch: &Batch) -> Result<Ack, SinkError> {
+    /// Applies a batch from a replay: every change, whatever the checkpoint, which stays as it
+    /// is (the ordering guard keeps rows from moving backwards). Same apply code as live.
+    pub async fn apply_replay(&mut self, batch: &Batch) -> Result<WriteStats, SinkError> {
+        if batch.is_empty() {
+            return Ok(WriteStats::default());
+        }
+        let result = self.write_inner(batch, false).await;
+        if result.as_ref().is_err_and(SinkError::needs_reconnect) {
+            self.client = None;
+        }
+        result.map(|ack| ack.stats)
+    }
+
+    /// One transaction: the batch's changes, and with `checkpointed` the checkpoint rows
+    /// (locked first; records below them skipped; advanced at the end).
+    async fn write_inner(&mut self, batch: &Batch, checkpointed: bool) -> Result<Ack, SinkError> {
         self.connect().await?;
         let ranges = batch.ranges();
         let tps: Vec<TopicPartition> = ranges.keys().cloned().collect();
         let mut client = self.client.take().expect("connected");
         let result = async {
-            let tx = client.transaction().await.map_err(pg_err("beginning"))?;
-            let stored = checkpoint::lock(&tx, NAME, &self.consumer, &tps).await?;
+            let tx = client
+                .transaction()
+                .await
+                .map_err(pg_err(self.name, "beginning"))?;
+            let stored = if checkpointed {
+                checkpoint::lock(&tx, self.name, &self.consumer, &tps).await?
+            } else {
+                Offsets::new()
+            };
             let mut stats = WriteStats::default();
 
             // Changes per table, in Kafka order.
@@ -198,8 +257,10 @@ impl StateSink {
             }
 
             let next = checkpoint::after_batch(&ranges, &stored);
-            checkpoint::advance(&tx, NAME, &self.consumer, &next).await?;
-            tx.commit().await.map_err(pg_err("committing"))?;
+            if checkpointed {
+                checkpoint::advance(&tx, self.name, &self.consumer, &next).await?;
+            }
+            tx.commit().await.map_err(pg_err(self.name, "committing"))?;
             Ok(Ack {
                 durable: next.into_iter().collect(),
                 stats,
@@ -222,8 +283,30 @@ impl StateSink {
         events: &[&ChangeEvent],
         stats: &mut WriteStats,
     ) -> Result<(), SinkError> {
-        let mut pending: Vec<&ChangeEvent> = Vec::new();
+        // Keyless tables: a key from the configured columns, or a reject that says how to
+        // configure one. Raw log and lake keep these changes either way.
+        let mut keyed: Vec<Cow<ChangeEvent>> = Vec::with_capacity(events.len());
         for e in events {
+            if e.key.as_ref().is_some_and(Value::is_object)
+                || matches!(e.op, Op::Message | Op::Truncate)
+            {
+                keyed.push(Cow::Borrowed(*e));
+                continue;
+            }
+            match self.configured_key(table, e) {
+                Ok(key) => {
+                    let mut owned = (*e).clone();
+                    owned.key = Some(Value::Object(key));
+                    keyed.push(Cow::Owned(owned));
+                }
+                Err(reason) => {
+                    reject(tx, self.name, e, &reason).await?;
+                    *stats.ignored.entry("no_primary_key").or_default() += 1;
+                }
+            }
+        }
+        let mut pending: Vec<&ChangeEvent> = Vec::new();
+        for e in keyed.iter().map(|c| c.as_ref()) {
             match e.op {
                 Op::Message => *stats.ignored.entry("logical_message").or_default() += 1,
                 Op::Truncate => {
@@ -234,9 +317,6 @@ impl StateSink {
                 }
                 Op::Delete if self.delete_mode == DeleteMode::Ignore => {
                     *stats.ignored.entry("delete_ignored").or_default() += 1
-                }
-                _ if e.key.as_ref().is_none_or(|k| !k.is_object()) => {
-                    *stats.ignored.entry("no_primary_key").or_default() += 1
                 }
                 _ => pending.push(e),
             }
@@ -257,10 +337,24 @@ impl StateSink {
         if events.is_empty() {
             return Ok(());
         }
-        self.ensure_mirror(tx, table, events).await?;
+        match self.ensure_mirror(tx, table, events).await {
+            Ok(()) => {}
+            Err(e @ SinkError::Encode { .. }) => {
+                // The table cannot be mirrored (a column name cdc-lake cannot use): its changes
+                // go to rejects with the reason, and the pipeline goes on.
+                self.mirrors.remove(table);
+                let reason = e.to_string();
+                for ev in events {
+                    reject(tx, self.name, ev, &reason).await?;
+                }
+                *stats.ignored.entry("rejected_by_state").or_default() += events.len() as u64;
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        }
         tx.batch_execute("SAVEPOINT cdc_apply")
             .await
-            .map_err(pg_err("savepoint"))?;
+            .map_err(pg_err(self.name, "savepoint"))?;
         match self.stage_and_merge(tx, table, events).await {
             Ok(()) => {
                 stats.written += events.len() as u64;
@@ -273,11 +367,11 @@ impl StateSink {
         }
         tx.batch_execute("ROLLBACK TO SAVEPOINT cdc_apply")
             .await
-            .map_err(pg_err("rolling back to savepoint"))?;
+            .map_err(pg_err(self.name, "rolling back to savepoint"))?;
         for e in events {
             tx.batch_execute("SAVEPOINT cdc_one")
                 .await
-                .map_err(pg_err("savepoint"))?;
+                .map_err(pg_err(self.name, "savepoint"))?;
             match self
                 .stage_and_merge(tx, table, std::slice::from_ref(e))
                 .await
@@ -286,10 +380,14 @@ impl StateSink {
                 Err(err) if is_data_error(&err) => {
                     tx.batch_execute("ROLLBACK TO SAVEPOINT cdc_one")
                         .await
-                        .map_err(pg_err("rolling back to savepoint"))?;
+                        .map_err(pg_err(self.name, "rolling back to savepoint"))?;
+                    let column = match self.bad_column(tx, table, e).await {
+                        Some(c) => format!(" column {c}"),
+                        None => String::new(),
+                    };
                     let reason = match &err {
                         SinkError::Postgres { source, .. } => format!(
-                            "cannot apply to {}.{}: {}",
+                            "cannot apply to {}.{}{column}: {}",
                             self.schema,
                             mirror_name(table),
                             source
@@ -298,13 +396,72 @@ impl StateSink {
                         ),
                         other => other.to_string(),
                     };
-                    reject(tx, e, &reason).await?;
+                    reject(tx, self.name, e, &reason).await?;
                     *stats.ignored.entry("rejected_by_state").or_default() += 1;
                 }
                 Err(err) => return Err(err),
             }
         }
         Ok(())
+    }
+
+    /// The key of a change of a keyless table, from `key_columns`; the error is the reject
+    /// reason.
+    fn configured_key(
+        &self,
+        table: &TableId,
+        e: &ChangeEvent,
+    ) -> Result<Map<String, Value>, String> {
+        let name = table.to_string();
+        let Some(columns) = self.key_columns.get(&name) else {
+            return Err(format!(
+                "{name} has no primary key: set {}key_columns.\"{name}\" = [\"col\", ...] to mirror it (raw log and lake keep it)",
+                if self.name == NAME { "state.".to_string() } else { format!("targets.{}.", self.name.trim_start_matches("state:")) }
+            ));
+        };
+        let row = e.row().ok_or_else(|| {
+            format!("{name}: change without a row image to take key columns from")
+        })?;
+        columns
+            .iter()
+            .map(|c| match row.get(c) {
+                Some(v) if !v.is_null() => Ok((c.clone(), v.clone())),
+                _ => Err(format!(
+                    "{name}: key column {c} (state key_columns) is missing or null in this change; deletes of keyless tables need REPLICA IDENTITY FULL"
+                )),
+            })
+            .collect()
+    }
+
+    /// The first column of a change whose value its mirror column cannot hold, found by
+    /// converting one value at a time (only on the error path), so the reject names it.
+    async fn bad_column(
+        &self,
+        tx: &Transaction<'_>,
+        table: &TableId,
+        e: &ChangeEvent,
+    ) -> Option<String> {
+        let mirror = self.mirrors.get(table)?;
+        let row = e.after.as_ref().and_then(|a| e.sql_image(a, false).ok())?;
+        let probe = format!(
+            "SELECT jsonb_populate_record(NULL::{}, $1)",
+            mirror.qualified
+        );
+        for (col, v) in row.iter() {
+            if !mirror.columns.contains(col) {
+                continue;
+            }
+            tx.batch_execute("SAVEPOINT cdc_probe").await.ok()?;
+            let one = serde_json::json!({ col: v });
+            let fits = tx.execute(&probe, &[&Json(&one)]).await.is_ok();
+            tx.batch_execute("ROLLBACK TO SAVEPOINT cdc_probe")
+                .await
+                .ok()?;
+            if !fits {
+                return Some(col.clone());
+            }
+        }
+        None
     }
 
     /// Creates the mirror or adds columns that appeared in these changes.
@@ -341,7 +498,7 @@ impl StateSink {
                     &[&qualified],
                 )
                 .await
-                .map_err(pg_err(format!("reading columns of {qualified}")))?;
+                .map_err(pg_err(self.name, format!("reading columns of {qualified}")))?;
             let existing: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
             let key: Vec<String> = events
                 .iter()
@@ -395,7 +552,7 @@ impl StateSink {
                     pk.join(", ")
                 ))
                 .await
-                .map_err(pg_err(format!("creating {qualified}")))?;
+                .map_err(pg_err(self.name, format!("creating {qualified}")))?;
                 tracing::info!(table = %qualified, key = ?key, "created mirror table");
                 created
             } else {
@@ -436,7 +593,10 @@ impl StateSink {
                 added.join(", ")
             ))
             .await
-            .map_err(pg_err(format!("adding columns to {}", mirror.qualified)))?;
+            .map_err(pg_err(
+                self.name,
+                format!("adding columns to {}", mirror.qualified),
+            ))?;
             mirror.merge_sql = None;
             tracing::info!(table = %mirror.qualified, columns = added.len(), "added mirror columns");
         }
@@ -449,29 +609,35 @@ impl StateSink {
         table: &TableId,
         events: &[&ChangeEvent],
     ) -> Result<(), SinkError> {
-        tx.batch_execute("TRUNCATE pg_temp.cdc_stage")
-            .await
-            .map_err(pg_err("clearing the staging table"))?;
-        let sink = tx
-            .copy_in("COPY pg_temp.cdc_stage FROM STDIN BINARY")
-            .await
-            .map_err(pg_err("starting COPY into staging"))?;
-        let writer = BinaryCopyInWriter::new(sink, STAGE_TYPES);
-        futures::pin_mut!(writer);
+        // Convert every row before the COPY starts: a value that cannot be converted fails
+        // this set cleanly, and the one-by-one fallback rejects just that change.
+        let mut rows: Vec<Cow<Map<String, Value>>> = Vec::with_capacity(events.len());
         for e in events {
             let key = e.key.as_ref().expect("keyless changes are filtered out");
-            let row: Cow<Map<String, Value>> = match (e.op, &e.after) {
+            rows.push(match (e.op, &e.after) {
                 (Op::Delete, _) | (_, None) => {
                     Cow::Borrowed(key.as_object().expect("non-object keys are filtered out"))
                 }
                 (_, Some(after)) => {
                     e.sql_image(after, false)
-                        .map_err(|reason| SinkError::Encode {
+                        .map_err(|reason| SinkError::Value {
                             table: table.to_string(),
                             reason,
                         })?
                 }
-            };
+            });
+        }
+        tx.batch_execute("TRUNCATE pg_temp.cdc_stage")
+            .await
+            .map_err(pg_err(self.name, "clearing the staging table"))?;
+        let sink = tx
+            .copy_in("COPY pg_temp.cdc_stage FROM STDIN BINARY")
+            .await
+            .map_err(pg_err(self.name, "starting COPY into staging"))?;
+        let writer = BinaryCopyInWriter::new(sink, STAGE_TYPES);
+        futures::pin_mut!(writer);
+        for (e, row) in events.iter().zip(&rows) {
+            let key = e.key.as_ref().expect("keyless changes are filtered out");
             let ts = e.source.ts_ms.and_then(DateTime::from_timestamp_millis);
             let op = if e.op == Op::Delete { "d" } else { e.op.code() };
             let values: [&(dyn ToSql + Sync); 8] = [
@@ -488,21 +654,22 @@ impl StateSink {
                 .as_mut()
                 .write(&values)
                 .await
-                .map_err(pg_err("copying into staging"))?;
+                .map_err(pg_err(self.name, "copying into staging"))?;
         }
         writer
             .finish()
             .await
-            .map_err(pg_err("finishing COPY into staging"))?;
+            .map_err(pg_err(self.name, "finishing COPY into staging"))?;
 
         let mirror = self.mirrors.get_mut(table).expect("ensured before");
         if mirror.merge_sql.is_none() {
             mirror.merge_sql = Some(merge_sql(mirror, self.delete_mode));
         }
         let sql = mirror.merge_sql.as_deref().expect("built above");
-        tx.execute(sql, &[])
-            .await
-            .map_err(pg_err(format!("merging into {}", mirror.qualified)))?;
+        tx.execute(sql, &[]).await.map_err(pg_err(
+            self.name,
+            format!("merging into {}", mirror.qualified),
+        ))?;
         Ok(())
     }
 
@@ -530,7 +697,10 @@ impl StateSink {
             ],
         )
         .await
-        .map_err(pg_err(format!("truncating {}", mirror.qualified)))?;
+        .map_err(pg_err(
+            self.name,
+            format!("truncating {}", mirror.qualified),
+        ))?;
         Ok(())
     }
 }
@@ -609,7 +779,12 @@ fn merge_sql(m: &Mirror, delete_mode: DeleteMode) -> String {
 }
 
 /// Records a change the mirror cannot take, with the reason, in the same transaction.
-async fn reject(tx: &Transaction<'_>, e: &ChangeEvent, reason: &str) -> Result<(), SinkError> {
+async fn reject(
+    tx: &Transaction<'_>,
+    sink: &'static str,
+    e: &ChangeEvent,
+    reason: &str,
+) -> Result<(), SinkError> {
     tx.execute(
         "INSERT INTO cdc_raw.cdc_rejects
              (kafka_topic, kafka_partition, kafka_offset, kafka_timestamp, raw_key, raw_value, stage, reason)
@@ -626,26 +801,26 @@ async fn reject(tx: &Transaction<'_>, e: &ChangeEvent, reason: &str) -> Result<(
         ],
     )
     .await
-    .map_err(pg_err("recording a reject"))?;
+    .map_err(pg_err(sink, "recording a reject"))?;
     Ok(())
 }
 
 impl Sink for StateSink {
     fn name(&self) -> &'static str {
-        NAME
+        self.name
     }
 
     async fn checkpoints(&mut self, partitions: &[TopicPartition]) -> Result<Offsets, SinkError> {
         self.connect().await?;
         let client = self.client.as_ref().expect("connected");
-        checkpoint::load(client, NAME, &self.consumer, partitions).await
+        checkpoint::load(client, self.name, &self.consumer, partitions).await
     }
 
     async fn write(&mut self, batch: &Batch) -> Result<Ack, SinkError> {
         if batch.is_empty() {
             return Ok(Ack::default());
         }
-        let result = self.write_inner(batch).await;
+        let result = self.write_inner(batch, true).await;
         if result.as_ref().is_err_and(SinkError::needs_reconnect) {
             self.client = None;
         }

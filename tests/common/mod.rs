@@ -2,7 +2,7 @@
 //! `tools/test` (or `tools/up`): PostgreSQL, the tansu broker and the moto S3 server.
 #![allow(dead_code)]
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -372,4 +372,64 @@ pub async fn raw_coords(client: &Client) -> Vec<(String, i32, i64, i64)> {
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
         .collect()
+}
+
+/// A stream of order envelopes in the seeds' schemaless format: each order is created, shipped,
+/// and every tenth one deleted. Returns the records and the final status per order id.
+pub fn order_stream(prefix: &str, orders: usize) -> (Vec<Fixture>, BTreeMap<String, String>) {
+    let mut records = Vec::new();
+    let mut last: BTreeMap<String, String> = BTreeMap::new();
+    let mut lsn = 40_000_000i64;
+    let mut next_offset = [0i64; 4];
+    let mut push = |id: &str,
+                    op: &str,
+                    status: Option<&str>,
+                    lsn: i64,
+                    records: &mut Vec<Fixture>| {
+        let partition = (id.bytes().map(u32::from).sum::<u32>() % 4) as i32;
+        let row = |s: &str| {
+            format!(
+                r#"{{"id":"{id}","user_id":"u1","total":12.5,"status":"{s}","created_at":1709375445123}}"#
+            )
+        };
+        let (before, after) = match (op, status) {
+            ("d", _) => (
+                format!(
+                    r#"{{"id":"{id}","user_id":null,"total":null,"status":null,"created_at":null}}"#
+                ),
+                "null".to_string(),
+            ),
+            (_, Some(s)) => ("null".to_string(), row(s)),
+            _ => unreachable!(),
+        };
+        let value = format!(
+            r#"{{"before":{before},"after":{after},"source":{{"version":"3.6.3.Final","connector":"postgresql","name":"{prefix}","ts_ms":1795239028962,"snapshot":"false","db":"ecomdb","sequence":"[\"{lsn}\",\"{lsn}\"]","schema":"public","table":"orders","txId":766,"lsn":{lsn},"xmin":null}},"transaction":null,"op":"{op}","ts_ms":1795239029422}}"#
+        );
+        records.push(Fixture {
+            topic: format!("{prefix}.public.orders"),
+            partition,
+            offset: next_offset[partition as usize],
+            key: Some(format!(r#"{{"id":"{id}"}}"#)),
+            value: Some(value),
+        });
+        next_offset[partition as usize] += 1;
+    };
+    for i in 0..orders {
+        let id = format!("00000000-0000-0000-0000-{i:012}");
+        lsn += 100;
+        push(&id, "c", Some("CONFIRMED"), lsn, &mut records);
+        last.insert(id.clone(), "CONFIRMED".into());
+    }
+    for i in 0..orders {
+        let id = format!("00000000-0000-0000-0000-{i:012}");
+        lsn += 100;
+        if i % 10 == 0 {
+            push(&id, "d", None, lsn, &mut records);
+            last.remove(&id);
+        } else {
+            push(&id, "u", Some("SHIPPED"), lsn, &mut records);
+            last.insert(id.clone(), "SHIPPED".into());
+        }
+    }
+    (records, last)
 }

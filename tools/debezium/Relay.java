@@ -41,12 +41,22 @@ public class Relay {
         DebeziumEngine<ChangeEvent<String, String>> engine = DebeziumEngine.create(Json.class)
             .using(props)
             .notifying((records, committer) -> {
+                java.util.List<java.util.concurrent.Future<?>> sent = new java.util.ArrayList<>();
                 for (ChangeEvent<String, String> r : records) {
-                    producer.send(new ProducerRecord<>(r.destination(), r.key(), r.value()));
-                    committer.markProcessed(r);
+                    sent.add(producer.send(new ProducerRecord<>(r.destination(), r.key(), r.value())));
                 }
-                // Debezium may only record its source offset once the broker has the records.
+                // Debezium may only record its source offset once the broker has the records:
+                // a failed send fails the batch (get() throws) and the engine stops without
+                // committing it, so a restart sends it again instead of losing it.
                 producer.flush();
+                for (java.util.concurrent.Future<?> f : sent) {
+                    try {
+                        f.get();
+                    } catch (java.util.concurrent.ExecutionException e) {
+                        throw new RuntimeException("relay: the broker did not take a record", e.getCause());
+                    }
+                }
+                for (ChangeEvent<String, String> r : records) committer.markProcessed(r);
                 committer.markBatchFinished();
             })
             .using((success, message, error) -> {

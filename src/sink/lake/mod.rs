@@ -36,10 +36,22 @@ pub fn open_store(cfg: &LakeConfig) -> Result<(Arc<dyn ObjectStore>, String), Si
     let err = |path: String| move |source| SinkError::ObjectStore { path, source };
     match &cfg.s3 {
         Some(s3) => {
+            // The pipeline retries failed writes with its own backoff and reports readiness, so
+            // the client's internal retries stay short: an outage must surface, not hide.
+            let retry = object_store::RetryConfig {
+                max_retries: 1,
+                retry_timeout: s3.request_timeout.0 * 2,
+                ..Default::default()
+            };
+            // Client options first: allow_http lives in them, so setting them later resets it.
             let mut b = AmazonS3Builder::new()
+                .with_client_options(
+                    object_store::ClientOptions::new().with_timeout(s3.request_timeout.0),
+                )
                 .with_bucket_name(&s3.bucket)
                 .with_region(&s3.region)
-                .with_allow_http(s3.allow_http);
+                .with_allow_http(s3.allow_http)
+                .with_retry(retry);
             if let Some(endpoint) = &s3.endpoint {
                 // MinIO and other S3-compatible servers want path-style requests.
                 b = b
@@ -401,7 +413,10 @@ impl Sink for LakeSink {
             let coords = r.coords();
             let tp = coords.topic_partition();
             let st = self.partitions.get_mut(&tp).expect("recovered above");
-            if st.committed_next.is_some_and(|n| coords.offset < n) {
+            // Below the commit: stored. Below what was seen: already buffered, e.g. when the
+            // pipeline retries a batch whose commit failed (an S3 outage) after buffering it.
+            let below = |next: Option<i64>| next.is_some_and(|n| coords.offset < n);
+            if below(st.committed_next) || below(st.seen_next) {
                 stats.already_stored += 1;
                 continue;
             }

@@ -1,0 +1,41 @@
+//! What every binary does around its command: load the config before any I/O, start the
+//! runtime, and end in one line a human can act on with a meaningful exit code (2: the config or
+//! arguments are wrong, 1: the command failed).
+
+use std::future::Future;
+use std::path::Path;
+use std::process::ExitCode;
+
+use crate::config::Config;
+
+pub fn run<F, Fut>(program: &str, config_path: Option<&Path>, command: F) -> ExitCode
+where
+    F: FnOnce(Config) -> Fut,
+    Fut: Future<Output = anyhow::Result<ExitCode>>,
+{
+    crate::telemetry::init_logging();
+    let config = match Config::load(config_path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{program}: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{program}: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(command(config)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("{program}: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,439 @@
+//! Where a replay reads changes from: the raw log in PostgreSQL, or the lake's Parquet files.
+//!
+//! Both readers yield changes partition by partition in offset order, which keeps every key's
+//! changes in order (a key lives in one partition). The raw log stores values already converted
+//! for PostgreSQL plus each declared row schema; the lake stores the envelope as received, which
+//! is decoded again with the live decoder.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use futures::{pin_mut, TryStreamExt};
+use object_store::path::Path;
+use object_store::ObjectStore;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::ProjectionMask;
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+use tokio::sync::mpsc;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::Client;
+
+use super::Selection;
+use crate::domain::{KafkaCoordinates, TableId, TopicPartition};
+use crate::envelope::{
+    parse_source, ChangeEvent, Column, Decoded, Decoder, Op, RowSchema, ValueForm,
+};
+use crate::sink::lake::manifest::{Commit, Layout};
+use crate::sink::lake::read_commits;
+
+/// What a selection covers, known before anything is written.
+#[derive(Debug, Default, Clone)]
+pub struct Plan {
+    /// Per partition: (first, last) offset of the selected changes.
+    pub partitions: BTreeMap<TopicPartition, (i64, i64)>,
+    /// Source tables (`schema.table`) with selected changes.
+    pub tables: BTreeSet<TableId>,
+    /// Number of selected changes (before the `--until` filter for the lake, which needs
+    /// the envelopes).
+    pub events: u64,
+}
+
+/// Chunks of changes in replay order; the reader stops when the receiver is dropped.
+pub type Chunks = mpsc::Receiver<anyhow::Result<Vec<Decoded>>>;
+
+const CHUNK: usize = 5_000;
+
+/// `schema.table` as stored in the raw log and the manifest.
+fn table_id(s: &str) -> TableId {
+    match s.split_once('.') {
+        Some((schema, table)) => TableId::new(schema, table),
+        None => TableId::new("", s),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw log
+
+/// The WHERE clause of a selection over `cdc_raw.cdc_events`, with its parameters.
+fn raw_filter(sel: &Selection) -> (String, Vec<Box<dyn ToSql + Sync + Send>>) {
+    let mut clauses = vec!["kafka_offset >= $1".to_string()];
+    let mut params: Vec<Box<dyn ToSql + Sync + Send>> = vec![Box::new(sel.from_offset)];
+    let mut add = |clause: &str, p: Box<dyn ToSql + Sync + Send>| {
+        params.push(p);
+        clauses.push(clause.replace('?', &format!("${}", params.len())));
+    };
+    if let Some(t) = &sel.topic {
+        add("kafka_topic = ?", Box::new(t.clone()));
+    }
+    if let Some(p) = sel.partition {
+        add("kafka_partition = ?", Box::new(p));
+    }
+    if let Some(to) = sel.to_offset {
+        add("kafka_offset <= ?", Box::new(to));
+    }
+    if let Some(ts) = sel.until_time() {
+        add("event_timestamp <= ?", Box::new(ts));
+    }
+    if let Some(lsn) = sel.until_lsn() {
+        add("source_lsn <= ?", Box::new(lsn));
+    }
+    (clauses.join(" AND "), params)
+}
+
+fn params_ref(p: &[Box<dyn ToSql + Sync + Send>]) -> Vec<&(dyn ToSql + Sync)> {
+    p.iter()
+        .map(|b| b.as_ref() as &(dyn ToSql + Sync))
+        .collect()
+}
+
+/// Counts and ranges of the selection in the raw log.
+pub async fn plan_raw(client: &Client, sel: &Selection) -> anyhow::Result<Plan> {
+    let (filter, params) = raw_filter(sel);
+    let rows = client
+        .query(
+            &format!(
+                "SELECT kafka_topic, kafka_partition, min(kafka_offset), max(kafka_offset),
+                        count(*), array_agg(DISTINCT source_table)
+                   FROM cdc_raw.cdc_events WHERE {filter}
+                  GROUP BY kafka_topic, kafka_partition"
+            ),
+            &params_ref(&params),
+        )
+        .await
+        .context("reading the selection from cdc_raw.cdc_events")?;
+    let mut plan = Plan::default();
+    for r in rows {
+        let tp = TopicPartition::new(r.get::<_, String>(0), r.get(1));
+        plan.partitions.insert(tp, (r.get(2), r.get(3)));
+        plan.events += r.get::<_, i64>(4) as u64;
+        for t in r.get::<_, Vec<String>>(5) {
+            plan.tables.insert(table_id(&t));
+        }
+    }
+    Ok(plan)
+}
+
+/// Declared row schemas by id.
+async fn row_schemas(client: &Client) -> anyhow::Result<HashMap<i64, Arc<RowSchema>>> {
+    let rows = client
+        .query("SELECT id, columns FROM cdc_raw.cdc_row_schemas", &[])
+        .await
+        .context("reading cdc_raw.cdc_row_schemas")?;
+    let mut out = HashMap::new();
+    for r in rows {
+        let id: i64 = r.get(0);
+        let columns: Vec<Column> = serde_json::from_value(r.get::<_, Value>(1))
+            .with_context(|| format!("row schema {id} in cdc_raw.cdc_row_schemas is malformed"))?;
+        out.insert(
+            id,
+            Arc::new(RowSchema {
+                columns,
+                declared: true,
+                id: Some(id),
+            }),
+        );
+    }
+    Ok(out)
+}
+
+fn into_map(v: Option<Value>) -> Option<Map<String, Value>> {
+    match v {
+        Some(Value::Object(m)) => Some(m),
+        _ => None,
+    }
+}
+
+/// One raw-log row back into the change the live pod applied.
+fn raw_change(
+    r: &tokio_postgres::Row,
+    schemas: &HashMap<i64, Arc<RowSchema>>,
+) -> anyhow::Result<ChangeEvent> {
+    let coords = KafkaCoordinates {
+        topic: r.get(0),
+        partition: r.get(1),
+        offset: r.get(2),
+        timestamp_ms: r.get(3),
+    };
+    let key: Option<Value> = r.get(4);
+    let op_code: String = r.get(5);
+    let op = Op::parse(&op_code).with_context(|| format!("{coords:?}: unknown op {op_code:?}"))?;
+    let before = into_map(r.get(6));
+    let after = into_map(r.get(7));
+    let source_text: String = r.get(8);
+    let source_json = RawValue::from_string(source_text)?;
+    let (source, table) = parse_source(&source_json).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let transaction = r
+        .get::<_, Option<String>>(9)
+        .map(RawValue::from_string)
+        .transpose()?;
+    let schema = match r.get::<_, Option<i64>>(10) {
+        Some(id) => schemas
+            .get(&id)
+            .cloned()
+            .with_context(|| format!("{coords:?}: row schema {id} is missing"))?,
+        // Schemaless input: infer from the values again, as the live pod did.
+        None => Arc::new(RowSchema::infer_change(before.as_ref(), after.as_ref())),
+    };
+    // A rejected replay change records an envelope rebuilt from what the log holds.
+    let raw_value = serde_json::json!({
+        "before": before, "after": after, "op": op_code, "source": &source_json,
+    })
+    .to_string();
+    Ok(ChangeEvent {
+        raw_key: key.as_ref().map(|k| Arc::from(k.to_string())),
+        position: source.position(coords.offset),
+        coords,
+        key,
+        op,
+        table,
+        before,
+        after,
+        values: ValueForm::Sql,
+        source,
+        source_json,
+        transaction,
+        ts_ms: None,
+        schema,
+        raw_value: Arc::from(raw_value),
+    })
+}
+
+/// Streams the selection from the raw log in (topic, partition, offset) order.
+pub async fn read_raw(client: Client, sel: Selection) -> anyhow::Result<Chunks> {
+    let schemas = row_schemas(&client).await?;
+    let (tx, rx) = mpsc::channel(2);
+    tokio::spawn(async move {
+        let result = async {
+            let (filter, params) = raw_filter(&sel);
+            let sql = format!(
+                "SELECT kafka_topic, kafka_partition, kafka_offset,
+                        (extract(epoch FROM kafka_timestamp) * 1000)::bigint,
+                        event_key, operation, before_data, after_data,
+                        source_metadata::text, transaction_data::text, row_schema
+                   FROM cdc_raw.cdc_events WHERE {filter}
+                  ORDER BY kafka_topic, kafka_partition, kafka_offset"
+            );
+            let stream = client
+                .query_raw(&sql, params_ref(&params))
+                .await
+                .context("reading cdc_raw.cdc_events")?;
+            pin_mut!(stream);
+            let mut chunk = Vec::with_capacity(CHUNK);
+            while let Some(row) = stream
+                .try_next()
+                .await
+                .context("reading cdc_raw.cdc_events")?
+            {
+                chunk.push(Decoded::Change(Arc::new(raw_change(&row, &schemas)?)));
+                if chunk.len() == CHUNK {
+                    let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK));
+                    if tx.send(Ok(full)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+            if !chunk.is_empty() {
+                let _ = tx.send(Ok(chunk)).await;
+            }
+            anyhow::Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            let _ = tx.send(Err(e)).await;
+        }
+    });
+    Ok(rx)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lake
+
+/// Every partition that has a manifest, from the `_manifest/<topic>/<partition>/` layout.
+pub async fn lake_partitions(
+    store: &dyn ObjectStore,
+    prefix: &str,
+) -> anyhow::Result<Vec<TopicPartition>> {
+    let prefix = prefix.trim_matches('/');
+    let root = if prefix.is_empty() {
+        Path::from("_manifest")
+    } else {
+        Path::from(format!("{prefix}/_manifest"))
+    };
+    let mut out = Vec::new();
+    let topics = store
+        .list_with_delimiter(Some(&root))
+        .await
+        .with_context(|| format!("listing {root}"))?;
+    for topic_dir in topics.common_prefixes {
+        let Some(topic) = topic_dir.filename().map(str::to_string) else {
+            continue;
+        };
+        let parts = store
+            .list_with_delimiter(Some(&topic_dir))
+            .await
+            .with_context(|| format!("listing {topic_dir}"))?;
+        for p in parts.common_prefixes {
+            if let Some(n) = p.filename().and_then(|f| f.parse::<i32>().ok()) {
+                out.push(TopicPartition::new(topic.clone(), n));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Manifest commits of the selection, per partition in offset order, with the files that hold
+/// selected offsets.
+pub async fn lake_commits(
+    store: &dyn ObjectStore,
+    layout: &Layout,
+    prefix: &str,
+    sel: &Selection,
+) -> anyhow::Result<Vec<Commit>> {
+    let mut out = Vec::new();
+    for tp in lake_partitions(store, prefix).await? {
+        if sel.topic.as_ref().is_some_and(|t| *t != tp.topic)
+            || sel.partition.is_some_and(|p| p != tp.partition)
+        {
+            continue;
+        }
+        for mut c in read_commits(store, layout, &tp)
+            .await
+            .with_context(|| format!("reading the lake manifest of {tp}"))?
+        {
+            c.files.retain(|f| {
+                f.max_offset >= sel.from_offset && sel.to_offset.is_none_or(|to| f.min_offset <= to)
+            });
+            if !c.files.is_empty() {
+                out.push(c);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Counts and ranges from the manifest alone (row counts are per file, so the offset filter is
+/// approximate at the edges; the replay itself filters exactly).
+pub fn plan_lake(commits: &[Commit]) -> Plan {
+    let mut plan = Plan::default();
+    for c in commits {
+        let tp = TopicPartition::new(c.topic.clone(), c.partition);
+        for f in &c.files {
+            let e = plan
+                .partitions
+                .entry(tp.clone())
+                .or_insert((f.min_offset, f.max_offset));
+            e.0 = e.0.min(f.min_offset);
+            e.1 = e.1.max(f.max_offset);
+            plan.events += f.rows;
+            plan.tables.insert(table_id(&f.table));
+        }
+    }
+    plan
+}
+
+/// The lake columns a replay needs: coordinates, the key and the envelope as received.
+const LAKE_COLUMNS: &[&str] = &[
+    "kafka_topic",
+    "kafka_partition",
+    "kafka_offset",
+    "kafka_timestamp",
+    "kafka_key",
+    "envelope",
+];
+
+/// Decodes one Parquet file's records with the live decoder.
+fn decode_file(bytes: Bytes, decoder: &mut Decoder, path: &str) -> anyhow::Result<Vec<Decoded>> {
+    use arrow::array::{Array, AsArray};
+    use arrow::datatypes::{Int32Type, Int64Type, TimestampMillisecondType};
+
+    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes)
+        .with_context(|| format!("{path} is not a readable Parquet file"))?;
+    let fields = builder.parquet_schema();
+    let indices: Vec<usize> = LAKE_COLUMNS
+        .iter()
+        .map(|name| {
+            fields
+                .root_schema()
+                .get_fields()
+                .iter()
+                .position(|f| f.name() == *name)
+                .with_context(|| format!("{path} has no column {name}"))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let mask = ProjectionMask::roots(fields, indices);
+    let reader = builder.with_projection(mask).build()?;
+    let mut out = Vec::new();
+    for batch in reader {
+        let batch = batch.with_context(|| format!("reading {path}"))?;
+        let col = |name: &str| {
+            batch
+                .column_by_name(name)
+                .with_context(|| format!("{path} has no column {name}"))
+        };
+        let topic = col("kafka_topic")?.as_string::<i32>().clone();
+        let partition = col("kafka_partition")?.as_primitive::<Int32Type>().clone();
+        let offset = col("kafka_offset")?.as_primitive::<Int64Type>().clone();
+        let ts = col("kafka_timestamp")?
+            .as_primitive::<TimestampMillisecondType>()
+            .clone();
+        let key = col("kafka_key")?.as_string::<i32>().clone();
+        let envelope = col("envelope")?.as_string::<i32>().clone();
+        for i in 0..batch.num_rows() {
+            let coords = KafkaCoordinates {
+                topic: topic.value(i).to_string(),
+                partition: partition.value(i),
+                offset: offset.value(i),
+                timestamp_ms: ts.is_valid(i).then(|| ts.value(i)),
+            };
+            let k = key.is_valid(i).then(|| key.value(i).as_bytes());
+            out.push(decoder.decode(coords, k, Some(envelope.value(i).as_bytes())));
+        }
+    }
+    Ok(out)
+}
+
+/// Streams the selected commits' records, commit by commit in offset order.
+pub fn read_lake(store: Arc<dyn ObjectStore>, commits: Vec<Commit>, sel: Selection) -> Chunks {
+    let (tx, rx) = mpsc::channel(2);
+    tokio::spawn(async move {
+        let mut decoder = Decoder::new();
+        for commit in commits {
+            let result = async {
+                let mut records = Vec::new();
+                for f in &commit.files {
+                    let path = Path::from(f.path.as_str());
+                    let bytes = store
+                        .get(&path)
+                        .await
+                        .with_context(|| format!("reading lake file {path}"))?
+                        .bytes()
+                        .await
+                        .with_context(|| format!("reading lake file {path}"))?;
+                    records.extend(decode_file(bytes, &mut decoder, &f.path)?);
+                }
+                // A commit's files split one offset range by table: merge them back in order.
+                records.sort_by_key(|r| r.coords().offset);
+                records.retain(|r| sel.selects(r));
+                anyhow::Ok(records)
+            }
+            .await;
+            let stop = result.is_err();
+            if tx.send(result).await.is_err() || stop {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Fails when the selection is empty, naming what it looked for.
+pub fn ensure_not_empty(plan: &Plan, sel: &Selection, source: &str) -> anyhow::Result<()> {
+    if plan.events == 0 {
+        bail!("nothing to replay: no change in the {source} matches {sel}");
+    }
+    Ok(())
+}
