@@ -67,6 +67,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0005_status_views",
         sql: include_str!("../sql/0005_status_views.sql"),
     },
+    Migration {
+        version: 6,
+        name: "0006_truncations",
+        sql: include_str!("../sql/0006_truncations.sql"),
+    },
 ];
 
 /// `host:port/db` of a URL, for error messages: never the credentials.

@@ -291,10 +291,20 @@ impl Decoder {
         let op = Op::parse(op_code).ok_or_else(|| format!("unknown op {op_code:?}"))?;
 
         let source_raw = wire.source.ok_or("envelope has no source block")?;
-        let (source, table) = parse_source(source_raw)?;
+        let (source, mut table) = parse_source(source_raw)?;
+        if op == Op::Message && table.schema.is_empty() && table.table.is_empty() {
+            // Logical messages belong to no table; one name keeps them together in the raw
+            // log and under one lake directory instead of `table=.`.
+            table = TableId::new("pg_logical", "message");
+        }
 
         let before = into_row(wire.before, "before")?;
-        let after = into_row(wire.after, "after")?;
+        // A logical message has no row; its {prefix, content} takes the after image's place,
+        // so the raw log and the lake's typed columns keep it.
+        let after = match op {
+            Op::Message => into_row(wire.message, "message")?,
+            _ => into_row(wire.after, "after")?,
+        };
         match op {
             Op::Create | Op::Read | Op::Update if after.is_none() => {
                 return Err(format!("op {op_code:?} without an after image"))
@@ -306,6 +316,10 @@ impl Decoder {
         }
 
         let row_schema = match connect_schema {
+            // A message's Connect schema has no row struct; its block is typed by inference.
+            Some(_) if op == Op::Message => {
+                Arc::new(RowSchema::infer_change(before.as_ref(), after.as_ref()))
+            }
             Some(s) => self.connect_schema(s)?,
             None => Arc::new(RowSchema::infer_change(before.as_ref(), after.as_ref())),
         };
@@ -442,6 +456,9 @@ struct WireEnvelope<'a> {
     ts_ms: Option<Value>,
     #[serde(borrow, default)]
     transaction: Option<&'a RawValue>,
+    /// Logical decoding messages (op `m`): `{prefix, content}`.
+    #[serde(default)]
+    message: Option<Value>,
 }
 
 fn parse_wire(text: &str) -> Result<WireEnvelope<'_>, String> {

@@ -31,6 +31,12 @@ pub enum ColumnType {
     Timestamp(TimeUnit),
     /// `ZonedTimestamp`: an ISO-8601 string with offset.
     TimestampTz,
+    /// `ZonedTime`: `HH:MM:SS[.f]Z`, normalised to UTC by Debezium.
+    TimeTz,
+    /// `MicroDuration`: microseconds, months counted as 30.4375 days by Debezium.
+    Interval,
+    /// A Connect array of one element type (PostgreSQL arrays).
+    Array(Box<ColumnType>),
     /// Only nulls seen so far (schemaless input): the type is not known yet.
     Unknown,
 }
@@ -229,6 +235,15 @@ fn connect_type(field: &Value) -> ColumnType {
         "io.debezium.time.MicroTimestamp" => ColumnType::Timestamp(TimeUnit::Micros),
         "io.debezium.time.NanoTimestamp" => ColumnType::Timestamp(TimeUnit::Nanos),
         "io.debezium.time.ZonedTimestamp" => ColumnType::TimestampTz,
+        "io.debezium.time.ZonedTime" => ColumnType::TimeTz,
+        "io.debezium.time.MicroDuration" => ColumnType::Interval,
+        _ if ty == "array" => match field.get("items").map(connect_type) {
+            // Nested arrays and arrays of structs stay JSON documents.
+            Some(elem) if !matches!(elem, ColumnType::Json | ColumnType::Array(_)) => {
+                ColumnType::Array(Box::new(elem))
+            }
+            _ => ColumnType::Json,
+        },
         _ => match ty {
             "boolean" => ColumnType::Boolean,
             "int8" | "int16" => ColumnType::Int16,

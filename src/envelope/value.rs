@@ -27,6 +27,8 @@ pub enum ValueError {
     DecimalTooWide(usize),
     #[error("temporal value {0} is out of range")]
     OutOfRange(i64),
+    #[error("the JSON document holds \\u0000, which jsonb cannot store (the raw log's envelope and the lake keep it)")]
+    JsonbNul,
 }
 
 fn shape(ty: &ColumnType, expected: &'static str, v: &Value) -> ValueError {
@@ -39,11 +41,16 @@ fn shape(ty: &ColumnType, expected: &'static str, v: &Value) -> ValueError {
     }
 }
 
-/// Decodes Connect's big-endian two's-complement decimal bytes.
+/// Decodes Connect's big-endian two's-complement decimal bytes (up to 128 bits; wider values
+/// take [`decimal_string`]).
 pub fn decimal_unscaled(b64: &str) -> Result<i128, ValueError> {
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(b64)
         .map_err(|_| ValueError::Base64)?;
+    unscaled_i128(&bytes)
+}
+
+fn unscaled_i128(bytes: &[u8]) -> Result<i128, ValueError> {
     if bytes.len() > 16 {
         return Err(ValueError::DecimalTooWide(bytes.len()));
     }
@@ -52,22 +59,86 @@ pub fn decimal_unscaled(b64: &str) -> Result<i128, ValueError> {
     }
     let negative = bytes[0] & 0x80 != 0;
     let mut buf = if negative { [0xffu8; 16] } else { [0u8; 16] };
-    buf[16 - bytes.len()..].copy_from_slice(&bytes);
+    buf[16 - bytes.len()..].copy_from_slice(bytes);
     Ok(i128::from_be_bytes(buf))
+}
+
+/// The exact decimal text of Connect decimal bytes of any width: PostgreSQL `numeric` holds up
+/// to 131072 digits, so a `VariableScaleDecimal` or a `numeric(60,10)` can exceed 128 bits.
+pub fn decimal_string(b64: &str, scale: i32) -> Result<String, ValueError> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .map_err(|_| ValueError::Base64)?;
+    if bytes.len() <= 16 {
+        let unscaled = unscaled_i128(&bytes)?;
+        return Ok(place_point(
+            unscaled < 0,
+            unscaled.unsigned_abs().to_string(),
+            scale,
+        ));
+    }
+    // Two's complement: the magnitude of a negative number is !bytes + 1.
+    let negative = bytes[0] & 0x80 != 0;
+    let mut magnitude = bytes;
+    if negative {
+        for b in magnitude.iter_mut() {
+            *b = !*b;
+        }
+        for b in magnitude.iter_mut().rev() {
+            let (sum, carry) = b.overflowing_add(1);
+            *b = sum;
+            if !carry {
+                break;
+            }
+        }
+    }
+    Ok(place_point(negative, big_to_decimal(magnitude), scale))
+}
+
+/// Base-256 big-endian magnitude → decimal digits, by long division by 10^9.
+fn big_to_decimal(mut n: Vec<u8>) -> String {
+    let mut chunks: Vec<u32> = Vec::new();
+    while n.iter().any(|&b| b != 0) {
+        let mut rem: u64 = 0;
+        for b in n.iter_mut() {
+            let cur = (rem << 8) | u64::from(*b);
+            *b = (cur / 1_000_000_000) as u8;
+            rem = cur % 1_000_000_000;
+        }
+        chunks.push(rem as u32);
+    }
+    let Some((last, rest)) = chunks.split_last() else {
+        return "0".into();
+    };
+    let mut s = last.to_string();
+    for c in rest.iter().rev() {
+        s.push_str(&format!("{c:09}"));
+    }
+    s
 }
 
 /// Formats an unscaled decimal exactly, e.g. (1749, 2) → "17.49".
 pub fn format_decimal(unscaled: i128, scale: i8) -> String {
+    place_point(
+        unscaled < 0,
+        unscaled.unsigned_abs().to_string(),
+        i32::from(scale),
+    )
+}
+
+fn place_point(negative: bool, digits: String, scale: i32) -> String {
+    let sign = if negative && digits.trim_start_matches('0') != "" {
+        "-"
+    } else {
+        ""
+    };
     if scale <= 0 {
-        let mut s = unscaled.to_string();
-        s.extend(std::iter::repeat_n('0', (-scale) as usize));
-        return s;
+        let zeros = if digits == "0" { 0 } else { (-scale) as usize };
+        return format!("{sign}{digits}{}", "0".repeat(zeros));
     }
     let scale = scale as usize;
-    let digits = unscaled.unsigned_abs().to_string();
     let padded = format!("{digits:0>width$}", width = scale + 1);
     let (int, frac) = padded.split_at(padded.len() - scale);
-    let sign = if unscaled < 0 { "-" } else { "" };
     format!("{sign}{int}.{frac}")
 }
 
@@ -82,13 +153,67 @@ pub fn micros_to_naive_string(micros: i64) -> Result<String, ValueError> {
 }
 
 fn time_string(micros: i64) -> Result<String, ValueError> {
+    if !(0..=MICROS_PER_DAY).contains(&micros) {
+        return Err(ValueError::OutOfRange(micros));
+    }
+    // PostgreSQL's time type includes 24:00:00, which chrono's NaiveTime does not.
+    if micros == MICROS_PER_DAY {
+        return Ok("24:00:00".into());
+    }
     let t = NaiveTime::MIN
         .overflowing_add_signed(TimeDelta::microseconds(micros))
         .0;
-    if !(0..=86_400_000_000).contains(&micros) {
-        return Err(ValueError::OutOfRange(micros));
-    }
     Ok(t.format("%H:%M:%S%.6f").to_string())
+}
+
+const MICROS_PER_DAY: i64 = 86_400_000_000;
+
+/// PostgreSQL's `infinity` and `-infinity` for dates and timestamps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Infinity {
+    Positive,
+    Negative,
+}
+
+impl Infinity {
+    fn sql(self) -> &'static str {
+        match self {
+            Infinity::Positive => "infinity",
+            Infinity::Negative => "-infinity",
+        }
+    }
+}
+
+/// Debezium's numeric encodings of PostgreSQL ±infinity (captured in
+/// tests/fixtures/debezium/zoo-*.ndjson): timestamps become these microsecond values (their
+/// millisecond equivalents under `Timestamp`), and dates overflow PostgreSQL's internal
+/// INT32_MAX/INT32_MIN day numbers while moving their epoch from 2000 to 1970. No real
+/// PostgreSQL date or timestamp has these values.
+const TIMESTAMP_POS_INFINITY_MICROS: i64 = 9_223_372_036_825_200_000;
+const TIMESTAMP_NEG_INFINITY_MICROS: i64 = -9_223_372_036_832_400_000;
+const DATE_POS_INFINITY_DAYS: i64 = -2_147_472_692;
+const DATE_NEG_INFINITY_DAYS: i64 = -2_147_472_691;
+
+/// Whether a wire value is Debezium's encoding of ±infinity for this column type.
+pub fn infinity(ty: &ColumnType, v: &Value) -> Option<Infinity> {
+    match (ty, v) {
+        (ColumnType::Date, Value::Number(n)) => match n.as_i64()? {
+            DATE_POS_INFINITY_DAYS => Some(Infinity::Positive),
+            DATE_NEG_INFINITY_DAYS => Some(Infinity::Negative),
+            _ => None,
+        },
+        (ColumnType::Timestamp(unit), Value::Number(n)) => match unit.to_micros(n.as_i64()?) {
+            TIMESTAMP_POS_INFINITY_MICROS => Some(Infinity::Positive),
+            TIMESTAMP_NEG_INFINITY_MICROS => Some(Infinity::Negative),
+            _ => None,
+        },
+        (ColumnType::TimestampTz, Value::String(s)) => match s.as_str() {
+            "infinity" => Some(Infinity::Positive),
+            "-infinity" => Some(Infinity::Negative),
+            _ => None,
+        },
+        _ => None,
+    }
 }
 
 /// Days since the epoch → `YYYY-MM-DD`.
@@ -101,6 +226,20 @@ fn date_string(days: i64) -> Result<String, ValueError> {
         .ok_or(ValueError::OutOfRange(days))
 }
 
+/// Float columns carry NaN and ±Infinity as JSON strings (Jackson's non-numeric numbers).
+pub fn float_value(v: &Value) -> Option<f64> {
+    match v {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => match s.as_str() {
+            "NaN" => Some(f64::NAN),
+            "Infinity" => Some(f64::INFINITY),
+            "-Infinity" => Some(f64::NEG_INFINITY),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
 /// Whether [`to_sql_json`] changes this value (false for plain JSON scalars of plain types).
 pub fn converts(ty: &ColumnType, v: &Value) -> bool {
     match ty {
@@ -110,8 +249,12 @@ pub fn converts(ty: &ColumnType, v: &Value) -> bool {
         | ColumnType::Date
         | ColumnType::Time(_)
         | ColumnType::Timestamp(_)
+        | ColumnType::Interval
         | ColumnType::Bytes => true,
         ColumnType::Json => v.is_string(),
+        ColumnType::Array(elem) => v
+            .as_array()
+            .is_some_and(|items| items.iter().any(|i| converts(elem, i))),
         _ => false,
     }
 }
@@ -121,11 +264,14 @@ pub fn to_sql_json(ty: &ColumnType, v: &Value) -> Result<Value, ValueError> {
     if v.is_null() {
         return Ok(Value::Null);
     }
+    if let Some(inf) = infinity(ty, v) {
+        return Ok(Value::String(inf.sql().into()));
+    }
     Ok(match ty {
         ColumnType::Decimal { scale, .. } => match v {
             // decimal.handling.mode=double or string arrive as plain JSON.
             Value::Number(_) => v.clone(),
-            Value::String(s) => Value::String(format_decimal(decimal_unscaled(s)?, *scale)),
+            Value::String(s) => Value::String(decimal_string(s, i32::from(*scale))?),
             _ => return Err(shape(ty, "base64 bytes", v)),
         },
         ColumnType::VariableDecimal => {
@@ -137,16 +283,18 @@ pub fn to_sql_json(ty: &ColumnType, v: &Value) -> Result<Value, ValueError> {
                 .get("value")
                 .and_then(Value::as_str)
                 .ok_or_else(|| shape(ty, "{scale, value}", v))?;
-            Value::String(format_decimal(
-                decimal_unscaled(bytes)?,
-                i8::try_from(scale).map_err(|_| ValueError::OutOfRange(scale))?,
-            ))
+            Value::String(decimal_string(
+                bytes,
+                i32::try_from(scale).map_err(|_| ValueError::OutOfRange(scale))?,
+            )?)
         }
         ColumnType::Date => Value::String(date_string(as_i64(ty, v)?)?),
         ColumnType::Time(unit) => Value::String(time_string(unit.to_micros(as_i64(ty, v)?))?),
         ColumnType::Timestamp(unit) => {
             Value::String(micros_to_naive_string(unit.to_micros(as_i64(ty, v)?))?)
         }
+        // MicroDuration: PostgreSQL parses "<n> microseconds" exactly.
+        ColumnType::Interval => Value::String(format!("{} microseconds", as_i64(ty, v)?)),
         ColumnType::Bytes => match v {
             Value::String(s) => {
                 let bytes = base64::engine::general_purpose::STANDARD
@@ -163,18 +311,54 @@ pub fn to_sql_json(ty: &ColumnType, v: &Value) -> Result<Value, ValueError> {
         },
         // io.debezium.data.Json arrives as a string holding JSON; store the document itself.
         ColumnType::Json => match v {
-            Value::String(s) => serde_json::from_str(s).unwrap_or_else(|_| v.clone()),
+            Value::String(s) => match serde_json::from_str::<Value>(s) {
+                Ok(doc) if holds_nul(&doc) => return Err(ValueError::JsonbNul),
+                Ok(doc) => doc,
+                Err(_) => v.clone(),
+            },
             _ => v.clone(),
+        },
+        ColumnType::Array(elem) => match v {
+            Value::Array(items) => Value::Array(
+                items
+                    .iter()
+                    .map(|i| to_sql_json(elem, i))
+                    .collect::<Result<_, _>>()?,
+            ),
+            _ => return Err(shape(ty, "an array", v)),
         },
         _ => v.clone(),
     })
 }
 
-/// The value of a temporal column in microseconds (timestamps: since the epoch; times: since
-/// midnight; dates: days), for the lake's Arrow columns.
+/// Whether a JSON document holds U+0000, which `jsonb` cannot store.
+fn holds_nul(doc: &Value) -> bool {
+    match doc {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(holds_nul),
+        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || holds_nul(v)),
+        _ => false,
+    }
+}
+
+/// The value of a temporal column for the lake's Arrow columns: timestamps in microseconds
+/// since the epoch, times (with time zone: in UTC) in microseconds since midnight, dates in
+/// days, intervals in microseconds. ±infinity become the extremes DuckDB reads as ±infinity
+/// (±i64::MAX; dates ±i32::MAX).
 pub fn temporal_i64(ty: &ColumnType, v: &Value) -> Result<i64, ValueError> {
+    if let Some(inf) = infinity(ty, v) {
+        let max = if *ty == ColumnType::Date {
+            i64::from(i32::MAX)
+        } else {
+            i64::MAX
+        };
+        return Ok(match inf {
+            Infinity::Positive => max,
+            Infinity::Negative => -max,
+        });
+    }
     match ty {
-        ColumnType::Date => as_i64(ty, v),
+        ColumnType::Date | ColumnType::Interval => as_i64(ty, v),
         ColumnType::Time(unit) | ColumnType::Timestamp(unit) => Ok(unit.to_micros(as_i64(ty, v)?)),
         ColumnType::TimestampTz => {
             let s = v
@@ -183,6 +367,17 @@ pub fn temporal_i64(ty: &ColumnType, v: &Value) -> Result<i64, ValueError> {
             DateTime::parse_from_rfc3339(s)
                 .map(|d| d.timestamp_micros())
                 .map_err(|_| shape(ty, "an ISO-8601 string", v))
+        }
+        ColumnType::TimeTz => {
+            // ZonedTime: "HH:MM:SS[.ffffff]Z", always in UTC.
+            let s = v.as_str().ok_or_else(|| shape(ty, "HH:MM:SS[.f]Z", v))?;
+            let t = s
+                .strip_suffix('Z')
+                .and_then(|t| NaiveTime::parse_from_str(t, "%H:%M:%S%.f").ok())
+                .ok_or_else(|| shape(ty, "HH:MM:SS[.f]Z", v))?;
+            Ok((t - NaiveTime::MIN)
+                .num_microseconds()
+                .expect("a time of day fits"))
         }
         _ => Err(shape(ty, "a temporal value", v)),
     }

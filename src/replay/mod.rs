@@ -541,6 +541,13 @@ async fn empty_mirrors(sink: &mut StateSink, tables: &BTreeSet<TableId>) -> anyh
                 .await
                 .with_context(|| format!("emptying {qualified}"))?;
         }
+        // A rebuild replays the truncates again; an old watermark would hide earlier rows.
+        tx.execute(
+            "DELETE FROM cdc_lake.truncations WHERE target_schema = $1 AND mirror_table = $2",
+            &[&schema, &mirror_name(t)],
+        )
+        .await
+        .with_context(|| format!("forgetting the truncates of {qualified}"))?;
     }
     tx.commit().await?;
     sink.forget_tables();

@@ -20,6 +20,7 @@ use super::{checkpoint, Ack, Offsets, Sink, SinkError, WriteStats};
 use crate::batch::Batch;
 use crate::config::{DeleteMode, PostgresConfig, StateConfig, Target, PROCESSED_TARGET};
 use crate::domain::{TableId, TopicPartition};
+use crate::envelope::value::UNAVAILABLE_VALUE;
 use crate::envelope::{ChangeEvent, ColumnType, Decoded, Op, RowSchema, TimeUnit};
 
 pub const NAME: &str = "state";
@@ -84,6 +85,9 @@ pub fn pg_type(ty: &ColumnType) -> Option<String> {
             "timestamp".into()
         }
         ColumnType::TimestampTz => "timestamptz".into(),
+        ColumnType::TimeTz => "timetz".into(),
+        ColumnType::Interval => "interval".into(),
+        ColumnType::Array(elem) => format!("{}[]", pg_type(elem)?),
         ColumnType::Unknown => "text".into(),
     })
 }
@@ -102,6 +106,9 @@ pub fn mirror_name(table: &TableId) -> String {
 struct Mirror {
     /// `"schema"."table"`, quoted.
     qualified: String,
+    /// Target schema and table name, unquoted (the truncate watermark's key).
+    schema: String,
+    table: String,
     /// Source columns present in the table, in order.
     columns: Vec<String>,
     key: Vec<String>,
@@ -565,6 +572,8 @@ impl StateSink {
                 table.clone(),
                 Mirror {
                     qualified: qualified.clone(),
+                    schema: self.schema.clone(),
+                    table: mirror_name(table),
                     columns,
                     key,
                     merge_sql: None,
@@ -627,6 +636,7 @@ impl StateSink {
                 }
             });
         }
+        carry_unchanged_toast(events, &mut rows);
         tx.batch_execute("TRUNCATE pg_temp.cdc_stage")
             .await
             .map_err(pg_err(self.name, "clearing the staging table"))?;
@@ -673,35 +683,71 @@ impl StateSink {
         Ok(())
     }
 
-    /// A truncate removes every row older than its position.
+    /// A truncate removes every row older than its position and records that position, so
+    /// older changes arriving later (from another partition, or a replay) are not inserted.
     async fn truncate(
         &mut self,
         tx: &Transaction<'_>,
         table: &TableId,
         e: &ChangeEvent,
     ) -> Result<(), SinkError> {
+        let position: [&(dyn ToSql + Sync); 2] = [&e.position.commit_lsn, &e.position.change_lsn];
+        tx.execute(
+            "INSERT INTO cdc_lake.truncations AS t (target_schema, mirror_table, commit_lsn, lsn)
+             VALUES ($1, $2, $3, $4)
+             ON CONFLICT (target_schema, mirror_table) DO UPDATE
+                SET commit_lsn = excluded.commit_lsn, lsn = excluded.lsn
+              WHERE (excluded.commit_lsn, excluded.lsn) > (t.commit_lsn, t.lsn)",
+            &[&self.schema, &mirror_name(table), position[0], position[1]],
+        )
+        .await
+        .map_err(pg_err(
+            self.name,
+            format!("recording the truncate of {table}"),
+        ))?;
         let Some(mirror) = self.mirrors.get(table) else {
             // Nothing mirrored yet, so nothing to remove.
             return Ok(());
         };
         let sql = format!(
-            "DELETE FROM {} WHERE (cdc_commit_lsn, cdc_lsn, cdc_kafka_offset) < ($1, $2, $3)",
+            "DELETE FROM {} WHERE (cdc_commit_lsn, cdc_lsn) < ($1, $2)",
             mirror.qualified
         );
-        tx.execute(
-            &sql,
-            &[
-                &e.position.commit_lsn,
-                &e.position.change_lsn,
-                &e.coords.offset,
-            ],
-        )
-        .await
-        .map_err(pg_err(
+        tx.execute(&sql, &position).await.map_err(pg_err(
             self.name,
             format!("truncating {}", mirror.qualified),
         ))?;
         Ok(())
+    }
+}
+
+/// A string as an SQL literal (for identifiers compared as values in generated SQL).
+fn sql_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// A TOAST placeholder means "unchanged since the previous image". The MERGE keeps the stored
+/// value for it, but when that previous image is in this same batch (a snapshot read and its
+/// update, say) only the newest staged row of a key reaches the MERGE: carry the earlier
+/// staged value forward so the newest row is complete. Changes of one key share a partition,
+/// so batch order is their order.
+fn carry_unchanged_toast(events: &[&ChangeEvent], rows: &mut [Cow<Map<String, Value>>]) {
+    let mut latest: HashMap<String, usize> = HashMap::new();
+    for (i, e) in events.iter().enumerate() {
+        let key = e.key.as_ref().map(Value::to_string).unwrap_or_default();
+        if let (Some(after), Some(&prev)) = (&e.after, latest.get(&key)) {
+            if events[prev].op != Op::Delete {
+                let carried: Vec<(String, Value)> = after
+                    .iter()
+                    .filter(|(_, v)| v.as_str() == Some(UNAVAILABLE_VALUE))
+                    .filter_map(|(c, _)| Some((c.clone(), rows[prev].get(c)?.clone())))
+                    .collect();
+                if !carried.is_empty() {
+                    rows[i].to_mut().extend(carried);
+                }
+            }
+        }
+        latest.insert(key, i);
     }
 }
 
@@ -762,18 +808,24 @@ fn merge_sql(m: &Mirror, delete_mode: DeleteMode) -> String {
         // still holds for late older changes.
         DeleteMode::Soft => (format!("UPDATE SET cdc_deleted = true, {meta_set}"), ""),
     };
+    // Rows older than the table's last truncate stay gone.
+    let newer_than_truncate = "AND (s.w_commit_lsn IS NULL OR (s._cdc_commit_lsn, s._cdc_lsn) > (s.w_commit_lsn, s.w_lsn))";
     format!(
         "MERGE INTO {t} AS m
-         USING (SELECT DISTINCT ON (st._cdc_key) st.*, r.*
+         USING (SELECT DISTINCT ON (st._cdc_key) st.*, r.*, w.commit_lsn AS w_commit_lsn, w.lsn AS w_lsn
                   FROM pg_temp.cdc_stage st
                   CROSS JOIN LATERAL jsonb_populate_record(NULL::{t}, st._cdc_row) AS r
+                  LEFT JOIN cdc_lake.truncations w
+                         ON w.target_schema = {schema_lit} AND w.mirror_table = {table_lit}
                  ORDER BY st._cdc_key, st._cdc_commit_lsn DESC, st._cdc_lsn DESC, st._cdc_offset DESC) AS s
             ON {on}
           WHEN MATCHED AND s._cdc_op = 'd' AND {guard} THEN {on_delete}
           WHEN MATCHED AND s._cdc_op <> 'd' AND {guard} THEN
                UPDATE SET {set_clause}cdc_deleted = false, {meta_set}
-          WHEN NOT MATCHED {insert_when} THEN {insert}",
+          WHEN NOT MATCHED {insert_when} {newer_than_truncate} THEN {insert}",
         t = m.qualified,
+        schema_lit = sql_literal(&m.schema),
+        table_lit = sql_literal(&m.table),
         on = on.join(" AND "),
     )
 }

@@ -4,12 +4,13 @@
 use std::sync::Arc;
 
 use arrow::array::{
-    ArrayRef, BinaryBuilder, BooleanBuilder, Date32Builder, Decimal128Builder, Float32Builder,
-    Float64Builder, Int16Builder, Int32Builder, Int64Builder, StringBuilder, StructArray,
-    Time64MicrosecondBuilder, TimestampMicrosecondBuilder, TimestampMillisecondBuilder,
-    TimestampNanosecondBuilder,
+    ArrayRef, BinaryBuilder, BooleanBuilder, Date32Builder, Decimal128Builder, Decimal256Builder,
+    DurationMicrosecondBuilder, Float32Builder, Float64Builder, Int16Builder, Int32Builder,
+    Int64Builder, ListArray, StringBuilder, StructArray, Time64MicrosecondBuilder,
+    TimestampMicrosecondBuilder, TimestampMillisecondBuilder, TimestampNanosecondBuilder,
 };
-use arrow::buffer::NullBuffer;
+use arrow::buffer::{NullBuffer, OffsetBuffer};
+use arrow::datatypes::i256;
 use arrow::datatypes::{DataType, Field, Fields, Schema, TimeUnit as ArrowUnit};
 use arrow::record_batch::RecordBatch;
 use base64::Engine as _;
@@ -18,7 +19,9 @@ use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 use serde_json::{Map, Value};
 
-use crate::envelope::value::{decimal_unscaled, temporal_i64, to_sql_json, UNAVAILABLE_VALUE};
+use crate::envelope::value::{
+    decimal_unscaled, float_value, infinity, temporal_i64, to_sql_json, Infinity, UNAVAILABLE_VALUE,
+};
 use crate::envelope::{ChangeEvent, ColumnType, RowSchema, TimeUnit};
 
 /// The Arrow type a column is stored as in the lake.
@@ -36,9 +39,21 @@ pub fn arrow_type(ty: &ColumnType) -> DataType {
         {
             DataType::Decimal128(precision.unwrap_or(38), *scale)
         }
+        ColumnType::Decimal {
+            precision: Some(p),
+            scale,
+        } if *scale >= 0 && i16::from(*scale) <= i16::from(*p) && *p <= 76 => {
+            DataType::Decimal256(*p, *scale)
+        }
         ColumnType::Bytes => DataType::Binary,
         ColumnType::Date => DataType::Date32,
-        ColumnType::Time(_) => DataType::Time64(ArrowUnit::Microsecond),
+        ColumnType::Time(_) | ColumnType::TimeTz => DataType::Time64(ArrowUnit::Microsecond),
+        ColumnType::Interval => DataType::Duration(ArrowUnit::Microsecond),
+        ColumnType::Array(elem) => match arrow_type(elem) {
+            // Element types that are text in the lake keep the whole array as JSON text.
+            DataType::Utf8 => DataType::Utf8,
+            item => DataType::List(Arc::new(Field::new("item", item, true))),
+        },
         ColumnType::Timestamp(TimeUnit::Millis) => {
             DataType::Timestamp(ArrowUnit::Millisecond, None)
         }
@@ -47,7 +62,7 @@ pub fn arrow_type(ty: &ColumnType) -> DataType {
         }
         ColumnType::Timestamp(TimeUnit::Nanos) => DataType::Timestamp(ArrowUnit::Nanosecond, None),
         ColumnType::TimestampTz => DataType::Timestamp(ArrowUnit::Microsecond, Some("UTC".into())),
-        // Wide decimals, variable-scale decimals, text, uuid, json and unknown: exact text.
+        // Variable-scale decimals, text, uuid, json and unknown: exact text.
         _ => DataType::Utf8,
     }
 }
@@ -58,18 +73,41 @@ fn present(v: Option<&Value>) -> Option<&Value> {
     v.filter(|v| !v.is_null() && v.as_str() != Some(UNAVAILABLE_VALUE))
 }
 
+/// A timestamp in its wire unit, with Debezium's ±infinity as the extremes DuckDB reads as
+/// ±infinity.
+fn wire_timestamp(ty: &ColumnType, v: &Value) -> Option<i64> {
+    match infinity(ty, v) {
+        Some(Infinity::Positive) => Some(i64::MAX),
+        Some(Infinity::Negative) => Some(-i64::MAX),
+        None => v.as_i64(),
+    }
+}
+
+/// Connect decimal bytes as a 256-bit unscaled value (precision 39 to 76).
+fn decimal_i256(b64: &str) -> Option<i256> {
+    let bytes = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
+    if bytes.is_empty() || bytes.len() > 32 {
+        return (bytes.is_empty()).then_some(i256::ZERO);
+    }
+    let fill = if bytes[0] & 0x80 != 0 { 0xff } else { 0 };
+    let mut buf = [fill; 32];
+    buf[32 - bytes.len()..].copy_from_slice(&bytes);
+    Some(i256::from_be_bytes(buf))
+}
+
 fn text(ty: &ColumnType, v: &Value) -> String {
     match to_sql_json(ty, v) {
         Ok(Value::String(s)) => s,
         Ok(other) => other.to_string(),
-        Err(_) => v.to_string(),
+        // Kept as sent (e.g. a JSON document jsonb cannot hold): the lake's text is exact.
+        Err(_) => v.as_str().map_or_else(|| v.to_string(), str::to_string),
     }
 }
 
 /// Builds one typed column from the rows' values. Values that do not match the declared type
 /// become null here (and are still in the envelope column).
-fn build_column<'a>(ty: &ColumnType, values: impl Iterator<Item = Option<&'a Value>>) -> ArrayRef {
-    let values = values.map(present);
+fn build_column(ty: &ColumnType, values: &[Option<&Value>]) -> ArrayRef {
+    let values = values.iter().map(|v| present(*v));
     macro_rules! build {
         ($builder:expr, $conv:expr) => {{
             let mut b = $builder;
@@ -88,10 +126,9 @@ fn build_column<'a>(ty: &ColumnType, values: impl Iterator<Item = Option<&'a Val
             .as_i64()
             .and_then(|n| i32::try_from(n).ok())),
         DataType::Int64 => build!(Int64Builder::new(), Value::as_i64),
-        DataType::Float32 => build!(Float32Builder::new(), |v: &Value| v
-            .as_f64()
+        DataType::Float32 => build!(Float32Builder::new(), |v: &Value| float_value(v)
             .map(|f| f as f32)),
-        DataType::Float64 => build!(Float64Builder::new(), Value::as_f64),
+        DataType::Float64 => build!(Float64Builder::new(), float_value),
         DataType::Decimal128(p, s) => {
             let b = Decimal128Builder::new()
                 .with_precision_and_scale(p, s)
@@ -99,6 +136,12 @@ fn build_column<'a>(ty: &ColumnType, values: impl Iterator<Item = Option<&'a Val
             build!(b, |v: &Value| v
                 .as_str()
                 .and_then(|s| decimal_unscaled(s).ok()))
+        }
+        DataType::Decimal256(p, s) => {
+            let b = Decimal256Builder::new()
+                .with_precision_and_scale(p, s)
+                .expect("valid precision");
+            build!(b, |v: &Value| v.as_str().and_then(decimal_i256))
         }
         DataType::Binary => build!(BinaryBuilder::new(), |v: &Value| v
             .as_str()
@@ -110,17 +153,47 @@ fn build_column<'a>(ty: &ColumnType, values: impl Iterator<Item = Option<&'a Val
             ty, v
         )
         .ok()),
+        DataType::Duration(_) => build!(DurationMicrosecondBuilder::new(), |v: &Value| {
+            temporal_i64(ty, v).ok()
+        }),
+        // Timestamps keep their wire unit; ±infinity become the unit's extremes.
         DataType::Timestamp(ArrowUnit::Millisecond, _) => {
-            build!(TimestampMillisecondBuilder::new(), Value::as_i64)
+            build!(TimestampMillisecondBuilder::new(), |v: &Value| {
+                wire_timestamp(ty, v)
+            })
         }
         DataType::Timestamp(ArrowUnit::Nanosecond, _) => {
-            build!(TimestampNanosecondBuilder::new(), Value::as_i64)
+            build!(TimestampNanosecondBuilder::new(), |v: &Value| {
+                wire_timestamp(ty, v)
+            })
         }
         DataType::Timestamp(ArrowUnit::Microsecond, Some(tz)) => build!(
             TimestampMicrosecondBuilder::new().with_timezone(tz),
             |v: &Value| temporal_i64(ty, v).ok()
         ),
-        DataType::Timestamp(..) => build!(TimestampMicrosecondBuilder::new(), Value::as_i64),
+        DataType::Timestamp(..) => {
+            build!(TimestampMicrosecondBuilder::new(), |v: &Value| {
+                wire_timestamp(ty, v)
+            })
+        }
+        DataType::List(item) => {
+            let ColumnType::Array(elem) = ty else {
+                unreachable!("only arrays map to lists")
+            };
+            // One child array of every element, cut into rows by offsets.
+            let rows: Vec<Option<&Vec<Value>>> =
+                values.map(|v| v.and_then(Value::as_array)).collect();
+            let elements: Vec<Option<&Value>> = rows
+                .iter()
+                .flatten()
+                .flat_map(|items| items.iter().map(Some))
+                .collect();
+            let child = build_column(elem, &elements);
+            let offsets =
+                OffsetBuffer::from_lengths(rows.iter().map(|r| r.map_or(0, |items| items.len())));
+            let nulls = NullBuffer::from(rows.iter().map(Option::is_some).collect::<Vec<bool>>());
+            Arc::new(ListArray::new(item, offsets, child, Some(nulls))) as ArrayRef
+        }
         _ => build!(StringBuilder::new(), |v: &Value| Some(text(ty, v))),
     }
 }
@@ -134,7 +207,13 @@ fn row_struct(schema: &RowSchema, rows: &[Option<&Map<String, Value>>]) -> (Arra
     let arrays: Vec<ArrayRef> = schema
         .columns
         .iter()
-        .map(|c| build_column(&c.ty, rows.iter().map(|r| r.and_then(|m| m.get(&c.name)))))
+        .map(|c| {
+            let values: Vec<Option<&Value>> = rows
+                .iter()
+                .map(|r| r.and_then(|m| m.get(&c.name)))
+                .collect();
+            build_column(&c.ty, &values)
+        })
         .collect();
     let nulls = NullBuffer::from(rows.iter().map(Option::is_some).collect::<Vec<bool>>());
     let array = if fields.is_empty() {

@@ -1,0 +1,169 @@
+"""Captures real Debezium output for the type zoo (tools/zoo/*.sql) under one connector setting.
+
+Creates a fresh source database, loads the zoo and its snapshot rows, starts a dedicated
+Debezium connector (tools/lib.sh start_debezium) with truncates, transaction metadata and
+heartbeats switched on, applies tools/zoo/changes.sql once the snapshot has streamed, then reads
+every record of the connector's topics back from the broker into one NDJSON file in the shared
+samples' format: {"topic", "partition", "offset", "timestamp", "key", "value"}.
+
+The source database stays up (the live round-trip test compares against it); --drop removes it
+and the connector's slot afterwards.
+
+Usage: capture.py --format seed|schema --prefix NAME --out FILE [--drop]
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import psycopg2
+from confluent_kafka import Consumer, TopicPartition
+
+TOOLS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ZOO = os.path.join(TOOLS, "zoo")
+PORT = int(os.environ.get("SOURCE_PG_PORT", "55432"))
+BROKER = os.environ.get("BROKER", "127.0.0.1:" + os.environ.get("BROKER_PORT", "19092"))
+# Settings beyond the two formats: every shape the issue names must appear in the capture.
+EXTRA = [
+    "skipped.operations=none",
+    "provide.transaction.metadata=true",
+    "heartbeat.interval.ms=3000",
+]
+
+
+def log(msg):
+    print(f"[capture-zoo] {msg}", file=sys.stderr, flush=True)
+
+
+def lib(cmd):
+    subprocess.run(["bash", "-c", f'source "{TOOLS}/lib.sh"; {cmd}'], check=True)
+
+
+def source(db, autocommit=True):
+    conn = psycopg2.connect(host="127.0.0.1", port=PORT, user="postgres", dbname=db)
+    conn.autocommit = autocommit
+    return conn
+
+
+def drop_db(db):
+    admin = source("postgres")
+    with admin.cursor() as c:
+        c.execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = %s",
+            (db,),
+        )
+        c.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+    admin.close()
+
+
+def run_sql(db, name):
+    # psql, not psycopg2: changes.sql relies on psql's one-transaction-per-statement autocommit.
+    subprocess.run(
+        ["psql", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p", str(PORT), "-U", "postgres",
+         "-d", db, "-f", os.path.join(ZOO, name)],
+        check=True, stdout=subprocess.DEVNULL,
+    )
+
+
+class Reader:
+    """Reads every record of the prefix's topics from offset 0, in arrival order per partition."""
+
+    def __init__(self, prefix):
+        self.prefix = prefix
+        self.consumer = Consumer({
+            "bootstrap.servers": BROKER,
+            "group.id": f"capture-{prefix}-{time.time_ns()}",
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "topic.metadata.refresh.interval.ms": 1000,
+        })
+        pattern = prefix.replace(".", "\\.")
+        self.consumer.subscribe([f"^{pattern}\\..*", f"^__debezium-heartbeat\\.{pattern}$"])
+        # By coordinates: a regex subscription rebalances as topics appear, and without
+        # commits the consumer then reads partitions again from the start.
+        self.records = {}
+
+    def poll(self, seconds):
+        deadline = time.time() + seconds
+        while time.time() < deadline:
+            m = self.consumer.poll(0.2)
+            if m is None or m.error():
+                continue
+            self.records[(m.topic(), m.partition(), m.offset())] = {
+                "topic": m.topic(),
+                "partition": m.partition(),
+                "offset": m.offset(),
+                "timestamp": m.timestamp()[1],
+                "key": m.key().decode() if m.key() is not None else None,
+                "value": m.value().decode() if m.value() is not None else None,
+            }
+
+    def count(self, topic_suffix, predicate):
+        return sum(
+            1 for r in self.records.values()
+            if r["topic"] == f"{self.prefix}.{topic_suffix}" and r["value"] and predicate(r["value"])
+        )
+
+    def wait_for(self, what, topic_suffix, predicate, n=1, timeout=180):
+        deadline = time.time() + timeout
+        while self.count(topic_suffix, predicate) < n:
+            if time.time() > deadline:
+                sys.exit(f"capture-zoo: timed out waiting for {what} on {self.prefix}.{topic_suffix}")
+            self.poll(1)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--format", choices=["seed", "schema"], required=True)
+    ap.add_argument("--prefix", required=True, help="topic prefix and connector name")
+    ap.add_argument("--db", help="source database to create (default: the prefix)")
+    ap.add_argument("--out", required=True, help="NDJSON file to write")
+    ap.add_argument("--drop", action="store_true", help="drop the source database afterwards")
+    args = ap.parse_args()
+    db = (args.db or args.prefix).replace("-", "_")
+    slot = db
+
+    probe = Consumer({"bootstrap.servers": BROKER, "group.id": "capture-probe"})
+    existing = [t for t in probe.list_topics(timeout=10).topics if t.startswith(args.prefix + ".")]
+    probe.close()
+    if existing:
+        sys.exit(f"capture-zoo: the broker already has topics for prefix {args.prefix!r} "
+                 f"({existing[0]}, ...); choose another --prefix")
+
+    log(f"creating source database {db}")
+    drop_db(db)
+    admin = source("postgres")
+    with admin.cursor() as c:
+        c.execute(f'CREATE DATABASE "{db}"')
+    admin.close()
+    run_sql(db, "zoo.sql")
+    run_sql(db, "snapshot.sql")
+
+    reader = Reader(args.prefix)
+    lib(f'rm -rf "$CDC_LAKE_RUN/debezium/{args.prefix}"; '
+        f'start_debezium {args.prefix} {db} {slot} {args.format} {" ".join(EXTRA)}')
+    try:
+        reader.wait_for("the snapshot", "public.type_zoo", lambda v: '"op":"r"' in v, n=2)
+        log("snapshot streamed; applying the changes")
+        run_sql(db, "changes.sql")
+        reader.wait_for("the last change", "public.zoo_truncated", lambda v: "end of the zoo" in v)
+        # The transaction END record and a heartbeat or two follow the last change.
+        reader.poll(4)
+    finally:
+        lib(f"stop_debezium {args.prefix}")
+    if args.drop:
+        drop_db(db)
+    reader.consumer.close()
+
+    records = sorted(reader.records.values(), key=lambda r: (r["timestamp"], r["topic"], r["partition"], r["offset"]))
+    with open(args.out, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    topics = sorted({r["topic"] for r in records})
+    log(f"wrote {len(records)} records of {len(topics)} topics to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
