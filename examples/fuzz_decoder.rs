@@ -186,7 +186,12 @@ fn main() {
     let seed: u64 = args.next().and_then(|s| s.parse().ok()).unwrap_or(0x5eed);
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/debezium");
     let mut corpus: Vec<(Option<Vec<u8>>, Vec<u8>)> = Vec::new();
-    for f in ["bookstore-defaults.ndjson", "bookstore-seed.ndjson"] {
+    for f in [
+        "bookstore-defaults.ndjson",
+        "bookstore-seed.ndjson",
+        "zoo-defaults.ndjson",
+        "zoo-seed.ndjson",
+    ] {
         let text = std::fs::read_to_string(fixtures.join(f)).expect("fixtures");
         for line in text.lines() {
             let rec: Value = serde_json::from_str(line).expect("fixture line");

@@ -237,6 +237,106 @@ async fn an_added_source_column_reaches_mirror_and_lake() {
         .unwrap();
 }
 
+/// Schema evolution the mirror cannot absorb: a source column changes from integer to text.
+/// A value the mirror's integer column cannot hold is rejected with a reason naming the table
+/// and the column, later rows that fit still apply, and the raw log and the lake keep all of
+/// them (the lake in a new file with the new type).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_column_type_rejects_what_does_not_fit_and_continues() {
+    let source = pg(&source_url()).await;
+    let table = unique("retype");
+    source
+        .batch_execute(&format!(
+            "CREATE TABLE {table} (id int PRIMARY KEY, v int);
+             INSERT INTO {table} VALUES (1, 7)"
+        ))
+        .await
+        .unwrap();
+    let db = fresh_db("retype").await;
+    let lake = LakeTarget::local("retype");
+    let pod = Pod::start(config(&db, "ecom-connector", &lake, &[]));
+    let sink = pg(&db).await;
+    visible_within(
+        &sink,
+        "the first row (is Debezium running? tools/up --debezium)",
+        &format!("SELECT count(*) FROM cdc_processed.{table}"),
+        1,
+        Duration::from_secs(120),
+    )
+    .await;
+    source
+        .batch_execute(&format!(
+            "ALTER TABLE {table} ALTER COLUMN v TYPE text;
+             INSERT INTO {table} VALUES (2, 'not a number');
+             INSERT INTO {table} VALUES (3, '42')"
+        ))
+        .await
+        .unwrap();
+    visible_within(
+        &sink,
+        "the row that still fits",
+        &format!("SELECT count(*) FROM cdc_processed.{table} WHERE id = 3 AND v = 42"),
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    pod.stop().await;
+    let reason: String = sink
+        .query_one(
+            "SELECT reason FROM cdc_raw.cdc_rejects WHERE stage = 'state'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        reason.contains(&format!("cdc_processed.{table}")) && reason.contains("column v"),
+        "{reason}"
+    );
+    assert_eq!(
+        count(
+            &sink,
+            &format!(
+                "SELECT count(*) FROM cdc_raw.cdc_events WHERE source_table = 'public.{table}'"
+            )
+        )
+        .await,
+        3
+    );
+    let report = lake.check();
+    let coords = lake_coords(&report);
+    assert_eq!(
+        coords
+            .iter()
+            .filter(|(t, ..)| t.ends_with(&format!(".{table}")))
+            .count(),
+        3,
+        "the lake keeps every change"
+    );
+    // The text values went to a new file typed for text, not into the integer column as nulls.
+    let LakeTarget::Local(dir) = &lake else {
+        unreachable!()
+    };
+    let read = std::process::Command::new(python())
+        .args([
+            "-c",
+            "import glob, json, sys, pyarrow.parquet as pq\n\
+             vs = [r['v'] for f in glob.glob(sys.argv[1] + '/**/*.parquet', recursive=True)\n\
+                   for r in pq.read_table(f).column('after').to_pylist()]\n\
+             print(json.dumps(sorted(vs, key=str)))",
+            &format!("{}/cdc_events/table=public.{table}", dir.display()),
+        ])
+        .output()
+        .unwrap();
+    let values: serde_json::Value = serde_json::from_slice(&read.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&read.stderr)));
+    assert_eq!(values, serde_json::json!(["42", 7, "not a number"]));
+    source
+        .batch_execute(&format!("DROP TABLE {table}"))
+        .await
+        .unwrap();
+}
+
 /// `tools/verify-cdc` (the seeds' verify-cdc.sh): exit 0 while the pod runs, exit 1 with a
 /// clear message once it is stopped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

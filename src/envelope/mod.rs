@@ -132,6 +132,9 @@ impl ChangeEvent {
                         .column(name)
                         .is_some_and(|c| value::converts(&c.ty, v)))
         };
+        if self.values == ValueForm::Sql {
+            self.check_replayed_json(image)?;
+        }
         if !image.iter().any(converts) {
             return Ok(Cow::Borrowed(image));
         }
@@ -152,6 +155,26 @@ impl ChangeEvent {
             out.insert(name.clone(), converted);
         }
         Ok(Cow::Owned(out))
+    }
+
+    /// A replayed raw-log row keeps, as sent, a json document jsonb cannot hold (the live
+    /// decoder refused to convert it): refuse it again, as the live mirror did, rather than
+    /// store the document's text as a JSON string.
+    fn check_replayed_json(&self, image: &Map<String, Value>) -> Result<(), String> {
+        for (name, v) in image {
+            let is_json = self
+                .schema
+                .column(name)
+                .is_some_and(|c| c.ty == ColumnType::Json);
+            if is_json && v.as_str().is_some_and(|s| s.contains("\\u0000")) {
+                if let Err(e @ value::ValueError::JsonbNul) =
+                    value::to_sql_json(&ColumnType::Json, v)
+                {
+                    return Err(format!("column {name}: {e}"));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Approximate in-memory size, for batching and lake buffers: the received text plus the

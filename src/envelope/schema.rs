@@ -176,6 +176,29 @@ impl RowSchema {
     }
 }
 
+impl RowSchema {
+    /// Whether some column of `other` has a type this schema cannot widen to (say text
+    /// arriving in an integer column after a source `ALTER COLUMN … TYPE`): the lake then
+    /// starts a new file rather than write those values as nulls.
+    pub fn conflicts(&self, other: &RowSchema) -> bool {
+        other.columns.iter().any(|col| {
+            self.column(&col.name)
+                .is_some_and(|mine| !widens(&mine.ty, &col.ty))
+        })
+    }
+}
+
+/// Whether two inferred types of one column fit one file column: equal, one still unknown,
+/// or integers and floats (widened to float).
+fn widens(a: &ColumnType, b: &ColumnType) -> bool {
+    use ColumnType::*;
+    a == b
+        || matches!(
+            (a, b),
+            (Unknown, _) | (_, Unknown) | (Int64, Float64) | (Float64, Int64)
+        )
+}
+
 fn widen(a: &ColumnType, b: &ColumnType) -> ColumnType {
     use ColumnType::*;
     match (a, b) {
@@ -262,6 +285,46 @@ fn connect_type(field: &Value) -> ColumnType {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn inferred_types_that_cannot_widen_conflict() {
+        let row = |v: serde_json::Value| RowSchema::infer(v.as_object().unwrap());
+        let ints = row(json!({"id": 1, "v": 7, "late": null}));
+        assert!(
+            !ints.conflicts(&row(json!({"id": 2, "v": 7.5}))),
+            "int widens to float"
+        );
+        assert!(!ints.conflicts(&row(json!({"id": 2, "v": null, "late": "x"}))));
+        assert!(
+            !ints.conflicts(&row(json!({"new": true}))),
+            "new columns are added"
+        );
+        assert!(ints.conflicts(&row(json!({"id": 3, "v": "not a number"}))));
+    }
+
+    #[test]
+    fn connect_arrays_interval_and_zoned_time() {
+        let field = |f: serde_json::Value| connect_type(&f);
+        assert_eq!(
+            field(json!({"type":"array","items":{"type":"int32","optional":true},"field":"a"})),
+            ColumnType::Array(Box::new(ColumnType::Int32))
+        );
+        assert_eq!(
+            field(
+                json!({"type":"array","items":{"type":"array","items":{"type":"int32"}},"field":"a"})
+            ),
+            ColumnType::Json,
+            "nested arrays stay documents"
+        );
+        assert_eq!(
+            field(json!({"type":"int64","name":"io.debezium.time.MicroDuration","field":"a"})),
+            ColumnType::Interval
+        );
+        assert_eq!(
+            field(json!({"type":"string","name":"io.debezium.time.ZonedTime","field":"a"})),
+            ColumnType::TimeTz
+        );
+    }
 
     #[test]
     fn connect_types_map_to_logical_types() {

@@ -127,7 +127,7 @@ pub fn format_decimal(unscaled: i128, scale: i8) -> String {
 }
 
 fn place_point(negative: bool, digits: String, scale: i32) -> String {
-    let sign = if negative && digits.trim_start_matches('0') != "" {
+    let sign = if negative && !digits.trim_start_matches('0').is_empty() {
         "-"
     } else {
         ""
@@ -455,6 +455,58 @@ mod tests {
             assert_eq!(to_sql_json(&ty, &wire).unwrap(), want, "{ty:?} {wire}");
         }
         assert!(to_sql_json(&ColumnType::Date, &json!("x")).is_err());
+    }
+
+    #[test]
+    fn wide_decimals_infinities_and_midnight_are_exact() {
+        // numeric(60,10) from the type zoo capture (more than 128 bits).
+        assert_eq!(
+            decimal_string("E6r1BOS8HmIXP4ekN4w3tJyMz/GWjATVFQ==", 10).unwrap(),
+            "12345678901234567890123456789012345678901234567890.0123456789"
+        );
+        assert_eq!(
+            decimal_string("7FUK+xtD4Z3owHhbyHPIS2NzMA5pc/sq6w==", 10).unwrap(),
+            "-12345678901234567890123456789012345678901234567890.0123456789"
+        );
+        assert_eq!(decimal_string("AA==", 0).unwrap(), "0");
+        let ts = ColumnType::Timestamp(TimeUnit::Micros);
+        assert_eq!(
+            to_sql_json(&ts, &json!(9_223_372_036_825_200_000i64)).unwrap(),
+            json!("infinity")
+        );
+        assert_eq!(
+            to_sql_json(
+                &ColumnType::Timestamp(TimeUnit::Millis),
+                &json!(-9_223_372_036_832_400i64)
+            )
+            .unwrap(),
+            json!("-infinity")
+        );
+        assert_eq!(
+            to_sql_json(&ColumnType::Date, &json!(-2_147_472_692i64)).unwrap(),
+            json!("infinity")
+        );
+        assert_eq!(
+            temporal_i64(&ColumnType::Date, &json!(-2_147_472_691i64)).unwrap(),
+            -i64::from(i32::MAX)
+        );
+        assert_eq!(
+            to_sql_json(
+                &ColumnType::Time(TimeUnit::Micros),
+                &json!(86_400_000_000i64)
+            )
+            .unwrap(),
+            json!("24:00:00")
+        );
+        assert_eq!(
+            temporal_i64(&ColumnType::TimeTz, &json!("05:00:45.123456Z")).unwrap(),
+            18_045_123_456
+        );
+        assert_eq!(
+            to_sql_json(&ColumnType::Json, &json!(r#"{"nul": "\u0000"}"#)),
+            Err(ValueError::JsonbNul)
+        );
+        assert!(float_value(&json!("NaN")).unwrap().is_nan());
     }
 
     #[test]

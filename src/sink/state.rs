@@ -58,8 +58,9 @@ const STAGE_TYPES: &[Type] = &[
     Type::TIMESTAMPTZ,
 ];
 
-/// The PostgreSQL type of a mirror column. A column seen only as null (schemaless input) gets
-/// `text`, the conservative choice: every JSON scalar fits it.
+/// The PostgreSQL type of a mirror column. A column seen only as null so far (schemaless
+/// input) has none yet: it is added, with the type of its first value, when one arrives
+/// (until then its absence reads the same as NULL), rather than fixed as `text` forever.
 pub fn pg_type(ty: &ColumnType) -> Option<String> {
     Some(match ty {
         ColumnType::Boolean => "boolean".into(),
@@ -88,7 +89,7 @@ pub fn pg_type(ty: &ColumnType) -> Option<String> {
         ColumnType::TimeTz => "timetz".into(),
         ColumnType::Interval => "interval".into(),
         ColumnType::Array(elem) => format!("{}[]", pg_type(elem)?),
-        ColumnType::Unknown => "text".into(),
+        ColumnType::Unknown => return None,
     })
 }
 

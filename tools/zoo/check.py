@@ -260,6 +260,14 @@ def lake_rows(fs, root, fmt):
             if f"table=public.{table}/" not in path:
                 continue
             t = pq.read_table(path, filesystem=fs)
+            if "after" not in t.column_names:
+                # Rowless changes only (a schemaless truncate): no before/after columns.
+                src = t.column("source").to_pylist()
+                for i, (op, off) in enumerate(zip(t.column("op").to_pylist(),
+                                                  t.column("kafka_offset").to_pylist())):
+                    order = (src[i]["commit_lsn"] or 0, src[i]["lsn"] or 0, off)
+                    events.append((order, op, None, {}))
+                continue
             after_type = t.schema.field("after").type
             # Temporal columns as their raw integers (pyarrow's datetime cannot hold ±infinity).
             after = t.column("after").combine_chunks()

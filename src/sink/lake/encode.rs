@@ -316,7 +316,10 @@ pub fn encode_parquet(events: &[Arc<ChangeEvent>], schema: &RowSchema) -> Result
     let (before, row_fields) = row_struct(schema, &befores);
     let (after, _) = row_struct(schema, &afters);
 
-    let arrow_schema = Arc::new(Schema::new(vec![
+    // Parquet cannot store a struct without fields: a file of rowless changes only (say a
+    // schemaless truncate) has no before/after columns; its envelope column says everything.
+    let has_rows = !row_fields.is_empty();
+    let mut fields = vec![
         Field::new("kafka_topic", DataType::Utf8, false),
         Field::new("kafka_partition", DataType::Int32, false),
         Field::new("kafka_offset", DataType::Int64, false),
@@ -329,29 +332,33 @@ pub fn encode_parquet(events: &[Arc<ChangeEvent>], schema: &RowSchema) -> Result
         Field::new("op", DataType::Utf8, false),
         Field::new("ts_ms", DataType::Int64, true),
         Field::new("source", DataType::Struct(source_fields), false),
-        Field::new("before", DataType::Struct(row_fields.clone()), true),
-        Field::new("after", DataType::Struct(row_fields), true),
-        Field::new("transaction", DataType::Utf8, true),
-        Field::new("envelope", DataType::Utf8, false),
-    ]));
-    let batch = RecordBatch::try_new(
-        arrow_schema.clone(),
-        vec![
-            Arc::new(topic.finish()),
-            Arc::new(partition.finish()),
-            Arc::new(offset.finish()),
-            Arc::new(kts.finish()),
-            Arc::new(key.finish()),
-            Arc::new(op.finish()),
-            Arc::new(ts_ms.finish()),
-            Arc::new(source),
-            before,
-            after,
-            Arc::new(transaction.finish()),
-            Arc::new(envelope.finish()),
-        ],
-    )
-    .map_err(|e| e.to_string())?;
+    ];
+    let mut columns: Vec<ArrayRef> = vec![
+        Arc::new(topic.finish()),
+        Arc::new(partition.finish()),
+        Arc::new(offset.finish()),
+        Arc::new(kts.finish()),
+        Arc::new(key.finish()),
+        Arc::new(op.finish()),
+        Arc::new(ts_ms.finish()),
+        Arc::new(source),
+    ];
+    if has_rows {
+        fields.push(Field::new(
+            "before",
+            DataType::Struct(row_fields.clone()),
+            true,
+        ));
+        fields.push(Field::new("after", DataType::Struct(row_fields), true));
+        columns.push(before);
+        columns.push(after);
+    }
+    fields.push(Field::new("transaction", DataType::Utf8, true));
+    fields.push(Field::new("envelope", DataType::Utf8, false));
+    columns.push(Arc::new(transaction.finish()));
+    columns.push(Arc::new(envelope.finish()));
+    let arrow_schema = Arc::new(Schema::new(fields));
+    let batch = RecordBatch::try_new(arrow_schema.clone(), columns).map_err(|e| e.to_string())?;
     let props = WriterProperties::builder()
         .set_compression(Compression::SNAPPY)
         .set_created_by(format!("cdc-lake {}", env!("CARGO_PKG_VERSION")))
@@ -362,4 +369,43 @@ pub fn encode_parquet(events: &[Arc<ChangeEvent>], schema: &RowSchema) -> Result
     writer.write(&batch).map_err(|e| e.to_string())?;
     writer.close().map_err(|e| e.to_string())?;
     Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::KafkaCoordinates;
+    use crate::envelope::{Decoded, Decoder};
+
+    /// A schemaless truncate has no row, so its file has no before/after columns (Parquet
+    /// cannot store an empty struct; this once stalled the lake sink in a retry loop).
+    #[test]
+    fn a_file_of_rowless_changes_encodes() {
+        let truncate = r#"{"before":null,"after":null,"source":{"name":"p","ts_ms":1,"db":"d","sequence":"[\"10\",\"12\"]","schema":"public","table":"t","txId":1,"lsn":12},"op":"t","ts_ms":2}"#;
+        let coords = KafkaCoordinates {
+            topic: "p.public.t".into(),
+            partition: 0,
+            offset: 0,
+            timestamp_ms: Some(1),
+        };
+        let Decoded::Change(e) = Decoder::new().decode(coords, None, Some(truncate.as_bytes()))
+        else {
+            panic!("a truncate decodes to a change");
+        };
+        assert!(e.schema.columns.is_empty());
+        let bytes = encode_parquet(std::slice::from_ref(&e), &e.schema).unwrap();
+        let reader =
+            parquet::file::reader::SerializedFileReader::new(bytes::Bytes::from(bytes)).unwrap();
+        use parquet::file::reader::FileReader;
+        let names: Vec<String> = reader
+            .metadata()
+            .file_metadata()
+            .schema_descr()
+            .root_schema()
+            .get_fields()
+            .iter()
+            .map(|f| f.name().to_string())
+            .collect();
+        assert!(names.contains(&"envelope".to_string()) && !names.contains(&"after".to_string()));
+    }
 }

@@ -445,11 +445,12 @@ impl Sink for LakeSink {
                 .get(&key)
                 .is_some_and(|f| match (&f.declared, &declared) {
                     (Some(a), Some(b)) => !Arc::ptr_eq(a, b) && a != b,
-                    (None, None) => false,
+                    (None, None) => f.schema.conflicts(&e.schema),
                     _ => true,
                 });
             if needs_roll {
-                // A schema change starts a new file: commit what we have first.
+                // A schema change (declared, or an inferred type that cannot widen) starts a
+                // new file: commit what we have first.
                 self.commit_partition(&tp).await?;
             }
             let st = self.partitions.get_mut(&tp).expect("still owned");
