@@ -8,11 +8,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn source_url() -> String {
-    std::env::var("CDC_LAKE_TEST_SOURCE_PG")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:55432/ecomdb".into())
-}
-
 /// Waits for `sql` (returning one bigint) to equal `want`; returns how long it took.
 async fn visible_within(
     client: &tokio_postgres::Client,

@@ -509,8 +509,3 @@ async fn id_title_price(client: &tokio_postgres::Client, sql: &str) -> Vec<(i32,
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect()
 }
-
-fn source_url() -> String {
-    std::env::var("CDC_LAKE_TEST_SOURCE_PG")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:55432/ecomdb".into())
-}

@@ -186,28 +186,8 @@ async fn live(format: &str) {
         .status()
         .expect("run tools/capture-zoo");
     assert!(status.success(), "tools/capture-zoo {format}");
-    let text = std::fs::read_to_string(&out).unwrap();
-    let records: Vec<Fixture> = text
-        .lines()
-        .map(|l| {
-            let v: Value = serde_json::from_str(l).unwrap();
-            Fixture {
-                topic: v["topic"].as_str().unwrap().into(),
-                partition: v["partition"].as_i64().unwrap() as i32,
-                offset: v["offset"].as_i64().unwrap(),
-                key: v["key"].as_str().map(str::to_string),
-                value: v["value"].as_str().map(str::to_string),
-            }
-        })
-        .collect();
-    let source = format!(
-        "{}/{prefix}",
-        std::env::var("CDC_LAKE_TEST_SOURCE_PG")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:55432/ecomdb".into())
-            .rsplit_once('/')
-            .unwrap()
-            .0
-    );
+    let records = read_fixture(&out);
+    let source = format!("{}/{prefix}", source_url().rsplit_once('/').unwrap().0);
     round_trip(records, &prefix, format, Source::Live(&source)).await;
     let admin = pg(&source.replace(&format!("/{prefix}"), "/postgres")).await;
     // Two statements: DROP DATABASE cannot share an implicit transaction.

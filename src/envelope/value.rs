@@ -51,16 +51,21 @@ pub fn decimal_unscaled(b64: &str) -> Result<i128, ValueError> {
 }
 
 fn unscaled_i128(bytes: &[u8]) -> Result<i128, ValueError> {
-    if bytes.len() > 16 {
-        return Err(ValueError::DecimalTooWide(bytes.len()));
+    sign_extend::<16>(bytes)
+        .map(i128::from_be_bytes)
+        .ok_or(ValueError::DecimalTooWide(bytes.len()))
+}
+
+/// Big-endian two's-complement bytes widened to N bytes (None when they do not fit), for
+/// 128-bit decimals here and the lake's 256-bit ones.
+pub fn sign_extend<const N: usize>(bytes: &[u8]) -> Option<[u8; N]> {
+    if bytes.len() > N {
+        return None;
     }
-    if bytes.is_empty() {
-        return Ok(0);
-    }
-    let negative = bytes[0] & 0x80 != 0;
-    let mut buf = if negative { [0xffu8; 16] } else { [0u8; 16] };
-    buf[16 - bytes.len()..].copy_from_slice(bytes);
-    Ok(i128::from_be_bytes(buf))
+    let negative = bytes.first().is_some_and(|b| b & 0x80 != 0);
+    let mut buf = if negative { [0xffu8; N] } else { [0u8; N] };
+    buf[N - bytes.len()..].copy_from_slice(bytes);
+    Some(buf)
 }
 
 /// The exact decimal text of Connect decimal bytes of any width: PostgreSQL `numeric` holds up
@@ -180,6 +185,20 @@ impl Infinity {
         match self {
             Infinity::Positive => "infinity",
             Infinity::Negative => "-infinity",
+        }
+    }
+
+    /// The lake's value for it: the extremes DuckDB reads as ±infinity (±i64::MAX; dates
+    /// ±i32::MAX), in any unit.
+    pub fn lake_extreme(self, ty: &ColumnType) -> i64 {
+        let max = if *ty == ColumnType::Date {
+            i64::from(i32::MAX)
+        } else {
+            i64::MAX
+        };
+        match self {
+            Infinity::Positive => max,
+            Infinity::Negative => -max,
         }
     }
 }
@@ -347,15 +366,7 @@ fn holds_nul(doc: &Value) -> bool {
 /// (±i64::MAX; dates ±i32::MAX).
 pub fn temporal_i64(ty: &ColumnType, v: &Value) -> Result<i64, ValueError> {
     if let Some(inf) = infinity(ty, v) {
-        let max = if *ty == ColumnType::Date {
-            i64::from(i32::MAX)
-        } else {
-            i64::MAX
-        };
-        return Ok(match inf {
-            Infinity::Positive => max,
-            Infinity::Negative => -max,
-        });
+        return Ok(inf.lake_extreme(ty));
     }
     match ty {
         ColumnType::Date | ColumnType::Interval => as_i64(ty, v),

@@ -107,9 +107,6 @@ pub fn mirror_name(table: &TableId) -> String {
 struct Mirror {
     /// `"schema"."table"`, quoted.
     qualified: String,
-    /// Target schema and table name, unquoted (the truncate watermark's key).
-    schema: String,
-    table: String,
     /// Source columns present in the table, in order.
     columns: Vec<String>,
     key: Vec<String>,
@@ -573,8 +570,6 @@ impl StateSink {
                 table.clone(),
                 Mirror {
                     qualified: qualified.clone(),
-                    schema: self.schema.clone(),
-                    table: mirror_name(table),
                     columns,
                     key,
                     merge_sql: None,
@@ -674,7 +669,12 @@ impl StateSink {
 
         let mirror = self.mirrors.get_mut(table).expect("ensured before");
         if mirror.merge_sql.is_none() {
-            mirror.merge_sql = Some(merge_sql(mirror, self.delete_mode));
+            mirror.merge_sql = Some(merge_sql(
+                mirror,
+                &self.schema,
+                &mirror_name(table),
+                self.delete_mode,
+            ));
         }
         let sql = mirror.merge_sql.as_deref().expect("built above");
         tx.execute(sql, &[]).await.map_err(pg_err(
@@ -766,7 +766,8 @@ fn check_not_metadata(table: &TableId, column: &str) -> Result<(), SinkError> {
 }
 
 /// Builds the one statement that applies a staged batch to a mirror.
-fn merge_sql(m: &Mirror, delete_mode: DeleteMode) -> String {
+/// `schema` and `table` (unquoted) key the mirror's truncate watermark.
+fn merge_sql(m: &Mirror, schema: &str, table: &str, delete_mode: DeleteMode) -> String {
     let q = |c: &str| quote_ident(c).expect("validated when the column was added");
     let on: Vec<String> = m
         .key
@@ -825,8 +826,8 @@ fn merge_sql(m: &Mirror, delete_mode: DeleteMode) -> String {
                UPDATE SET {set_clause}cdc_deleted = false, {meta_set}
           WHEN NOT MATCHED {insert_when} {newer_than_truncate} THEN {insert}",
         t = m.qualified,
-        schema_lit = sql_literal(&m.schema),
-        table_lit = sql_literal(&m.table),
+        schema_lit = sql_literal(schema),
+        table_lit = sql_literal(table),
         on = on.join(" AND "),
     )
 }

@@ -73,6 +73,12 @@ pub struct Fixture {
     pub value: Option<String>,
 }
 
+/// The dev stack's source database (tools/up --debezium), which real Debezium captures.
+pub fn source_url() -> String {
+    std::env::var("CDC_LAKE_TEST_SOURCE_PG")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:55432/ecomdb".into())
+}
+
 pub fn fixture_path(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/debezium")
@@ -80,7 +86,13 @@ pub fn fixture_path(name: &str) -> PathBuf {
 }
 
 pub fn load_fixture(name: &str) -> Vec<Fixture> {
-    let text = std::fs::read_to_string(fixture_path(name)).unwrap();
+    read_fixture(&fixture_path(name))
+}
+
+/// Reads a capture in the samples' NDJSON format (`tools/capture-zoo` writes the same).
+pub fn read_fixture(path: &Path) -> Vec<Fixture> {
+    let text =
+        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     text.lines()
         .filter(|l| !l.trim().is_empty())
         .map(|l| {

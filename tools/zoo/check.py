@@ -183,7 +183,7 @@ def source_rows(url, fmt):
     return out
 
 
-def mirror_expr(col, spec, data_type, fmt):
+def mirror_expr(col, spec, data_type):
     kind = spec[0]
     c = f'"{col}"'
     if kind in ("micros", "days"):
@@ -211,7 +211,7 @@ def mirror_rows(url, schema, fmt):
             if not types:
                 out[table] = None
                 continue
-            exprs = [mirror_expr(col, spec, types.get(col, "text"), fmt) if col in types else "NULL"
+            exprs = [mirror_expr(col, spec, types.get(col, "text")) if col in types else "NULL"
                      for col, spec in cols.items()]
             deleted = " WHERE NOT cdc_deleted" if "cdc_deleted" in types else ""
             c.execute(f'SELECT "{key}"::text, {", ".join(exprs)} FROM "{schema}"."{table}"{deleted}')

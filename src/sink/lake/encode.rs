@@ -20,7 +20,8 @@ use parquet::file::properties::WriterProperties;
 use serde_json::{Map, Value};
 
 use crate::envelope::value::{
-    decimal_unscaled, float_value, infinity, temporal_i64, to_sql_json, Infinity, UNAVAILABLE_VALUE,
+    decimal_unscaled, float_value, infinity, sign_extend, temporal_i64, to_sql_json,
+    UNAVAILABLE_VALUE,
 };
 use crate::envelope::{ChangeEvent, ColumnType, RowSchema, TimeUnit};
 
@@ -77,8 +78,7 @@ fn present(v: Option<&Value>) -> Option<&Value> {
 /// ±infinity.
 fn wire_timestamp(ty: &ColumnType, v: &Value) -> Option<i64> {
     match infinity(ty, v) {
-        Some(Infinity::Positive) => Some(i64::MAX),
-        Some(Infinity::Negative) => Some(-i64::MAX),
+        Some(inf) => Some(inf.lake_extreme(ty)),
         None => v.as_i64(),
     }
 }
@@ -86,13 +86,7 @@ fn wire_timestamp(ty: &ColumnType, v: &Value) -> Option<i64> {
 /// Connect decimal bytes as a 256-bit unscaled value (precision 39 to 76).
 fn decimal_i256(b64: &str) -> Option<i256> {
     let bytes = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
-    if bytes.is_empty() || bytes.len() > 32 {
-        return (bytes.is_empty()).then_some(i256::ZERO);
-    }
-    let fill = if bytes[0] & 0x80 != 0 { 0xff } else { 0 };
-    let mut buf = [fill; 32];
-    buf[32 - bytes.len()..].copy_from_slice(&bytes);
-    Some(i256::from_be_bytes(buf))
+    sign_extend::<32>(&bytes).map(i256::from_be_bytes)
 }
 
 fn text(ty: &ColumnType, v: &Value) -> String {
