@@ -298,6 +298,58 @@ pub struct TargetConfig {
     /// As `state.key_columns`, for this target.
     #[serde(default)]
     pub key_columns: BTreeMap<String, Vec<String>>,
+    /// SQL files run (in order) whenever the target is opened: the tables the mappings write
+    /// and the views over them. They must be idempotent (`IF NOT EXISTS`, `OR REPLACE`).
+    /// Relative paths start at the config file's directory (the working directory for the
+    /// embedded defaults).
+    #[serde(default)]
+    pub setup_sql: Vec<PathBuf>,
+    /// Declarative topic→table mappings. A target with mappings writes only what they map;
+    /// one without mirrors every source table.
+    #[serde(default)]
+    pub mappings: Vec<MappingConfig>,
+    #[serde(skip)]
+    pub setup_sql_resolved: Vec<PathBuf>,
+}
+
+/// One declarative topic→table mapping (see docs/analytics.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MappingConfig {
+    /// The source topic, or a regex over topic names when it starts with `^`.
+    pub topic: String,
+    /// The target table, in the target's schema. It must exist (create it in `setup_sql`).
+    pub table: String,
+    /// Target key columns: the table's primary key or a unique index, each mapped below.
+    pub key: Vec<String>,
+    /// What a source delete does: remove the row, mark it (`__cdc_deleted`), or keep it.
+    #[serde(default = "default_delete_mode")]
+    pub delete: DeleteMode,
+    /// An SQL condition over the target columns. A row for which it is not true is kept out of
+    /// the table (and removed from it, by the delete policy, when an update stops matching).
+    #[serde(default)]
+    pub filter: Option<String>,
+    /// Also copy every other column of the target table from the source column of that name.
+    #[serde(default)]
+    pub all_columns: bool,
+    /// How numbers arriving for timestamp, date-less time and timestamptz columns read:
+    /// `ms` (the seeds' time.precision.mode=connect) or `us` (Debezium's adaptive default).
+    #[serde(default)]
+    pub epoch_unit: EpochUnit,
+    /// Target column = a source column name, or a table: `{ from = "col", transform =
+    /// "epoch_ms" | "epoch_us" | "decimal", scale = N }`, `{ value = <constant> }`,
+    /// `{ source = "lsn" | "ts_ms" | "db" | ... }` or `{ meta = "op" | "synced_at" | ... }`.
+    #[serde(default)]
+    pub columns: BTreeMap<String, toml::Value>,
+}
+
+/// Unit of epoch numbers in temporal columns.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EpochUnit {
+    #[default]
+    Ms,
+    Us,
 }
 
 fn yes() -> bool {
@@ -319,6 +371,9 @@ pub struct Target {
     pub name: String,
     pub postgres: PostgresConfig,
     pub state: StateConfig,
+    /// SQL files run when the target is opened.
+    pub setup_sql: Vec<PathBuf>,
+    pub mappings: Vec<MappingConfig>,
 }
 
 impl Target {
@@ -456,6 +511,11 @@ impl Config {
             .try_into()
             .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
         config.read_secrets()?;
+        let base = match path.and_then(Path::parent) {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        config.resolve_setup_sql(&base);
         config.validate()?;
         Ok(config)
     }
@@ -490,6 +550,14 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// Resolves each target's `setup_sql` paths against the config file's directory. The files
+    /// are read when the target is opened (start-up, or a replay into it).
+    fn resolve_setup_sql(&mut self, base: &Path) {
+        for t in self.targets.values_mut() {
+            t.setup_sql_resolved = t.setup_sql.iter().map(|p| base.join(p)).collect();
+        }
     }
 
     /// Checks everything that can be checked without I/O.
@@ -541,6 +609,9 @@ impl Config {
                     t.schema
                 ));
             }
+            for (i, m) in t.mappings.iter().enumerate() {
+                crate::sink::mapping::Mapping::compile(name, i, m).map_err(ConfigError::Invalid)?;
+            }
         }
         if self.batch.max_records == 0 {
             return bad("batch.max_records must be at least 1".into());
@@ -586,6 +657,8 @@ impl Config {
             name: PROCESSED_TARGET.into(),
             postgres: self.postgres.clone(),
             state: self.state.clone(),
+            setup_sql: Vec::new(),
+            mappings: Vec::new(),
         }];
         for (name, t) in &self.targets {
             let postgres = match &t.url {
@@ -605,6 +678,8 @@ impl Config {
                     delete_mode: t.delete_mode,
                     key_columns: t.key_columns.clone(),
                 },
+                setup_sql: t.setup_sql_resolved.clone(),
+                mappings: t.mappings.clone(),
             });
         }
         out
@@ -666,6 +741,13 @@ fn apply_env_overrides(
     table: &mut toml::Table,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<(), ConfigError> {
+    // Shallower paths first, so `CDC_LAKE__TARGETS={}` replaces the section and then
+    // `CDC_LAKE__TARGETS__X__SCHEMA` fills it, whatever order the environment lists them in.
+    let mut env: Vec<(String, String)> = env
+        .into_iter()
+        .filter(|(var, _)| var.starts_with(ENV_PREFIX))
+        .collect();
+    env.sort_by_key(|(var, _)| var.matches("__").count());
     for (var, raw) in env {
         let Some(path) = var.strip_prefix(ENV_PREFIX) else {
             continue;

@@ -60,6 +60,13 @@ pub async fn migrate(config: &Config) -> anyhow::Result<Vec<i32>> {
             let mut client = crate::db::connect(&target.postgres, "cdc-lake migrate").await?;
             crate::db::migrate(&mut client).await?;
         }
+        if !target.mappings.is_empty() {
+            // Runs the target's setup SQL and checks its mappings, so `migrate` (an init
+            // container, say) fails on a mapping that does not fit.
+            StateSink::for_target(&target, config.kafka.group_id.clone())
+                .prepare()
+                .await?;
+        }
     }
     Ok(applied)
 }
@@ -84,7 +91,20 @@ pub async fn run(
                 .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.http.listen))?,
         )
     };
-    let sinks = build_sinks(&config)?;
+    let mut sinks = build_sinks(&config)?;
+    // Setup SQL and mappings are checked before consuming: a mapping that does not fit its
+    // target stops start-up with a message naming it, instead of a pod that retries forever.
+    for sink in &mut sinks {
+        if let AnySink::State(state) = sink {
+            if let Err(e) = state.prepare().await {
+                if matches!(e, crate::sink::SinkError::Mapping { .. }) {
+                    return Err(anyhow::anyhow!("invalid mapping: {e}"));
+                }
+                // Unreachable database: the pipeline's retries and readiness handle it.
+                tracing::warn!(error = %e, "cannot open a state target yet; will retry");
+            }
+        }
+    }
 
     let (tx, rx) = mpsc::channel(4);
     let deadline = config.shutdown.drain_deadline.0;

@@ -333,24 +333,30 @@ async fn a_changed_column_type_rejects_what_does_not_fit_and_continues() {
         .unwrap();
 }
 
-/// `tools/verify-cdc` (the seeds' verify-cdc.sh): exit 0 while the pod runs, exit 1 with a
-/// clear message once it is stopped.
+/// `tools/verify-cdc` (the seeds' verify-cdc.sh): a book inserted into the source reaches the
+/// analytics target (the demo's `dim_books` mapping) within 5 s while the pod runs: exit 0;
+/// exit 1 with a clear message once the pod is stopped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_cdc_passes_with_the_pod_and_fails_without() {
     let db = fresh_db("verifycdc").await;
+    let analytics_db = fresh_db("verifycdc_bi").await;
     let lake = LakeTarget::local("verifycdc");
-    let pod = Pod::start(config(&db, "ecom-connector", &lake, &[]));
-    let sink = pg(&db).await;
+    let cfg = with_demo_targets(
+        config(&db, "ecom-connector", &lake, &[]),
+        ("ecom-connector", "inventory-connector"),
+        &[("analytics", &analytics_db)],
+    );
+    let pod = Pod::start(cfg);
+    let analytics = pg(&analytics_db).await;
     // The pod first catches up with the topics' history.
-    wait_until("the books mirror", Duration::from_secs(120), || async {
-        count(&sink, "SELECT count(*) FROM cdc_processed.books").await > 0
+    wait_until("the books dimension", Duration::from_secs(120), || async {
+        count(&analytics, "SELECT count(*) FROM analytics.dim_books").await > 0
     })
     .await;
     let tool = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/verify-cdc");
     let run = || {
         let out = std::process::Command::new(&tool)
-            .arg("10")
-            .env("SINK_PG_URL", &db)
+            .env("ANALYTICS_PG_URL", &analytics_db)
             .output()
             .unwrap();
         (

@@ -362,6 +362,7 @@ async fn bad_arguments_fail_before_any_write() {
             .args(args)
             .envs(env)
             .env("CDC_LAKE__KAFKA__BROKERS", broker())
+            .env("CDC_LAKE__TARGETS", "{}")
             .output()
             .unwrap();
         (

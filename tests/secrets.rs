@@ -33,6 +33,7 @@ fn pod_command(topic_prefix: &str, pg_url: &str) -> Command {
             secret_file("pgpw", PG_SECRET),
         )
         .env("CDC_LAKE__HTTP__LISTEN", "")
+        .env("CDC_LAKE__TARGETS", "{}")
         .env("CDC_LAKE__LAKE__PREFIX", unique("secrets"))
         .env("CDC_LAKE__LAKE__S3__BUCKET", "cdc-lake")
         .env("CDC_LAKE__LAKE__S3__ENDPOINT", s3_endpoint())

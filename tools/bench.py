@@ -124,6 +124,8 @@ class Pod:
             "CDC_LAKE__RAW__ENABLED": str("raw" in sinks).lower(),
             "CDC_LAKE__LAKE__ENABLED": str("lake" in sinks).lower(),
             "CDC_LAKE__STATE__ENABLED": str("state" in sinks).lower(),
+            # Without the demo's analytics and replica targets: the bench measures the sinks.
+            "CDC_LAKE__TARGETS": "{}",
             "RUST_LOG": "warn",
         })
         env.update(extra or {})
@@ -197,7 +199,7 @@ def copy_ceiling(binary, result, n):
     """psql \\copy of the same raw rows into an identical table (same migrations)."""
     src = result["dsn"]
     dst = fresh_db("copy")
-    subprocess.run([binary, "migrate"], env={**os.environ, "CDC_LAKE__POSTGRES__URL": dst}, check=True, capture_output=True)
+    subprocess.run([binary, "migrate"], env={**os.environ, "CDC_LAKE__POSTGRES__URL": dst, "CDC_LAKE__TARGETS": "{}"}, check=True, capture_output=True)
     path = tempfile.mktemp(suffix=".copy")
     subprocess.run(["psql", src, "-qc", f"\\copy cdc_raw.cdc_events TO '{path}'"], check=True)
     t0 = time.time()
@@ -213,7 +215,7 @@ def replay(binary, result, n, source):
     """cdc-lake replay --rebuild of the all-sinks run into a replay-only target, from the raw log
     or the lake; checks the rebuilt mirror has the live mirror's rows."""
     env = {**os.environ, "CDC_LAKE__POSTGRES__URL": result["dsn"], "CDC_LAKE__LAKE__ROOT": result["lake"],
-           "CDC_LAKE__KAFKA__BROKERS": "unused:9092",
+           "CDC_LAKE__KAFKA__BROKERS": "unused:9092", "CDC_LAKE__TARGETS": "{}",
            "CDC_LAKE__TARGETS__BENCH__SCHEMA": f"replay_{source}", "CDC_LAKE__TARGETS__BENCH__ENABLED": "false",
            "RUST_LOG": "warn"}
     t0 = time.time()

@@ -422,7 +422,8 @@ def main():
            "CDC_LAKE__LAKE__S3__BUCKET": "cdc-lake", "CDC_LAKE__LAKE__S3__ENDPOINT": args.s3,
            "CDC_LAKE__LAKE__S3__ALLOW_HTTP": "true", "CDC_LAKE__LAKE__S3__ACCESS_KEY_ID": "testing",
            "CDC_LAKE__LAKE__S3__SECRET_ACCESS_KEY_FILE": secret.name, "CDC_LAKE__LAKE__S3__REQUEST_TIMEOUT": "2s",
-           "CDC_LAKE__BATCH__MAX_RECORDS": "2000", "RUST_LOG": "info,rdkafka=warn"}
+           "CDC_LAKE__BATCH__MAX_RECORDS": "2000", "CDC_LAKE__TARGETS": "{}",
+           "RUST_LOG": "info,rdkafka=warn"}
     faults = []
     failures = []
     join_retries = []

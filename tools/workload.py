@@ -4,7 +4,7 @@ Seeds books and inventory if empty, then runs rounds of: place an order with 1-3
 transaction), advance order statuses, cancel orders, and move inventory (reserve, restock,
 occasionally drop a row). Every change flows through Debezium to Kafka.
 
-Usage: workload.py --ops N [--port 55432] [--seed S] [--rate R]
+Usage: workload.py --ops N [--port 55432] [--seed S] [--rate R] [--ecomdb DB --inventorydb DB]
 """
 import argparse
 import random
@@ -26,11 +26,13 @@ def main():
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--rate", type=float, default=0, help="steps per second (0 = as fast as possible)")
     ap.add_argument("--books", type=int, default=20)
+    ap.add_argument("--ecomdb", default="ecomdb", help="database with books, orders, order_items")
+    ap.add_argument("--inventorydb", default="inventorydb", help="database with inventory")
     args = ap.parse_args()
     rnd = random.Random(args.seed)
 
-    ecom = psycopg2.connect(host=args.host, port=args.port, user="postgres", dbname="ecomdb")
-    inv = psycopg2.connect(host=args.host, port=args.port, user="postgres", dbname="inventorydb")
+    ecom = psycopg2.connect(host=args.host, port=args.port, user="postgres", dbname=args.ecomdb)
+    inv = psycopg2.connect(host=args.host, port=args.port, user="postgres", dbname=args.inventorydb)
     ec, ic = ecom.cursor(), inv.cursor()
 
     ec.execute("SELECT id::text, price FROM books")

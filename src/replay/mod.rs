@@ -522,14 +522,21 @@ impl TargetLock {
 /// Empties the target's mirrors of `tables` (those that exist), in one transaction.
 async fn empty_mirrors(sink: &mut StateSink, tables: &BTreeSet<TableId>) -> anyhow::Result<u64> {
     let schema = sink.schema().to_string();
+    // Opening the target runs its setup SQL and checks its mappings.
+    sink.prepare().await?;
+    // A mapped target is rebuilt whole: its tables, not the source tables' mirrors.
+    let names: Vec<String> = match sink.mapped_table_names() {
+        mapped if !mapped.is_empty() => mapped,
+        _ => tables.iter().map(mirror_name).collect(),
+    };
     let client = sink.client().await?;
     let mut removed = 0u64;
     let tx = client.transaction().await?;
-    for t in tables {
+    for name in &names {
         let qualified = format!(
             "{}.{}",
             quote_ident(&schema).map_err(anyhow::Error::msg)?,
-            quote_ident(&mirror_name(t)).map_err(anyhow::Error::msg)?
+            quote_ident(name).map_err(anyhow::Error::msg)?
         );
         let exists: bool = tx
             .query_one("SELECT to_regclass($1) IS NOT NULL", &[&qualified])
@@ -544,7 +551,7 @@ async fn empty_mirrors(sink: &mut StateSink, tables: &BTreeSet<TableId>) -> anyh
         // A rebuild replays the truncates again; an old watermark would hide earlier rows.
         tx.execute(
             "DELETE FROM cdc_lake.truncations WHERE target_schema = $1 AND mirror_table = $2",
-            &[&schema, &mirror_name(t)],
+            &[&schema, name],
         )
         .await
         .with_context(|| format!("forgetting the truncates of {qualified}"))?;
@@ -579,6 +586,20 @@ pub async fn run(config: &Config, args: &ReplayArgs) -> anyhow::Result<Summary> 
         if args.dry_run { ", dry run" } else { "" }
     );
 
+    if !target.mappings.is_empty() {
+        if args.dry_run {
+            bail!(
+                "--dry-run compares mirrors; target {} is mapped (replay into a copy of it instead)",
+                target.name
+            );
+        }
+        if args.rebuild && (sel.topic.is_some() || sel.partition.is_some()) {
+            bail!(
+                "target {} is mapped and is rebuilt whole: drop --topic/--partition, or replay without --rebuild",
+                target.name
+            );
+        }
+    }
     if args.dry_run {
         return compare::dry_run(config, &target, &reader, &sel, &plan, args).await;
     }

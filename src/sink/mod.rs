@@ -17,6 +17,7 @@
 pub mod checkpoint;
 pub mod ident;
 pub mod lake;
+pub mod mapping;
 pub mod memory;
 pub mod raw;
 pub mod state;
@@ -52,6 +53,12 @@ pub enum SinkError {
     Value { table: String, reason: String },
     #[error("lake: manifest {path} is corrupt: {reason}")]
     Manifest { path: String, reason: String },
+    /// A target's setup SQL or mappings do not fit its database: a configuration problem.
+    #[error("{target}: {reason}")]
+    Mapping {
+        target: &'static str,
+        reason: String,
+    },
     #[error("{sink}: {tp} moved to another owner (checkpoint {theirs} is ahead of ours)")]
     Fenced {
         sink: &'static str,
@@ -82,6 +89,7 @@ impl SinkError {
             SinkError::Encode { .. }
             | SinkError::Value { .. }
             | SinkError::Manifest { .. }
+            | SinkError::Mapping { .. }
             | SinkError::Fenced { .. } => false,
         }
     }

@@ -16,6 +16,7 @@ use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::{Client, Transaction};
 
 use super::ident::quote_ident;
+use super::mapping::{Mapping, DELETED_COLUMN, POSITION_COLUMN};
 use super::{checkpoint, Ack, Offsets, Sink, SinkError, WriteStats};
 use crate::batch::Batch;
 use crate::config::{DeleteMode, PostgresConfig, StateConfig, Target, PROCESSED_TARGET};
@@ -24,6 +25,9 @@ use crate::envelope::value::UNAVAILABLE_VALUE;
 use crate::envelope::{ChangeEvent, ColumnType, Decoded, Op, RowSchema, TimeUnit};
 
 pub const NAME: &str = "state";
+
+/// Advisory lock key held while a target's setup SQL runs (arbitrary constant).
+const SETUP_LOCK: i64 = 7_220_211_006;
 
 /// Metadata columns every mirror carries, after the source columns.
 const META_COLUMNS: &[(&str, &str)] = &[
@@ -103,14 +107,25 @@ pub fn mirror_name(table: &TableId) -> String {
     }
 }
 
-/// What the sink knows about one mirror table.
+/// What the sink knows about one mirror or mapped table.
+#[derive(Clone)]
 struct Mirror {
     /// `"schema"."table"`, quoted.
     qualified: String,
-    /// Source columns present in the table, in order.
+    /// Source columns present in the table (mapped columns for a mapped table), in order.
     columns: Vec<String>,
     key: Vec<String>,
+    delete_mode: DeleteMode,
+    /// The mapping's row filter; `None` for mirrors.
+    mapped: Option<MappedTable>,
     merge_sql: Option<String>,
+}
+
+/// How a mapped table differs from a mirror: it keeps its own columns plus `__cdc_position`
+/// (and `__cdc_deleted` for soft deletes), and may filter rows.
+#[derive(Clone)]
+struct MappedTable {
+    filter: Option<String>,
 }
 
 pub struct StateSink {
@@ -124,6 +139,13 @@ pub struct StateSink {
     key_columns: BTreeMap<String, Vec<String>>,
     client: Option<Client>,
     mirrors: HashMap<TableId, Mirror>,
+    /// Declarative mappings: when present, the target holds only the tables they map.
+    mappings: Vec<Mapping>,
+    /// The target's setup SQL, run when it is first opened.
+    setup_sql: Vec<std::path::PathBuf>,
+    /// Mapped tables, checked against the catalog when the target was opened.
+    mapped_tables: HashMap<TableId, Mirror>,
+    prepared: bool,
 }
 
 fn pg_err(
@@ -162,6 +184,10 @@ impl StateSink {
             key_columns: cfg.key_columns.clone(),
             client: None,
             mirrors: HashMap::new(),
+            mappings: Vec::new(),
+            setup_sql: Vec::new(),
+            mapped_tables: HashMap::new(),
+            prepared: false,
         }
     }
 
@@ -173,7 +199,90 @@ impl StateSink {
             // the `&'static str` that errors and metrics carry.
             sink.name = Box::leak(target.sink_name().into_boxed_str());
         }
+        sink.setup_sql = target.setup_sql.clone();
+        sink.mappings = target
+            .mappings
+            .iter()
+            .enumerate()
+            .map(|(i, m)| Mapping::compile(&target.name, i, m).expect("validated with the config"))
+            .collect();
         sink
+    }
+
+    /// Opens the target: runs its setup SQL and checks its mappings against the catalog. An
+    /// error here is a configuration problem; the message names the mapping and column.
+    pub async fn prepare(&mut self) -> Result<(), SinkError> {
+        self.connect().await
+    }
+
+    async fn prepare_mappings(&mut self, client: &Client) -> Result<(), SinkError> {
+        let target = self.name;
+        let fail = |reason: String| SinkError::Mapping { target, reason };
+        for path in &self.setup_sql {
+            let sql = std::fs::read_to_string(path)
+                .map_err(|e| fail(format!("cannot read setup_sql {}: {e}", path.display())))?;
+            // Serialised across pods: concurrent CREATE OR REPLACE VIEW of one view fails.
+            let locked = format!(
+                "SELECT pg_advisory_lock({SETUP_LOCK}); {sql}; SELECT pg_advisory_unlock({SETUP_LOCK})"
+            );
+            if let Err(e) = client.batch_execute(&locked).await {
+                let _ = client
+                    .batch_execute(&format!("SELECT pg_advisory_unlock({SETUP_LOCK})"))
+                    .await;
+                return Err(fail(format!(
+                    "setup_sql {} failed: {}",
+                    path.display(),
+                    super::pg_detail(&e)
+                )));
+            }
+        }
+        self.mapped_tables.clear();
+        for m in &mut self.mappings {
+            m.prepare(client, &self.schema).await.map_err(fail)?;
+            let table = TableId {
+                schema: self.schema.clone(),
+                table: m.table.clone(),
+            };
+            let mirror = Mirror {
+                qualified: format!(
+                    "{}.{}",
+                    quote_ident(&self.schema).expect("validated in config"),
+                    quote_ident(&m.table).expect("validated in config")
+                ),
+                columns: m.target_columns(),
+                key: m.key.clone(),
+                delete_mode: m.delete,
+                mapped: Some(MappedTable {
+                    filter: m.filter.clone(),
+                }),
+                merge_sql: None,
+            };
+            if let Some(other) = self.mapped_tables.get(&table) {
+                if other.columns != mirror.columns || other.key != mirror.key {
+                    return Err(fail(format!(
+                        "{} writes {table}, which another mapping writes with other columns or key; one table, one shape",
+                        m.label
+                    )));
+                }
+            }
+            self.mapped_tables.insert(table, mirror);
+        }
+        if !self.mappings.is_empty() {
+            tracing::info!(
+                target = self.name,
+                tables = self.mapped_tables.len(),
+                "mappings checked against the target database"
+            );
+        }
+        Ok(())
+    }
+
+    /// The tables this target's mappings write (after [`StateSink::prepare`]); empty for a
+    /// mirror target.
+    pub fn mapped_table_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.mapped_tables.keys().map(|t| t.table.clone()).collect();
+        names.sort();
+        names
     }
 
     /// The schema holding this target's mirrors.
@@ -202,6 +311,10 @@ impl StateSink {
                 ))
                 .await
                 .map_err(pg_err(self.name, "creating the staging table"))?;
+            if !self.prepared {
+                self.prepare_mappings(&client).await?;
+                self.prepared = true;
+            }
             self.client = Some(client);
             // Another pod may have changed the tables meanwhile: re-read them.
             self.mirrors.clear();
@@ -241,8 +354,7 @@ impl StateSink {
             };
             let mut stats = WriteStats::default();
 
-            // Changes per table, in Kafka order.
-            let mut by_table: BTreeMap<&TableId, Vec<&ChangeEvent>> = BTreeMap::new();
+            let mut changes: Vec<&ChangeEvent> = Vec::new();
             for r in &batch.records {
                 let c = r.coords();
                 if c.offset < stored.get(&c.topic_partition()).copied().unwrap_or(0) {
@@ -250,12 +362,21 @@ impl StateSink {
                     continue;
                 }
                 match r {
-                    Decoded::Change(e) => by_table.entry(&e.table).or_default().push(e),
+                    Decoded::Change(e) => changes.push(e),
                     Decoded::Reject(_) => *stats.ignored.entry("rejected").or_default() += 1,
                     Decoded::Skip(_, reason) => {
                         *stats.ignored.entry(reason.as_str()).or_default() += 1
                     }
                 }
+            }
+            let mapped = self.map_changes(&tx, &changes, &mut stats).await?;
+            if !self.mappings.is_empty() {
+                changes = mapped.iter().collect();
+            }
+            // Changes per table, in Kafka order.
+            let mut by_table: BTreeMap<&TableId, Vec<&ChangeEvent>> = BTreeMap::new();
+            for e in changes {
+                by_table.entry(&e.table).or_default().push(e);
             }
             for (table, events) in by_table {
                 self.apply_table(&tx, table, &events, &mut stats).await?;
@@ -278,6 +399,46 @@ impl StateSink {
             self.mirrors.clear();
         }
         result
+    }
+
+    /// With mappings: each change as the rows of the mappings of its topic (none matching:
+    /// skipped and counted). A change a mapping cannot convert is rejected with the reason.
+    async fn map_changes(
+        &self,
+        tx: &Transaction<'_>,
+        changes: &[&ChangeEvent],
+        stats: &mut WriteStats,
+    ) -> Result<Vec<ChangeEvent>, SinkError> {
+        let mut out = Vec::new();
+        if self.mappings.is_empty() {
+            return Ok(out);
+        }
+        let synced_at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        for e in changes {
+            let mut matched = false;
+            for m in self.mappings.iter().filter(|m| m.matches(&e.coords.topic)) {
+                matched = true;
+                match m.apply(e, &self.schema, &synced_at) {
+                    Ok(Some(mapped)) => out.push(mapped),
+                    Ok(None) => *stats.ignored.entry("logical_message").or_default() += 1,
+                    Err(reason) => {
+                        reject(tx, self.name, e, &reason).await?;
+                        *stats.ignored.entry("rejected_by_mapping").or_default() += 1;
+                    }
+                }
+            }
+            if !matched {
+                *stats.ignored.entry("unmapped").or_default() += 1;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The delete policy of a table: its mapping's, or the target's for mirrors.
+    fn delete_mode_of(&self, table: &TableId) -> DeleteMode {
+        self.mapped_tables
+            .get(table)
+            .map_or(self.delete_mode, |m| m.delete_mode)
     }
 
     /// Applies one table's changes, split at truncates (which must apply in order).
@@ -314,13 +475,22 @@ impl StateSink {
         for e in keyed.iter().map(|c| c.as_ref()) {
             match e.op {
                 Op::Message => *stats.ignored.entry("logical_message").or_default() += 1,
+                // An append-only mapping keeps its rows through a source truncate too.
+                Op::Truncate
+                    if self
+                        .mapped_tables
+                        .get(table)
+                        .is_some_and(|m| m.delete_mode == DeleteMode::Ignore) =>
+                {
+                    *stats.ignored.entry("truncate_ignored").or_default() += 1
+                }
                 Op::Truncate => {
                     self.apply_changes(tx, table, &pending, stats).await?;
                     pending.clear();
                     self.truncate(tx, table, e).await?;
                     stats.written += 1;
                 }
-                Op::Delete if self.delete_mode == DeleteMode::Ignore => {
+                Op::Delete if self.delete_mode_of(table) == DeleteMode::Ignore => {
                     *stats.ignored.entry("delete_ignored").or_default() += 1
                 }
                 _ => pending.push(e),
@@ -476,6 +646,13 @@ impl StateSink {
         table: &TableId,
         events: &[&ChangeEvent],
     ) -> Result<(), SinkError> {
+        if let Some(mapped) = self.mapped_tables.get(table) {
+            // Checked against the catalog when the target was opened; no DDL here.
+            if !self.mirrors.contains_key(table) {
+                self.mirrors.insert(table.clone(), mapped.clone());
+            }
+            return Ok(());
+        }
         let mut schema = RowSchema::default();
         let mut last: Option<&Arc<RowSchema>> = None;
         for e in events {
@@ -572,6 +749,8 @@ impl StateSink {
                     qualified: qualified.clone(),
                     columns,
                     key,
+                    delete_mode: self.delete_mode,
+                    mapped: None,
                     merge_sql: None,
                 },
             );
@@ -619,20 +798,22 @@ impl StateSink {
         let mut rows: Vec<Cow<Map<String, Value>>> = Vec::with_capacity(events.len());
         for e in events {
             let key = e.key.as_ref().expect("keyless changes are filtered out");
-            rows.push(match (e.op, &e.after) {
-                (Op::Delete, _) | (_, None) => {
-                    Cow::Borrowed(key.as_object().expect("non-object keys are filtered out"))
-                }
-                (_, Some(after)) => {
-                    e.sql_image(after, false)
-                        .map_err(|reason| SinkError::Value {
-                            table: table.to_string(),
-                            reason,
-                        })?
-                }
+            // Deletes of mirrors stage their key; mapped deletes carry key and metadata.
+            rows.push(match &e.after {
+                None => Cow::Borrowed(key.as_object().expect("non-object keys are filtered out")),
+                Some(after) => e
+                    .sql_image(after, false)
+                    .map_err(|reason| SinkError::Value {
+                        table: table.to_string(),
+                        reason,
+                    })?,
             });
         }
-        carry_unchanged_toast(events, &mut rows);
+        let soft_mapped = self
+            .mirrors
+            .get(table)
+            .is_some_and(|m| m.mapped.is_some() && m.delete_mode == DeleteMode::Soft);
+        carry_unchanged_toast(events, &mut rows, soft_mapped);
         tx.batch_execute("TRUNCATE pg_temp.cdc_stage")
             .await
             .map_err(pg_err(self.name, "clearing the staging table"))?;
@@ -669,12 +850,12 @@ impl StateSink {
 
         let mirror = self.mirrors.get_mut(table).expect("ensured before");
         if mirror.merge_sql.is_none() {
-            mirror.merge_sql = Some(merge_sql(
-                mirror,
-                &self.schema,
-                &mirror_name(table),
-                self.delete_mode,
-            ));
+            mirror.merge_sql = Some(match &mirror.mapped {
+                None => merge_sql(mirror, &self.schema, &mirror_name(table)),
+                Some(mapped) => {
+                    mapped_merge_sql(mirror, &self.schema, &table.table, mapped.filter.as_deref())
+                }
+            });
         }
         let sql = mirror.merge_sql.as_deref().expect("built above");
         tx.execute(sql, &[]).await.map_err(pg_err(
@@ -699,26 +880,57 @@ impl StateSink {
              ON CONFLICT (target_schema, mirror_table) DO UPDATE
                 SET commit_lsn = excluded.commit_lsn, lsn = excluded.lsn
               WHERE (excluded.commit_lsn, excluded.lsn) > (t.commit_lsn, t.lsn)",
-            &[&self.schema, &mirror_name(table), position[0], position[1]],
+            &[
+                &self.schema,
+                &self.table_name(table),
+                position[0],
+                position[1],
+            ],
         )
         .await
         .map_err(pg_err(
             self.name,
             format!("recording the truncate of {table}"),
         ))?;
-        let Some(mirror) = self.mirrors.get(table) else {
+        let Some(mirror) = self
+            .mirrors
+            .get(table)
+            .or_else(|| self.mapped_tables.get(table))
+        else {
             // Nothing mirrored yet, so nothing to remove.
             return Ok(());
         };
-        let sql = format!(
-            "DELETE FROM {} WHERE (cdc_commit_lsn, cdc_lsn) < ($1, $2)",
-            mirror.qualified
-        );
+        let sql = match (&mirror.mapped, mirror.delete_mode) {
+            (None, _) => format!(
+                "DELETE FROM {} WHERE (cdc_commit_lsn, cdc_lsn) < ($1, $2)",
+                mirror.qualified
+            ),
+            (Some(_), DeleteMode::Soft) => format!(
+                "UPDATE {} SET {DELETED_COLUMN} = true WHERE {POSITION_COLUMN}[1:2] < ARRAY[$1, $2]",
+                mirror.qualified
+            ),
+            (Some(_), _) => format!(
+                "DELETE FROM {} WHERE {POSITION_COLUMN}[1:2] < ARRAY[$1, $2]",
+                mirror.qualified
+            ),
+        };
         tx.execute(&sql, &position).await.map_err(pg_err(
             self.name,
             format!("truncating {}", mirror.qualified),
         ))?;
         Ok(())
+    }
+}
+
+impl StateSink {
+    /// The table name a truncate watermark is kept under: the mirror name, or the mapped
+    /// table's own name (mapped changes already carry the target table).
+    fn table_name(&self, table: &TableId) -> String {
+        if self.mapped_tables.contains_key(table) {
+            table.table.clone()
+        } else {
+            mirror_name(table)
+        }
     }
 }
 
@@ -730,19 +942,33 @@ fn sql_literal(s: &str) -> String {
 /// A TOAST placeholder means "unchanged since the previous image". The MERGE keeps the stored
 /// value for it, but when that previous image is in this same batch (a snapshot read and its
 /// update, say) only the newest staged row of a key reaches the MERGE: carry the earlier
-/// staged value forward so the newest row is complete. Changes of one key share a partition,
-/// so batch order is their order.
-fn carry_unchanged_toast(events: &[&ChangeEvent], rows: &mut [Cow<Map<String, Value>>]) {
+/// staged value forward so the newest row is complete. With `fill_deletes` (a soft-deleting
+/// mapping, whose deletes carry only key and metadata), a delete likewise takes the columns it
+/// lacks from the earlier image, so the row it keeps is the row that was deleted. Changes of
+/// one key share a partition, so batch order is their order.
+fn carry_unchanged_toast(
+    events: &[&ChangeEvent],
+    rows: &mut [Cow<Map<String, Value>>],
+    fill_deletes: bool,
+) {
     let mut latest: HashMap<String, usize> = HashMap::new();
     for (i, e) in events.iter().enumerate() {
         let key = e.key.as_ref().map(Value::to_string).unwrap_or_default();
         if let (Some(after), Some(&prev)) = (&e.after, latest.get(&key)) {
             if events[prev].op != Op::Delete {
-                let carried: Vec<(String, Value)> = after
-                    .iter()
-                    .filter(|(_, v)| v.as_str() == Some(UNAVAILABLE_VALUE))
-                    .filter_map(|(c, _)| Some((c.clone(), rows[prev].get(c)?.clone())))
-                    .collect();
+                let carried: Vec<(String, Value)> = if fill_deletes && e.op == Op::Delete {
+                    rows[prev]
+                        .iter()
+                        .filter(|(c, _)| !after.contains_key(*c))
+                        .map(|(c, v)| (c.clone(), v.clone()))
+                        .collect()
+                } else {
+                    after
+                        .iter()
+                        .filter(|(_, v)| v.as_str() == Some(UNAVAILABLE_VALUE))
+                        .filter_map(|(c, _)| Some((c.clone(), rows[prev].get(c)?.clone())))
+                        .collect()
+                };
                 if !carried.is_empty() {
                     rows[i].to_mut().extend(carried);
                 }
@@ -767,7 +993,7 @@ fn check_not_metadata(table: &TableId, column: &str) -> Result<(), SinkError> {
 
 /// Builds the one statement that applies a staged batch to a mirror.
 /// `schema` and `table` (unquoted) key the mirror's truncate watermark.
-fn merge_sql(m: &Mirror, schema: &str, table: &str, delete_mode: DeleteMode) -> String {
+fn merge_sql(m: &Mirror, schema: &str, table: &str) -> String {
     let q = |c: &str| quote_ident(c).expect("validated when the column was added");
     let on: Vec<String> = m
         .key
@@ -779,23 +1005,7 @@ fn merge_sql(m: &Mirror, schema: &str, table: &str, delete_mode: DeleteMode) -> 
         "cdc_operation = s._cdc_op, cdc_commit_lsn = s._cdc_commit_lsn, cdc_lsn = s._cdc_lsn, \
         cdc_source_ts = s._cdc_source_ts, cdc_kafka_partition = s._cdc_partition, \
         cdc_kafka_offset = s._cdc_offset, cdc_synced_at = clock_timestamp()";
-    // A column missing from the staged row was a TOAST placeholder: keep the stored value.
-    let set: Vec<String> = m
-        .columns
-        .iter()
-        .filter(|c| !m.key.contains(c))
-        .map(|c| {
-            format!(
-                "{0} = CASE WHEN s._cdc_row ? '{1}' THEN s.{0} ELSE m.{0} END",
-                q(c),
-                c.replace('\'', "''")
-            )
-        })
-        .collect();
-    let mut set_clause = set.join(", ");
-    if !set_clause.is_empty() {
-        set_clause.push_str(", ");
-    }
+    let set_clause = set_present_columns(m);
     let cols: Vec<String> = m.columns.iter().map(|c| q(c)).collect();
     let vals: Vec<String> = m.columns.iter().map(|c| format!("s.{}", q(c))).collect();
     let insert = format!(
@@ -804,7 +1014,7 @@ fn merge_sql(m: &Mirror, schema: &str, table: &str, delete_mode: DeleteMode) -> 
         cols.join(", "),
         vals.join(", ")
     );
-    let (on_delete, insert_when) = match delete_mode {
+    let (on_delete, insert_when) = match m.delete_mode {
         DeleteMode::Delete | DeleteMode::Ignore => ("DELETE".to_string(), "AND s._cdc_op <> 'd'"),
         // Soft deletes keep a row (inserted from the key if absent) so the ordering guard
         // still holds for late older changes.
@@ -829,6 +1039,85 @@ fn merge_sql(m: &Mirror, schema: &str, table: &str, delete_mode: DeleteMode) -> 
         schema_lit = sql_literal(schema),
         table_lit = sql_literal(table),
         on = on.join(" AND "),
+    )
+}
+
+/// `col = <staged value if the staged row has it, else the stored one>, ` for each non-key
+/// column: a column missing from the staged row was a TOAST placeholder (or, for a mapped
+/// delete, a data column the delete does not carry).
+fn set_present_columns(m: &Mirror) -> String {
+    let mut out = String::new();
+    for c in m.columns.iter().filter(|c| !m.key.contains(c)) {
+        out.push_str(&format!(
+            "{0} = CASE WHEN s._cdc_row ? {1} THEN s.{0} ELSE m.{0} END, ",
+            quote_ident(c).expect("validated when the column was added"),
+            sql_literal(c)
+        ));
+    }
+    out
+}
+
+/// The MERGE of a mapped table: the mirrors' statement with the row filter, the mapping's
+/// delete policy, and the ordering guard in `__cdc_position`.
+fn mapped_merge_sql(m: &Mirror, schema: &str, table: &str, filter: Option<&str>) -> String {
+    let q = |c: &str| quote_ident(c).expect("validated with the mapping");
+    let on: Vec<String> = m
+        .key
+        .iter()
+        .map(|k| format!("m.{0} = s.{0}", q(k)))
+        .collect();
+    let set_clause = set_present_columns(m);
+    let guard = format!("coalesce(m.{POSITION_COLUMN}, '{{}}') < s._cdc_pos");
+    // The filter sees the mapped row's columns by name (the inner FROM shadows the rest).
+    let keep = match filter {
+        Some(f) => format!("coalesce((SELECT ({f}) FROM (SELECT r.*) AS row_), false)"),
+        None => "true".into(),
+    };
+    let undelete = if m.delete_mode == DeleteMode::Soft {
+        format!(", {DELETED_COLUMN} = false")
+    } else {
+        String::new()
+    };
+    let gone = match m.delete_mode {
+        DeleteMode::Delete => "DELETE".to_string(),
+        DeleteMode::Soft => format!(
+            "UPDATE SET {set_clause}{DELETED_COLUMN} = true, {POSITION_COLUMN} = s._cdc_pos"
+        ),
+        // Deletes never reach the MERGE; a row that stops matching the filter stays as it was.
+        DeleteMode::Ignore => "DO NOTHING".to_string(),
+    };
+    // A soft-deleting mapping keeps a deleted row even when its insert and delete arrive in
+    // one batch (the delete carries the earlier image's columns, see carry_unchanged_toast).
+    let (insert_when, deleted_col, deleted_val) = if m.delete_mode == DeleteMode::Soft {
+        ("", format!(", {DELETED_COLUMN}"), ", s._cdc_op = 'd'")
+    } else {
+        ("AND s._cdc_op <> 'd'", String::new(), "")
+    };
+    let cols: Vec<String> = m.columns.iter().map(|c| q(c)).collect();
+    let vals: Vec<String> = m.columns.iter().map(|c| format!("s.{}", q(c))).collect();
+    format!(
+        "MERGE INTO {t} AS m
+         USING (SELECT DISTINCT ON (st._cdc_key) st.*, r.*, w.commit_lsn AS w_commit_lsn, w.lsn AS w_lsn,
+                       ARRAY[st._cdc_commit_lsn, st._cdc_lsn, st._cdc_offset] AS _cdc_pos,
+                       {keep} AS _cdc_keep
+                  FROM pg_temp.cdc_stage st
+                  CROSS JOIN LATERAL jsonb_populate_record(NULL::{t}, st._cdc_row) AS r
+                  LEFT JOIN cdc_lake.truncations w
+                         ON w.target_schema = {schema_lit} AND w.mirror_table = {table_lit}
+                 ORDER BY st._cdc_key, st._cdc_commit_lsn DESC, st._cdc_lsn DESC, st._cdc_offset DESC) AS s
+            ON {on}
+          WHEN MATCHED AND (s._cdc_op = 'd' OR NOT s._cdc_keep) AND {guard} THEN {gone}
+          WHEN MATCHED AND {guard} THEN
+               UPDATE SET {set_clause}{POSITION_COLUMN} = s._cdc_pos{undelete}
+          WHEN NOT MATCHED {insert_when} AND s._cdc_keep
+               AND (s.w_commit_lsn IS NULL OR (s._cdc_commit_lsn, s._cdc_lsn) > (s.w_commit_lsn, s.w_lsn))
+          THEN INSERT ({cols}, {POSITION_COLUMN}{deleted_col}) VALUES ({vals}, s._cdc_pos{deleted_val})",
+        t = m.qualified,
+        schema_lit = sql_literal(schema),
+        table_lit = sql_literal(table),
+        on = on.join(" AND "),
+        cols = cols.join(", "),
+        vals = vals.join(", "),
     )
 }
 

@@ -220,10 +220,35 @@ pub fn config(
             ));
         }
     }
+    // The demo's analytics and replica targets live in shared databases: a test that wants a
+    // target configures its own (tests/analytics.rs).
+    env.push(("CDC_LAKE__TARGETS".into(), "{}".into()));
     for (k, v) in extra {
         env.push((k.to_string(), v.to_string()));
     }
     Config::load_with_env(None, env).unwrap()
+}
+
+/// `cfg` plus the demo's `[targets.*]` named in `urls`, each pointed at its database, with the
+/// demo's topics (ecom-connector.*, inventory-connector.*) renamed to the given prefixes.
+pub fn with_demo_targets(
+    mut cfg: Config,
+    (ecom, inventory): (&str, &str),
+    urls: &[(&str, &str)],
+) -> Config {
+    let demo = Config::load_with_env(None, Vec::<(String, String)>::new()).unwrap();
+    for (name, url) in urls {
+        let mut t = demo.targets[*name].clone();
+        t.url = Some(url.to_string());
+        for m in &mut t.mappings {
+            m.topic = m
+                .topic
+                .replace("ecom-connector.", &format!("{ecom}."))
+                .replace("inventory-connector.", &format!("{inventory}."));
+        }
+        cfg.targets.insert(name.to_string(), t);
+    }
+    cfg
 }
 
 pub enum LakeTarget {
