@@ -72,6 +72,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0006_truncations",
         sql: include_str!("../sql/0006_truncations.sql"),
     },
+    Migration {
+        version: 7,
+        name: "0007_sync_summary_per_target",
+        sql: include_str!("../sql/0007_sync_summary_per_target.sql"),
+    },
 ];
 
 /// `host:port/db` of a URL, for error messages: never the credentials.

@@ -463,6 +463,22 @@ async fn bookstore_views_and_replica_match_the_source_across_a_crash() {
         .await,
         0
     );
+    // The status views: the target's sync summary in its database (its lag against the raw
+    // log is unknown there), and events per table and operation in the raw database.
+    assert!(
+        count(
+            &analytics,
+            "SELECT count(*) FROM cdc_raw.cdc_sync_summary WHERE sink = 'state:analytics' AND behind_raw IS NULL AND since_last_update >= interval '0'"
+        )
+        .await
+            > 0
+    );
+    let stats_updates = count(
+        &raw,
+        "SELECT coalesce(sum(events), 0)::bigint FROM cdc_raw.cdc_statistics WHERE source_table = 'public.orders' AND operation IN ('c', 'r')",
+    )
+    .await;
+    assert_eq!(stats_updates, orders, "orders created, per cdc_statistics");
     // Source metadata, constants and the operation reached their columns.
     assert_eq!(
         count(
