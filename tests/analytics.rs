@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use cdc_lake::config::Config;
-use cdc_lake::replay::{self, ReplayArgs, SourceKind};
+use cdc_lake::replay::{self, SourceKind};
 use common::*;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
@@ -342,20 +342,7 @@ async fn bookstore_views_and_replica_match_the_source_across_a_crash() {
         !first.is_finished(),
         "the crash must land while changes still flow"
     );
-    let group = cfg.kafka.group_id.clone();
-    wait_until(
-        "the killed consumer to leave the group",
-        Duration::from_secs(30),
-        || {
-            let group = group.clone();
-            async move {
-                tokio::task::spawn_blocking(move || group_members(&group) == Some(0))
-                    .await
-                    .unwrap()
-            }
-        },
-    )
-    .await;
+    wait_for_group_to_empty(&cfg.kafka.group_id).await;
     let pod = Pod::start(cfg.clone());
     first.await.unwrap();
     workload(&live.name, 150, 60, 12).await;
@@ -504,23 +491,9 @@ async fn bookstore_views_and_replica_match_the_source_across_a_crash() {
         ("analytics", SourceKind::Raw),
         ("replica", SourceKind::Lake),
     ] {
-        let summary = replay::run(
-            &cfg,
-            &ReplayArgs {
-                from_offset: 0,
-                to_offset: None,
-                topic: None,
-                partition: None,
-                until: None,
-                target: target.into(),
-                source: source_kind,
-                rebuild: true,
-                dry_run: false,
-                batch_size: 1000,
-            },
-        )
-        .await
-        .unwrap_or_else(|e| panic!("rebuilding {target}: {e:#}"));
+        let summary = replay::run(&cfg, &rebuild_args(target, source_kind))
+            .await
+            .unwrap_or_else(|e| panic!("rebuilding {target}: {e:#}"));
         assert!(summary.stats.written > 0, "{target}: nothing replayed");
     }
     let diffs = view_differences(&source, &analytics).await;

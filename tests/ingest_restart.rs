@@ -71,23 +71,7 @@ async fn run_with_interruptions(lake: LakeTarget, kill: bool) {
     .await;
     if kill {
         pod.kill().await;
-        // A replacement pod starts once the broker has dropped the dead member (here it leaves
-        // at once; a real crash takes session.timeout.ms). Starting while the old member is
-        // still leaving stalls tansu's group coordinator.
-        let group = cfg.kafka.group_id.clone();
-        wait_until(
-            "the killed consumer to leave the group",
-            Duration::from_secs(30),
-            || {
-                let group = group.clone();
-                async move {
-                    tokio::task::spawn_blocking(move || group_members(&group) == Some(0))
-                        .await
-                        .unwrap()
-                }
-            },
-        )
-        .await;
+        wait_for_group_to_empty(&cfg.kafka.group_id).await;
     } else {
         pod.stop().await;
     }

@@ -11,24 +11,9 @@ use std::time::Duration;
 
 use cdc_lake::config::Config;
 use cdc_lake::domain::TableId;
-use cdc_lake::replay::{self, ReplayArgs, SourceKind, Until};
+use cdc_lake::replay::{self, SourceKind, Until};
 use common::*;
 use tokio_postgres::Client;
-
-fn args(target: &str, source: SourceKind) -> ReplayArgs {
-    ReplayArgs {
-        from_offset: 0,
-        to_offset: None,
-        topic: None,
-        partition: None,
-        until: None,
-        target: target.into(),
-        source,
-        rebuild: true,
-        dry_run: false,
-        batch_size: 1000,
-    }
-}
 
 /// An ordered hash of every table in a schema (each row as JSON without the wall-clock
 /// `cdc_synced_at`), by table name.
@@ -121,7 +106,7 @@ async fn rebuild_from_raw_and_from_lake_equals_live_even_after_prune() {
     // Declared schemas were stored for the replay.
     assert!(count(&client, "SELECT count(*) FROM cdc_raw.cdc_row_schemas").await > 0);
 
-    let s = replay::run(&cfg, &args("fromraw", SourceKind::Raw))
+    let s = replay::run(&cfg, &rebuild_args("fromraw", SourceKind::Raw))
         .await
         .unwrap();
     assert_eq!(
@@ -134,7 +119,7 @@ async fn rebuild_from_raw_and_from_lake_equals_live_even_after_prune() {
         "rebuilt from raw"
     );
 
-    replay::run(&cfg, &args("fromlake", SourceKind::Lake))
+    replay::run(&cfg, &rebuild_args("fromlake", SourceKind::Lake))
         .await
         .unwrap();
     assert_eq!(
@@ -144,7 +129,7 @@ async fn rebuild_from_raw_and_from_lake_equals_live_even_after_prune() {
     );
 
     // Rebuilding the live target itself gives it back unchanged.
-    replay::run(&cfg, &args("processed", SourceKind::Raw))
+    replay::run(&cfg, &rebuild_args("processed", SourceKind::Raw))
         .await
         .unwrap();
     assert_eq!(
@@ -180,7 +165,7 @@ async fn rebuild_from_raw_and_from_lake_equals_live_even_after_prune() {
 
     // A replay without --rebuild cannot repair it: the tampered row carries the position of the
     // last change, which the ordering guard does not overwrite. A dry run says so...
-    let mut dry = args("processed", SourceKind::Raw);
+    let mut dry = rebuild_args("processed", SourceKind::Raw);
     dry.dry_run = true;
     dry.rebuild = false;
     let tampered = schema_hash(&client, "cdc_processed").await;
@@ -196,7 +181,7 @@ async fn rebuild_from_raw_and_from_lake_equals_live_even_after_prune() {
         "{books:?}"
     );
     assert_eq!(schema_hash(&client, "cdc_processed").await, tampered);
-    replay::run(&cfg, &args("processed", SourceKind::Raw))
+    replay::run(&cfg, &rebuild_args("processed", SourceKind::Raw))
         .await
         .unwrap();
     assert_eq!(
@@ -214,12 +199,12 @@ async fn rebuild_from_raw_and_from_lake_equals_live_even_after_prune() {
         0
     );
     // ...the raw log has nothing left to replay...
-    let err = replay::run(&cfg, &args("pruned", SourceKind::Raw))
+    let err = replay::run(&cfg, &rebuild_args("pruned", SourceKind::Raw))
         .await
         .unwrap_err();
     assert!(err.to_string().contains("nothing to replay"), "{err}");
     // ...and the lake still rebuilds the same state.
-    replay::run(&cfg, &args("pruned", SourceKind::Lake))
+    replay::run(&cfg, &rebuild_args("pruned", SourceKind::Lake))
         .await
         .unwrap();
     assert_eq!(
@@ -312,7 +297,7 @@ async fn rebuild_of_a_live_target_while_the_pod_runs_changes_nothing() {
         let rest = records[half..].to_vec();
         async move { produce(&rest).await }
     });
-    let mut a = args("processed", SourceKind::Raw);
+    let mut a = rebuild_args("processed", SourceKind::Raw);
     a.batch_size = 700;
     replay::run(&cfg, &a).await.unwrap();
     producing.await.unwrap();
@@ -470,7 +455,7 @@ async fn until_equals_the_source_database_at_that_time() {
     .await;
     pod.stop().await;
 
-    let mut a = args("asof", SourceKind::Raw);
+    let mut a = rebuild_args("asof", SourceKind::Raw);
     a.until = Some(Until::Time(at));
     replay::run(&cfg, &a).await.unwrap();
     let rebuilt = id_title_price(&client, &rows_of("t_asof")).await;

@@ -991,15 +991,41 @@ fn check_not_metadata(table: &TableId, column: &str) -> Result<(), SinkError> {
     Ok(())
 }
 
+/// The part both MERGEs share: the target, the newest staged change per key (with the row as
+/// the table's columns, `extra` select items, and the table's truncate watermark), the key join.
+fn merge_using(m: &Mirror, schema: &str, table: &str, extra: &str) -> String {
+    let on: Vec<String> = m
+        .key
+        .iter()
+        .map(|k| {
+            let k = quote_ident(k).expect("validated when the table was registered");
+            format!("m.{k} = s.{k}")
+        })
+        .collect();
+    format!(
+        "MERGE INTO {t} AS m
+         USING (SELECT DISTINCT ON (st._cdc_key) st.*, r.*, w.commit_lsn AS w_commit_lsn, w.lsn AS w_lsn{extra}
+                  FROM pg_temp.cdc_stage st
+                  CROSS JOIN LATERAL jsonb_populate_record(NULL::{t}, st._cdc_row) AS r
+                  LEFT JOIN cdc_lake.truncations w
+                         ON w.target_schema = {schema_lit} AND w.mirror_table = {table_lit}
+                 ORDER BY st._cdc_key, st._cdc_commit_lsn DESC, st._cdc_lsn DESC, st._cdc_offset DESC) AS s
+            ON {on}",
+        t = m.qualified,
+        schema_lit = sql_literal(schema),
+        table_lit = sql_literal(table),
+        on = on.join(" AND "),
+    )
+}
+
+/// Rows older than the table's last truncate stay gone.
+const NEWER_THAN_TRUNCATE: &str =
+    "(s.w_commit_lsn IS NULL OR (s._cdc_commit_lsn, s._cdc_lsn) > (s.w_commit_lsn, s.w_lsn))";
+
 /// Builds the one statement that applies a staged batch to a mirror.
 /// `schema` and `table` (unquoted) key the mirror's truncate watermark.
 fn merge_sql(m: &Mirror, schema: &str, table: &str) -> String {
     let q = |c: &str| quote_ident(c).expect("validated when the column was added");
-    let on: Vec<String> = m
-        .key
-        .iter()
-        .map(|k| format!("m.{0} = s.{0}", q(k)))
-        .collect();
     let guard = "(m.cdc_commit_lsn, m.cdc_lsn, m.cdc_kafka_offset) < (s._cdc_commit_lsn, s._cdc_lsn, s._cdc_offset)";
     let meta_set =
         "cdc_operation = s._cdc_op, cdc_commit_lsn = s._cdc_commit_lsn, cdc_lsn = s._cdc_lsn, \
@@ -1020,25 +1046,13 @@ fn merge_sql(m: &Mirror, schema: &str, table: &str) -> String {
         // still holds for late older changes.
         DeleteMode::Soft => (format!("UPDATE SET cdc_deleted = true, {meta_set}"), ""),
     };
-    // Rows older than the table's last truncate stay gone.
-    let newer_than_truncate = "AND (s.w_commit_lsn IS NULL OR (s._cdc_commit_lsn, s._cdc_lsn) > (s.w_commit_lsn, s.w_lsn))";
     format!(
-        "MERGE INTO {t} AS m
-         USING (SELECT DISTINCT ON (st._cdc_key) st.*, r.*, w.commit_lsn AS w_commit_lsn, w.lsn AS w_lsn
-                  FROM pg_temp.cdc_stage st
-                  CROSS JOIN LATERAL jsonb_populate_record(NULL::{t}, st._cdc_row) AS r
-                  LEFT JOIN cdc_lake.truncations w
-                         ON w.target_schema = {schema_lit} AND w.mirror_table = {table_lit}
-                 ORDER BY st._cdc_key, st._cdc_commit_lsn DESC, st._cdc_lsn DESC, st._cdc_offset DESC) AS s
-            ON {on}
+        "{using}
           WHEN MATCHED AND s._cdc_op = 'd' AND {guard} THEN {on_delete}
           WHEN MATCHED AND s._cdc_op <> 'd' AND {guard} THEN
                UPDATE SET {set_clause}cdc_deleted = false, {meta_set}
-          WHEN NOT MATCHED {insert_when} {newer_than_truncate} THEN {insert}",
-        t = m.qualified,
-        schema_lit = sql_literal(schema),
-        table_lit = sql_literal(table),
-        on = on.join(" AND "),
+          WHEN NOT MATCHED {insert_when} AND {NEWER_THAN_TRUNCATE} THEN {insert}",
+        using = merge_using(m, schema, table, ""),
     )
 }
 
@@ -1061,11 +1075,6 @@ fn set_present_columns(m: &Mirror) -> String {
 /// delete policy, and the ordering guard in `__cdc_position`.
 fn mapped_merge_sql(m: &Mirror, schema: &str, table: &str, filter: Option<&str>) -> String {
     let q = |c: &str| quote_ident(c).expect("validated with the mapping");
-    let on: Vec<String> = m
-        .key
-        .iter()
-        .map(|k| format!("m.{0} = s.{0}", q(k)))
-        .collect();
     let set_clause = set_present_columns(m);
     let guard = format!("coalesce(m.{POSITION_COLUMN}, '{{}}') < s._cdc_pos");
     // The filter sees the mapped row's columns by name (the inner FROM shadows the rest).
@@ -1095,27 +1104,19 @@ fn mapped_merge_sql(m: &Mirror, schema: &str, table: &str, filter: Option<&str>)
     };
     let cols: Vec<String> = m.columns.iter().map(|c| q(c)).collect();
     let vals: Vec<String> = m.columns.iter().map(|c| format!("s.{}", q(c))).collect();
-    format!(
-        "MERGE INTO {t} AS m
-         USING (SELECT DISTINCT ON (st._cdc_key) st.*, r.*, w.commit_lsn AS w_commit_lsn, w.lsn AS w_lsn,
+    let extra = format!(
+        ",
                        ARRAY[st._cdc_commit_lsn, st._cdc_lsn, st._cdc_offset] AS _cdc_pos,
-                       {keep} AS _cdc_keep
-                  FROM pg_temp.cdc_stage st
-                  CROSS JOIN LATERAL jsonb_populate_record(NULL::{t}, st._cdc_row) AS r
-                  LEFT JOIN cdc_lake.truncations w
-                         ON w.target_schema = {schema_lit} AND w.mirror_table = {table_lit}
-                 ORDER BY st._cdc_key, st._cdc_commit_lsn DESC, st._cdc_lsn DESC, st._cdc_offset DESC) AS s
-            ON {on}
+                       {keep} AS _cdc_keep"
+    );
+    format!(
+        "{using}
           WHEN MATCHED AND (s._cdc_op = 'd' OR NOT s._cdc_keep) AND {guard} THEN {gone}
           WHEN MATCHED AND {guard} THEN
                UPDATE SET {set_clause}{POSITION_COLUMN} = s._cdc_pos{undelete}
-          WHEN NOT MATCHED {insert_when} AND s._cdc_keep
-               AND (s.w_commit_lsn IS NULL OR (s._cdc_commit_lsn, s._cdc_lsn) > (s.w_commit_lsn, s.w_lsn))
+          WHEN NOT MATCHED {insert_when} AND s._cdc_keep AND {NEWER_THAN_TRUNCATE}
           THEN INSERT ({cols}, {POSITION_COLUMN}{deleted_col}) VALUES ({vals}, s._cdc_pos{deleted_val})",
-        t = m.qualified,
-        schema_lit = sql_literal(schema),
-        table_lit = sql_literal(table),
-        on = on.join(" AND "),
+        using = merge_using(m, schema, table, &extra),
         cols = cols.join(", "),
         vals = vals.join(", "),
     )

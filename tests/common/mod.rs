@@ -8,6 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cdc_lake::config::Config;
+use cdc_lake::replay::{ReplayArgs, SourceKind};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -368,6 +369,42 @@ pub fn group_members(group: &str) -> Option<usize> {
         .iter()
         .find(|g| g.name() == group)
         .map(|g| g.members().len())
+}
+
+/// Waits until a killed pod's consumer has left `group`. A replacement pod starts only then:
+/// one that joins while the dead member is still leaving stalls tansu's group coordinator
+/// (a real crash takes session.timeout.ms; here the member leaves at once).
+pub async fn wait_for_group_to_empty(group: &str) {
+    let group = group.to_string();
+    wait_until(
+        "the killed consumer to leave the group",
+        Duration::from_secs(30),
+        || {
+            let group = group.clone();
+            async move {
+                tokio::task::spawn_blocking(move || group_members(&group) == Some(0))
+                    .await
+                    .unwrap()
+            }
+        },
+    )
+    .await;
+}
+
+/// `cdc-replay --rebuild --target <target> --source <source>` from offset 0.
+pub fn rebuild_args(target: &str, source: SourceKind) -> ReplayArgs {
+    ReplayArgs {
+        from_offset: 0,
+        to_offset: None,
+        topic: None,
+        partition: None,
+        until: None,
+        target: target.into(),
+        source,
+        rebuild: true,
+        dry_run: false,
+        batch_size: 1000,
+    }
 }
 
 /// Polls `check` until it returns true, or panics after `timeout` with `what`.
