@@ -1,8 +1,8 @@
 """Bookstore workload against the source databases, shaped like the seeds' app.
 
 Seeds books (up to --books) and their inventory, then runs rounds of: place an order with 1-3 items (one
-transaction), advance order statuses, cancel orders, and move inventory (reserve, restock,
-occasionally drop a row). Every change flows through Debezium to Kafka.
+transaction), advance order statuses, cancel orders (half of them losing an item), change book
+prices, and move inventory (reserve, restock). Every change flows through Debezium to Kafka.
 
 Usage: workload.py --ops N [--port 55432] [--seed S] [--rate R] [--ecomdb DB --inventorydb DB]
 """
