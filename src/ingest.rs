@@ -13,6 +13,7 @@ use crate::pipeline::{AnySink, Pipeline, Readiness};
 use crate::sink::lake::LakeSink;
 use crate::sink::raw::RawSink;
 use crate::sink::state::StateSink;
+use crate::sink::SinkError;
 
 /// Builds the enabled sinks, in a fixed order: raw, lake, then each state target.
 pub fn build_sinks(config: &Config) -> anyhow::Result<Vec<AnySink>> {
@@ -65,7 +66,11 @@ pub async fn migrate(config: &Config) -> anyhow::Result<Vec<i32>> {
             // container, say) fails on a mapping that does not fit.
             StateSink::for_target(&target, config.kafka.group_id.clone())
                 .prepare()
-                .await?;
+                .await
+                .map_err(|e| match e {
+                    SinkError::Mapping { .. } => anyhow::anyhow!("invalid mapping: {e}"),
+                    other => other.into(),
+                })?;
         }
     }
     Ok(applied)
@@ -97,7 +102,7 @@ pub async fn run(
     for sink in &mut sinks {
         if let AnySink::State(state) = sink {
             if let Err(e) = state.prepare().await {
-                if matches!(e, crate::sink::SinkError::Mapping { .. }) {
+                if matches!(e, SinkError::Mapping { .. }) {
                     return Err(anyhow::anyhow!("invalid mapping: {e}"));
                 }
                 // Unreachable database: the pipeline's retries and readiness handle it.
