@@ -51,9 +51,25 @@ pub async fn termination_signal() {
     }
 }
 
+/// `cdc-lake migrate`: the schema migrations, then each mapped target opened (its setup SQL
+/// run, its mappings checked), so that an init container fails on a mapping that does not fit.
+/// Returns what the sink database got.
+pub async fn migrate(config: &Config) -> anyhow::Result<Vec<i32>> {
+    let applied = migrate_databases(config).await?;
+    for target in config.all_targets() {
+        if !target.mappings.is_empty() {
+            StateSink::for_target(&target, config.kafka.group_id.clone())
+                .prepare()
+                .await
+                .map_err(invalid_mapping)?;
+        }
+    }
+    Ok(applied)
+}
+
 /// Applies pending migrations to the sink database and to each target's database (every
 /// database that holds data also holds its checkpoints). Returns what the sink database got.
-pub async fn migrate(config: &Config) -> anyhow::Result<Vec<i32>> {
+async fn migrate_databases(config: &Config) -> anyhow::Result<Vec<i32>> {
     let mut client = crate::db::connect(&config.postgres, "cdc-lake migrate").await?;
     let applied = crate::db::migrate(&mut client).await?;
     for target in config.all_targets() {
@@ -61,19 +77,16 @@ pub async fn migrate(config: &Config) -> anyhow::Result<Vec<i32>> {
             let mut client = crate::db::connect(&target.postgres, "cdc-lake migrate").await?;
             crate::db::migrate(&mut client).await?;
         }
-        if !target.mappings.is_empty() {
-            // Runs the target's setup SQL and checks its mappings, so `migrate` (an init
-            // container, say) fails on a mapping that does not fit.
-            StateSink::for_target(&target, config.kafka.group_id.clone())
-                .prepare()
-                .await
-                .map_err(|e| match e {
-                    SinkError::Mapping { .. } => anyhow::anyhow!("invalid mapping: {e}"),
-                    other => other.into(),
-                })?;
-        }
     }
     Ok(applied)
+}
+
+/// A target that cannot be opened because of its mappings or setup SQL reads as such.
+fn invalid_mapping(e: SinkError) -> anyhow::Error {
+    match e {
+        SinkError::Mapping { .. } => anyhow::anyhow!("invalid mapping: {e}"),
+        other => other.into(),
+    }
 }
 
 /// Runs the ingest pod until `shutdown` fires, then drains within the configured deadline.
@@ -84,7 +97,8 @@ pub async fn run(
     skip_migrations: bool,
 ) -> anyhow::Result<()> {
     if !skip_migrations {
-        migrate(&config).await?;
+        // The pod opens its own targets below, so their setup SQL runs once.
+        migrate_databases(&config).await?;
     }
     let readiness = Readiness::default();
     let http = if config.http.listen.is_empty() {
@@ -101,12 +115,11 @@ pub async fn run(
     // target stops start-up with a message naming it, instead of a pod that retries forever.
     for sink in &mut sinks {
         if let AnySink::State(state) = sink {
-            if let Err(e) = state.prepare().await {
-                if matches!(e, SinkError::Mapping { .. }) {
-                    return Err(anyhow::anyhow!("invalid mapping: {e}"));
-                }
+            match state.prepare().await {
+                Err(e @ SinkError::Mapping { .. }) => return Err(invalid_mapping(e)),
                 // Unreachable database: the pipeline's retries and readiness handle it.
-                tracing::warn!(error = %e, "cannot open a state target yet; will retry");
+                Err(e) => tracing::warn!(error = %e, "cannot open a state target yet; will retry"),
+                Ok(()) => {}
             }
         }
     }

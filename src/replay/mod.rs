@@ -421,7 +421,6 @@ impl Reader {
                 Ok(source::lake_commits(&**store, layout, prefix, &sel)
                     .await?
                     .iter()
-                    .filter(|c| c.topic == tp.topic && c.partition == tp.partition)
                     .map(|c| c.next_offset)
                     .max()
                     .unwrap_or(0))

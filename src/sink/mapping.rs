@@ -617,43 +617,36 @@ fn parse_column(spec: &toml::Value) -> Result<(Input, Transform), String> {
 
 /// Whether what a column's input produces can be stored in its type.
 fn check_convertible(c: &ColumnMap) -> Result<(), String> {
-    let ty = &c.formatted_type;
-    let ok = match (&c.input, c.transform) {
-        (_, Transform::Epoch(_)) => c.kind.temporal(),
-        (_, Transform::Decimal { .. }) => c.kind.numeric() || c.kind == Kind::Text,
-        (Input::Column(_) | Input::Constant(_), Transform::Auto) => true,
-        (Input::Source(SourceField::TsMs) | Input::Meta(MetaField::TsMs), _) => {
-            c.kind.temporal() || c.kind.numeric()
-        }
-        (Input::Meta(MetaField::SyncedAt), _) => {
-            matches!(c.kind, Kind::TimestampTz | Kind::Timestamp)
-        }
+    // What the input produces, and whether the column's type can hold it: one arm per shape.
+    let (produces, fits) = match (&c.input, c.transform) {
+        (_, Transform::Epoch(_)) => ("a timestamp", c.kind.temporal()),
+        (_, Transform::Decimal { .. }) => ("a number", c.kind.numeric() || c.kind == Kind::Text),
+        // The type of a source column or constant is known only when a value arrives.
+        (Input::Column(_) | Input::Constant(_), Transform::Auto) => return Ok(()),
+        (Input::Source(SourceField::TsMs) | Input::Meta(MetaField::TsMs), _) => (
+            "a timestamp (epoch milliseconds)",
+            c.kind.temporal() || c.kind.numeric(),
+        ),
+        (Input::Meta(MetaField::SyncedAt), _) => (
+            "a timestamp",
+            matches!(c.kind, Kind::TimestampTz | Kind::Timestamp),
+        ),
         (
             Input::Source(SourceField::Lsn | SourceField::TxId)
             | Input::Meta(MetaField::KafkaPartition | MetaField::KafkaOffset),
             _,
-        ) => matches!(c.kind, Kind::Integer | Kind::Numeric { .. } | Kind::Text),
-        (Input::Source(_) | Input::Meta(_), _) => c.kind == Kind::Text,
+        ) => (
+            "an integer",
+            matches!(c.kind, Kind::Integer | Kind::Numeric { .. } | Kind::Text),
+        ),
+        (Input::Source(_) | Input::Meta(_), _) => ("text", c.kind == Kind::Text),
     };
-    if ok {
+    if fits {
         return Ok(());
     }
-    let produces = match (&c.input, c.transform) {
-        (_, Transform::Epoch(_)) => "a timestamp",
-        (_, Transform::Decimal { .. }) => "a number",
-        (Input::Source(SourceField::TsMs) | Input::Meta(MetaField::TsMs), _) => {
-            "a timestamp (epoch milliseconds)"
-        }
-        (Input::Meta(MetaField::SyncedAt), _) => "a timestamp",
-        (
-            Input::Source(SourceField::Lsn | SourceField::TxId)
-            | Input::Meta(MetaField::KafkaPartition | MetaField::KafkaOffset),
-            _,
-        ) => "an integer",
-        _ => "text",
-    };
     Err(format!(
-        "cannot convert: it produces {produces}, which a column of type {ty} cannot hold"
+        "cannot convert: it produces {produces}, which a column of type {} cannot hold",
+        c.formatted_type
     ))
 }
 

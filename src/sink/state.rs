@@ -369,8 +369,9 @@ impl StateSink {
                     }
                 }
             }
-            let mapped = self.map_changes(&tx, &changes, &mut stats).await?;
+            let mapped;
             if !self.mappings.is_empty() {
+                mapped = self.map_changes(&tx, &changes, &mut stats).await?;
                 changes = mapped.iter().collect();
             }
             // Changes per table, in Kafka order.
@@ -401,8 +402,8 @@ impl StateSink {
         result
     }
 
-    /// With mappings: each change as the rows of the mappings of its topic (none matching:
-    /// skipped and counted). A change a mapping cannot convert is rejected with the reason.
+    /// Each change as the rows of the mappings of its topic (none matching: skipped and
+    /// counted). A change a mapping cannot convert is rejected with the reason.
     async fn map_changes(
         &self,
         tx: &Transaction<'_>,
@@ -410,9 +411,6 @@ impl StateSink {
         stats: &mut WriteStats,
     ) -> Result<Vec<ChangeEvent>, SinkError> {
         let mut out = Vec::new();
-        if self.mappings.is_empty() {
-            return Ok(out);
-        }
         let synced_at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
         for e in changes {
             let mut matched = false;
@@ -477,10 +475,8 @@ impl StateSink {
                 Op::Message => *stats.ignored.entry("logical_message").or_default() += 1,
                 // An append-only mapping keeps its rows through a source truncate too.
                 Op::Truncate
-                    if self
-                        .mapped_tables
-                        .get(table)
-                        .is_some_and(|m| m.delete_mode == DeleteMode::Ignore) =>
+                    if self.mapped_tables.contains_key(table)
+                        && self.delete_mode_of(table) == DeleteMode::Ignore =>
                 {
                     *stats.ignored.entry("truncate_ignored").or_default() += 1
                 }
@@ -850,10 +846,11 @@ impl StateSink {
 
         let mirror = self.mirrors.get_mut(table).expect("ensured before");
         if mirror.merge_sql.is_none() {
+            let name = table_name(&self.mapped_tables, table);
             mirror.merge_sql = Some(match &mirror.mapped {
-                None => merge_sql(mirror, &self.schema, &mirror_name(table)),
+                None => merge_sql(mirror, &self.schema, &name),
                 Some(mapped) => {
-                    mapped_merge_sql(mirror, &self.schema, &table.table, mapped.filter.as_deref())
+                    mapped_merge_sql(mirror, &self.schema, &name, mapped.filter.as_deref())
                 }
             });
         }
@@ -882,7 +879,7 @@ impl StateSink {
               WHERE (excluded.commit_lsn, excluded.lsn) > (t.commit_lsn, t.lsn)",
             &[
                 &self.schema,
-                &self.table_name(table),
+                &table_name(&self.mapped_tables, table),
                 position[0],
                 position[1],
             ],
@@ -922,15 +919,13 @@ impl StateSink {
     }
 }
 
-impl StateSink {
-    /// The table name a truncate watermark is kept under: the mirror name, or the mapped
-    /// table's own name (mapped changes already carry the target table).
-    fn table_name(&self, table: &TableId) -> String {
-        if self.mapped_tables.contains_key(table) {
-            table.table.clone()
-        } else {
-            mirror_name(table)
-        }
+/// The table name a truncate watermark is kept under: the mirror name, or the mapped table's
+/// own name (mapped changes already carry the target table).
+fn table_name(mapped_tables: &HashMap<TableId, Mirror>, table: &TableId) -> String {
+    if mapped_tables.contains_key(table) {
+        table.table.clone()
+    } else {
+        mirror_name(table)
     }
 }
 
