@@ -1,6 +1,11 @@
 //! Batches of decoded records. A batch closes by count, bytes or age, whichever comes first.
+//!
+//! The batcher also tracks, per partition, where the consumer's stream stands, so that every
+//! batch says where it continues from (`Batch::starts`). A sink checks that against its stored
+//! checkpoint before advancing it: a batch that does not continue from the checkpoint would
+//! leave a gap, and is refused (see `sink::checkpoint::after_batch`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use crate::config::BatchConfig;
@@ -12,6 +17,10 @@ use crate::envelope::Decoded;
 pub struct Batch {
     pub records: Vec<Decoded>,
     pub bytes: usize,
+    /// Per partition: the stream position this batch continues from, i.e. the offset after the
+    /// previous batch's last record, or the offset the partition was assigned at. It can be
+    /// below the first record's offset (Kafka offsets have gaps). Absent: the first record.
+    pub starts: BTreeMap<TopicPartition, i64>,
 }
 
 impl Batch {
@@ -23,7 +32,8 @@ impl Batch {
         self.records.len()
     }
 
-    /// The first and last offset of each partition in the batch.
+    /// Per partition: where the batch continues the stream from (see [`Batch::starts`]) and its
+    /// last offset.
     pub fn ranges(&self) -> BTreeMap<TopicPartition, (i64, i64)> {
         let mut out: BTreeMap<TopicPartition, (i64, i64)> = BTreeMap::new();
         for r in &self.records {
@@ -36,6 +46,11 @@ impl Batch {
                 })
                 .or_insert((c.offset, c.offset));
         }
+        for (tp, (lo, _)) in &mut out {
+            if let Some(start) = self.starts.get(tp) {
+                *lo = (*lo).min(*start);
+            }
+        }
         out
     }
 }
@@ -45,6 +60,8 @@ pub struct Batcher {
     limits: BatchConfig,
     current: Batch,
     opened_at: Option<Instant>,
+    /// Per assigned partition: the offset after the last record accepted (or the assigned start).
+    positions: HashMap<TopicPartition, i64>,
 }
 
 impl Batcher {
@@ -53,10 +70,34 @@ impl Batcher {
             limits,
             current: Batch::default(),
             opened_at: None,
+            positions: HashMap::new(),
         }
     }
 
-    pub fn push(&mut self, record: Decoded) {
+    /// A partition was assigned and the consumer starts it at `start`.
+    pub fn assign(&mut self, tp: TopicPartition, start: i64) {
+        self.positions.insert(tp, start);
+    }
+
+    /// Adds a record. A record below its partition's position is a redelivery (records fetched
+    /// before a rebalance and delivered after the new assignment's seek): every sink already
+    /// has it or will get it from this stream, so it is dropped here. Returns whether it was
+    /// added.
+    pub fn push(&mut self, record: Decoded) -> bool {
+        let c = record.coords();
+        let tp = c.topic_partition();
+        let offset = c.offset;
+        match self.positions.get_mut(&tp) {
+            Some(pos) if offset < *pos => return false,
+            Some(pos) => {
+                self.current.starts.entry(tp).or_insert(*pos);
+                *pos = offset + 1;
+            }
+            None => {
+                self.current.starts.entry(tp.clone()).or_insert(offset);
+                self.positions.insert(tp, offset + 1);
+            }
+        }
         self.opened_at.get_or_insert_with(Instant::now);
         self.current.bytes += match &record {
             Decoded::Change(e) => e.size_bytes(),
@@ -66,6 +107,7 @@ impl Batcher {
             Decoded::Skip(..) => 64,
         };
         self.current.records.push(record);
+        true
     }
 
     /// True when the batch reached its count or byte limit.
@@ -89,11 +131,14 @@ impl Batcher {
         std::mem::take(&mut self.current)
     }
 
-    /// Drops buffered records of revoked partitions: another consumer now owns them.
+    /// Drops buffered records and positions of revoked partitions: another consumer now owns
+    /// them.
     pub fn retain_partitions(&mut self, keep: impl Fn(&TopicPartition) -> bool) {
         self.current
             .records
             .retain(|r| keep(&r.coords().topic_partition()));
+        self.current.starts.retain(|tp, _| keep(tp));
+        self.positions.retain(|tp, _| keep(tp));
         if self.current.records.is_empty() {
             self.opened_at = None;
             self.current.bytes = 0;
@@ -159,5 +204,27 @@ mod tests {
         let ranges: Vec<_> = batch.ranges().into_iter().collect();
         assert_eq!(ranges, vec![(TopicPartition::new("t", 0), (5, 6))]);
         assert!(b.is_empty());
+    }
+
+    #[test]
+    fn batches_continue_from_the_assigned_position_and_drop_redeliveries() {
+        let mut b = Batcher::new(limits(100, 1 << 20, 60_000));
+        let tp = TopicPartition::new("t", 0);
+        b.assign(tp.clone(), 3);
+        // Offset 3 vanished on the broker (or was compacted): the batch still continues from 3.
+        assert!(!b.push(skip(0, 2)), "below the assigned start: a redelivery");
+        assert!(b.push(skip(0, 4)));
+        assert!(b.push(skip(0, 5)));
+        let first = b.take();
+        assert_eq!(first.ranges()[&tp], (3, 5));
+        // The next batch continues where the first ended, and a redelivered 5 is dropped.
+        assert!(!b.push(skip(0, 5)));
+        assert!(b.push(skip(0, 7)));
+        assert_eq!(b.take().ranges()[&tp], (6, 7));
+        // Revoked, then assigned again elsewhere in the stream.
+        b.retain_partitions(|_| false);
+        b.assign(tp.clone(), 1);
+        assert!(b.push(skip(0, 1)));
+        assert_eq!(b.take().ranges()[&tp], (1, 1));
     }
 }

@@ -163,9 +163,15 @@ pub struct Config {
 pub struct KafkaConfig {
     /// Comma-separated bootstrap servers.
     pub brokers: String,
-    /// Consumer group; also the name sink checkpoints are stored under.
+    /// Consumer group; also the name sink checkpoints are stored under unless
+    /// `checkpoint_name` is set.
     #[serde(default = "default_group")]
     pub group_id: String,
+    /// The name sink checkpoints are stored under, when it is not the group's: a pod can then
+    /// move to a new consumer group (a fresh group after a broker's group state went bad)
+    /// and resume every sink exactly where it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_name: Option<String>,
     /// Topic names, or regexes when they start with `^` (librdkafka's convention).
     pub topics: Vec<String>,
     /// Extra librdkafka properties (e.g. `session.timeout.ms`, SASL settings).
@@ -190,6 +196,13 @@ fn properties_as_strings<'de, D: serde::Deserializer<'de>>(
             ))),
         })
         .collect()
+}
+
+impl KafkaConfig {
+    /// The consumer name sink checkpoints are stored under.
+    pub fn checkpoint_name(&self) -> &str {
+        self.checkpoint_name.as_deref().unwrap_or(&self.group_id)
+    }
 }
 
 fn default_group() -> String {

@@ -202,3 +202,40 @@ mod tests {
         assert_eq!(describe_url("postgres://h/db"), "h/db");
     }
 }
+
+/// Epoch milliseconds as a `timestamptz` PostgreSQL can hold (4713 BC to 294276 AD), or None
+/// outside that range: a derived timestamp column reads NULL instead of failing the batch
+/// (the value itself stays verbatim in the envelope's JSON).
+pub fn pg_timestamp(ms: Option<i64>) -> Option<chrono::DateTime<chrono::Utc>> {
+    // Julian day 0 (PostgreSQL's lower bound) and the end of year 294276, in epoch ms, with a
+    // day's margin on each side.
+    const MIN_MS: i64 = -210_866_716_800_000;
+    const MAX_MS: i64 = 9_224_317_929_600_000;
+    ms.filter(|ms| (MIN_MS..=MAX_MS).contains(ms))
+        .and_then(chrono::DateTime::from_timestamp_millis)
+}
+
+/// Text for a `text` column (a reject reason naming a table): PostgreSQL text cannot hold NUL.
+pub fn pg_text(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.contains('\0') {
+        std::borrow::Cow::Owned(s.replace('\0', "\\u0000"))
+    } else {
+        std::borrow::Cow::Borrowed(s)
+    }
+}
+
+#[cfg(test)]
+mod timestamp_tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_outside_postgres_range_are_none() {
+        assert!(pg_timestamp(Some(0)).is_some());
+        assert!(pg_timestamp(Some(-210_000_000_000_000)).is_some(), "4685 BC");
+        assert!(pg_timestamp(Some(-250_000_000_000_000)).is_none(), "5953 BC");
+        assert!(pg_timestamp(Some(8_000_000_000_000_000)).is_some(), "year 255 000");
+        assert!(pg_timestamp(Some(i64::MAX)).is_none());
+        assert!(pg_timestamp(None).is_none());
+        assert_eq!(pg_text("a\0b"), "a\\u0000b");
+    }
+}

@@ -17,7 +17,7 @@ use crate::sink::SinkError;
 
 /// Builds the enabled sinks, in a fixed order: raw, lake, then each state target.
 pub fn build_sinks(config: &Config) -> anyhow::Result<Vec<AnySink>> {
-    let consumer = config.kafka.group_id.clone();
+    let consumer = config.kafka.checkpoint_name().to_string();
     let mut sinks = Vec::new();
     if config.raw.enabled {
         sinks.push(AnySink::Raw(RawSink::new(
@@ -58,7 +58,7 @@ pub async fn migrate(config: &Config) -> anyhow::Result<Vec<i32>> {
     let applied = migrate_databases(config).await?;
     for target in config.all_targets() {
         if !target.mappings.is_empty() {
-            StateSink::for_target(&target, config.kafka.group_id.clone())
+            StateSink::for_target(&target, config.kafka.checkpoint_name().to_string())
                 .prepare()
                 .await
                 .map_err(invalid_mapping)?;
@@ -154,7 +154,7 @@ pub async fn run(
         readiness.clone(),
         shutdown.clone(),
     );
-    pipeline.run(rx, deadline).await;
+    let outcome = pipeline.run(rx, deadline).await;
 
     readiness.set(false, "shutting down");
     stop.store(true, Ordering::SeqCst);
@@ -170,5 +170,5 @@ pub async fn run(
     if let Some(h) = http {
         let _ = tokio::time::timeout(Duration::from_secs(2), h).await;
     }
-    Ok(())
+    outcome.map_err(Into::into)
 }

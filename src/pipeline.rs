@@ -19,7 +19,7 @@ use crate::sink::lake::LakeSink;
 use crate::sink::memory::MemorySink;
 use crate::sink::raw::RawSink;
 use crate::sink::state::StateSink;
-use crate::sink::{Ack, Offsets, Sink, SinkError};
+use crate::sink::{Ack, ErrorClass, Offsets, Sink, SinkError};
 use crate::source::{KafkaConsumer, SourceEvent};
 use crate::telemetry::METRICS;
 
@@ -159,6 +159,27 @@ pub struct Pipeline<C: Committer> {
     flush_every: Duration,
     /// Records rejected at decode time since start.
     rejected: u64,
+    /// Per sink: it could not take a batch before shutdown. It gets no later batch (its
+    /// checkpoint stays where its data ends) and the run ends with an error.
+    failing: Vec<bool>,
+}
+
+/// How a run ended when some sink did not finish: each such sink with the checkpoint it holds
+/// per partition (where it resumes after a restart).
+#[derive(Debug, thiserror::Error)]
+#[error("stopped with failing sinks: {}", describe_failing(.0))]
+pub struct UnfinishedSinks(pub Vec<(&'static str, Offsets)>);
+
+fn describe_failing(sinks: &[(&'static str, Offsets)]) -> String {
+    sinks
+        .iter()
+        .map(|(name, held)| {
+            let mut at: Vec<String> = held.iter().map(|(tp, o)| format!("{tp} at {o}")).collect();
+            at.sort();
+            format!("{name} ({})", at.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 impl<C: Committer> Pipeline<C> {
@@ -181,12 +202,19 @@ impl<C: Committer> Pipeline<C> {
             shutdown,
             flush_every: Duration::from_millis(500),
             rejected: 0,
+            failing: vec![false; n],
         }
     }
 
     /// Runs until shutdown is requested or the source ends, then drains: writes the open
-    /// batch, flushes buffered sinks and commits, within `deadline`.
-    pub async fn run(mut self, mut events: mpsc::Receiver<SourceEvent>, deadline: Duration) {
+    /// batch, flushes buffered sinks and commits, within `deadline`. A sink that was failing
+    /// when shutdown came keeps its checkpoint where its data ends, gets nothing more, and the
+    /// run returns it as an error (the pod exits non-zero).
+    pub async fn run(
+        mut self,
+        mut events: mpsc::Receiver<SourceEvent>,
+        deadline: Duration,
+    ) -> Result<(), UnfinishedSinks> {
         let mut last_flush = Instant::now();
         let mut last_progress = Instant::now();
         loop {
@@ -213,6 +241,10 @@ impl<C: Committer> Pipeline<C> {
                     Some(SourceEvent::Assigned { partitions, reply }) => {
                         self.write_batch().await;
                         let starts = self.start_offsets(&partitions).await;
+                        for tp in &partitions {
+                            // Absent: the consumer starts at the partition's beginning.
+                            self.batcher.assign(tp.clone(), starts.get(tp).copied().unwrap_or(0));
+                        }
                         self.owned.extend(partitions);
                         let _ = reply.send(starts);
                     }
@@ -255,7 +287,28 @@ impl<C: Committer> Pipeline<C> {
             );
         }
         self.commit(true);
+        let unfinished: Vec<(&'static str, Offsets)> = (0..self.sinks.len())
+            .filter(|i| self.failing[*i])
+            .map(|i| {
+                let held: Offsets = self.durable[i]
+                    .iter()
+                    .filter(|(tp, _)| self.owned.contains(*tp))
+                    .map(|(tp, o)| (tp.clone(), *o))
+                    .collect();
+                (self.sinks[i].name(), held)
+            })
+            .collect();
+        for (name, held) in &unfinished {
+            for (tp, offset) in held {
+                tracing::error!(sink = name, %tp, offset, "sink failed before shutdown; its checkpoint stays here and it resumes from it on restart");
+            }
+        }
         tracing::info!("pipeline stopped");
+        if unfinished.is_empty() {
+            Ok(())
+        } else {
+            Err(UnfinishedSinks(unfinished))
+        }
     }
 
     /// One line for operators tailing the log: totals per sink since start.
@@ -354,11 +407,18 @@ impl<C: Committer> Pipeline<C> {
         self.rejected += count_decode_outcomes(&batch);
         let tasks: Vec<_> = std::mem::take(&mut self.sinks)
             .into_iter()
-            .map(|mut sink| {
+            .zip(self.failing.clone())
+            .map(|(mut sink, failing)| {
                 let (batch, readiness, shutdown) =
                     (batch.clone(), self.readiness.clone(), self.shutdown.clone());
                 tokio::spawn(async move {
-                    let ack = write_with_retry(&mut sink, &batch, &readiness, &shutdown).await;
+                    // A sink that lost a batch must not store a later one: that would move its
+                    // checkpoint over the lost records.
+                    let ack = if failing {
+                        None
+                    } else {
+                        write_with_retry(&mut sink, &batch, &readiness, &shutdown).await
+                    };
                     (sink, ack)
                 })
             })
@@ -375,7 +435,11 @@ impl<C: Committer> Pipeline<C> {
     /// Asks buffering sinks to make due (or, when forced, all) data durable.
     async fn flush(&mut self, force: bool) {
         let (readiness, shutdown) = (&self.readiness, &self.shutdown);
-        let acks = futures::future::join_all(self.sinks.iter_mut().map(|s| async move {
+        let failing = &self.failing;
+        let acks = futures::future::join_all(self.sinks.iter_mut().enumerate().map(|(i, s)| async move {
+            if failing[i] {
+                return None;
+            }
             let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
             loop {
                 match s.flush(force).await {
@@ -395,7 +459,11 @@ impl<C: Committer> Pipeline<C> {
     fn absorb(&mut self, acks: Vec<Option<Ack>>) {
         let all_ok = acks.iter().all(Option::is_some);
         for (i, ack) in acks.into_iter().enumerate() {
-            let Some(ack) = ack else { continue };
+            let Some(ack) = ack else {
+                // Only shutdown ends a sink's retries without an ack.
+                self.failing[i] = true;
+                continue;
+            };
             let name = self.sinks[i].name();
             METRICS
                 .written
@@ -512,10 +580,20 @@ async fn on_error(
     METRICS.sink_errors.with_label_values(&[name]).inc();
     readiness.set(false, &format!("{name}: {e}"));
     let delay = backoff.next_delay();
-    if e.is_retryable() {
-        tracing::warn!(sink = name, error = %e, retry_in = ?delay, "sink unavailable, retrying");
-    } else {
-        tracing::error!(sink = name, error = %e, retry_in = ?delay, "sink failed; retrying without skipping records");
+    match e.class() {
+        ErrorClass::Transient => {
+            tracing::warn!(sink = name, error = %e, retry_in = ?delay, "sink unavailable, retrying")
+        }
+        // Sinks narrow bad data down to records and reject those; one that reaches here could
+        // not be pinned to a record, so it holds the partition rather than lose anything.
+        ErrorClass::BadData => {
+            tracing::error!(sink = name, error = %e, retry_in = ?delay, "sink failed on data it could not pin to a record; retrying without skipping records")
+        }
+        ErrorClass::Fatal => {
+            tracing::error!(sink = name, error = %e, "sink cannot work with this configuration or these permissions; stopping the pod");
+            shutdown.cancel();
+            return false;
+        }
     }
     tokio::select! {
         _ = tokio::time::sleep(delay) => true,

@@ -27,7 +27,7 @@ use crate::sink::state::StateSink;
 /// Which rejects a command works on.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct RejectFilter {
-    /// Only this stage: decode or state.
+    /// Only this stage: decode, raw, state or state:<target>.
     #[arg(long)]
     pub stage: Option<String>,
     /// Only rejects whose reason contains this text.
@@ -41,8 +41,8 @@ pub struct RejectFilter {
 impl RejectFilter {
     fn validate(&self) -> anyhow::Result<()> {
         if let Some(s) = &self.stage {
-            if s != "decode" && s != "state" {
-                anyhow::bail!("--stage is decode or state, not {s:?}");
+            if !matches!(s.as_str(), "decode" | "raw" | "state") && !s.starts_with("state:") {
+                anyhow::bail!("--stage is decode, raw, state or state:<target>, not {s:?}");
             }
         }
         Ok(())
@@ -163,8 +163,8 @@ pub async fn reprocess(
     let rejects = load(&client, filter, i64::MAX).await?;
     let mut report = ReprocessReport::default();
     let mut decoder = Decoder::new();
-    let mut raw = RawSink::new(config.postgres.clone(), config.kafka.group_id.clone());
-    let consumer = config.kafka.group_id.clone();
+    let mut raw = RawSink::new(config.postgres.clone(), config.kafka.checkpoint_name().to_string());
+    let consumer = config.kafka.checkpoint_name().to_string();
     let mut targets: Vec<StateSink> = config
         .all_targets()
         .iter()
@@ -176,6 +176,16 @@ pub async fn reprocess(
 
     for r in rejects {
         report.examined += 1;
+        if r.stage != "decode" && r.stage != "state" {
+            // Raw-stage rejects cannot enter the raw log as decoded (a NUL, an out-of-range
+            // timestamp) and mapped targets' rejects are rebuilt with cdc-replay: both stay
+            // where they are, bytes and reason intact.
+            *report
+                .still_rejected
+                .entry(format!("stage {}: not reprocessed here (kept with its exact bytes)", r.stage))
+                .or_default() += 1;
+            continue;
+        }
         let decoded = redecode(&mut decoder, &r);
         let change = match decoded {
             Decoded::Change(e) => e,
@@ -200,7 +210,7 @@ pub async fn reprocess(
         }
         let batch = Batch {
             records: vec![Decoded::Change(Arc::clone(&change))],
-            bytes: 0,
+            ..Batch::default()
         };
         if r.stage == "decode" {
             // State first (idempotent): if the raw insert then fails, a rerun applies again.

@@ -342,8 +342,7 @@ async fn bookstore_views_and_replica_match_the_source_across_a_crash() {
         !first.is_finished(),
         "the crash must land while changes still flow"
     );
-    wait_for_group_to_empty(&cfg.kafka.group_id).await;
-    let pod = Pod::start(cfg.clone());
+    let pod = Pod::start(after_kill(&cfg));
     first.await.unwrap();
     workload(&live.name, 150, 60, 12).await;
 

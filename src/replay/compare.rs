@@ -246,7 +246,7 @@ fn scratch_sink(target: &Target, schema: &str, config: &Config) -> StateSink {
             delete_mode: target.state.delete_mode,
             key_columns: target.state.key_columns.clone(),
         },
-        config.kafka.group_id.clone(),
+        config.kafka.checkpoint_name().to_string(),
     )
 }
 

@@ -403,7 +403,7 @@ impl Reader {
                 .query_opt(
                     "SELECT next_offset FROM cdc_lake.checkpoints
                       WHERE sink = 'raw' AND consumer = $1 AND kafka_topic = $2 AND kafka_partition = $3",
-                    &[&config.kafka.group_id, &tp.topic, &tp.partition],
+                    &[&config.kafka.checkpoint_name(), &tp.topic, &tp.partition],
                 )
                 .await
                 .context("reading the raw log's checkpoint")?
@@ -638,7 +638,7 @@ pub async fn run(config: &Config, args: &ReplayArgs) -> anyhow::Result<Summary> 
         return compare::dry_run(config, &target, &reader, &sel, &plan, args).await;
     }
 
-    let mut sink = StateSink::for_target(&target, config.kafka.group_id.clone());
+    let mut sink = StateSink::for_target(&target, config.kafka.checkpoint_name().to_string());
     if args.rebuild {
         let removed = empty_mirrors(&mut sink, &plan.tables).await?;
         eprintln!("cdc-replay: --rebuild removed {removed} rows from the target's tables");
@@ -695,7 +695,7 @@ pub async fn target_checkpoints(
         .query(
             "SELECT kafka_topic, kafka_partition, next_offset FROM cdc_lake.checkpoints
               WHERE sink = $1 AND consumer = $2 ORDER BY 1, 2",
-            &[&target.sink_name(), &config.kafka.group_id],
+            &[&target.sink_name(), &config.kafka.checkpoint_name()],
         )
         .await
         .context("reading the target's checkpoints")?;

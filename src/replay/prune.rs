@@ -1,19 +1,19 @@
 //! `cdc-lake prune-raw --before <time>`: raw-log retention that never loses a change.
 //!
 //! A raw row is deleted only when the lake manifest proves the lake holds it: its offset lies in
-//! the contiguous run of committed manifest entries of its partition, and every file those
-//! entries list exists with the recorded size. Afterwards `cdc-replay --source lake` can still
-//! rebuild everything.
+//! the contiguous run of committed manifest entries of its partition, a committed file of its
+//! own table covers that offset, and every file those entries list exists with the recorded
+//! size. A manifest range alone proves nothing: it also covers records the lake did not store
+//! as rows (rejects, skips). Afterwards `cdc-replay --source lake` can still rebuild everything.
 
 use std::collections::BTreeMap;
 
 use anyhow::{bail, Context};
 use chrono::{DateTime, Utc};
-use object_store::path::Path;
 
 use crate::config::Config;
 use crate::domain::TopicPartition;
-use crate::sink::lake::manifest::Layout;
+use crate::sink::lake::manifest::{FileEntry, Layout};
 use crate::sink::lake::read_commits;
 
 /// What prune-raw deleted (or would delete) per partition.
@@ -31,13 +31,19 @@ impl PruneReport {
     }
 }
 
-/// The offsets `[first, next)` a partition's manifest proves are in the lake, after checking
-/// that each listed file exists with its recorded size.
+/// What a partition's manifest proves is in the lake: the offsets `[first, next)` of its
+/// contiguous run of commits, and the files of those commits (each checked to exist with its
+/// recorded size), which say which table's rows each offset range holds.
+struct Proof {
+    range: (i64, i64),
+    files: Vec<FileEntry>,
+}
+
 async fn proven_range(
     store: &dyn object_store::ObjectStore,
     layout: &Layout,
     tp: &TopicPartition,
-) -> anyhow::Result<Option<(i64, i64)>> {
+) -> anyhow::Result<Option<Proof>> {
     let commits = read_commits(store, layout, tp)
         .await
         .with_context(|| format!("reading the lake manifest of {tp}"))?;
@@ -45,6 +51,7 @@ async fn proven_range(
         return Ok(None);
     };
     let (start, mut next) = (first.first_offset, first.first_offset);
+    let mut files = Vec::new();
     for c in &commits {
         if c.first_offset != next {
             // A gap: only the run before it is proven.
@@ -52,7 +59,7 @@ async fn proven_range(
         }
         for f in &c.files {
             let meta = store
-                .head(&Path::from(f.path.as_str()))
+                .head(&crate::sink::lake::manifest::stored_path(&f.path))
                 .await
                 .with_context(|| {
                     format!("{tp}: manifest lists {} but it is not in the lake", f.path)
@@ -67,8 +74,12 @@ async fn proven_range(
             }
         }
         next = c.next_offset;
+        files.extend(c.files.iter().cloned());
     }
-    Ok(Some((start, next)))
+    Ok(Some(Proof {
+        range: (start, next),
+        files,
+    }))
 }
 
 /// Deletes raw rows older than `before` that the lake provably holds (`dry_run`: counts them).
@@ -94,25 +105,44 @@ pub async fn prune_raw(
         .collect();
     let mut report = PruneReport::default();
     for tp in partitions {
-        let Some((first, next)) = proven_range(&*store, &layout, &tp).await? else {
+        let Some(proof) = proven_range(&*store, &layout, &tp).await? else {
             report.unproven.push(tp);
             continue;
         };
-        let tx = client.transaction().await?;
+        let (first, next) = proof.range;
+        let tables: Vec<&str> = proof.files.iter().map(|f| f.table.as_str()).collect();
+        let lows: Vec<i64> = proof.files.iter().map(|f| f.min_offset).collect();
+        let highs: Vec<i64> = proof.files.iter().map(|f| f.max_offset).collect();
+        // A row is proven when a committed file of its own table covers its offset: within one
+        // commit the lake writes every change of a table (and date) into that table's file.
+        let proven = "kafka_topic = $1 AND kafka_partition = $2
+                AND kafka_offset >= $3 AND kafka_offset < $4
+                AND coalesce(event_timestamp, ingested_at) < $5
+                AND EXISTS (SELECT 1 FROM unnest($6::text[], $7::bigint[], $8::bigint[]) AS f(t, lo, hi)
+                             WHERE f.t = e.source_table AND e.kafka_offset BETWEEN f.lo AND f.hi)";
         let sql = if dry_run {
-            "SELECT count(*) FROM cdc_raw.cdc_events
-              WHERE kafka_topic = $1 AND kafka_partition = $2
-                AND kafka_offset >= $3 AND kafka_offset < $4
-                AND coalesce(event_timestamp, ingested_at) < $5"
+            format!("SELECT count(*) FROM cdc_raw.cdc_events e WHERE {proven}")
         } else {
-            "WITH gone AS (DELETE FROM cdc_raw.cdc_events
-              WHERE kafka_topic = $1 AND kafka_partition = $2
-                AND kafka_offset >= $3 AND kafka_offset < $4
-                AND coalesce(event_timestamp, ingested_at) < $5 RETURNING 1)
-             SELECT count(*) FROM gone"
+            format!(
+                "WITH gone AS (DELETE FROM cdc_raw.cdc_events e WHERE {proven} RETURNING 1)
+                 SELECT count(*) FROM gone"
+            )
         };
+        let tx = client.transaction().await?;
         let n: i64 = tx
-            .query_one(sql, &[&tp.topic, &tp.partition, &first, &next, &before])
+            .query_one(
+                &sql,
+                &[
+                    &tp.topic,
+                    &tp.partition,
+                    &first,
+                    &next,
+                    &before,
+                    &tables,
+                    &lows,
+                    &highs,
+                ],
+            )
             .await
             .with_context(|| format!("pruning {tp}"))?
             .get(0);

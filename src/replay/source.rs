@@ -405,7 +405,7 @@ pub fn read_lake(store: Arc<dyn ObjectStore>, commits: Vec<Commit>, sel: Selecti
             let result = async {
                 let mut records = Vec::new();
                 for f in &commit.files {
-                    let path = Path::from(f.path.as_str());
+                    let path = crate::sink::lake::manifest::stored_path(&f.path);
                     let bytes = store
                         .get(&path)
                         .await

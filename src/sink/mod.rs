@@ -65,33 +65,78 @@ pub enum SinkError {
         tp: TopicPartition,
         theirs: i64,
     },
+    /// A batch does not continue from the stored checkpoint: advancing would skip records.
+    #[error("{sink}: {tp} has a gap: the stored checkpoint is {stored} but the batch continues from {batch_start}; not advancing past records this sink never stored")]
+    CheckpointGap {
+        sink: &'static str,
+        tp: TopicPartition,
+        stored: i64,
+        batch_start: i64,
+    },
+}
+
+/// What an error means for the record and the pod: the one place that decides retry, reject
+/// or stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// A dependency is down or busy: retry with backoff, not ready meanwhile.
+    Transient,
+    /// The data of some record cannot be stored by this sink: narrow it down to the record and
+    /// reject it at this sink's stage; the others move on.
+    BadData,
+    /// Configuration or permissions: retrying cannot help; stop with the message.
+    Fatal,
+}
+
+/// The class of a PostgreSQL error by its SQLSTATE.
+pub fn classify_sqlstate(code: Option<&str>) -> ErrorClass {
+    let Some(c) = code else {
+        // No SQLSTATE: the connection failed or closed.
+        return ErrorClass::Transient;
+    };
+    match c {
+        // Invalid authorization, insufficient privilege, missing database or schema: an
+        // operator has to act.
+        _ if c.starts_with("28") => ErrorClass::Fatal,
+        "42501" | "3D000" | "3F000" => ErrorClass::Fatal,
+        // Data exceptions (22: NUL, out-of-range, bad syntax for the type), integrity (23,
+        // including a unique violation a retry inside the transaction still hits), cardinality
+        // (21000: two staged rows for one target row), program limits (54: too many columns,
+        // index row too large), and names a record brings (42701 duplicate column, 42702
+        // ambiguous, 42804 datatype mismatch, 42622 name too long).
+        _ if c.starts_with("22") || c.starts_with("23") || c.starts_with("54") => {
+            ErrorClass::BadData
+        }
+        "21000" | "42701" | "42702" | "42804" | "42622" | "42P16" => ErrorClass::BadData,
+        // Connection (08), rollback (40: serialization, deadlock), resources (53), operator
+        // intervention (57), lock not available (55P03), system errors (58), and anything
+        // unknown: retry, never drop.
+        _ => ErrorClass::Transient,
+    }
 }
 
 impl SinkError {
-    /// Whether retrying the same write can succeed (a dependency is down or busy), as opposed
-    /// to a bug or bad data that will fail the same way again.
-    pub fn is_retryable(&self) -> bool {
+    /// See [`ErrorClass`].
+    pub fn class(&self) -> ErrorClass {
         match self {
-            SinkError::Postgres { source, .. } => match source.code() {
-                // No SQLSTATE: the connection failed or closed.
-                None => true,
-                Some(code) => {
-                    let c = code.code();
-                    // 08 connection, 40 rollback (serialization/deadlock), 53 resources,
-                    // 57 operator intervention (admin shutdown, terminated backend).
-                    c.starts_with("08") || c.starts_with("40") || c.starts_with("53") || c.starts_with("57")
-                        // 23505: a concurrent writer inserted the same key first; a retry
-                        // sees its row and takes the update path.
-                        || c == "23505"
-                }
-            },
-            SinkError::ObjectStore { .. } => true,
-            SinkError::Encode { .. }
-            | SinkError::Value { .. }
-            | SinkError::Manifest { .. }
-            | SinkError::Mapping { .. }
-            | SinkError::Fenced { .. } => false,
+            SinkError::Postgres { source, .. } => {
+                classify_sqlstate(source.code().map(|c| c.code()))
+            }
+            SinkError::ObjectStore { .. } => ErrorClass::Transient,
+            SinkError::Encode { .. } | SinkError::Value { .. } => ErrorClass::BadData,
+            SinkError::Mapping { .. } => ErrorClass::Fatal,
+            // A corrupt manifest needs an operator, but the pod keeps retrying (and stays not
+            // ready) rather than exit: the objects may be mid-repair. A fence or a gap resolves
+            // by a rebalance or a restart from the stored checkpoint.
+            SinkError::Manifest { .. }
+            | SinkError::Fenced { .. }
+            | SinkError::CheckpointGap { .. } => ErrorClass::Transient,
         }
+    }
+
+    /// Whether retrying the same write can succeed (a dependency is down or busy).
+    pub fn is_retryable(&self) -> bool {
+        self.class() == ErrorClass::Transient
     }
 
     /// True when the connection itself is gone and the sink must reconnect.
@@ -101,11 +146,45 @@ impl SinkError {
 }
 
 /// tokio-postgres displays server errors as just "db error"; show the server's message and
-/// SQLSTATE instead.
+/// SQLSTATE instead, without row values: for data exceptions (class 22) PostgreSQL's message
+/// quotes the offending value (`invalid input syntax for type bigint: "..."`), so only the
+/// condition, the column and the type are kept. This text reaches logs and reject reasons.
 pub fn pg_detail(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
-        None => e.to_string(),
+    let Some(db) = e.as_db_error() else {
+        return e.to_string();
+    };
+    let code = db.code().code();
+    let mut out = if code.starts_with("22") {
+        format!("{} (SQLSTATE {code})", data_exception_name(code))
+    } else {
+        format!("{} (SQLSTATE {code})", db.message())
+    };
+    if let Some(column) = db.column() {
+        out.push_str(&format!(", column {column}"));
+    }
+    if let Some(ty) = db.datatype() {
+        out.push_str(&format!(", type {ty}"));
+    }
+    out
+}
+
+/// PostgreSQL's condition names of class 22, for messages that must not quote the value.
+fn data_exception_name(code: &str) -> &'static str {
+    match code {
+        "22001" => "value too long for the column type",
+        "22003" => "numeric value out of range",
+        "22007" => "invalid date/time format",
+        "22008" => "date/time value out of range",
+        "22012" => "division by zero",
+        "22021" => "character not in repertoire (a NUL byte in text)",
+        "22023" => "invalid parameter value",
+        "22P02" => "invalid text representation for the column type",
+        "22P05" => "untranslatable character (\\u0000 cannot be stored in jsonb or text)",
+        "2200N" => "invalid XML content",
+        "22030" | "22031" | "22032" | "22033" | "22034" | "22035" | "22036" | "22037"
+        | "22038" | "22039" | "2203A" | "2203B" | "2203C" | "2203D" | "2203E" | "2203F"
+        | "2203G" => "invalid JSON value",
+        _ => "data exception",
     }
 }
 
@@ -161,4 +240,113 @@ pub trait Sink: Send {
 
     /// Forgets buffered data of partitions this consumer no longer owns. Nothing is written.
     fn revoke(&mut self, partitions: &[TopicPartition]);
+}
+
+/// Narrows a failed set of records down to the ones that cause a [`ErrorClass::BadData`]
+/// error, by bisection: each half is tried again (inside its own savepoint, by the caller),
+/// halves that work stay applied, and a single record that still fails is the culprit. One bad
+/// record in a batch of n costs about 2·log2(n) attempts; ranges come out in record order, so
+/// changes to one key keep their order.
+#[derive(Debug)]
+pub struct Bisect {
+    todo: Vec<std::ops::Range<usize>>,
+}
+
+impl Bisect {
+    /// Starts with the whole set `0..n`.
+    pub fn new(n: usize) -> Self {
+        Self {
+            todo: if n == 0 { Vec::new() } else { vec![0..n] },
+        }
+    }
+
+    /// The next range to try, in record order.
+    pub fn next_range(&mut self) -> Option<std::ops::Range<usize>> {
+        self.todo.pop()
+    }
+
+    /// The attempt at `range` failed on bad data: its halves are tried next, or, for a single
+    /// record, that record is returned as the one to reject.
+    pub fn failed(&mut self, range: std::ops::Range<usize>) -> Option<usize> {
+        if range.len() <= 1 {
+            return Some(range.start);
+        }
+        let mid = range.start + range.len() / 2;
+        self.todo.push(mid..range.end);
+        self.todo.push(range.start..mid);
+        None
+    }
+}
+
+/// Runs `SAVEPOINT`, `RELEASE` or `ROLLBACK TO` for the narrowing of bad data.
+pub(crate) async fn savepoint(
+    tx: &tokio_postgres::Transaction<'_>,
+    sink: &'static str,
+    command: &str,
+) -> Result<(), SinkError> {
+    tx.batch_execute(command)
+        .await
+        .map_err(|source| SinkError::Postgres {
+            sink,
+            context: command.to_lowercase(),
+            source,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs a bisection where `bad` records fail any range that holds them.
+    fn isolate(n: usize, bad: &[usize]) -> (Vec<usize>, Vec<usize>, usize) {
+        let mut b = Bisect::new(n);
+        let (mut applied, mut rejected, mut attempts) = (Vec::new(), Vec::new(), 0);
+        while let Some(r) = b.next_range() {
+            attempts += 1;
+            if r.clone().any(|i| bad.contains(&i)) {
+                rejected.extend(b.failed(r));
+            } else {
+                applied.extend(r);
+            }
+        }
+        (applied, rejected, attempts)
+    }
+
+    #[test]
+    fn bisection_finds_exactly_the_bad_records_in_order() {
+        let (applied, rejected, attempts) = isolate(5000, &[1234]);
+        assert_eq!(rejected, vec![1234]);
+        assert_eq!(applied.len(), 4999);
+        assert!(applied.windows(2).all(|w| w[0] < w[1]), "record order kept");
+        assert!(attempts <= 2 * 13 + 1, "{attempts} attempts");
+        let (applied, rejected, _) = isolate(7, &[0, 6]);
+        assert_eq!((applied, rejected), (vec![1, 2, 3, 4, 5], vec![0, 6]));
+        assert_eq!(isolate(0, &[]).2, 0);
+    }
+
+    #[test]
+    fn sqlstates_are_classified_once() {
+        use ErrorClass::*;
+        for (code, want) in [
+            (None, Transient),
+            (Some("08006"), Transient),
+            (Some("40001"), Transient),
+            (Some("57P01"), Transient),
+            (Some("53300"), Transient),
+            (Some("22P05"), BadData),
+            (Some("22021"), BadData),
+            (Some("22008"), BadData),
+            (Some("23505"), BadData),
+            (Some("21000"), BadData),
+            (Some("42702"), BadData),
+            (Some("42701"), BadData),
+            (Some("54011"), BadData),
+            (Some("54000"), BadData),
+            (Some("28P01"), Fatal),
+            (Some("42501"), Fatal),
+            (Some("3D000"), Fatal),
+        ] {
+            assert_eq!(classify_sqlstate(code), want, "{code:?}");
+        }
+    }
 }

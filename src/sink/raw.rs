@@ -10,11 +10,11 @@ use postgres_types::{Json, ToSql, Type};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::{Client, Transaction};
 
-use super::{checkpoint, Ack, Offsets, Sink, SinkError, WriteStats};
+use super::{checkpoint, savepoint, Ack, Bisect, ErrorClass, Offsets, Sink, SinkError, WriteStats};
 use crate::batch::Batch;
 use crate::config::PostgresConfig;
-use crate::domain::TopicPartition;
-use crate::envelope::{Decoded, RowSchema};
+use crate::domain::{KafkaCoordinates, TopicPartition};
+use crate::envelope::{ChangeEvent, Decoded, RowSchema};
 
 pub const NAME: &str = "raw";
 
@@ -69,8 +69,10 @@ fn pg_err(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SinkEr
     }
 }
 
+/// A timestamp column's value: NULL where PostgreSQL's range ends (the envelope keeps the
+/// number verbatim).
 fn ms_to_ts(ms: Option<i64>) -> Option<DateTime<Utc>> {
-    ms.and_then(DateTime::from_timestamp_millis)
+    crate::db::pg_timestamp(ms)
 }
 
 impl RawSink {
@@ -98,66 +100,56 @@ impl RawSink {
         let client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_err("beginning"))?;
         let stored = checkpoint::lock(&tx, NAME, &consumer, &tps).await?;
+        // Checked before writing anything: a batch that does not continue from the checkpoint
+        // would leave a gap.
+        let next = checkpoint::after_batch(NAME, &ranges, &stored)?;
         let is_new =
             |tp: &TopicPartition, offset: i64| offset >= stored.get(tp).copied().unwrap_or(0);
 
         store_schemas(&tx, &new_schemas).await?;
 
         let mut stats = WriteStats::default();
-        copy_events(&tx, batch, &is_new, &mut stats).await?;
-
-        let has_rejects = batch
-            .records
-            .iter()
-            .any(|r| matches!(r, Decoded::Reject(_)));
-        if has_rejects {
-            let sink = tx
-                .copy_in(&format!(
-                    "COPY cdc_raw.cdc_rejects ({REJECT_COLUMNS}) FROM STDIN BINARY"
-                ))
-                .await
-                .map_err(pg_err("starting COPY into cdc_rejects"))?;
-            let writer = BinaryCopyInWriter::new(sink, REJECT_TYPES);
-            futures::pin_mut!(writer);
-            for r in &batch.records {
-                let Decoded::Reject(rej) = r else { continue };
-                if !is_new(&rej.coords.topic_partition(), rej.coords.offset) {
-                    stats.already_stored += 1;
-                    continue;
-                }
-                let row: [&(dyn ToSql + Sync); 8] = [
-                    &rej.coords.topic,
-                    &rej.coords.partition,
-                    &rej.coords.offset,
-                    &ms_to_ts(rej.coords.timestamp_ms),
-                    &rej.key.as_deref(),
-                    &rej.value.as_deref(),
-                    &"decode",
-                    &rej.reason,
-                ];
-                writer
-                    .as_mut()
-                    .write(&row)
-                    .await
-                    .map_err(pg_err("copying into cdc_rejects"))?;
-                *stats.ignored.entry("rejected").or_default() += 1;
-            }
-            writer
-                .finish()
-                .await
-                .map_err(pg_err("finishing COPY into cdc_rejects"))?;
-        }
+        let mut changes: Vec<&ChangeEvent> = Vec::new();
+        let mut rejects: Vec<RejectRow> = Vec::new();
         for r in &batch.records {
-            if let Decoded::Skip(c, reason) = r {
-                if is_new(&c.topic_partition(), c.offset) {
-                    *stats.ignored.entry(reason.as_str()).or_default() += 1;
-                } else {
-                    stats.already_stored += 1;
+            let c = r.coords();
+            if !is_new(&c.topic_partition(), c.offset) {
+                stats.already_stored += 1;
+                continue;
+            }
+            match r {
+                Decoded::Change(e) => match unstorable(e) {
+                    None => changes.push(e),
+                    Some(reason) => rejects.push(RejectRow::change(e, reason)),
+                },
+                Decoded::Reject(rej) => {
+                    rejects.push(RejectRow {
+                        coords: &rej.coords,
+                        key: rej.key.as_deref(),
+                        value: rej.value.as_deref(),
+                        stage: "decode",
+                        reason: rej.reason.clone(),
+                    });
+                    *stats.ignored.entry("rejected").or_default() += 1;
                 }
+                Decoded::Skip(_, reason) => *stats.ignored.entry(reason.as_str()).or_default() += 1,
             }
         }
+        let unstored = copy_isolating(&tx, &changes).await?;
+        stats.written = (changes.len() - unstored.len()) as u64;
+        for (e, reason) in unstored {
+            rejects.push(RejectRow::change(e, reason));
+        }
+        let raw_rejects = rejects.iter().filter(|r| r.stage == STAGE).count() as u64;
+        if raw_rejects > 0 {
+            *stats.ignored.entry("rejected_by_raw").or_default() += raw_rejects;
+            tracing::warn!(
+                rejected = raw_rejects,
+                "changes the raw log cannot store as decoded went to cdc_raw.cdc_rejects (stage raw) with their exact bytes"
+            );
+        }
+        copy_rejects(&tx, &rejects).await?;
 
-        let next = checkpoint::after_batch(&ranges, &stored);
         checkpoint::advance(&tx, NAME, &consumer, &next).await?;
         tx.commit().await.map_err(pg_err("committing"))?;
         self.stored_schemas
@@ -169,73 +161,167 @@ impl RawSink {
     }
 }
 
-/// COPYs the batch's changes for which `is_new` holds into `cdc_raw.cdc_events`.
-async fn copy_events(
-    tx: &Transaction<'_>,
-    batch: &Batch,
-    is_new: &(dyn Fn(&TopicPartition, i64) -> bool + Sync),
-    stats: &mut WriteStats,
-) -> Result<(), SinkError> {
-    let now = Utc::now();
-    let has_changes = batch
-        .records
-        .iter()
-        .any(|r| matches!(r, Decoded::Change(_)));
-    if has_changes {
-        let sink = tx
-            .copy_in(&format!(
-                "COPY cdc_raw.cdc_events ({EVENT_COLUMNS}) FROM STDIN BINARY"
-            ))
-            .await
-            .map_err(pg_err("starting COPY into cdc_events"))?;
-        let writer = BinaryCopyInWriter::new(sink, EVENT_TYPES);
-        futures::pin_mut!(writer);
-        for r in &batch.records {
-            let Decoded::Change(e) = r else { continue };
-            if !is_new(&e.coords.topic_partition(), e.coords.offset) {
-                stats.already_stored += 1;
-                continue;
-            }
-            let before = e
-                .before
-                .as_ref()
-                .map(|b| e.sql_image(b, true).unwrap_or(Cow::Borrowed(b)));
-            let after = e
-                .after
-                .as_ref()
-                .map(|a| e.sql_image(a, true).unwrap_or(Cow::Borrowed(a)));
-            let source_table = e.table.to_string();
-            let row: [&(dyn ToSql + Sync); 17] = [
-                &e.coords.topic,
-                &e.coords.partition,
-                &e.coords.offset,
-                &ms_to_ts(e.coords.timestamp_ms),
-                &e.key.as_ref().map(Json),
-                &e.op.code(),
-                &source_table,
-                &e.source.db,
-                &before.as_ref().map(Json),
-                &after.as_ref().map(Json),
-                &Json(&e.source_json),
-                &e.transaction.as_ref().map(Json),
-                &e.source.lsn,
-                &e.position.commit_lsn,
-                &ms_to_ts(e.event_time_ms()),
-                &now,
-                &e.schema.id,
-            ];
-            writer
-                .as_mut()
-                .write(&row)
-                .await
-                .map_err(pg_err("copying into cdc_events"))?;
-            stats.written += 1;
+/// The stage name of the raw sink's own rejects.
+const STAGE: &str = "raw";
+
+/// One row of `cdc_raw.cdc_rejects`: the record's exact bytes, where it failed and why.
+struct RejectRow<'a> {
+    coords: &'a KafkaCoordinates,
+    key: Option<&'a [u8]>,
+    value: Option<&'a [u8]>,
+    stage: &'static str,
+    reason: String,
+}
+
+impl<'a> RejectRow<'a> {
+    /// A decoded change the raw log cannot store.
+    fn change(e: &'a ChangeEvent, reason: String) -> Self {
+        Self {
+            coords: &e.coords,
+            key: e.raw_key.as_deref().map(str::as_bytes),
+            value: Some(e.raw_value.as_bytes()),
+            stage: STAGE,
+            reason,
         }
-        writer
-            .finish()
-            .await
-            .map_err(pg_err("finishing COPY into cdc_events"))?;
     }
+}
+
+/// Why a change cannot be a raw-log row, when that is known without asking PostgreSQL.
+fn unstorable(e: &ChangeEvent) -> Option<String> {
+    match e.coords.timestamp_ms {
+        Some(ms) if crate::db::pg_timestamp(Some(ms)).is_none() => Some(format!(
+            "raw log cannot store this change of {}: its Kafka timestamp {ms} ms is outside PostgreSQL's timestamptz range",
+            e.table
+        )),
+        _ => None,
+    }
+}
+
+/// COPYs `changes` into `cdc_raw.cdc_events`; when that fails on the data of some change,
+/// narrows it down (each attempt in a savepoint) and returns the changes that cannot be
+/// stored, with the reason. The rest are stored.
+async fn copy_isolating<'e>(
+    tx: &Transaction<'_>,
+    changes: &[&'e ChangeEvent],
+) -> Result<Vec<(&'e ChangeEvent, String)>, SinkError> {
+    let mut bad = Vec::new();
+    let mut bisect = Bisect::new(changes.len());
+    while let Some(range) = bisect.next_range() {
+        savepoint(tx, NAME, "SAVEPOINT cdc_raw_copy").await?;
+        match copy_events(tx, &changes[range.clone()]).await {
+            Ok(()) => savepoint(tx, NAME, "RELEASE SAVEPOINT cdc_raw_copy").await?,
+            Err(e) if e.class() == ErrorClass::BadData => {
+                savepoint(
+                    tx,
+                    NAME,
+                    "ROLLBACK TO SAVEPOINT cdc_raw_copy; RELEASE SAVEPOINT cdc_raw_copy",
+                )
+                .await?;
+                if let Some(i) = bisect.failed(range) {
+                    let reason = format!(
+                        "raw log cannot store this change of {} as decoded: {e}",
+                        changes[i].table
+                    );
+                    bad.push((changes[i], reason));
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(bad)
+}
+
+/// COPYs reject rows into `cdc_raw.cdc_rejects`.
+async fn copy_rejects(tx: &Transaction<'_>, rejects: &[RejectRow<'_>]) -> Result<(), SinkError> {
+    if rejects.is_empty() {
+        return Ok(());
+    }
+    let sink = tx
+        .copy_in(&format!(
+            "COPY cdc_raw.cdc_rejects ({REJECT_COLUMNS}) FROM STDIN BINARY"
+        ))
+        .await
+        .map_err(pg_err("starting COPY into cdc_rejects"))?;
+    let writer = BinaryCopyInWriter::new(sink, REJECT_TYPES);
+    futures::pin_mut!(writer);
+    for r in rejects {
+        let reason = crate::db::pg_text(&r.reason);
+        let row: [&(dyn ToSql + Sync); 8] = [
+            &r.coords.topic,
+            &r.coords.partition,
+            &r.coords.offset,
+            &crate::db::pg_timestamp(r.coords.timestamp_ms),
+            &r.key,
+            &r.value,
+            &r.stage,
+            &reason.as_ref(),
+        ];
+        writer
+            .as_mut()
+            .write(&row)
+            .await
+            .map_err(pg_err("copying into cdc_rejects"))?;
+    }
+    writer
+        .finish()
+        .await
+        .map_err(pg_err("finishing COPY into cdc_rejects"))?;
+    Ok(())
+}
+
+/// COPYs changes into `cdc_raw.cdc_events`.
+async fn copy_events(tx: &Transaction<'_>, changes: &[&ChangeEvent]) -> Result<(), SinkError> {
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let now = Utc::now();
+    let sink = tx
+        .copy_in(&format!(
+            "COPY cdc_raw.cdc_events ({EVENT_COLUMNS}) FROM STDIN BINARY"
+        ))
+        .await
+        .map_err(pg_err("starting COPY into cdc_events"))?;
+    let writer = BinaryCopyInWriter::new(sink, EVENT_TYPES);
+    futures::pin_mut!(writer);
+    for e in changes {
+        let before = e
+            .before
+            .as_ref()
+            .map(|b| e.sql_image(b, true).unwrap_or(Cow::Borrowed(b)));
+        let after = e
+            .after
+            .as_ref()
+            .map(|a| e.sql_image(a, true).unwrap_or(Cow::Borrowed(a)));
+        let source_table = e.table.to_string();
+        let row: [&(dyn ToSql + Sync); 17] = [
+            &e.coords.topic,
+            &e.coords.partition,
+            &e.coords.offset,
+            &ms_to_ts(e.coords.timestamp_ms),
+            &e.key.as_ref().map(Json),
+            &e.op.code(),
+            &source_table,
+            &e.source.db,
+            &before.as_ref().map(Json),
+            &after.as_ref().map(Json),
+            &Json(&e.source_json),
+            &e.transaction.as_ref().map(Json),
+            &e.source.lsn,
+            &e.position.commit_lsn,
+            &ms_to_ts(e.event_time_ms()),
+            &now,
+            &e.schema.id,
+        ];
+        writer
+            .as_mut()
+            .write(&row)
+            .await
+            .map_err(pg_err("copying into cdc_events"))?;
+    }
+    writer
+        .finish()
+        .await
+        .map_err(pg_err("finishing COPY into cdc_events"))?;
     Ok(())
 }
 
@@ -247,8 +333,15 @@ impl RawSink {
         let client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_err("beginning"))?;
         store_schemas(&tx, &new_schemas).await?;
-        let mut stats = WriteStats::default();
-        copy_events(&tx, batch, &|_, _| true, &mut stats).await?;
+        let changes: Vec<&ChangeEvent> = batch
+            .records
+            .iter()
+            .filter_map(|r| match r {
+                Decoded::Change(e) => Some(e.as_ref()),
+                _ => None,
+            })
+            .collect();
+        copy_events(&tx, &changes).await?;
         for r in &batch.records {
             let c = r.coords();
             tx.execute(
@@ -262,7 +355,7 @@ impl RawSink {
         tx.commit().await.map_err(pg_err("committing"))?;
         self.stored_schemas
             .extend(new_schemas.iter().filter_map(|s| s.id));
-        Ok(stats.written)
+        Ok(changes.len() as u64)
     }
 
     /// Declared schemas of this batch's changes that this sink has not stored yet.

@@ -9,7 +9,6 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use chrono::DateTime;
 use postgres_types::{Json, ToSql, Type};
 use serde_json::{Map, Value};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
@@ -17,7 +16,7 @@ use tokio_postgres::{Client, Transaction};
 
 use super::ident::quote_ident;
 use super::mapping::{Mapping, DELETED_COLUMN, POSITION_COLUMN};
-use super::{checkpoint, Ack, Offsets, Sink, SinkError, WriteStats};
+use super::{checkpoint, savepoint, Ack, Bisect, ErrorClass, Offsets, Sink, SinkError, WriteStats};
 use crate::batch::Batch;
 use crate::config::{DeleteMode, PostgresConfig, StateConfig, Target, PROCESSED_TARGET};
 use crate::domain::{TableId, TopicPartition};
@@ -157,19 +156,6 @@ fn pg_err(
         sink,
         context,
         source,
-    }
-}
-
-/// Errors caused by the data of one change (a value that does not fit its column), as opposed
-/// to the database being unavailable.
-fn is_data_error(e: &SinkError) -> bool {
-    match e {
-        SinkError::Value { .. } => true,
-        SinkError::Postgres { source, .. } => source.code().is_some_and(|c| {
-            let c = c.code();
-            (c.starts_with("22") || c.starts_with("23") || c == "42804") && c != "23505"
-        }),
-        _ => false,
     }
 }
 
@@ -347,10 +333,15 @@ impl StateSink {
                 .transaction()
                 .await
                 .map_err(pg_err(self.name, "beginning"))?;
-            let stored = if checkpointed {
-                checkpoint::lock(&tx, self.name, &self.consumer, &tps).await?
+            let (stored, next) = if checkpointed {
+                let stored = checkpoint::lock(&tx, self.name, &self.consumer, &tps).await?;
+                // Checked before applying anything: a batch that does not continue from the
+                // checkpoint would leave a gap.
+                let next = checkpoint::after_batch(self.name, &ranges, &stored)?;
+                (stored, next)
             } else {
-                Offsets::new()
+                let next = ranges.iter().map(|(tp, (_, last))| (tp.clone(), last + 1)).collect();
+                (Offsets::new(), next)
             };
             let mut stats = WriteStats::default();
 
@@ -383,7 +374,6 @@ impl StateSink {
                 self.apply_table(&tx, table, &events, &mut stats).await?;
             }
 
-            let next = checkpoint::after_batch(&ranges, &stored);
             if checkpointed {
                 checkpoint::advance(&tx, self.name, &self.consumer, &next).await?;
             }
@@ -483,8 +473,24 @@ impl StateSink {
                 Op::Truncate => {
                     self.apply_changes(tx, table, &pending, stats).await?;
                     pending.clear();
-                    self.truncate(tx, table, e).await?;
-                    stats.written += 1;
+                    savepoint(tx, self.name, "SAVEPOINT cdc_truncate").await?;
+                    match self.truncate(tx, table, e).await {
+                        Ok(()) => {
+                            savepoint(tx, self.name, "RELEASE SAVEPOINT cdc_truncate").await?;
+                            stats.written += 1;
+                        }
+                        Err(err) if err.class() == ErrorClass::BadData => {
+                            savepoint(
+                                tx,
+                                self.name,
+                                "ROLLBACK TO SAVEPOINT cdc_truncate; RELEASE SAVEPOINT cdc_truncate",
+                            )
+                            .await?;
+                            let reason = self.reject_reason(tx, table, e, &err).await;
+                            self.reject_one(tx, e, &reason, stats).await?;
+                        }
+                        Err(err) => return Err(err),
+                    }
                 }
                 Op::Delete if self.delete_mode_of(table) == DeleteMode::Ignore => {
                     *stats.ignored.entry("delete_ignored").or_default() += 1
@@ -495,9 +501,11 @@ impl StateSink {
         self.apply_changes(tx, table, &pending, stats).await
     }
 
-    /// Set-based apply; if the data of some change does not fit its column, falls back to one
-    /// change at a time so that only the bad ones are rejected (with the reason) and the rest
-    /// apply.
+    /// Set-based apply. A change whose names no table can hold is rejected on its own first.
+    /// If the set then fails on the data of some change (a value that does not fit its column,
+    /// a key too large to index, a table PostgreSQL cannot create), the set is narrowed down by
+    /// bisection, each attempt in a savepoint, so that only the changes that cause it are
+    /// rejected (with the reason) and the rest apply.
     async fn apply_changes(
         &mut self,
         tx: &Transaction<'_>,
@@ -508,71 +516,151 @@ impl StateSink {
         if events.is_empty() {
             return Ok(());
         }
-        match self.ensure_mirror(tx, table, events).await {
-            Ok(()) => {}
-            Err(e @ SinkError::Encode { .. }) => {
-                // The table cannot be mirrored (a column name cdc-lake cannot use): its changes
-                // go to rejects with the reason, and the pipeline goes on.
-                self.mirrors.remove(table);
-                let reason = e.to_string();
-                for ev in events {
-                    reject(tx, self.name, ev, &reason).await?;
-                }
-                *stats.ignored.entry("rejected_by_state").or_default() += events.len() as u64;
-                return Ok(());
-            }
-            Err(e) => return Err(e),
-        }
-        tx.batch_execute("SAVEPOINT cdc_apply")
-            .await
-            .map_err(pg_err(self.name, "savepoint"))?;
-        match self.stage_and_merge(tx, table, events).await {
-            Ok(()) => {
-                stats.written += events.len() as u64;
-                return Ok(());
-            }
-            Err(e) if is_data_error(&e) => {
-                tracing::warn!(table = %table, error = %e, "set-based apply failed on data; applying one change at a time");
-            }
-            Err(e) => return Err(e),
-        }
-        tx.batch_execute("ROLLBACK TO SAVEPOINT cdc_apply")
-            .await
-            .map_err(pg_err(self.name, "rolling back to savepoint"))?;
+        let mut usable: Vec<&ChangeEvent> = Vec::with_capacity(events.len());
         for e in events {
-            tx.batch_execute("SAVEPOINT cdc_one")
-                .await
-                .map_err(pg_err(self.name, "savepoint"))?;
-            match self
-                .stage_and_merge(tx, table, std::slice::from_ref(e))
-                .await
-            {
-                Ok(()) => stats.written += 1,
-                Err(err) if is_data_error(&err) => {
-                    tx.batch_execute("ROLLBACK TO SAVEPOINT cdc_one")
-                        .await
-                        .map_err(pg_err(self.name, "rolling back to savepoint"))?;
-                    let column = match self.bad_column(tx, table, e).await {
-                        Some(c) => format!(" column {c}"),
-                        None => String::new(),
-                    };
-                    let reason = match &err {
-                        SinkError::Postgres { source, .. } => format!(
-                            "cannot apply to {}.{}{column}: {}",
-                            self.schema,
-                            mirror_name(table),
-                            source
-                                .as_db_error()
-                                .map_or_else(|| source.to_string(), |d| d.message().to_string())
-                        ),
-                        other => other.to_string(),
-                    };
-                    reject(tx, self.name, e, &reason).await?;
-                    *stats.ignored.entry("rejected_by_state").or_default() += 1;
-                }
-                Err(err) => return Err(err),
+            match self.unusable_names(table, e) {
+                None => usable.push(*e),
+                Some(reason) => self.reject_one(tx, e, &reason, stats).await?,
             }
         }
+        let mut bisect = Bisect::new(usable.len());
+        let mut narrowed = false;
+        while let Some(range) = bisect.next_range() {
+            // DDL inside a rolled-back savepoint is undone: so is what the cache learnt.
+            let cached = self.mirrors.get(table).cloned();
+            savepoint(tx, self.name, "SAVEPOINT cdc_apply").await?;
+            match self.apply_set(tx, table, &usable[range.clone()]).await {
+                Ok(key_mismatches) => {
+                    savepoint(tx, self.name, "RELEASE SAVEPOINT cdc_apply").await?;
+                    stats.written += (range.len() - key_mismatches.len()) as u64;
+                    for (i, reason) in key_mismatches {
+                        self.reject_one(tx, usable[range.start + i], &reason, stats)
+                            .await?;
+                    }
+                }
+                Err(e) if e.class() == ErrorClass::BadData => {
+                    savepoint(
+                        tx,
+                        self.name,
+                        "ROLLBACK TO SAVEPOINT cdc_apply; RELEASE SAVEPOINT cdc_apply",
+                    )
+                    .await?;
+                    match cached {
+                        Some(m) => self.mirrors.insert(table.clone(), m),
+                        None => self.mirrors.remove(table),
+                    };
+                    if !narrowed {
+                        narrowed = true;
+                        tracing::warn!(table = %table, error = %e, "set-based apply failed on data; narrowing it down to the changes that cause it");
+                    }
+                    if let Some(i) = bisect.failed(range) {
+                        let reason = self.reject_reason(tx, table, usable[i], &e).await;
+                        self.reject_one(tx, usable[i], &reason, stats).await?;
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// One attempt: the table made to fit the changes, then staged and merged. Returns the
+    /// changes (by index) whose key does not match the table's primary key, not applied.
+    async fn apply_set(
+        &mut self,
+        tx: &Transaction<'_>,
+        table: &TableId,
+        events: &[&ChangeEvent],
+    ) -> Result<Vec<(usize, String)>, SinkError> {
+        self.ensure_mirror(tx, table, events).await?;
+        let mirror = self.mirrors.get(table).expect("ensured above");
+        let mut mismatched = Vec::new();
+        let mut keyed = Vec::with_capacity(events.len());
+        for (i, e) in events.iter().enumerate() {
+            match key_mismatch(mirror, e) {
+                Some(reason) => mismatched.push((i, reason)),
+                None => keyed.push(*e),
+            }
+        }
+        self.stage_and_merge(tx, table, &keyed).await?;
+        Ok(mismatched)
+    }
+
+    /// Why no mirror can take this change's column names (too long, NUL, a metadata column's
+    /// name), or None. Mapped tables have their columns from the mapping.
+    fn unusable_names(&self, table: &TableId, e: &ChangeEvent) -> Option<String> {
+        if self.mapped_tables.contains_key(table) {
+            return None;
+        }
+        let name = mirror_name(table);
+        if let Err(reason) = quote_ident(&name) {
+            return Some(format!(
+                "{table} cannot be mirrored: the mirror name {reason}"
+            ));
+        }
+        let key = e.key.as_ref().and_then(Value::as_object);
+        let columns = key
+            .into_iter()
+            .chain(e.before.as_ref())
+            .chain(e.after.as_ref())
+            .flat_map(|m| m.keys());
+        for c in columns {
+            if let Err(reason) = quote_ident(c) {
+                return Some(format!(
+                    "cannot apply to {}.{name}: source column {reason}",
+                    self.schema
+                ));
+            }
+            if is_metadata_column(c) {
+                return Some(format!(
+                    "cannot apply to {}.{name}: source column {c} has the name of a cdc-lake metadata column; the raw log and the lake keep the change",
+                    self.schema
+                ));
+            }
+        }
+        None
+    }
+
+    /// The reason a single change failed, naming the table and, for a value, the column.
+    async fn reject_reason(
+        &self,
+        tx: &Transaction<'_>,
+        table: &TableId,
+        e: &ChangeEvent,
+        err: &SinkError,
+    ) -> String {
+        let detail = match err {
+            SinkError::Postgres { source, .. } => super::pg_detail(source),
+            other => other.to_string(),
+        };
+        let column = match err {
+            SinkError::Postgres { source, .. }
+                if source.code().is_some_and(|c| c.code().starts_with("22")) =>
+            {
+                self.bad_column(tx, table, e)
+                    .await
+                    .map(|c| format!(" column {c}"))
+                    .unwrap_or_default()
+            }
+            _ => String::new(),
+        };
+        format!(
+            "cannot apply to {}.{}{column}: {detail}",
+            self.schema,
+            table_name(&self.mapped_tables, table)
+        )
+    }
+
+    /// Rejects one change at this sink's stage and counts it.
+    async fn reject_one(
+        &self,
+        tx: &Transaction<'_>,
+        e: &ChangeEvent,
+        reason: &str,
+        stats: &mut WriteStats,
+    ) -> Result<(), SinkError> {
+        reject(tx, self.name, e, reason).await?;
+        *stats.ignored.entry("rejected_by_state").or_default() += 1;
         Ok(())
     }
 
@@ -678,11 +766,30 @@ impl StateSink {
                 .await
                 .map_err(pg_err(self.name, format!("reading columns of {qualified}")))?;
             let existing: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
-            let key: Vec<String> = events
+            // An existing table's key is its primary key; a new one takes the changes' key.
+            let primary_key: Vec<String> = tx
+                .query(
+                    "SELECT a.attname::text
+                       FROM pg_index i
+                       JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+                      WHERE i.indrelid = to_regclass($1) AND i.indisprimary
+                      ORDER BY array_position(i.indkey::int2[], a.attnum)",
+                    &[&qualified],
+                )
+                .await
+                .map_err(pg_err(self.name, format!("reading the primary key of {qualified}")))?
                 .iter()
-                .find_map(|e| e.key.as_ref().and_then(Value::as_object))
-                .map(|k| k.keys().cloned().collect())
-                .unwrap_or_default();
+                .map(|r| r.get(0))
+                .collect();
+            let key: Vec<String> = if primary_key.is_empty() {
+                events
+                    .iter()
+                    .find_map(|e| e.key.as_ref().and_then(Value::as_object))
+                    .map(|k| k.keys().cloned().collect())
+                    .unwrap_or_default()
+            } else {
+                primary_key
+            };
             let columns = if existing.is_empty() {
                 // Source columns in source order (those whose type is known yet), key columns
                 // NOT NULL, then cdc-lake's metadata columns. Later columns are appended.
@@ -789,8 +896,11 @@ impl StateSink {
         table: &TableId,
         events: &[&ChangeEvent],
     ) -> Result<(), SinkError> {
+        if events.is_empty() {
+            return Ok(());
+        }
         // Convert every row before the COPY starts: a value that cannot be converted fails
-        // this set cleanly, and the one-by-one fallback rejects just that change.
+        // this set cleanly, and the narrowing rejects just that change.
         let mut rows: Vec<Cow<Map<String, Value>>> = Vec::with_capacity(events.len());
         for e in events {
             let key = e.key.as_ref().expect("keyless changes are filtered out");
@@ -821,7 +931,7 @@ impl StateSink {
         futures::pin_mut!(writer);
         for (e, row) in events.iter().zip(&rows) {
             let key = e.key.as_ref().expect("keyless changes are filtered out");
-            let ts = e.source.ts_ms.and_then(DateTime::from_timestamp_millis);
+            let ts = crate::db::pg_timestamp(e.source.ts_ms);
             let op = if e.op == Op::Delete { "d" } else { e.op.code() };
             let values: [&(dyn ToSql + Sync); 8] = [
                 &op,
@@ -973,9 +1083,36 @@ fn carry_unchanged_toast(
     }
 }
 
-/// Source columns may not use the names of cdc-lake's metadata or staging columns.
+/// Whether a source column has the name of one of a mirror's metadata columns.
+fn is_metadata_column(column: &str) -> bool {
+    META_COLUMNS.iter().any(|(m, _)| *m == column)
+}
+
+/// Why a change's key does not fit the mirror's primary key (the source key changed), or None.
+/// Mapped tables build their key from the mapping, so it always fits.
+fn key_mismatch(mirror: &Mirror, e: &ChangeEvent) -> Option<String> {
+    if mirror.mapped.is_some() {
+        return None;
+    }
+    let key = e.key.as_ref().and_then(Value::as_object)?;
+    let mut got: Vec<&str> = key.keys().map(String::as_str).collect();
+    let mut want: Vec<&str> = mirror.key.iter().map(String::as_str).collect();
+    got.sort_unstable();
+    want.sort_unstable();
+    (got != want).then(|| {
+        format!(
+            "cannot apply to {}: the change's key ({}) differs from the table's primary key ({}); the source key changed, so rebuild this mirror (docs/operations.md)",
+            mirror.qualified,
+            got.join(", "),
+            want.join(", ")
+        )
+    })
+}
+
+/// Source columns may not use the names of cdc-lake's metadata columns (a backstop: such
+/// changes are rejected one by one before the DDL).
 fn check_not_metadata(table: &TableId, column: &str) -> Result<(), SinkError> {
-    if column.starts_with("cdc_") || column.starts_with("_cdc_") {
+    if is_metadata_column(column) {
         return Err(SinkError::Encode {
             table: table.to_string(),
             reason: format!(
@@ -988,18 +1125,22 @@ fn check_not_metadata(table: &TableId, column: &str) -> Result<(), SinkError> {
 
 /// The part both MERGEs share: the target, the newest staged change per key (with the row as
 /// the table's columns, `extra` select items, and the table's truncate watermark), the key join.
+///
+/// The source's columns stay inside the composite `__cdc_r` and the staging columns inside
+/// `__cdc_st`, so no source column name (`w_lsn`, `_cdc_op`, ...) can collide with a name the
+/// statement uses itself.
 fn merge_using(m: &Mirror, schema: &str, table: &str, extra: &str) -> String {
     let on: Vec<String> = m
         .key
         .iter()
         .map(|k| {
             let k = quote_ident(k).expect("validated when the table was registered");
-            format!("m.{k} = s.{k}")
+            format!("m.{k} = {ROW}.{k}")
         })
         .collect();
     format!(
         "MERGE INTO {t} AS m
-         USING (SELECT DISTINCT ON (st._cdc_key) st.*, r.*, w.commit_lsn AS w_commit_lsn, w.lsn AS w_lsn{extra}
+         USING (SELECT DISTINCT ON (st._cdc_key) st AS __cdc_st, r AS __cdc_r, w.commit_lsn AS __cdc_w_commit_lsn, w.lsn AS __cdc_w_lsn{extra}
                   FROM pg_temp.cdc_stage st
                   CROSS JOIN LATERAL jsonb_populate_record(NULL::{t}, st._cdc_row) AS r
                   LEFT JOIN cdc_lake.truncations w
@@ -1013,38 +1154,49 @@ fn merge_using(m: &Mirror, schema: &str, table: &str, extra: &str) -> String {
     )
 }
 
+/// The staged change's own columns (`_cdc_op`, `_cdc_row`, ...) in a MERGE.
+const STAGED: &str = "(s.__cdc_st)";
+/// The staged row as the target table's columns in a MERGE.
+const ROW: &str = "(s.__cdc_r)";
+
 /// Rows older than the table's last truncate stay gone.
-const NEWER_THAN_TRUNCATE: &str =
-    "(s.w_commit_lsn IS NULL OR (s._cdc_commit_lsn, s._cdc_lsn) > (s.w_commit_lsn, s.w_lsn))";
+const NEWER_THAN_TRUNCATE: &str = "(s.__cdc_w_commit_lsn IS NULL OR ((s.__cdc_st)._cdc_commit_lsn, (s.__cdc_st)._cdc_lsn) > (s.__cdc_w_commit_lsn, s.__cdc_w_lsn))";
 
 /// Builds the one statement that applies a staged batch to a mirror.
 /// `schema` and `table` (unquoted) key the mirror's truncate watermark.
 fn merge_sql(m: &Mirror, schema: &str, table: &str) -> String {
     let q = |c: &str| quote_ident(c).expect("validated when the column was added");
-    let guard = "(m.cdc_commit_lsn, m.cdc_lsn, m.cdc_kafka_offset) < (s._cdc_commit_lsn, s._cdc_lsn, s._cdc_offset)";
-    let meta_set =
-        "cdc_operation = s._cdc_op, cdc_commit_lsn = s._cdc_commit_lsn, cdc_lsn = s._cdc_lsn, \
-        cdc_source_ts = s._cdc_source_ts, cdc_kafka_partition = s._cdc_partition, \
-        cdc_kafka_offset = s._cdc_offset, cdc_synced_at = clock_timestamp()";
+    let guard = format!("(m.cdc_commit_lsn, m.cdc_lsn, m.cdc_kafka_offset) < ({STAGED}._cdc_commit_lsn, {STAGED}._cdc_lsn, {STAGED}._cdc_offset)");
+    let meta_set = format!(
+        "cdc_operation = {STAGED}._cdc_op, cdc_commit_lsn = {STAGED}._cdc_commit_lsn, cdc_lsn = {STAGED}._cdc_lsn, \
+        cdc_source_ts = {STAGED}._cdc_source_ts, cdc_kafka_partition = {STAGED}._cdc_partition, \
+        cdc_kafka_offset = {STAGED}._cdc_offset, cdc_synced_at = clock_timestamp()"
+    );
     let set_clause = set_present_columns(m);
     let cols: Vec<String> = m.columns.iter().map(|c| q(c)).collect();
-    let vals: Vec<String> = m.columns.iter().map(|c| format!("s.{}", q(c))).collect();
+    let vals: Vec<String> = m.columns.iter().map(|c| format!("{ROW}.{}", q(c))).collect();
     let insert = format!(
         "INSERT ({}, cdc_operation, cdc_commit_lsn, cdc_lsn, cdc_source_ts, cdc_kafka_partition, cdc_kafka_offset, cdc_deleted, cdc_synced_at) \
-         VALUES ({}, s._cdc_op, s._cdc_commit_lsn, s._cdc_lsn, s._cdc_source_ts, s._cdc_partition, s._cdc_offset, s._cdc_op = 'd', clock_timestamp())",
+         VALUES ({}, {STAGED}._cdc_op, {STAGED}._cdc_commit_lsn, {STAGED}._cdc_lsn, {STAGED}._cdc_source_ts, {STAGED}._cdc_partition, {STAGED}._cdc_offset, {STAGED}._cdc_op = 'd', clock_timestamp())",
         cols.join(", "),
         vals.join(", ")
     );
+    let is_delete = format!("{STAGED}._cdc_op = 'd'");
     let (on_delete, insert_when) = match m.delete_mode {
-        DeleteMode::Delete | DeleteMode::Ignore => ("DELETE".to_string(), "AND s._cdc_op <> 'd'"),
+        DeleteMode::Delete | DeleteMode::Ignore => {
+            ("DELETE".to_string(), format!("AND NOT {is_delete}"))
+        }
         // Soft deletes keep a row (inserted from the key if absent) so the ordering guard
         // still holds for late older changes.
-        DeleteMode::Soft => (format!("UPDATE SET cdc_deleted = true, {meta_set}"), ""),
+        DeleteMode::Soft => (
+            format!("UPDATE SET cdc_deleted = true, {meta_set}"),
+            String::new(),
+        ),
     };
     format!(
         "{using}
-          WHEN MATCHED AND s._cdc_op = 'd' AND {guard} THEN {on_delete}
-          WHEN MATCHED AND s._cdc_op <> 'd' AND {guard} THEN
+          WHEN MATCHED AND {is_delete} AND {guard} THEN {on_delete}
+          WHEN MATCHED AND NOT {is_delete} AND {guard} THEN
                UPDATE SET {set_clause}cdc_deleted = false, {meta_set}
           WHEN NOT MATCHED {insert_when} AND {NEWER_THAN_TRUNCATE} THEN {insert}",
         using = merge_using(m, schema, table, ""),
@@ -1058,7 +1210,7 @@ fn set_present_columns(m: &Mirror) -> String {
     let mut out = String::new();
     for c in m.columns.iter().filter(|c| !m.key.contains(c)) {
         out.push_str(&format!(
-            "{0} = CASE WHEN s._cdc_row ? {1} THEN s.{0} ELSE m.{0} END, ",
+            "{0} = CASE WHEN {STAGED}._cdc_row ? {1} THEN {ROW}.{0} ELSE m.{0} END, ",
             quote_ident(c).expect("validated when the column was added"),
             sql_literal(c)
         ));
@@ -1071,7 +1223,7 @@ fn set_present_columns(m: &Mirror) -> String {
 fn mapped_merge_sql(m: &Mirror, schema: &str, table: &str, filter: Option<&str>) -> String {
     let q = |c: &str| quote_ident(c).expect("validated with the mapping");
     let set_clause = set_present_columns(m);
-    let guard = format!("coalesce(m.{POSITION_COLUMN}, '{{}}') < s._cdc_pos");
+    let guard = format!("coalesce(m.{POSITION_COLUMN}, '{{}}') < s.__cdc_pos");
     // The filter sees the mapped row's columns by name (the inner FROM shadows the rest).
     let keep = match filter {
         Some(f) => format!("coalesce((SELECT ({f}) FROM (SELECT r.*) AS row_), false)"),
@@ -1085,32 +1237,33 @@ fn mapped_merge_sql(m: &Mirror, schema: &str, table: &str, filter: Option<&str>)
     let gone = match m.delete_mode {
         DeleteMode::Delete => "DELETE".to_string(),
         DeleteMode::Soft => format!(
-            "UPDATE SET {set_clause}{DELETED_COLUMN} = true, {POSITION_COLUMN} = s._cdc_pos"
+            "UPDATE SET {set_clause}{DELETED_COLUMN} = true, {POSITION_COLUMN} = s.__cdc_pos"
         ),
         // Deletes never reach the MERGE; a row that stops matching the filter stays as it was.
         DeleteMode::Ignore => "DO NOTHING".to_string(),
     };
     // A soft-deleting mapping keeps a deleted row even when its insert and delete arrive in
     // one batch (the delete carries the earlier image's columns, see carry_unchanged_toast).
+    let is_delete = format!("{STAGED}._cdc_op = 'd'");
     let (insert_when, deleted_col, deleted_val) = if m.delete_mode == DeleteMode::Soft {
-        ("", format!(", {DELETED_COLUMN}"), ", s._cdc_op = 'd'")
+        (String::new(), format!(", {DELETED_COLUMN}"), format!(", {is_delete}"))
     } else {
-        ("AND s._cdc_op <> 'd'", String::new(), "")
+        (format!("AND NOT {is_delete}"), String::new(), String::new())
     };
     let cols: Vec<String> = m.columns.iter().map(|c| q(c)).collect();
-    let vals: Vec<String> = m.columns.iter().map(|c| format!("s.{}", q(c))).collect();
+    let vals: Vec<String> = m.columns.iter().map(|c| format!("{ROW}.{}", q(c))).collect();
     let extra = format!(
         ",
-                       ARRAY[st._cdc_commit_lsn, st._cdc_lsn, st._cdc_offset] AS _cdc_pos,
-                       {keep} AS _cdc_keep"
+                       ARRAY[st._cdc_commit_lsn, st._cdc_lsn, st._cdc_offset] AS __cdc_pos,
+                       {keep} AS __cdc_keep"
     );
     format!(
         "{using}
-          WHEN MATCHED AND (s._cdc_op = 'd' OR NOT s._cdc_keep) AND {guard} THEN {gone}
+          WHEN MATCHED AND ({is_delete} OR NOT s.__cdc_keep) AND {guard} THEN {gone}
           WHEN MATCHED AND {guard} THEN
-               UPDATE SET {set_clause}{POSITION_COLUMN} = s._cdc_pos{undelete}
-          WHEN NOT MATCHED {insert_when} AND s._cdc_keep AND {NEWER_THAN_TRUNCATE}
-          THEN INSERT ({cols}, {POSITION_COLUMN}{deleted_col}) VALUES ({vals}, s._cdc_pos{deleted_val})",
+               UPDATE SET {set_clause}{POSITION_COLUMN} = s.__cdc_pos{undelete}
+          WHEN NOT MATCHED {insert_when} AND s.__cdc_keep AND {NEWER_THAN_TRUNCATE}
+          THEN INSERT ({cols}, {POSITION_COLUMN}{deleted_col}) VALUES ({vals}, s.__cdc_pos{deleted_val})",
         using = merge_using(m, schema, table, &extra),
         cols = cols.join(", "),
         vals = vals.join(", "),
@@ -1127,16 +1280,17 @@ async fn reject(
     tx.execute(
         "INSERT INTO cdc_raw.cdc_rejects
              (kafka_topic, kafka_partition, kafka_offset, kafka_timestamp, raw_key, raw_value, stage, reason)
-         VALUES ($1, $2, $3, to_timestamp($4::bigint / 1000.0), $5, $6, 'state', $7)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
          ON CONFLICT DO NOTHING",
         &[
             &e.coords.topic,
             &e.coords.partition,
             &e.coords.offset,
-            &e.coords.timestamp_ms,
+            &crate::db::pg_timestamp(e.coords.timestamp_ms),
             &e.raw_key.as_deref().map(str::as_bytes),
             &e.raw_value.as_bytes(),
-            &reason,
+            &sink,
+            &crate::db::pg_text(reason).as_ref(),
         ],
     )
     .await

@@ -11,6 +11,7 @@ use object_store::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::domain::TopicPartition;
+use crate::sink::ident::lake_path_segment;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileEntry {
@@ -39,7 +40,14 @@ pub struct Pending {
     pub paths: Vec<String>,
 }
 
-/// Builds paths from a validated prefix. Topic names are checked by the caller.
+/// An object path as the manifest records it (already made of valid segments: `%` escapes stay
+/// as they are, where `Path::from` would escape them again).
+pub fn stored_path(path: &str) -> Path {
+    Path::parse(path).unwrap_or_else(|_| Path::from(path))
+}
+
+/// Builds paths from a validated prefix. Table and topic names become path segments through
+/// [`lake_path_segment`], so any name lands in a directory of its own.
 #[derive(Debug, Clone)]
 pub struct Layout {
     prefix: String,
@@ -64,30 +72,39 @@ impl Layout {
         tp: &TopicPartition,
         first_offset: i64,
     ) -> Path {
-        Path::from(format!(
-            "{}cdc_events/table={table}/date={date}/{}+{}+{first_offset}.parquet",
-            self.prefix, tp.topic, tp.partition
+        stored_path(&format!(
+            "{}cdc_events/table={}/date={date}/{}+{}+{first_offset}.parquet",
+            self.prefix,
+            lake_path_segment(table),
+            lake_path_segment(&tp.topic),
+            tp.partition
         ))
     }
 
     pub fn manifest_dir(&self, tp: &TopicPartition) -> Path {
-        Path::from(format!(
+        stored_path(&format!(
             "{}_manifest/{}/{}",
-            self.prefix, tp.topic, tp.partition
+            self.prefix,
+            lake_path_segment(&tp.topic),
+            tp.partition
         ))
     }
 
     pub fn commit(&self, tp: &TopicPartition, first_offset: i64) -> Path {
-        Path::from(format!(
+        stored_path(&format!(
             "{}_manifest/{}/{}/{first_offset:020}.json",
-            self.prefix, tp.topic, tp.partition
+            self.prefix,
+            lake_path_segment(&tp.topic),
+            tp.partition
         ))
     }
 
     pub fn pending(&self, tp: &TopicPartition) -> Path {
-        Path::from(format!(
+        stored_path(&format!(
             "{}_manifest/{}/{}/_pending.json",
-            self.prefix, tp.topic, tp.partition
+            self.prefix,
+            lake_path_segment(&tp.topic),
+            tp.partition
         ))
     }
 }
@@ -112,6 +129,20 @@ mod tests {
         assert_eq!(
             root.pending(&tp).as_ref(),
             "_manifest/ecom.public.books/2/_pending.json"
+        );
+    }
+
+    #[test]
+    fn unsafe_table_names_get_a_directory_of_their_own() {
+        let l = Layout::new("");
+        let tp = TopicPartition::new("t", 0);
+        assert_eq!(
+            l.data_file("public/..", "2024-03-02", &tp, 0).as_ref(),
+            "cdc_events/table=public%2F../date=2024-03-02/t+0+0.parquet"
+        );
+        assert_eq!(
+            l.data_file("..", "2024-03-02", &tp, 0).as_ref(),
+            "cdc_events/table=%2E%2E/date=2024-03-02/t+0+0.parquet"
         );
     }
 

@@ -21,7 +21,6 @@ use object_store::path::Path;
 use object_store::{ObjectStore, PutMode, PutOptions, PutPayload};
 
 use self::manifest::{Commit, FileEntry, Layout, Pending};
-use super::ident::is_safe_path_segment;
 use super::{Ack, Offsets, Sink, SinkError, WriteStats};
 use crate::batch::Batch;
 use crate::config::LakeConfig;
@@ -177,7 +176,7 @@ impl LakeSink {
                 };
                 if !committed {
                     for p in &pending.paths {
-                        let path = Path::from(p.as_str());
+                        let path = crate::sink::lake::manifest::stored_path(p);
                         match self.store.delete(&path).await {
                             Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
                             Err(e) => return Err(store_err(&path)(e)),
@@ -404,9 +403,22 @@ impl Sink for LakeSink {
     async fn write(&mut self, batch: &Batch) -> Result<Ack, SinkError> {
         let mut stats = WriteStats::default();
         let ranges = batch.ranges();
-        for tp in ranges.keys() {
+        for (tp, (start, _)) in &ranges {
             if !self.partitions.contains_key(tp) {
                 self.recover(tp).await?;
+            }
+            // The batch must continue from what this sink holds (buffered or committed): a
+            // later start would put records of no file inside a manifest range.
+            let st = &self.partitions[tp];
+            if let Some(next) = st.seen_next.or(st.committed_next) {
+                if *start > next {
+                    return Err(SinkError::CheckpointGap {
+                        sink: NAME,
+                        tp: tp.clone(),
+                        stored: next,
+                        batch_start: *start,
+                    });
+                }
             }
         }
         for r in &batch.records {
@@ -433,11 +445,8 @@ impl Sink for LakeSink {
                     continue;
                 }
             };
+            // Any name is a valid path once encoded (Layout): every change lands in a file.
             let table = e.table.to_string();
-            if !is_safe_path_segment(&table) || !is_safe_path_segment(&tp.topic) {
-                *stats.ignored.entry("unsafe_lake_path").or_default() += 1;
-                continue;
-            }
             let key = (table, date_of(e.event_time_ms()));
             let declared = e.schema.declared.then(|| e.schema.clone());
             let needs_roll = st
