@@ -212,7 +212,10 @@ mod tests {
         let tp = TopicPartition::new("t", 0);
         b.assign(tp.clone(), 3);
         // Offset 3 vanished on the broker (or was compacted): the batch still continues from 3.
-        assert!(!b.push(skip(0, 2)), "below the assigned start: a redelivery");
+        assert!(
+            !b.push(skip(0, 2)),
+            "below the assigned start: a redelivery"
+        );
         assert!(b.push(skip(0, 4)));
         assert!(b.push(skip(0, 5)));
         let first = b.take();

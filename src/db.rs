@@ -231,9 +231,18 @@ mod timestamp_tests {
     #[test]
     fn timestamps_outside_postgres_range_are_none() {
         assert!(pg_timestamp(Some(0)).is_some());
-        assert!(pg_timestamp(Some(-210_000_000_000_000)).is_some(), "4685 BC");
-        assert!(pg_timestamp(Some(-250_000_000_000_000)).is_none(), "5953 BC");
-        assert!(pg_timestamp(Some(8_000_000_000_000_000)).is_some(), "year 255 000");
+        assert!(
+            pg_timestamp(Some(-210_000_000_000_000)).is_some(),
+            "4685 BC"
+        );
+        assert!(
+            pg_timestamp(Some(-250_000_000_000_000)).is_none(),
+            "5953 BC"
+        );
+        assert!(
+            pg_timestamp(Some(8_000_000_000_000_000)).is_some(),
+            "year 255 000"
+        );
         assert!(pg_timestamp(Some(i64::MAX)).is_none());
         assert!(pg_timestamp(None).is_none());
         assert_eq!(pg_text("a\0b"), "a\\u0000b");

@@ -290,10 +290,11 @@ impl<C: Committer> Pipeline<C> {
         let unfinished: Vec<(&'static str, Offsets)> = (0..self.sinks.len())
             .filter(|i| self.failing[*i])
             .map(|i| {
-                let held: Offsets = self.durable[i]
+                // Where the sink resumes: its stored checkpoint (0: none stored yet).
+                let held: Offsets = self
+                    .owned
                     .iter()
-                    .filter(|(tp, _)| self.owned.contains(*tp))
-                    .map(|(tp, o)| (tp.clone(), *o))
+                    .map(|tp| (tp.clone(), self.durable[i].get(tp).copied().unwrap_or(0)))
                     .collect();
                 (self.sinks[i].name(), held)
             })
@@ -436,23 +437,24 @@ impl<C: Committer> Pipeline<C> {
     async fn flush(&mut self, force: bool) {
         let (readiness, shutdown) = (&self.readiness, &self.shutdown);
         let failing = &self.failing;
-        let acks = futures::future::join_all(self.sinks.iter_mut().enumerate().map(|(i, s)| async move {
-            if failing[i] {
-                return None;
-            }
-            let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
-            loop {
-                match s.flush(force).await {
-                    Ok(ack) => return Some(ack),
-                    Err(e) => {
-                        if !on_error(s.name(), &e, &mut backoff, readiness, shutdown).await {
-                            return None;
+        let acks =
+            futures::future::join_all(self.sinks.iter_mut().enumerate().map(|(i, s)| async move {
+                if failing[i] {
+                    return None;
+                }
+                let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
+                loop {
+                    match s.flush(force).await {
+                        Ok(ack) => return Some(ack),
+                        Err(e) => {
+                            if !on_error(s.name(), &e, &mut backoff, readiness, shutdown).await {
+                                return None;
+                            }
                         }
                     }
                 }
-            }
-        }))
-        .await;
+            }))
+            .await;
         self.absorb(acks);
     }
 

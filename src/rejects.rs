@@ -163,7 +163,10 @@ pub async fn reprocess(
     let rejects = load(&client, filter, i64::MAX).await?;
     let mut report = ReprocessReport::default();
     let mut decoder = Decoder::new();
-    let mut raw = RawSink::new(config.postgres.clone(), config.kafka.checkpoint_name().to_string());
+    let mut raw = RawSink::new(
+        config.postgres.clone(),
+        config.kafka.checkpoint_name().to_string(),
+    );
     let consumer = config.kafka.checkpoint_name().to_string();
     let mut targets: Vec<StateSink> = config
         .all_targets()
@@ -182,7 +185,10 @@ pub async fn reprocess(
             // where they are, bytes and reason intact.
             *report
                 .still_rejected
-                .entry(format!("stage {}: not reprocessed here (kept with its exact bytes)", r.stage))
+                .entry(format!(
+                    "stage {}: not reprocessed here (kept with its exact bytes)",
+                    r.stage
+                ))
                 .or_default() += 1;
             continue;
         }

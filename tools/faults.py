@@ -12,8 +12,16 @@ Faults, in order: kill -9 of the pod at random moments (--kills); pg_terminate_b
 pod's connections; a restart of the sink PostgreSQL; a broker outage; the S3 API server
 unresponsive (SIGSTOP) for --s3-outage seconds while readiness and the raw sink are watched;
 a second pod joining the group then one pod killed; a poison storm of 1000 malformed records in
-a row; SIGTERM under load (must exit within 10 s); with --backlog, a fresh pod on a backlog of N
-events (peak RSS, group stability).
+a row; a data-fault storm (every record class that used to wedge a sink: names that collide with
+internal ones, a widened key, 1,700 columns, an unindexable key, NUL in values and table names,
+timestamps outside PostgreSQL's range, a 64-byte column name, path-unsafe table names),
+interleaved with good records on every partition, then SIGTERM and kill -9 while the raw sink
+is failing on one record; SIGTERM under load (must exit within 10 s); with --backlog, a fresh
+pod on a backlog of N events (peak RSS, group stability).
+
+After a kill -9 the replacement pod joins a fresh consumer group under the same checkpoint name
+(kafka.checkpoint_name): it resumes from the sinks' checkpoints and never waits for the dead
+member to leave the broker's group.
 
 Writes results/faults-<time>/report.{json,md}; exits 1 when any check fails.
 """
@@ -146,6 +154,59 @@ class Stream:
         self.gate.set()
 
 
+def df_envelope(table, after, lsn, ts_ms=1795000000000):
+    schema, name = table.split(".", 1) if "." in table and not table.startswith(".") else ("public", table)
+    value = {"before": None, "after": after,
+             "source": {"version": "3.6.3.Final", "connector": "postgresql", "name": "faults", "ts_ms": ts_ms,
+                        "snapshot": "false", "db": "ecomdb", "schema": schema, "table": name, "txId": 1,
+                        "lsn": lsn, "sequence": json.dumps([str(lsn), str(lsn)])},
+             "transaction": None, "op": "c", "ts_ms": ts_ms}
+    return json.dumps(value)
+
+
+def incompressible(rng, n):
+    return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(n))
+
+
+def data_fault_records(rounds, rng):
+    """The data-fault storm: per round, one record of every class, each with its own key, as
+    (partition, key, value, kafka timestamp or None, table, state outcome). The state outcome
+    is "stored" (in cdc_processed.<table>) or "rejected"; `raw_rejected` marks the records the
+    raw log must reject with their exact bytes. Records of one table that depend on order (the
+    widened key) share partition 0."""
+    out = []
+    lsn = 90_000_000
+    wide = {f"c{i}": i for i in range(1700)}
+
+    def add(partition, key, table, after, state, raw_rejected=False, ts=None, src_ts=1795000000000):
+        nonlocal lsn
+        lsn += 10
+        out.append({"partition": partition, "key": json.dumps(key), "value": df_envelope(table, after, lsn, src_ts),
+                    "timestamp": ts, "table": table, "state": state, "raw_rejected": raw_rejected})
+
+    add(0, {"id": 0}, "df_widen", {"id": 0, "t": "a"}, "stored")
+    for r in range(rounds):
+        k = r + 1
+        p = r % PARTITIONS
+        q = (r + 1) % PARTITIONS
+        add(p, {"id": k}, "df_good", {"id": k, "v": "a"}, "stored")
+        add(q, {"id": k}, "df_wcol", {"id": k, "w_lsn": 5, "w_commit_lsn": 6, "_cdc_op": "x"}, "stored")
+        add(p, {"cdc_operation": f"k{k}"}, "df_metakey", {"id": k}, "rejected")
+        add(0, {"id": k, "t": "b"}, "df_widen", {"id": k, "t": "b"}, "rejected")
+        add(q, {"id": k}, "df_wide", {"id": k, **wide}, "rejected")
+        big = incompressible(rng, 3000)
+        add(p, {"k": big}, "df_bigkey", {"k": big}, "rejected")
+        add(q, {"id": k}, "df_nul", {"id": k, "v": "a\x00b"}, "rejected", raw_rejected=True)
+        add(p, {"id": k}, "df_nul\x00t", {"id": k}, "rejected", raw_rejected=True)
+        add(q, {"id": k}, "df_oldsrc", {"id": k}, "stored", src_ts=-250_000_000_000_000)
+        add(p, {"id": k}, "df_oldkafka", {"id": k}, "stored", raw_rejected=True, ts=-250_000_000_000_000)
+        add(q, {"id": k}, "df_longcol", {"id": k, "x" * 64: 1}, "rejected")
+        add(q, {"id": 1000 + k}, "df_longcol", {"id": 1000 + k, "v": 1}, "stored")
+        for unsafe in ("..", "a/b", "x=y"):
+            add(p, {"id": k}, unsafe, {"id": k}, "stored")
+    return out
+
+
 class Pod:
     """The cdc-lake binary as a child process."""
 
@@ -182,6 +243,16 @@ class Pod:
             self.proc.wait()
             return 999.0
         return time.time() - t0
+
+    def exit_code(self):
+        return self.proc.returncode
+
+    def sink_errors(self):
+        return metric_sum(metrics(self.port), "cdc_lake_sink_errors_total")
+
+    def fresh_group(self):
+        """A new consumer group under the same checkpoint name (after a kill -9)."""
+        self.env["CDC_LAKE__KAFKA__GROUP_ID"] = f"faults-{uuid.uuid4().hex[:8]}"
 
     def written(self):
         return metric_sum(metrics(self.port), "cdc_lake_records_written_total")
@@ -302,8 +373,9 @@ def read_topic(broker, topic, expected):
     return out
 
 
-def check(args, dsn, topic, prefix, delivered, watch):
-    """Compares every sink with the broker's records. Returns (checks, figures)."""
+def check(args, dsn, topic, prefix, delivered, watch, storm):
+    """Compares every sink with the broker's records. Returns (checks, figures). `storm` maps
+    the data-fault storm's (partition, offset) to what each sink must have done with it."""
     records = read_topic(args.broker, topic, delivered)
     ends = {}
     for p, o in records:
@@ -312,8 +384,9 @@ def check(args, dsn, topic, prefix, delivered, watch):
     raw = query(dsn, "SELECT kafka_partition, kafka_offset, count(*) OVER (PARTITION BY kafka_partition, kafka_offset) FROM cdc_raw.cdc_events WHERE kafka_topic = %s", (topic,))
     raw_set = {(p, o) for p, o, _ in raw}
     raw_dups = sum(1 for *_, n in raw if n > 1)
-    rejects = query(dsn, "SELECT kafka_partition, kafka_offset, reason FROM cdc_raw.cdc_rejects WHERE kafka_topic = %s AND stage = 'decode'", (topic,))
+    rejects = query(dsn, "SELECT kafka_partition, kafka_offset, reason FROM cdc_raw.cdc_rejects WHERE kafka_topic = %s AND stage IN ('decode', 'raw')", (topic,))
     reject_set = {(p, o) for p, o, _ in rejects}
+    raw_stage = {(p, o) for p, o in query(dsn, "SELECT kafka_partition, kafka_offset FROM cdc_raw.cdc_rejects WHERE kafka_topic = %s AND stage = 'raw'", (topic,))}
     poison = {k for k, (key, _) in records.items() if key == b"poison"}
     stored = raw_set | reject_set
     lost = sorted(expected - stored)
@@ -345,7 +418,7 @@ def check(args, dsn, topic, prefix, delivered, watch):
     model = {}
     for (p, o) in sorted(records):
         key, value = records[(p, o)]
-        if key == b"poison" or value is None:
+        if key == b"poison" or value is None or (p, o) in storm:
             continue
         v = json.loads(value)
         oid = json.loads(key)["id"]
@@ -358,13 +431,29 @@ def check(args, dsn, topic, prefix, delivered, watch):
     mirror_extra = [k for k in mirror if k not in model]
     mirror_wrong = [k for k in model if k in mirror and mirror[k] != model[k]]
 
+    # The data-fault storm, per sink, against what each record must have become.
+    state_rejects = {(p, o): r for p, o, r in query(dsn, "SELECT kafka_partition, kafka_offset, reason FROM cdc_raw.cdc_rejects WHERE kafka_topic = %s AND stage = 'state'", (topic,))}
+    in_mirrors = set()
+    for table in sorted({r["table"] for r in storm.values() if r["state"] == "stored"}):
+        quoted = '"' + table.replace('"', '""') + '"'
+        in_mirrors |= {(p, o) for p, o in query(dsn, f"SELECT cdc_kafka_partition, cdc_kafka_offset FROM cdc_processed.{quoted}")}
+    storm_raw_wrong = [list(c) for c, r in storm.items() if (c in raw_stage) != r["raw_rejected"] or (c in raw_set) == r["raw_rejected"]]
+    storm_state_wrong = [list(c) for c, r in storm.items()
+                         if (r["state"] == "stored" and c not in in_mirrors) or (r["state"] == "rejected" and not state_rejects.get(c))]
+    storm_lake_missing = [list(c) for c in storm if c not in lake_set]
+
     checks = {
         "raw_and_rejects_cover_every_record": not lost,
         "nothing_stored_that_the_broker_does_not_have": not extra,
         "raw_no_duplicates": raw_dups == 0,
         "raw_and_rejects_disjoint": not (raw_set & reject_set),
         "poison_all_rejected_with_reason": poison <= reject_set and all(r for *_, r in rejects),
-        "lake_equals_raw": lake_set == raw_set,
+        # Changes the raw log rejects at its own stage (a NUL, a timestamp PostgreSQL cannot
+        # hold) are still changes: the lake stores them.
+        "lake_equals_raw_plus_raw_stage_rejects": lake_set == raw_set | raw_stage,
+        "data_faults_raw_stored_or_rejected_with_bytes": not storm_raw_wrong,
+        "data_faults_state_stored_or_rejected_with_reason": not storm_state_wrong,
+        "data_faults_all_in_lake": not storm_lake_missing,
         "lake_no_duplicates": lake["duplicates"] == 0,
         "lake_nothing_outside_manifest": not lake["unlisted"] and not lake["missing"],
         "lake_no_zero_byte_objects": lake["zero_byte"] == 0,
@@ -380,6 +469,9 @@ def check(args, dsn, topic, prefix, delivered, watch):
         "mirror_extra": len(mirror_extra), "mirror_wrong": len(mirror_wrong), "manifest_gaps": gaps[:10],
         "checkpoint_samples": watch.samples, "checkpoint_violations": watch.violations[:10],
         "lost_sample": lost[:10], "extra_sample": extra[:10],
+        "data_fault_records": len(storm), "raw_stage_rejects": len(raw_stage), "state_rejects": len(state_rejects),
+        "data_fault_raw_wrong": storm_raw_wrong[:10], "data_fault_state_wrong": storm_state_wrong[:10],
+        "data_fault_lake_missing": storm_lake_missing[:10],
     }
     return checks, figures
 
@@ -396,11 +488,13 @@ def main():
     ap.add_argument("--kills", type=int, default=30)
     ap.add_argument("--s3-outage", type=int, default=30, help="seconds the S3 API server is unresponsive")
     ap.add_argument("--backlog", type=int, default=1_000_000, help="events for the backlog run (0 skips)")
+    ap.add_argument("--data-fault-rounds", type=int, default=40, help="rounds of the data-fault storm (one record of each class per round)")
     ap.add_argument("--short", action="store_true", help="CI version: at least 30k events at 400/s, 5 kills, 10 s S3 outage, no backlog")
     ap.add_argument("--out", default=os.path.join(REPO, "results"))
     args = ap.parse_args()
     if args.short:
         args.events, args.rate, args.kills, args.s3_outage, args.backlog = 30_000, 400, 5, 10, 0
+        args.data_fault_rounds = 10
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     args.out_dir = os.path.join(args.out, f"faults-{stamp}{'-short' if args.short else ''}")
     os.makedirs(args.out_dir, exist_ok=True)
@@ -417,6 +511,7 @@ def main():
     secret.close()
     env = {**os.environ,
            "CDC_LAKE__KAFKA__BROKERS": args.broker, "CDC_LAKE__KAFKA__GROUP_ID": group,
+           "CDC_LAKE__KAFKA__CHECKPOINT_NAME": group,
            "CDC_LAKE__KAFKA__TOPICS": f"['{topic}']", "CDC_LAKE__POSTGRES__URL": dsn,
            "CDC_LAKE__LAKE__PREFIX": prefix, "CDC_LAKE__LAKE__ROLL_AGE": "2s",
            "CDC_LAKE__LAKE__S3__BUCKET": "cdc-lake", "CDC_LAKE__LAKE__S3__ENDPOINT": args.s3,
@@ -428,18 +523,22 @@ def main():
     failures = []
     join_retries = []
 
-    def restart(p):
-        """Starts a pod again once the group is empty. tansu sometimes never completes the join
-        of the new member (a broker quirk, see ENVIRONMENT.md): without progress in 30 s the pod
-        is restarted, and each such retry is reported."""
+    def restart(p, killed=True):
+        """Starts a pod again: after a kill -9 in a fresh consumer group (same checkpoint name),
+        so nothing waits for the dead member to leave; after SIGTERM, which leaves the group, in
+        the same one. Should the broker still never complete a join (a tansu quirk, see
+        ENVIRONMENT.md), the pod is restarted in another fresh group after 30 s without
+        progress, and each such retry is reported."""
         for _ in range(5):
-            wait_group_empty(admin, group)
+            if killed:
+                p.fresh_group()
             p.start()
             if p.wait_progress(timeout=30):
                 return
             join_retries.append(round(time.time() - t0, 1))
             log("no progress 30 s after the restart (tansu join stall); restarting the pod")
             p.kill9()
+            killed = True
         failures.append("the pod never resumed after a restart")
 
     def fault(kind, **kw):
@@ -511,8 +610,8 @@ def main():
           raw_advanced_during=int(raw_during - raw_before))
 
     pod.wait_progress()
-    # 5. A second pod joins mid-stream, then the first is killed.
-    pod_b = Pod(args, env, "b")
+    # 5. A second pod joins mid-stream (the first pod's group), then the first is killed.
+    pod_b = Pod(args, pod.env, "b")
     time.sleep(12)
     fault("second pod joined")
     pod.kill9()
@@ -526,7 +625,76 @@ def main():
     fault("poison storm", records=1000, partition=1)
 
     pod.wait_progress()
-    # 7. SIGTERM under load. (After the rebalance settles: tansu never completes a later join
+    # 7. The data-fault storm, interleaved with the order stream on every partition; readiness
+    # is sampled throughout: one record must never hold a sink beyond the retry bound.
+    pod.wait_owns_all()
+    storm_records = data_fault_records(args.data_fault_rounds, random.Random(7))
+    storm = {}
+
+    def on_storm(err, msg, rec):
+        if err is None:
+            storm[(msg.partition(), msg.offset())] = rec
+            stream.delivered += 1
+
+    sp = Producer({"bootstrap.servers": args.broker, "linger.ms": 5, "message.max.bytes": 10_000_000})
+    not_ready_since, longest_not_ready = None, 0.0
+    for rec in storm_records:
+        kw = {"timestamp": rec["timestamp"]} if rec["timestamp"] is not None else {}
+        sp.produce(topic, key=rec["key"].encode(), value=rec["value"].encode(), partition=rec["partition"],
+                   on_delivery=lambda err, msg, rec=rec: on_storm(err, msg, rec), **kw)
+        sp.poll(0)
+    sp.flush(60)
+    t_storm = time.time()
+    while time.time() - t_storm < 20:
+        now = time.time()
+        if pod.ready():
+            not_ready_since = None
+        else:
+            not_ready_since = not_ready_since or now
+            longest_not_ready = max(longest_not_ready, now - not_ready_since)
+        time.sleep(0.2)
+    fault("data-fault storm", records=len(storm), rounds=args.data_fault_rounds,
+          longest_not_ready_s=round(longest_not_ready, 1))
+
+    # 8. A sink failing on one record (a trigger raising a serialization failure for one table's
+    # raw row, retried forever): SIGTERM while it fails must keep its checkpoint and exit
+    # non-zero; a kill -9 while it fails must lose nothing either.
+    admin_sql_db = psycopg2.connect(dsn)
+    admin_sql_db.autocommit = True
+    admin_sql_db.cursor().execute(
+        "CREATE FUNCTION faults_wedge() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "RAISE EXCEPTION 'wedged by the fault suite' USING ERRCODE = '40001'; END $$; "
+        "CREATE TRIGGER faults_wedge BEFORE INSERT ON cdc_raw.cdc_events FOR EACH ROW "
+        "WHEN (NEW.source_table = 'public.df_wedge') EXECUTE FUNCTION faults_wedge()")
+    wedge = {"partition": 2, "key": json.dumps({"id": 1}), "value": df_envelope("df_wedge", {"id": 1}, 99_000_000),
+             "timestamp": None, "table": "df_wedge", "state": "stored", "raw_rejected": False}
+
+    def wait_failing(p, timeout=60):
+        base, deadline = p.sink_errors(), time.time() + timeout
+        while time.time() < deadline:
+            if p.sink_errors() > base + 1:
+                return True
+            time.sleep(0.2)
+        return False
+
+    base_errors = pod.sink_errors()
+    sp.produce(topic, key=wedge["key"].encode(), value=wedge["value"].encode(), partition=wedge["partition"],
+               on_delivery=lambda err, msg: on_storm(err, msg, wedge))
+    sp.flush(60)
+    failing = wait_failing(pod) or pod.sink_errors() > base_errors
+    took = pod.sigterm()
+    fault("SIGTERM while the raw sink fails", failing_seen=failing, exit_code=pod.exit_code(),
+          exit_seconds=round(took, 2))
+    wedge_sigterm = {"failing": failing, "exit_code": pod.exit_code(), "seconds": took}
+    pod.start()  # SIGTERM left the group: the same one
+    failing_again = wait_failing(pod)
+    pod.kill9()
+    fault("kill -9 while the raw sink fails", failing_seen=failing_again)
+    admin_sql_db.cursor().execute("DROP TRIGGER faults_wedge ON cdc_raw.cdc_events")
+    admin_sql_db.close()
+    restart(pod)
+
+    # 9. SIGTERM under load. (After the rebalance settles: tansu never completes a later join
     # when a member leaves in the middle of a rebalance.)
     pod.wait_owns_all()
     time.sleep(4)
@@ -552,7 +720,11 @@ def main():
     watch.stop.set()
     watch.join()
 
-    checks, figures = check(args, dsn, topic, prefix, stream.delivered, watch)
+    checks, figures = check(args, dsn, topic, prefix, stream.delivered, watch, storm)
+    storm_fault = next(f for f in faults if f["kind"] == "data-fault storm")
+    checks["data_faults_never_held_readiness_beyond_the_retry_bound"] = storm_fault["longest_not_ready_s"] < 10
+    checks["sigterm_while_failing_exits_nonzero_in_time"] = (
+        wedge_sigterm["failing"] and wedge_sigterm["exit_code"] not in (0, None) and wedge_sigterm["seconds"] <= 10)
     sigterm_ok = all(f["exit_seconds"] <= 10 for f in faults if f["kind"] == "SIGTERM under load") and took_final <= 10
     s3 = next(f for f in faults if f["kind"].startswith("S3 outage"))
     checks["sigterm_exit_within_10s"] = sigterm_ok

@@ -125,43 +125,6 @@ pub async fn lock(
     Ok(to_offsets(&rows))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn ranges(start: i64, last: i64) -> BTreeMap<TopicPartition, (i64, i64)> {
-        BTreeMap::from([(TopicPartition::new("t", 0), (start, last))])
-    }
-
-    fn stored(next: i64) -> Offsets {
-        Offsets::from([(TopicPartition::new("t", 0), next)])
-    }
-
-    #[test]
-    fn a_batch_that_continues_from_the_checkpoint_advances_it() {
-        let tp = TopicPartition::new("t", 0);
-        // Exactly at the checkpoint, and overlapping it (redelivery after a crash).
-        assert_eq!(after_batch("raw", &ranges(5, 9), &stored(5)).unwrap()[&tp], 10);
-        assert_eq!(after_batch("raw", &ranges(0, 9), &stored(5)).unwrap()[&tp], 10);
-        // Entirely below it: already stored, the checkpoint stays.
-        assert_eq!(after_batch("raw", &ranges(0, 3), &stored(5)).unwrap()[&tp], 5);
-        // Nothing stored yet, from the beginning.
-        assert_eq!(after_batch("raw", &ranges(0, 2), &Offsets::new()).unwrap()[&tp], 3);
-    }
-
-    #[test]
-    fn a_batch_past_the_checkpoint_is_a_typed_error() {
-        let err = after_batch("state", &ranges(15, 20), &stored(5)).unwrap_err();
-        assert!(
-            matches!(err, SinkError::CheckpointGap { stored: 5, batch_start: 15, .. }),
-            "{err}"
-        );
-        assert_eq!(err.to_string(), "state: t[0] has a gap: the stored checkpoint is 5 but the batch continues from 15; not advancing past records this sink never stored");
-        let err = after_batch("raw", &ranges(3, 3), &Offsets::new()).unwrap_err();
-        assert!(matches!(err, SinkError::CheckpointGap { stored: 0, .. }));
-    }
-}
-
 /// Moves checkpoints forward (never backwards) inside the transaction.
 pub async fn advance(
     tx: &Transaction<'_>,
@@ -184,4 +147,60 @@ pub async fn advance(
     .await
     .map_err(pg_err(sink, "advancing checkpoints"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ranges(start: i64, last: i64) -> BTreeMap<TopicPartition, (i64, i64)> {
+        BTreeMap::from([(TopicPartition::new("t", 0), (start, last))])
+    }
+
+    fn stored(next: i64) -> Offsets {
+        Offsets::from([(TopicPartition::new("t", 0), next)])
+    }
+
+    #[test]
+    fn a_batch_that_continues_from_the_checkpoint_advances_it() {
+        let tp = TopicPartition::new("t", 0);
+        // Exactly at the checkpoint, and overlapping it (redelivery after a crash).
+        assert_eq!(
+            after_batch("raw", &ranges(5, 9), &stored(5)).unwrap()[&tp],
+            10
+        );
+        assert_eq!(
+            after_batch("raw", &ranges(0, 9), &stored(5)).unwrap()[&tp],
+            10
+        );
+        // Entirely below it: already stored, the checkpoint stays.
+        assert_eq!(
+            after_batch("raw", &ranges(0, 3), &stored(5)).unwrap()[&tp],
+            5
+        );
+        // Nothing stored yet, from the beginning.
+        assert_eq!(
+            after_batch("raw", &ranges(0, 2), &Offsets::new()).unwrap()[&tp],
+            3
+        );
+    }
+
+    #[test]
+    fn a_batch_past_the_checkpoint_is_a_typed_error() {
+        let err = after_batch("state", &ranges(15, 20), &stored(5)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                SinkError::CheckpointGap {
+                    stored: 5,
+                    batch_start: 15,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(err.to_string(), "state: t[0] has a gap: the stored checkpoint is 5 but the batch continues from 15; not advancing past records this sink never stored");
+        let err = after_batch("raw", &ranges(3, 3), &Offsets::new()).unwrap_err();
+        assert!(matches!(err, SinkError::CheckpointGap { stored: 0, .. }));
+    }
 }

@@ -84,7 +84,10 @@ mod tests {
         assert_eq!(lake_path_segment("a%2Fb"), "a%252Fb", "% itself is encoded");
         assert_eq!(lake_path_segment("café"), "caf%C3%A9");
         for name in [".", "..", "a/b", "a=b", "a\0b", "x y", "é", "a%2Fb"] {
-            assert!(is_safe_path_segment(&lake_path_segment(name).replace('%', "=")), "{name}");
+            assert!(
+                is_safe_path_segment(&lake_path_segment(name).replace('%', "=")),
+                "{name}"
+            );
         }
         let long_a = "é".repeat(300);
         let long_b = format!("{}x", "é".repeat(299));

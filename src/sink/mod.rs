@@ -181,9 +181,10 @@ fn data_exception_name(code: &str) -> &'static str {
         "22P02" => "invalid text representation for the column type",
         "22P05" => "untranslatable character (\\u0000 cannot be stored in jsonb or text)",
         "2200N" => "invalid XML content",
-        "22030" | "22031" | "22032" | "22033" | "22034" | "22035" | "22036" | "22037"
-        | "22038" | "22039" | "2203A" | "2203B" | "2203C" | "2203D" | "2203E" | "2203F"
-        | "2203G" => "invalid JSON value",
+        "22030" | "22031" | "22032" | "22033" | "22034" | "22035" | "22036" | "22037" | "22038"
+        | "22039" | "2203A" | "2203B" | "2203C" | "2203D" | "2203E" | "2203F" | "2203G" => {
+            "invalid JSON value"
+        }
         _ => "data exception",
     }
 }
@@ -256,7 +257,11 @@ impl Bisect {
     /// Starts with the whole set `0..n`.
     pub fn new(n: usize) -> Self {
         Self {
-            todo: if n == 0 { Vec::new() } else { vec![0..n] },
+            todo: if n == 0 {
+                Vec::new()
+            } else {
+                std::iter::once(0..n).collect()
+            },
         }
     }
 

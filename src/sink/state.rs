@@ -340,7 +340,10 @@ impl StateSink {
                 let next = checkpoint::after_batch(self.name, &ranges, &stored)?;
                 (stored, next)
             } else {
-                let next = ranges.iter().map(|(tp, (_, last))| (tp.clone(), last + 1)).collect();
+                let next = ranges
+                    .iter()
+                    .map(|(tp, (_, last))| (tp.clone(), last + 1))
+                    .collect();
                 (Offsets::new(), next)
             };
             let mut stats = WriteStats::default();
@@ -607,13 +610,13 @@ impl StateSink {
         for c in columns {
             if let Err(reason) = quote_ident(c) {
                 return Some(format!(
-                    "cannot apply to {}.{name}: source column {reason}",
+                    "cannot apply to {}.{name} (source {table}): source column {reason}",
                     self.schema
                 ));
             }
             if is_metadata_column(c) {
                 return Some(format!(
-                    "cannot apply to {}.{name}: source column {c} has the name of a cdc-lake metadata column; the raw log and the lake keep the change",
+                    "cannot apply to {}.{name} (source {table}): source column {c} has the name of a cdc-lake metadata column; the raw log and the lake keep the change",
                     self.schema
                 ));
             }
@@ -637,15 +640,18 @@ impl StateSink {
             SinkError::Postgres { source, .. }
                 if source.code().is_some_and(|c| c.code().starts_with("22")) =>
             {
-                self.bad_column(tx, table, e)
-                    .await
-                    .map(|c| format!(" column {c}"))
-                    .unwrap_or_default()
+                match self.bad_column(tx, table, e).await {
+                    Some(c) => match self.column_type(tx, table, &c).await {
+                        Some(ty) => format!(" column {c} ({ty})"),
+                        None => format!(" column {c}"),
+                    },
+                    None => String::new(),
+                }
             }
             _ => String::new(),
         };
         format!(
-            "cannot apply to {}.{}{column}: {detail}",
+            "cannot apply to {}.{}{column} (source {table}): {detail}",
             self.schema,
             table_name(&self.mapped_tables, table)
         )
@@ -723,6 +729,26 @@ impl StateSink {
         None
     }
 
+    /// The SQL type of a mirror column, for reject reasons (PostgreSQL's own message would
+    /// quote the value).
+    async fn column_type(
+        &self,
+        tx: &Transaction<'_>,
+        table: &TableId,
+        column: &str,
+    ) -> Option<String> {
+        let mirror = self.mirrors.get(table)?;
+        tx.query_opt(
+            "SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
+              WHERE a.attrelid = to_regclass($1) AND a.attname = $2 AND NOT a.attisdropped",
+            &[&mirror.qualified, &column],
+        )
+        .await
+        .ok()
+        .flatten()
+        .map(|r| r.get(0))
+    }
+
     /// Creates the mirror or adds columns that appeared in these changes.
     async fn ensure_mirror(
         &mut self,
@@ -777,7 +803,10 @@ impl StateSink {
                     &[&qualified],
                 )
                 .await
-                .map_err(pg_err(self.name, format!("reading the primary key of {qualified}")))?
+                .map_err(pg_err(
+                    self.name,
+                    format!("reading the primary key of {qualified}"),
+                ))?
                 .iter()
                 .map(|r| r.get(0))
                 .collect();
@@ -1174,7 +1203,11 @@ fn merge_sql(m: &Mirror, schema: &str, table: &str) -> String {
     );
     let set_clause = set_present_columns(m);
     let cols: Vec<String> = m.columns.iter().map(|c| q(c)).collect();
-    let vals: Vec<String> = m.columns.iter().map(|c| format!("{ROW}.{}", q(c))).collect();
+    let vals: Vec<String> = m
+        .columns
+        .iter()
+        .map(|c| format!("{ROW}.{}", q(c)))
+        .collect();
     let insert = format!(
         "INSERT ({}, cdc_operation, cdc_commit_lsn, cdc_lsn, cdc_source_ts, cdc_kafka_partition, cdc_kafka_offset, cdc_deleted, cdc_synced_at) \
          VALUES ({}, {STAGED}._cdc_op, {STAGED}._cdc_commit_lsn, {STAGED}._cdc_lsn, {STAGED}._cdc_source_ts, {STAGED}._cdc_partition, {STAGED}._cdc_offset, {STAGED}._cdc_op = 'd', clock_timestamp())",
@@ -1246,12 +1279,20 @@ fn mapped_merge_sql(m: &Mirror, schema: &str, table: &str, filter: Option<&str>)
     // one batch (the delete carries the earlier image's columns, see carry_unchanged_toast).
     let is_delete = format!("{STAGED}._cdc_op = 'd'");
     let (insert_when, deleted_col, deleted_val) = if m.delete_mode == DeleteMode::Soft {
-        (String::new(), format!(", {DELETED_COLUMN}"), format!(", {is_delete}"))
+        (
+            String::new(),
+            format!(", {DELETED_COLUMN}"),
+            format!(", {is_delete}"),
+        )
     } else {
         (format!("AND NOT {is_delete}"), String::new(), String::new())
     };
     let cols: Vec<String> = m.columns.iter().map(|c| q(c)).collect();
-    let vals: Vec<String> = m.columns.iter().map(|c| format!("{ROW}.{}", q(c))).collect();
+    let vals: Vec<String> = m
+        .columns
+        .iter()
+        .map(|c| format!("{ROW}.{}", q(c)))
+        .collect();
     let extra = format!(
         ",
                        ARRAY[st._cdc_commit_lsn, st._cdc_lsn, st._cdc_offset] AS __cdc_pos,

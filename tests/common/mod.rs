@@ -346,6 +346,15 @@ impl Pod {
             .unwrap();
     }
 
+    /// SIGTERM-like, returning how the pod ended (an error when a sink could not finish).
+    pub async fn stop_result(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(20), self.handle)
+            .await
+            .expect("pod stops within 20s")
+            .unwrap()
+    }
+
     /// Crash-like: the task is dropped wherever it is (mid-COPY, mid-upload), then the
     /// consumer thread is told to go.
     pub async fn kill(self) {
