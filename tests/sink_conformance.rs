@@ -148,6 +148,34 @@ async fn conformance<S: Sink>(mut make: impl FnMut() -> S) {
         "{}: checkpoint after the overlap",
         restarted.name()
     );
+    refuses_a_gap(make, &topic, &p0, 15).await;
+}
+
+/// A batch that does not continue from the stored checkpoint (records 15..20 were never given
+/// to this sink) is refused with a typed error, stores nothing, and the checkpoint stays.
+async fn refuses_a_gap<S: Sink>(
+    mut make: impl FnMut() -> S,
+    topic: &str,
+    tp: &TopicPartition,
+    stored: i64,
+) {
+    let mut sink = make();
+    sink.checkpoints(std::slice::from_ref(tp)).await.unwrap();
+    let gap = batch(topic, tp.partition, stored + 5..stored + 10);
+    let err = sink.write(&gap).await.expect_err("a gap is refused");
+    assert!(
+        matches!(err, cdc_lake::sink::SinkError::CheckpointGap { stored: s, batch_start, .. } if s == stored && batch_start == stored + 5),
+        "{}: {err}",
+        sink.name()
+    );
+    sink.flush(true).await.unwrap();
+    let cps = make().checkpoints(std::slice::from_ref(tp)).await.unwrap();
+    assert_eq!(
+        cps.get(tp),
+        Some(&stored),
+        "{}: the checkpoint stays",
+        sink.name()
+    );
 }
 
 async fn pg_config() -> cdc_lake::config::PostgresConfig {

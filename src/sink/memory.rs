@@ -35,6 +35,7 @@ impl Sink for MemorySink {
 
     async fn write(&mut self, batch: &Batch) -> Result<Ack, SinkError> {
         let mut st = self.state.lock().expect("not poisoned");
+        let next = super::checkpoint::after_batch(self.name(), &batch.ranges(), &st.checkpoints)?;
         let mut stats = WriteStats::default();
         for r in &batch.records {
             let c = r.coords();
@@ -52,13 +53,11 @@ impl Sink for MemorySink {
                 Decoded::Skip(_, reason) => *stats.ignored.entry(reason.as_str()).or_default() += 1,
             }
         }
-        let mut durable = Offsets::new();
-        for (tp, (_, last)) in batch.ranges() {
-            let next = st.checkpoints.entry(tp.clone()).or_insert(0);
-            *next = (*next).max(last + 1);
-            durable.insert(tp, *next);
-        }
-        Ok(Ack { durable, stats })
+        st.checkpoints.extend(next.clone());
+        Ok(Ack {
+            durable: next.into_iter().collect(),
+            stats,
+        })
     }
 
     async fn flush(&mut self, _force: bool) -> Result<Ack, SinkError> {
