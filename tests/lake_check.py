@@ -4,7 +4,8 @@ Lists every object under the lake (as an analyst's glob would see it), reads eac
 with pyarrow, and checks it against the manifest. Prints one JSON object:
   files, rows, coords ([topic, partition, offset] per row), duplicates, unlisted (objects the
   manifest does not list), missing (listed but absent), zero_byte, manifest_rows, pending,
-  status_counts (after.status where present), sample (the newest after image per table).
+  status_counts (after.status where present), sample (the newest after image per table),
+  types (per table, the Arrow type of each `after` field).
 
 Usage: lake_check.py --dir PATH | --s3 ENDPOINT BUCKET PREFIX
 """
@@ -45,6 +46,7 @@ def main():
     coords, seen, dups = [], collections.Counter(), 0
     status = collections.Counter()
     sample = {}
+    types = {}  # table -> after field -> Arrow type, from the first file that has the field
     rows = 0
     for path in sorted(data):
         t = pq.read_table(path, filesystem=fs)
@@ -55,8 +57,15 @@ def main():
             coords.append(list(c))
         if "after" in t.column_names:
             table = path.split("table=")[1].split("/")[0]
+            for field in t.schema.field("after").type:
+                types.setdefault(table, {}).setdefault(field.name, str(field.type))
             offsets = t.column("kafka_offset").to_pylist()
-            for off, a in zip(offsets, t.column("after").to_pylist()):
+            try:
+                afters = t.column("after").to_pylist()
+            except OverflowError:
+                # Python's datetime cannot hold ±infinity dates (the type zoo has them).
+                afters = [None] * len(offsets)
+            for off, a in zip(offsets, afters):
                 if a and "status" in a and a["status"] is not None:
                     status[a["status"]] += 1
                 # The newest after image per table (by offset; one partition per sample table).
@@ -75,6 +84,7 @@ def main():
         "pending": pending,
         "status_counts": dict(status),
         "sample": {t: a for t, (_, a) in sample.items()},
+        "types": types,
     }))
 
 

@@ -272,12 +272,39 @@ fn connect_type(field: &Value) -> ColumnType {
             "int8" | "int16" => ColumnType::Int16,
             "int32" => ColumnType::Int32,
             "int64" => ColumnType::Int64,
-            "float32" => ColumnType::Float32,
-            "float64" => ColumnType::Float64,
+            // JsonConverter writes "float" and "double" (its JsonSchema names); Connect's own
+            // Schema.Type names are "float32" and "float64". Both mean the same types.
+            "float" | "float32" => ColumnType::Float32,
+            "double" | "float64" => ColumnType::Float64,
             "bytes" => ColumnType::Bytes,
+            "string" => ColumnType::Text,
             "array" | "map" | "struct" => ColumnType::Json,
-            _ => ColumnType::Text,
+            other => {
+                warn_unknown_type(other, field.get("field").and_then(Value::as_str));
+                ColumnType::Text
+            }
         },
+    }
+}
+
+/// An unknown Connect type name is kept as exact text, and said once per type and column (a
+/// name, never a value).
+fn warn_unknown_type(ty: &str, column: Option<&str>) {
+    static SEEN: std::sync::Mutex<Option<std::collections::HashSet<(String, String)>>> =
+        std::sync::Mutex::new(None);
+    let column = column.unwrap_or("");
+    let mut seen = SEEN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if seen
+        .get_or_insert_with(Default::default)
+        .insert((ty.to_string(), column.to_string()))
+    {
+        tracing::warn!(
+            connect_type = ty,
+            column,
+            "unknown Kafka Connect type name; the column is stored as text"
+        );
     }
 }
 
@@ -358,6 +385,12 @@ mod tests {
                 },
             ),
             (json!({"type":"bytes","field":"a"}), ColumnType::Bytes),
+            (json!({"type":"float","field":"a"}), ColumnType::Float32),
+            (json!({"type":"double","field":"a"}), ColumnType::Float64),
+            (json!({"type":"float32","field":"a"}), ColumnType::Float32),
+            (json!({"type":"float64","field":"a"}), ColumnType::Float64),
+            (json!({"type":"int8","field":"a"}), ColumnType::Int16),
+            (json!({"type":"boolean","field":"a"}), ColumnType::Boolean),
             (json!({"type":"string","field":"a"}), ColumnType::Text),
         ];
         for (field, want) in cases {
