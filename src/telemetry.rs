@@ -103,9 +103,9 @@ pub fn render() -> String {
 
 /// Logs to stderr; `RUST_LOG` filters (default `info`), `CDC_LAKE_LOG_FORMAT=json` for JSON lines.
 pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,rdkafka=warn,tokio_postgres=warn")
-    });
+    let filter = tracing_subscriber::EnvFilter::new(log_directives(
+        std::env::var("RUST_LOG").ok().as_deref(),
+    ));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -113,5 +113,37 @@ pub fn init_logging() {
         builder.json().init();
     } else {
         builder.init();
+    }
+}
+
+/// The log filter: `RUST_LOG` (default `info`), with tokio_postgres capped at `info` unless
+/// `RUST_LOG` names it itself. At debug level tokio_postgres logs every statement's parameters,
+/// which are row values (a reject's bytes); those must never reach the logs by accident.
+fn log_directives(rust_log: Option<&str>) -> String {
+    let base = rust_log
+        .filter(|s| !s.trim().is_empty())
+        .unwrap_or("info,rdkafka=warn,tokio_postgres=warn");
+    if base.contains("tokio_postgres") {
+        base.to_string()
+    } else {
+        format!("{base},tokio_postgres=info")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn postgres_parameters_stay_out_of_debug_logs_unless_asked_for() {
+        assert_eq!(log_directives(Some("debug")), "debug,tokio_postgres=info");
+        assert_eq!(
+            log_directives(Some("debug,tokio_postgres=trace")),
+            "debug,tokio_postgres=trace"
+        );
+        assert_eq!(
+            log_directives(None),
+            "info,rdkafka=warn,tokio_postgres=warn"
+        );
     }
 }

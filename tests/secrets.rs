@@ -1,6 +1,7 @@
-//! Credentials never appear in a log line or in printed output: the pod binary runs at debug
-//! level against the real stack (PostgreSQL password file, S3 secret file), a sink that cannot
-//! connect, and `check-config`; every byte it prints is searched for the secrets.
+//! Credentials and row values never appear in a log line or in printed output: the pod binary
+//! runs at debug level against the real stack (PostgreSQL password file, S3 secret file), a
+//! sink that cannot connect, poison rows carrying a marker value, and `check-config`; every
+//! byte it prints is searched for the secrets and the marker.
 
 mod common;
 
@@ -116,4 +117,66 @@ async fn no_credential_in_any_log_line() {
     let printed = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(printed.contains("redacted"), "{printed}");
     assert_no_secret("check-config", &printed);
+}
+
+/// A value planted in rows that every sink handles on its error paths (a mirror column that
+/// cannot take it, a NUL the raw log cannot store, a value in a reject row) must not show up in
+/// any output at debug level.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_row_value_in_any_log_line_at_debug_level() {
+    const MARKER: &str = "ROWVALUE-123-45-6789-alice@example.com";
+    let prefix = unique("rowlog").replace('_', "-");
+    let topic = format!("{prefix}.public.people");
+    let envelope_of = |table: &str, after: String, lsn: i64| {
+        format!(
+            r#"{{"before":null,"after":{after},"source":{{"name":"rowlog","ts_ms":1795239028962,"snapshot":"false","db":"ecomdb","sequence":"[\"{lsn}\",\"{lsn}\"]","schema":"public","table":"{table}","txId":1,"lsn":{lsn}}},"op":"c","ts_ms":1795239029422}}"#
+        )
+    };
+    let envelope = |after: String, lsn: i64| envelope_of("people", after, lsn);
+    let rec = |key: &str, value: String| Fixture {
+        topic: topic.clone(),
+        partition: 0,
+        offset: 0,
+        key: Some(key.into()),
+        value: Some(value),
+    };
+    let records = vec![
+        // Makes `ssn` a bigint column.
+        rec(r#"{"id":1}"#, envelope(r#"{"id":1,"ssn":1}"#.into(), 100)),
+        // Text for a bigint column: PostgreSQL's message would quote it.
+        rec(
+            r#"{"id":2}"#,
+            envelope(format!(r#"{{"id":2,"ssn":"{MARKER}"}}"#), 200),
+        ),
+        // A NUL next to the marker (another table, so each failure is the first of its
+        // table's batch and gets logged): the raw log rejects the row with its bytes.
+        rec(
+            r#"{"id":3}"#,
+            envelope_of(
+                "notes",
+                format!(r#"{{"id":3,"note":"{MARKER}\u0000"}}"#),
+                300,
+            ),
+        ),
+        rec(r#"{"id":4}"#, envelope(r#"{"id":4,"ssn":4}"#.into(), 400)),
+    ];
+    produce(&records).await;
+    let db = fresh_db("rowlog").await;
+    let output = run_pod_for(pod_command(&prefix, &db), 8);
+    let client = pg(&db).await;
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM cdc_processed.people").await,
+        2,
+        "the healthy rows applied:\n{output}"
+    );
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM cdc_raw.cdc_rejects").await,
+        3,
+        "one raw-stage and two state-stage rejects:\n{output}"
+    );
+    assert!(output.contains("DEBUG"), "debug logging was on");
+    assert!(
+        !output.contains(MARKER) && !output.contains("123-45-6789"),
+        "a row value reached the logs:\n{output}"
+    );
 }

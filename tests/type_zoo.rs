@@ -117,7 +117,8 @@ async fn round_trip(records: Vec<Fixture>, prefix: &str, format: &str, source: S
         .collect();
     let lake_report = lake.check();
     let lake_types = &lake_report["types"]["public.type_zoo"];
-    let (mirror_want, lake_want): (&[(&str, &str)], &[(&str, &str)]) = if format == "schema" {
+    type Expected<'a> = &'a [(&'a str, &'a str)];
+    let (mirror_want, lake_want): (Expected, Expected) = if format == "schema" {
         (
             &[
                 ("c_bool", "boolean"),
