@@ -8,6 +8,17 @@ use std::process::ExitCode;
 
 use crate::config::Config;
 
+/// A command's arguments are wrong (checked before any I/O): the binary exits 2, as for a bad
+/// config, rather than 1.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BadArguments(pub String);
+
+/// `Err` of a [`BadArguments`] with `message`.
+pub fn bad_arguments<T>(message: impl Into<String>) -> anyhow::Result<T> {
+    Err(BadArguments(message.into()).into())
+}
+
 pub fn run<F, Fut>(program: &str, config_path: Option<&Path>, command: F) -> ExitCode
 where
     F: FnOnce(Config) -> Fut,
@@ -35,7 +46,11 @@ where
         Ok(code) => code,
         Err(e) => {
             eprintln!("{program}: {e:#}");
-            ExitCode::FAILURE
+            if e.downcast_ref::<BadArguments>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -42,7 +42,9 @@ impl RejectFilter {
     fn validate(&self) -> anyhow::Result<()> {
         if let Some(s) = &self.stage {
             if !matches!(s.as_str(), "decode" | "raw" | "state") && !s.starts_with("state:") {
-                anyhow::bail!("--stage is decode, raw, state or state:<target>, not {s:?}");
+                return crate::cli::bad_arguments(format!(
+                    "--stage is decode, raw, state or state:<target>, not {s:?}"
+                ));
             }
         }
         Ok(())

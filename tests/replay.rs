@@ -355,8 +355,9 @@ async fn bad_arguments_fail_before_any_write() {
             String::from_utf8_lossy(&out.stderr).trim().to_string(),
         )
     };
+    // Arguments that are wrong exit 2 (as clap's own errors do); a failed command exits 1.
     let (code, err) = run(&["--from-offset", "10", "--to-offset", "5"]);
-    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(code, Some(2), "{err}");
     assert!(
         err.contains("invalid range") && err.lines().count() == 1,
         "{err}"

@@ -89,21 +89,24 @@ impl Selection {
     /// Checks the selection itself, before any I/O.
     pub fn validate(&self) -> anyhow::Result<()> {
         if self.from_offset < 0 {
-            bail!("--from-offset must be 0 or more, not {}", self.from_offset);
+            return crate::cli::bad_arguments(format!(
+                "--from-offset must be 0 or more, not {}",
+                self.from_offset
+            ));
         }
         if let Some(to) = self.to_offset {
             if to < self.from_offset {
-                bail!(
+                return crate::cli::bad_arguments(format!(
                     "invalid range: --to-offset {to} is below --from-offset {}",
                     self.from_offset
-                );
+                ));
             }
         }
         if self.partition.is_some_and(|p| p < 0) {
-            bail!("--partition must be 0 or more");
+            return crate::cli::bad_arguments("--partition must be 0 or more");
         }
         if self.topic.as_ref().is_some_and(|t| t.trim().is_empty()) {
-            bail!("--topic is empty");
+            return crate::cli::bad_arguments("--topic is empty");
         }
         Ok(())
     }
@@ -600,7 +603,7 @@ pub async fn run(config: &Config, args: &ReplayArgs) -> anyhow::Result<Summary> 
     let sel = args.selection();
     sel.validate()?;
     if args.batch_size == 0 {
-        bail!("--batch-size must be at least 1");
+        return crate::cli::bad_arguments("--batch-size must be at least 1");
     }
     let target = config.target(&args.target)?;
     let reader = Reader::open(config, args.source).await?;
