@@ -17,6 +17,18 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 
+def finite(v):
+    """JSON without NaN or ±Infinity (which json.dumps would write as bare words that strict
+    readers refuse): such floats become their text."""
+    if isinstance(v, float) and (v != v or v in (float("inf"), float("-inf"))):
+        return str(v)
+    if isinstance(v, dict):
+        return {k: finite(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [finite(x) for x in v]
+    return v
+
+
 def main():
     # Manifest paths are relative to the store root: the directory, or the bucket.
     if sys.argv[1] == "--dir":
@@ -70,9 +82,9 @@ def main():
                     status[a["status"]] += 1
                 # The newest after image per table (by offset; one partition per sample table).
                 if a is not None and (table not in sample or off > sample[table][0]):
-                    sample[table] = (off, json.loads(json.dumps(a, default=str)))
+                    sample[table] = (off, finite(json.loads(json.dumps(a, default=str))))
     dups = sum(n - 1 for n in seen.values() if n > 1)
-    print(json.dumps({
+    print(json.dumps(finite({
         "files": len(data),
         "rows": rows,
         "coords": coords,
@@ -85,7 +97,7 @@ def main():
         "status_counts": dict(status),
         "sample": {t: a for t, (_, a) in sample.items()},
         "types": types,
-    }))
+    }), allow_nan=False))
 
 
 if __name__ == "__main__":
