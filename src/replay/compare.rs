@@ -96,14 +96,7 @@ async fn table_exists(
 async fn key_columns(client: &Client, schema: &str, table: &str) -> anyhow::Result<Vec<String>> {
     let qualified = format!("{}.{}", q(schema)?, q(table)?);
     let rows = client
-        .query(
-            "SELECT a.attname::text
-               FROM pg_index i
-               JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
-              WHERE i.indrelid = to_regclass($1) AND i.indisprimary
-              ORDER BY array_position(i.indkey::int2[], a.attnum)",
-            &[&qualified],
-        )
+        .query(crate::sink::state::PRIMARY_KEY_COLUMNS, &[&qualified])
         .await?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }

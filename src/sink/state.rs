@@ -61,6 +61,13 @@ const STAGE_TYPES: &[Type] = &[
     Type::TIMESTAMPTZ,
 ];
 
+/// The primary-key columns of the table named by `$1` (a qualified name), in key order.
+pub(crate) const PRIMARY_KEY_COLUMNS: &str = "SELECT a.attname::text
+   FROM pg_index i
+   JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+  WHERE i.indrelid = to_regclass($1) AND i.indisprimary
+  ORDER BY array_position(i.indkey::int2[], a.attnum)";
+
 /// The PostgreSQL type of a mirror column. A column seen only as null so far (schemaless
 /// input) has none yet: it is added, with the type of its first value, when one arrives
 /// (until then its absence reads the same as NULL), rather than fixed as `text` forever.
@@ -794,14 +801,7 @@ impl StateSink {
             let existing: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
             // An existing table's key is its primary key; a new one takes the changes' key.
             let primary_key: Vec<String> = tx
-                .query(
-                    "SELECT a.attname::text
-                       FROM pg_index i
-                       JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
-                      WHERE i.indrelid = to_regclass($1) AND i.indisprimary
-                      ORDER BY array_position(i.indkey::int2[], a.attnum)",
-                    &[&qualified],
-                )
+                .query(PRIMARY_KEY_COLUMNS, &[&qualified])
                 .await
                 .map_err(pg_err(
                     self.name,
