@@ -276,6 +276,9 @@ pub struct StateConfig {
     /// Key columns for source tables without a primary key, by `schema.table`. Changes of a
     /// keyless table without an entry here are rejected with a reason saying so.
     pub key_columns: BTreeMap<String, Vec<String>>,
+    /// Mirror name template over `{server} {db} {schema} {table}` (crate::naming). Unset: the
+    /// table for `public`, `schema.table` otherwise, and one source database per mirror.
+    pub table_name: Option<String>,
 }
 
 impl Default for StateConfig {
@@ -285,6 +288,7 @@ impl Default for StateConfig {
             schema: "cdc_processed".into(),
             delete_mode: DeleteMode::Delete,
             key_columns: BTreeMap::new(),
+            table_name: None,
         }
     }
 }
@@ -311,6 +315,9 @@ pub struct TargetConfig {
     /// As `state.key_columns`, for this target.
     #[serde(default)]
     pub key_columns: BTreeMap<String, Vec<String>>,
+    /// As `state.table_name`, for this target.
+    #[serde(default)]
+    pub table_name: Option<String>,
     /// SQL files run (in order) whenever the target is opened: the tables the mappings write
     /// and the views over them. They must be idempotent (`IF NOT EXISTS`, `OR REPLACE`).
     /// Relative paths start at the config file's directory (the working directory for the
@@ -418,6 +425,19 @@ pub struct LakeConfig {
     /// Memory for buffered records across all partitions; above it the largest partition is
     /// committed early. Bounds the pod's memory on a backlog.
     pub max_buffer_bytes: ByteSize,
+    /// `table`: `cdc_events/table=<schema.table>/…`. `source`: one directory per source
+    /// database first, `cdc_events/server=<server>/db=<db>/table=<schema.table>/…`, for
+    /// several connectors whose tables share names.
+    pub layout: LakeLayout,
+}
+
+/// How the lake's directories are laid out (see [`LakeConfig::layout`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LakeLayout {
+    #[default]
+    Table,
+    Source,
 }
 
 impl Default for LakeConfig {
@@ -431,6 +451,7 @@ impl Default for LakeConfig {
             roll_bytes: ByteSize(64 << 20),
             roll_age: HumanDuration(Duration::from_secs(10)),
             max_buffer_bytes: ByteSize(64 << 20),
+            layout: LakeLayout::Table,
         }
     }
 }
@@ -607,6 +628,15 @@ impl Config {
                 }
             }
         }
+        let templates = std::iter::once(("state".to_string(), &self.state.table_name)).chain(
+            self.targets
+                .iter()
+                .map(|(n, t)| (format!("targets.{n}"), &t.table_name)),
+        );
+        for (section, template) in templates {
+            crate::naming::MirrorNaming::from_config(template.as_deref())
+                .map_err(|e| ConfigError::Invalid(format!("{section}.{e}")))?;
+        }
         for (name, t) in &self.targets {
             if name == PROCESSED_TARGET || !crate::sink::ident::is_valid_ident(name) {
                 return bad(format!(
@@ -690,6 +720,7 @@ impl Config {
                     schema: t.schema.clone(),
                     delete_mode: t.delete_mode,
                     key_columns: t.key_columns.clone(),
+                    table_name: t.table_name.clone(),
                 },
                 setup_sql: t.setup_sql_resolved.clone(),
                 mappings: t.mappings.clone(),

@@ -77,6 +77,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0007_sync_summary_per_target",
         sql: include_str!("../sql/0007_sync_summary_per_target.sql"),
     },
+    Migration {
+        version: 8,
+        name: "0008_mirror_sources",
+        sql: include_str!("../sql/0008_mirror_sources.sql"),
+    },
 ];
 
 /// `host:port/db` of a URL, for error messages: never the credentials.

@@ -62,6 +62,27 @@ impl fmt::Display for TableId {
     }
 }
 
+/// The database a change came from: Debezium's logical server name (`source.name`, the
+/// connector's `topic.prefix`) and the database name (`source.db`). Empty when the envelope
+/// does not say (hand-made records).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct SourceDb {
+    pub server: String,
+    pub db: String,
+}
+
+impl fmt::Display for SourceDb {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let server = if self.server.is_empty() {
+            "?"
+        } else {
+            &self.server
+        };
+        let db = if self.db.is_empty() { "?" } else { &self.db };
+        write!(f, "server {server}, database {db}")
+    }
+}
+
 /// The source ordering of a change, compared lexicographically: (commit LSN, change LSN, Kafka
 /// offset).
 ///

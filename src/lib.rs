@@ -26,6 +26,7 @@ pub mod domain;
 pub mod envelope;
 pub mod http;
 pub mod ingest;
+pub mod naming;
 pub mod pipeline;
 pub mod rejects;
 pub mod replay;

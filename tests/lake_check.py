@@ -5,7 +5,8 @@ with pyarrow, and checks it against the manifest. Prints one JSON object:
   files, rows, coords ([topic, partition, offset] per row), duplicates, unlisted (objects the
   manifest does not list), missing (listed but absent), zero_byte, manifest_rows, pending,
   status_counts (after.status where present), sample (the newest after image per table),
-  types (per table, the Arrow type of each `after` field).
+  types (per table, the Arrow type of each `after` field), state (per table directory, the
+  rows a fold of its changes leaves: the newest `after` per Kafka key, deletes removing it).
 
 Usage: lake_check.py --dir PATH | --s3 ENDPOINT BUCKET PREFIX
 """
@@ -59,6 +60,7 @@ def main():
     status = collections.Counter()
     sample = {}
     types = {}  # table -> after field -> Arrow type, from the first file that has the field
+    changes = collections.defaultdict(list)  # table directory -> (partition, offset, key, op, after)
     rows = 0
     for path in sorted(data):
         t = pq.read_table(path, filesystem=fs)
@@ -67,6 +69,19 @@ def main():
             c = (rec["kafka_topic"], rec["kafka_partition"], rec["kafka_offset"])
             seen[c] += 1
             coords.append(list(c))
+        if "after" in t.column_names and "kafka_key" in t.column_names:
+            directory = path.split("/cdc_events/")[1].split("/date=")[0]
+            try:
+                afters = t.column("after").to_pylist()
+            except OverflowError:
+                afters = None
+            if afters is not None:
+                for rec, after in zip(
+                    t.select(["kafka_partition", "kafka_offset", "kafka_key", "op"]).to_pylist(), afters
+                ):
+                    changes[directory].append(
+                        (rec["kafka_partition"], rec["kafka_offset"], rec["kafka_key"], rec["op"], after)
+                    )
         if "after" in t.column_names:
             table = path.split("table=")[1].split("/")[0]
             for field in t.schema.field("after").type:
@@ -84,6 +99,22 @@ def main():
                 if a is not None and (table not in sample or off > sample[table][0]):
                     sample[table] = (off, finite(json.loads(json.dumps(a, default=str))))
     dups = sum(n - 1 for n in seen.values() if n > 1)
+    state = {}
+    for directory, rows_of in changes.items():
+        current = {}
+        # One partition per key: Kafka order within the partition is the change order.
+        for _, _, key, op, after in sorted(rows_of, key=lambda r: (r[0], r[1])):
+            if key is None or op not in ("c", "u", "r", "d"):
+                continue
+            k = json.loads(key)
+            if isinstance(k, dict) and "payload" in k and "schema" in k:
+                k = k["payload"]
+            k = json.dumps(k, sort_keys=True)
+            if op == "d":
+                current.pop(k, None)
+            else:
+                current[k] = finite(json.loads(json.dumps(after, default=str)))
+        state[directory] = current
     print(json.dumps(finite({
         "files": len(data),
         "rows": rows,
@@ -97,6 +128,7 @@ def main():
         "status_counts": dict(status),
         "sample": {t: a for t, (_, a) in sample.items()},
         "types": types,
+        "state": state,
     }), allow_nan=False))
 
 

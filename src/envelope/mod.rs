@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-use crate::domain::{KafkaCoordinates, Position, TableId};
+use crate::domain::{KafkaCoordinates, Position, SourceDb, TableId};
 pub use schema::{Column, ColumnType, RowSchema, TimeUnit};
 
 /// Debezium's operation codes.
@@ -106,6 +106,14 @@ impl ChangeEvent {
             .ts_ms
             .or(self.ts_ms)
             .or(self.coords.timestamp_ms)
+    }
+
+    /// The source database this change came from (`source.name`, `source.db`).
+    pub fn source_db(&self) -> SourceDb {
+        SourceDb {
+            server: self.source.name.clone().unwrap_or_default(),
+            db: self.source.db.clone().unwrap_or_default(),
+        }
     }
 
     /// The row image that carries the state: `after`, or `before` for deletes.

@@ -18,8 +18,9 @@ use super::{
 };
 use crate::config::{Config, StateConfig, Target};
 use crate::domain::TableId;
+use crate::naming::MirrorNaming;
 use crate::sink::ident::quote_ident;
-use crate::sink::state::{mirror_name, StateSink};
+use crate::sink::state::{sources, StateSink};
 
 /// How one table differs between the target ("actual") and the log ("expected").
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -184,6 +185,11 @@ impl Scratch {
 
     async fn drop_all(self, client: &Client) {
         for n in &self.names {
+            if let Err(e) = sources::forget_sources(client, n).await {
+                eprintln!(
+                    "cdc-replay: could not forget the mirror sources of scratch schema {n}: {e}"
+                );
+            }
             if let Err(e) = client
                 .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{n}\" CASCADE"))
                 .await
@@ -226,8 +232,15 @@ async fn copy_tables(
     Ok(())
 }
 
-fn mirror_names(tables: &BTreeSet<TableId>) -> Vec<String> {
-    tables.iter().map(mirror_name).collect()
+/// The target's mirrors of `tables` (crate::sink::state::sources::mirror_names).
+async fn mirror_names(
+    client: &Client,
+    target: &Target,
+    tables: &BTreeSet<TableId>,
+) -> anyhow::Result<Vec<String>> {
+    let naming = MirrorNaming::from_config(target.state.table_name.as_deref())
+        .map_err(anyhow::Error::msg)?;
+    Ok(sources::mirror_names(client, &target.state.schema, &naming, tables).await?)
 }
 
 fn scratch_sink(target: &Target, schema: &str, config: &Config) -> StateSink {
@@ -238,6 +251,7 @@ fn scratch_sink(target: &Target, schema: &str, config: &Config) -> StateSink {
             schema: schema.to_string(),
             delete_mode: target.state.delete_mode,
             key_columns: target.state.key_columns.clone(),
+            table_name: target.state.table_name.clone(),
         },
         config.kafka.checkpoint_name().to_string(),
     )
@@ -256,7 +270,8 @@ pub async fn dry_run(
     let client = crate::db::connect(&target.postgres, "cdc-replay dry-run").await?;
     let scratch = Scratch::create(&client, &["dryrun"]).await?;
     let result = async {
-        let names = mirror_names(&plan.tables);
+        let names = mirror_names(&client, target, &plan.tables).await?;
+        sources::copy_sources(&client, &target.state.schema, &scratch.names[0], &names).await?;
         copy_tables(
             &client,
             &target.state.schema,
@@ -305,7 +320,7 @@ pub async fn verify(
     let mut client = crate::db::connect(&target.postgres, "cdc-lake verify").await?;
     let everything = Selection::default();
     let plan = reader.plan(&everything).await?;
-    let names = mirror_names(&plan.tables);
+    let names = mirror_names(&client, target, &plan.tables).await?;
     let scratch = Scratch::create(&client, &["actual", "expected"]).await?;
     let result = async {
         let (actual, expected) = (scratch.names[0].clone(), scratch.names[1].clone());
@@ -328,6 +343,7 @@ pub async fn verify(
         }
         tx.commit().await?;
         copy_tables(&client, &target.state.schema, &expected, &names, false).await?;
+        sources::copy_sources(&client, &target.state.schema, &expected, &names).await?;
 
         let mut sink = scratch_sink(target, &expected, config);
         let mut summary = Summary::default();
@@ -466,8 +482,26 @@ pub async fn compare_with_source(
     let source = crate::db::connect(&source_pg, "cdc-lake verify (source)").await?;
     let mirror = crate::db::connect(&target.postgres, "cdc-lake verify").await?;
     let mut out = Vec::new();
+    let source_db: String = source
+        .query_one("SELECT current_database()::text", &[])
+        .await?
+        .get(0);
+    let naming = MirrorNaming::from_config(target.state.table_name.as_deref())
+        .map_err(anyhow::Error::msg)?;
     for t in tables {
-        let name = mirror_name(t);
+        // The mirror this source database's table went to; the naming's guess before any
+        // change was applied.
+        let name =
+            match sources::recorded_mirror(&mirror, &target.state.schema, &source_db, t).await? {
+                Some(name) => name,
+                None => naming.mirror_name(
+                    &crate::domain::SourceDb {
+                        server: String::new(),
+                        db: source_db.clone(),
+                    },
+                    t,
+                ),
+            };
         let src_cols = columns_of(&source, &t.schema, &t.table).await?;
         if src_cols.is_empty() {
             continue; // Not in this source database (another connector's table).

@@ -24,7 +24,7 @@ use crate::domain::{TableId, TopicPartition};
 use crate::envelope::Decoded;
 use crate::sink::ident::quote_ident;
 use crate::sink::lake::manifest::Layout;
-use crate::sink::state::{mirror_name, StateSink};
+use crate::sink::state::{sources, StateSink};
 use crate::sink::WriteStats;
 use source::Plan;
 
@@ -562,11 +562,14 @@ async fn empty_mirrors(sink: &mut StateSink, tables: &BTreeSet<TableId>) -> anyh
     // Opening the target runs its setup SQL and checks its mappings.
     sink.prepare().await?;
     // A mapped target is rebuilt whole: its tables, not the source tables' mirrors.
-    let names: Vec<String> = match sink.mapped_table_names() {
-        mapped if !mapped.is_empty() => mapped,
-        _ => tables.iter().map(mirror_name).collect(),
-    };
+    let mapped = sink.mapped_table_names();
+    let naming = sink.naming().clone();
     let client = sink.client().await?;
+    let names: Vec<String> = if mapped.is_empty() {
+        sources::mirror_names(client, &schema, &naming, tables).await?
+    } else {
+        mapped
+    };
     let mut removed = 0u64;
     let tx = client.transaction().await?;
     for name in &names {
@@ -588,7 +591,7 @@ async fn empty_mirrors(sink: &mut StateSink, tables: &BTreeSet<TableId>) -> anyh
         // A rebuild replays the truncates again; an old watermark would hide earlier rows.
         tx.execute(
             "DELETE FROM cdc_lake.truncations WHERE target_schema = $1 AND mirror_table = $2",
-            &[&schema, name],
+            &[&schema, &name],
         )
         .await
         .with_context(|| format!("forgetting the truncates of {qualified}"))?;

@@ -10,7 +10,10 @@
 use object_store::path::Path;
 use serde::{Deserialize, Serialize};
 
+use crate::config::LakeLayout;
 use crate::domain::TopicPartition;
+use crate::domain::{SourceDb, TableId};
+use crate::naming::qualified_name;
 use crate::sink::ident::lake_path_segment;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,6 +49,22 @@ pub fn stored_path(path: &str) -> Path {
     Path::parse(path).unwrap_or_else(|_| Path::from(path))
 }
 
+/// The directory of a source table's files below `cdc_events/`: `table=<schema.table>`, or with
+/// the `source` layout `server=<server>/db=<db>/table=<schema.table>`. Every part goes through
+/// [`lake_path_segment`] and the table name through [`qualified_name`], so no two source tables
+/// share a directory.
+pub fn table_dir(layout: LakeLayout, source: &SourceDb, table: &TableId) -> String {
+    let table = lake_path_segment(&qualified_name(table)).into_owned();
+    match layout {
+        LakeLayout::Table => format!("table={table}"),
+        LakeLayout::Source => format!(
+            "server={}/db={}/table={table}",
+            lake_path_segment(&source.server),
+            lake_path_segment(&source.db)
+        ),
+    }
+}
+
 /// Builds paths from a validated prefix. Table and topic names become path segments through
 /// [`lake_path_segment`], so any name lands in a directory of its own.
 #[derive(Debug, Clone)]
@@ -65,17 +84,17 @@ impl Layout {
         }
     }
 
+    /// A data file under `table_dir` ([`table_dir`]).
     pub fn data_file(
         &self,
-        table: &str,
+        table_dir: &str,
         date: &str,
         tp: &TopicPartition,
         first_offset: i64,
     ) -> Path {
         stored_path(&format!(
-            "{}cdc_events/table={}/date={date}/{}+{}+{first_offset}.parquet",
+            "{}cdc_events/{table_dir}/date={date}/{}+{}+{first_offset}.parquet",
             self.prefix,
-            lake_path_segment(table),
             lake_path_segment(&tp.topic),
             tp.partition
         ))
@@ -118,7 +137,17 @@ mod tests {
         let l = Layout::new("/team/");
         let tp = TopicPartition::new("ecom.public.books", 2);
         assert_eq!(
-            l.data_file("public.books", "2024-03-02", &tp, 17).as_ref(),
+            l.data_file(
+                &table_dir(
+                    LakeLayout::Table,
+                    &SourceDb::default(),
+                    &TableId::new("public", "books")
+                ),
+                "2024-03-02",
+                &tp,
+                17
+            )
+            .as_ref(),
             "team/cdc_events/table=public.books/date=2024-03-02/ecom.public.books+2+17.parquet"
         );
         assert_eq!(
@@ -137,12 +166,44 @@ mod tests {
         let l = Layout::new("");
         let tp = TopicPartition::new("t", 0);
         assert_eq!(
-            l.data_file("public/..", "2024-03-02", &tp, 0).as_ref(),
-            "cdc_events/table=public%2F../date=2024-03-02/t+0+0.parquet"
+            l.data_file(&dir("public/", "."), "2024-03-02", &tp, 0)
+                .as_ref(),
+            "cdc_events/table=public%2F.%5C./date=2024-03-02/t+0+0.parquet"
         );
         assert_eq!(
-            l.data_file("..", "2024-03-02", &tp, 0).as_ref(),
-            "cdc_events/table=%2E%2E/date=2024-03-02/t+0+0.parquet"
+            l.data_file(&dir("", ""), "2024-03-02", &tp, 0).as_ref(),
+            "cdc_events/table=%2E/date=2024-03-02/t+0+0.parquet"
+        );
+        // Schema `a.b` table `c` and schema `a` table `b.c` stay apart.
+        assert_ne!(dir("a.b", "c"), dir("a", "b.c"));
+    }
+
+    fn dir(schema: &str, table: &str) -> String {
+        table_dir(
+            LakeLayout::Table,
+            &SourceDb::default(),
+            &TableId::new(schema, table),
+        )
+    }
+
+    #[test]
+    fn the_source_layout_puts_each_source_database_apart() {
+        let one = SourceDb {
+            server: "ecom".into(),
+            db: "shop".into(),
+        };
+        let other = SourceDb {
+            server: "ecom2".into(),
+            db: "shop/2".into(),
+        };
+        let orders = TableId::new("public", "orders");
+        assert_eq!(
+            table_dir(LakeLayout::Source, &one, &orders),
+            "server=ecom/db=shop/table=public.orders"
+        );
+        assert_eq!(
+            table_dir(LakeLayout::Source, &other, &orders),
+            "server=ecom2/db=shop%2F2/table=public.orders"
         );
     }
 

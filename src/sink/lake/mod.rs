@@ -446,8 +446,8 @@ impl Sink for LakeSink {
                 }
             };
             // Any name is a valid path once encoded (Layout): every change lands in a file.
-            let table = e.table.to_string();
-            let key = (table, date_of(e.event_time_ms()));
+            let dir = manifest::table_dir(self.cfg.layout, &e.source_db(), &e.table);
+            let key = (dir, date_of(e.event_time_ms()));
             let declared = e.schema.declared.then(|| e.schema.clone());
             let needs_roll = st
                 .files

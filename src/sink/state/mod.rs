@@ -14,6 +14,8 @@ use serde_json::{Map, Value};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::{Client, Transaction};
 
+pub mod sources;
+
 use super::ident::quote_ident;
 use super::mapping::{Mapping, DELETED_COLUMN, POSITION_COLUMN};
 use super::{checkpoint, savepoint, Ack, Bisect, ErrorClass, Offsets, Sink, SinkError, WriteStats};
@@ -22,6 +24,7 @@ use crate::config::{DeleteMode, PostgresConfig, StateConfig, Target, PROCESSED_T
 use crate::domain::{TableId, TopicPartition};
 use crate::envelope::value::UNAVAILABLE_VALUE;
 use crate::envelope::{ChangeEvent, ColumnType, Decoded, Op, RowSchema, TimeUnit};
+use crate::naming::MirrorNaming;
 
 pub const NAME: &str = "state";
 
@@ -103,14 +106,12 @@ pub fn pg_type(ty: &ColumnType) -> Option<String> {
     })
 }
 
-/// The mirror table name for a source table: `<table>` for the `public` schema, otherwise
-/// `<schema>_<table>`.
-pub fn mirror_name(table: &TableId) -> String {
-    if table.schema == "public" {
-        table.table.clone()
-    } else {
-        format!("{}_{}", table.schema, table.table)
-    }
+/// Where one source table's changes in a batch land: the mirror or mapped table's name in the
+/// target schema, and the source table (for messages and the mapped-table lookup).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Dest {
+    name: String,
+    table: TableId,
 }
 
 /// What the sink knows about one mirror or mapped table.
@@ -144,7 +145,12 @@ pub struct StateSink {
     /// Configured key columns of keyless source tables, by `schema.table`.
     key_columns: BTreeMap<String, Vec<String>>,
     client: Option<Client>,
-    mirrors: HashMap<TableId, Mirror>,
+    /// How source tables name their mirrors (`table_name`).
+    naming: MirrorNaming,
+    /// Known mirrors and mapped tables, by name in the target schema.
+    mirrors: HashMap<String, Mirror>,
+    /// The source each mirror belongs to, as recorded in `cdc_lake.mirror_sources`.
+    owners: HashMap<String, sources::Owner>,
     /// Declarative mappings: when present, the target holds only the tables they map.
     mappings: Vec<Mapping>,
     /// The target's setup SQL, run when it is first opened.
@@ -176,7 +182,10 @@ impl StateSink {
             delete_mode: cfg.delete_mode,
             key_columns: cfg.key_columns.clone(),
             client: None,
+            naming: MirrorNaming::from_config(cfg.table_name.as_deref())
+                .expect("validated with the config"),
             mirrors: HashMap::new(),
+            owners: HashMap::new(),
             mappings: Vec::new(),
             setup_sql: Vec::new(),
             mapped_tables: HashMap::new(),
@@ -292,6 +301,25 @@ impl StateSink {
     /// Forgets cached table definitions (after a replay dropped or emptied tables).
     pub fn forget_tables(&mut self) {
         self.mirrors.clear();
+        self.owners.clear();
+    }
+
+    /// How this target names its mirrors.
+    pub fn naming(&self) -> &MirrorNaming {
+        &self.naming
+    }
+
+    /// Where a change lands: its mapped table, or the mirror its source table is named to.
+    fn dest_of(&self, e: &ChangeEvent) -> Dest {
+        let name = if self.mapped_tables.contains_key(&e.table) {
+            e.table.table.clone()
+        } else {
+            self.naming.mirror_name(&e.source_db(), &e.table)
+        };
+        Dest {
+            name,
+            table: e.table.clone(),
+        }
     }
 
     async fn connect(&mut self) -> Result<(), SinkError> {
@@ -310,7 +338,7 @@ impl StateSink {
             }
             self.client = Some(client);
             // Another pod may have changed the tables meanwhile: re-read them.
-            self.mirrors.clear();
+            self.forget_tables();
         }
         Ok(())
     }
@@ -375,13 +403,14 @@ impl StateSink {
                 mapped = self.map_changes(&tx, &changes, &mut stats).await?;
                 changes = mapped.iter().collect();
             }
-            // Changes per table, in Kafka order.
-            let mut by_table: BTreeMap<&TableId, Vec<&ChangeEvent>> = BTreeMap::new();
+            // Changes per destination table, in Kafka order.
+            let mut by_dest: BTreeMap<Dest, Vec<&ChangeEvent>> = BTreeMap::new();
             for e in changes {
-                by_table.entry(&e.table).or_default().push(e);
+                by_dest.entry(self.dest_of(e)).or_default().push(e);
             }
-            for (table, events) in by_table {
-                self.apply_table(&tx, table, &events, &mut stats).await?;
+            for (dest, events) in by_dest {
+                let events = self.own_source_only(&tx, &dest, events, &mut stats).await?;
+                self.apply_table(&tx, &dest, &events, &mut stats).await?;
             }
 
             if checkpointed {
@@ -396,8 +425,9 @@ impl StateSink {
         .await;
         self.client = Some(client);
         if result.is_err() {
-            // DDL may have rolled back with the transaction: forget what we think exists.
-            self.mirrors.clear();
+            // DDL and claims may have rolled back with the transaction: forget what we think
+            // exists.
+            self.forget_tables();
         }
         result
     }
@@ -443,10 +473,11 @@ impl StateSink {
     async fn apply_table(
         &mut self,
         tx: &Transaction<'_>,
-        table: &TableId,
+        dest: &Dest,
         events: &[&ChangeEvent],
         stats: &mut WriteStats,
     ) -> Result<(), SinkError> {
+        let table = &dest.table;
         // Keyless tables: a key from the configured columns, or a reject that says how to
         // configure one. Raw log and lake keep these changes either way.
         let mut keyed: Vec<Cow<ChangeEvent>> = Vec::with_capacity(events.len());
@@ -481,10 +512,10 @@ impl StateSink {
                     *stats.ignored.entry("truncate_ignored").or_default() += 1
                 }
                 Op::Truncate => {
-                    self.apply_changes(tx, table, &pending, stats).await?;
+                    self.apply_changes(tx, dest, &pending, stats).await?;
                     pending.clear();
                     savepoint(tx, self.name, "SAVEPOINT cdc_truncate").await?;
-                    match self.truncate(tx, table, e).await {
+                    match self.truncate(tx, dest, e).await {
                         Ok(()) => {
                             savepoint(tx, self.name, "RELEASE SAVEPOINT cdc_truncate").await?;
                             stats.written += 1;
@@ -496,7 +527,7 @@ impl StateSink {
                                 "ROLLBACK TO SAVEPOINT cdc_truncate; RELEASE SAVEPOINT cdc_truncate",
                             )
                             .await?;
-                            let reason = self.reject_reason(tx, table, e, &err).await;
+                            let reason = self.reject_reason(tx, dest, e, &err).await;
                             self.reject_one(tx, e, &reason, stats).await?;
                         }
                         Err(err) => return Err(err),
@@ -508,7 +539,7 @@ impl StateSink {
                 _ => pending.push(e),
             }
         }
-        self.apply_changes(tx, table, &pending, stats).await
+        self.apply_changes(tx, dest, &pending, stats).await
     }
 
     /// Set-based apply. A change whose names no table can hold is rejected on its own first.
@@ -519,16 +550,17 @@ impl StateSink {
     async fn apply_changes(
         &mut self,
         tx: &Transaction<'_>,
-        table: &TableId,
+        dest: &Dest,
         events: &[&ChangeEvent],
         stats: &mut WriteStats,
     ) -> Result<(), SinkError> {
+        let table = &dest.table;
         if events.is_empty() {
             return Ok(());
         }
         let mut usable: Vec<&ChangeEvent> = Vec::with_capacity(events.len());
         for e in events {
-            match self.unusable_names(table, e) {
+            match self.unusable_names(dest, e) {
                 None => usable.push(*e),
                 Some(reason) => self.reject_one(tx, e, &reason, stats).await?,
             }
@@ -537,9 +569,9 @@ impl StateSink {
         let mut narrowed = false;
         while let Some(range) = bisect.next_range() {
             // DDL inside a rolled-back savepoint is undone: so is what the cache learnt.
-            let cached = self.mirrors.get(table).cloned();
+            let cached = self.mirrors.get(&dest.name).cloned();
             savepoint(tx, self.name, "SAVEPOINT cdc_apply").await?;
-            match self.apply_set(tx, table, &usable[range.clone()]).await {
+            match self.apply_set(tx, dest, &usable[range.clone()]).await {
                 Ok(key_mismatches) => {
                     savepoint(tx, self.name, "RELEASE SAVEPOINT cdc_apply").await?;
                     stats.written += (range.len() - key_mismatches.len()) as u64;
@@ -556,15 +588,15 @@ impl StateSink {
                     )
                     .await?;
                     match cached {
-                        Some(m) => self.mirrors.insert(table.clone(), m),
-                        None => self.mirrors.remove(table),
+                        Some(m) => self.mirrors.insert(dest.name.clone(), m),
+                        None => self.mirrors.remove(&dest.name),
                     };
                     if !narrowed {
                         narrowed = true;
                         tracing::warn!(table = %table, error = %e, "set-based apply failed on data; narrowing it down to the changes that cause it");
                     }
                     if let Some(i) = bisect.failed(range) {
-                        let reason = self.reject_reason(tx, table, usable[i], &e).await;
+                        let reason = self.reject_reason(tx, dest, usable[i], &e).await;
                         self.reject_one(tx, usable[i], &reason, stats).await?;
                     }
                 }
@@ -579,11 +611,11 @@ impl StateSink {
     async fn apply_set(
         &mut self,
         tx: &Transaction<'_>,
-        table: &TableId,
+        dest: &Dest,
         events: &[&ChangeEvent],
     ) -> Result<Vec<(usize, String)>, SinkError> {
-        self.ensure_mirror(tx, table, events).await?;
-        let mirror = self.mirrors.get(table).expect("ensured above");
+        self.ensure_mirror(tx, dest, events).await?;
+        let mirror = self.mirrors.get(&dest.name).expect("ensured above");
         let mut mismatched = Vec::new();
         let mut keyed = Vec::with_capacity(events.len());
         for (i, e) in events.iter().enumerate() {
@@ -592,18 +624,19 @@ impl StateSink {
                 None => keyed.push(*e),
             }
         }
-        self.stage_and_merge(tx, table, &keyed).await?;
+        self.stage_and_merge(tx, dest, &keyed).await?;
         Ok(mismatched)
     }
 
     /// Why no mirror can take this change's column names (too long, NUL, a metadata column's
     /// name), or None. Mapped tables have their columns from the mapping.
-    fn unusable_names(&self, table: &TableId, e: &ChangeEvent) -> Option<String> {
+    fn unusable_names(&self, dest: &Dest, e: &ChangeEvent) -> Option<String> {
+        let table = &dest.table;
         if self.mapped_tables.contains_key(table) {
             return None;
         }
-        let name = mirror_name(table);
-        if let Err(reason) = quote_ident(&name) {
+        let name = &dest.name;
+        if let Err(reason) = quote_ident(name) {
             return Some(format!(
                 "{table} cannot be mirrored: the mirror name {reason}"
             ));
@@ -635,10 +668,11 @@ impl StateSink {
     async fn reject_reason(
         &self,
         tx: &Transaction<'_>,
-        table: &TableId,
+        dest: &Dest,
         e: &ChangeEvent,
         err: &SinkError,
     ) -> String {
+        let table = &dest.table;
         let detail = match err {
             SinkError::Postgres { source, .. } => super::pg_detail(source),
             other => other.to_string(),
@@ -647,8 +681,8 @@ impl StateSink {
             SinkError::Postgres { source, .. }
                 if source.code().is_some_and(|c| c.code().starts_with("22")) =>
             {
-                match self.bad_column(tx, table, e).await {
-                    Some(c) => match self.column_type(tx, table, &c).await {
+                match self.bad_column(tx, dest, e).await {
+                    Some(c) => match self.column_type(tx, dest, &c).await {
                         Some(ty) => format!(" column {c} ({ty})"),
                         None => format!(" column {c}"),
                     },
@@ -660,7 +694,7 @@ impl StateSink {
         format!(
             "cannot apply to {}.{}{column} (source {table}): {detail}",
             self.schema,
-            table_name(&self.mapped_tables, table)
+            dest.name.clone()
         )
     }
 
@@ -710,10 +744,10 @@ impl StateSink {
     async fn bad_column(
         &self,
         tx: &Transaction<'_>,
-        table: &TableId,
+        dest: &Dest,
         e: &ChangeEvent,
     ) -> Option<String> {
-        let mirror = self.mirrors.get(table)?;
+        let mirror = self.mirrors.get(&dest.name)?;
         let row = e.after.as_ref().and_then(|a| e.sql_image(a, false).ok())?;
         let probe = format!(
             "SELECT jsonb_populate_record(NULL::{}, $1)",
@@ -738,13 +772,8 @@ impl StateSink {
 
     /// The SQL type of a mirror column, for reject reasons (PostgreSQL's own message would
     /// quote the value).
-    async fn column_type(
-        &self,
-        tx: &Transaction<'_>,
-        table: &TableId,
-        column: &str,
-    ) -> Option<String> {
-        let mirror = self.mirrors.get(table)?;
+    async fn column_type(&self, tx: &Transaction<'_>, dest: &Dest, column: &str) -> Option<String> {
+        let mirror = self.mirrors.get(&dest.name)?;
         tx.query_opt(
             "SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
               WHERE a.attrelid = to_regclass($1) AND a.attname = $2 AND NOT a.attisdropped",
@@ -760,13 +789,14 @@ impl StateSink {
     async fn ensure_mirror(
         &mut self,
         tx: &Transaction<'_>,
-        table: &TableId,
+        dest: &Dest,
         events: &[&ChangeEvent],
     ) -> Result<(), SinkError> {
+        let table = &dest.table;
         if let Some(mapped) = self.mapped_tables.get(table) {
             // Checked against the catalog when the target was opened; no DDL here.
-            if !self.mirrors.contains_key(table) {
-                self.mirrors.insert(table.clone(), mapped.clone());
+            if !self.mirrors.contains_key(&dest.name) {
+                self.mirrors.insert(dest.name.clone(), mapped.clone());
             }
             return Ok(());
         }
@@ -778,16 +808,16 @@ impl StateSink {
                 last = Some(&e.schema);
             }
         }
-        let name = mirror_name(table);
+        let name = &dest.name;
         let qualified = format!(
             "{}.{}",
             quote_ident(&self.schema).expect("validated in config"),
-            quote_ident(&name).map_err(|reason| SinkError::Encode {
+            quote_ident(name).map_err(|reason| SinkError::Encode {
                 table: table.to_string(),
                 reason
             })?
         );
-        if !self.mirrors.contains_key(table) {
+        if !self.mirrors.contains_key(&dest.name) {
             let rows = tx
                 .query(
                     "SELECT a.attname::text
@@ -876,7 +906,7 @@ impl StateSink {
                     .collect()
             };
             self.mirrors.insert(
-                table.clone(),
+                dest.name.clone(),
                 Mirror {
                     qualified: qualified.clone(),
                     columns,
@@ -887,7 +917,7 @@ impl StateSink {
                 },
             );
         }
-        let mirror = self.mirrors.get_mut(table).expect("inserted above");
+        let mirror = self.mirrors.get_mut(&dest.name).expect("inserted above");
         let mut added = Vec::new();
         for col in &schema.columns {
             if mirror.columns.contains(&col.name) {
@@ -922,9 +952,10 @@ impl StateSink {
     async fn stage_and_merge(
         &mut self,
         tx: &Transaction<'_>,
-        table: &TableId,
+        dest: &Dest,
         events: &[&ChangeEvent],
     ) -> Result<(), SinkError> {
+        let table = &dest.table;
         if events.is_empty() {
             return Ok(());
         }
@@ -946,7 +977,7 @@ impl StateSink {
         }
         let soft_mapped = self
             .mirrors
-            .get(table)
+            .get(&dest.name)
             .is_some_and(|m| m.mapped.is_some() && m.delete_mode == DeleteMode::Soft);
         carry_unchanged_toast(events, &mut rows, soft_mapped);
         tx.batch_execute("TRUNCATE pg_temp.cdc_stage")
@@ -983,9 +1014,9 @@ impl StateSink {
             .await
             .map_err(pg_err(self.name, "finishing COPY into staging"))?;
 
-        let mirror = self.mirrors.get_mut(table).expect("ensured before");
+        let mirror = self.mirrors.get_mut(&dest.name).expect("ensured before");
         if mirror.merge_sql.is_none() {
-            let name = table_name(&self.mapped_tables, table);
+            let name = dest.name.clone();
             mirror.merge_sql = Some(match &mirror.mapped {
                 None => merge_sql(mirror, &self.schema, &name),
                 Some(mapped) => {
@@ -1006,9 +1037,10 @@ impl StateSink {
     async fn truncate(
         &mut self,
         tx: &Transaction<'_>,
-        table: &TableId,
+        dest: &Dest,
         e: &ChangeEvent,
     ) -> Result<(), SinkError> {
+        let table = &dest.table;
         let position: [&(dyn ToSql + Sync); 2] = [&e.position.commit_lsn, &e.position.change_lsn];
         tx.execute(
             "INSERT INTO cdc_lake.truncations AS t (target_schema, mirror_table, commit_lsn, lsn)
@@ -1016,25 +1048,50 @@ impl StateSink {
              ON CONFLICT (target_schema, mirror_table) DO UPDATE
                 SET commit_lsn = excluded.commit_lsn, lsn = excluded.lsn
               WHERE (excluded.commit_lsn, excluded.lsn) > (t.commit_lsn, t.lsn)",
-            &[
-                &self.schema,
-                &table_name(&self.mapped_tables, table),
-                position[0],
-                position[1],
-            ],
+            &[&self.schema, &dest.name.clone(), position[0], position[1]],
         )
         .await
         .map_err(pg_err(
             self.name,
             format!("recording the truncate of {table}"),
         ))?;
-        let Some(mirror) = self
+        let mirror = match self
             .mirrors
-            .get(table)
+            .get(&dest.name)
             .or_else(|| self.mapped_tables.get(table))
-        else {
-            // Nothing mirrored yet, so nothing to remove.
-            return Ok(());
+        {
+            Some(m) => Cow::Borrowed(m),
+            None => {
+                // Not touched in this run yet: the table may still hold rows from before.
+                let qualified = format!(
+                    "{}.{}",
+                    quote_ident(&self.schema).map_err(|reason| SinkError::Encode {
+                        table: table.to_string(),
+                        reason
+                    })?,
+                    quote_ident(&dest.name).map_err(|reason| SinkError::Encode {
+                        table: table.to_string(),
+                        reason
+                    })?
+                );
+                let exists: bool = tx
+                    .query_one("SELECT to_regclass($1) IS NOT NULL", &[&qualified])
+                    .await
+                    .map_err(pg_err(self.name, format!("looking up {qualified}")))?
+                    .get(0);
+                if !exists {
+                    // Nothing mirrored yet, so nothing to remove.
+                    return Ok(());
+                }
+                Cow::Owned(Mirror {
+                    qualified,
+                    columns: Vec::new(),
+                    key: Vec::new(),
+                    delete_mode: self.delete_mode,
+                    mapped: None,
+                    merge_sql: None,
+                })
+            }
         };
         let sql = match (&mirror.mapped, mirror.delete_mode) {
             (None, _) => format!(
@@ -1055,16 +1112,6 @@ impl StateSink {
             format!("truncating {}", mirror.qualified),
         ))?;
         Ok(())
-    }
-}
-
-/// The table name a truncate watermark is kept under: the mirror name, or the mapped table's
-/// own name (mapped changes already carry the target table).
-fn table_name(mapped_tables: &HashMap<TableId, Mirror>, table: &TableId) -> String {
-    if mapped_tables.contains_key(table) {
-        table.table.clone()
-    } else {
-        mirror_name(table)
     }
 }
 
