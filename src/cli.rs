@@ -19,6 +19,15 @@ pub fn bad_arguments<T>(message: impl Into<String>) -> anyhow::Result<T> {
     Err(BadArguments(message.into()).into())
 }
 
+/// The async runtime every binary runs on. Its threads have stacks deep enough for JSON
+/// documents as deep as jsonb takes ([`crate::envelope::json`]).
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_stack_size(crate::envelope::json::THREAD_STACK_BYTES)
+        .build()
+}
+
 pub fn run<F, Fut>(program: &str, config_path: Option<&Path>, command: F) -> ExitCode
 where
     F: FnOnce(Config) -> Fut,
@@ -32,10 +41,7 @@ where
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("{program}: cannot start the async runtime: {e}");

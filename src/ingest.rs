@@ -133,6 +133,8 @@ pub async fn run(
         let chunk = config.batch.max_records.clamp(100, 5000);
         std::thread::Builder::new()
             .name("kafka-poll".into())
+            // Decodes records: as deep as envelope::json allows.
+            .stack_size(crate::envelope::json::THREAD_STACK_BYTES)
             .spawn(move || crate::source::run_poll_loop(consumer, tx, stop, chunk))?
     };
     // When shutdown starts, stop fetching at once; the pipeline drains what it already has.

@@ -1,6 +1,7 @@
 //! Decoding at the edge: one Kafka record becomes a typed [`ChangeEvent`], a counted
 //! [`Skip`], or a [`Reject`] with the reason. Nothing downstream reads the raw JSON again.
 
+pub mod json;
 pub mod schema;
 pub mod value;
 
@@ -301,6 +302,12 @@ impl Decoder {
         value: &[u8],
     ) -> Result<Decoded, String> {
         let text = std::str::from_utf8(value).map_err(|e| format!("value is not UTF-8: {e}"))?;
+        if let Some(depth) = json::exceeds_depth(value, json::MAX_DEPTH) {
+            return Err(json::too_deep_reason("the value", depth));
+        }
+        if let Some(depth) = key.and_then(|k| json::exceeds_depth(k, json::MAX_DEPTH)) {
+            return Err(json::too_deep_reason("the record key", depth));
+        }
         let outer = parse_wire(text)?;
         // {schema, payload} form: the row types come from the schema.
         let (wire, connect_schema) = match outer.payload {
@@ -359,7 +366,7 @@ impl Decoder {
             None => (None, None),
             Some(k) => {
                 let text = String::from_utf8_lossy(k);
-                let parsed = match serde_json::from_str::<Value>(&text) {
+                let parsed = match json::from_str::<Value>(&text) {
                     Ok(Value::Object(mut m))
                         if m.contains_key("payload") && m.contains_key("schema") =>
                     {
@@ -461,6 +468,7 @@ fn reject_kind(reason: &str) -> &'static str {
         ("not a Debezium envelope", "not_an_envelope"),
         ("unknown op", "unknown_op"),
         ("Connect schema", "bad_schema"),
+        ("levels deep", "too_deep"),
     ];
     KINDS
         .iter()
@@ -493,7 +501,7 @@ struct WireEnvelope<'a> {
 }
 
 fn parse_wire(text: &str) -> Result<WireEnvelope<'_>, String> {
-    serde_json::from_str(text).map_err(|e| match e.classify() {
+    json::from_str(text).map_err(|e| match e.classify() {
         serde_json::error::Category::Data => {
             format!("value is not a JSON object, so not a Debezium envelope: {e}")
         }
@@ -504,7 +512,7 @@ fn parse_wire(text: &str) -> Result<WireEnvelope<'_>, String> {
 /// Envelopes without `op`: Debezium heartbeats and transaction markers are skips; anything else
 /// is not an envelope. (A rare path: the value is parsed again, whole.)
 fn classify_non_change(coords: &KafkaCoordinates, text: &str) -> Result<Decoded, String> {
-    let payload: Map<String, Value> = match serde_json::from_str::<Map<String, Value>>(text) {
+    let payload: Map<String, Value> = match json::from_str::<Map<String, Value>>(text) {
         Ok(mut m) => match m.remove("payload") {
             Some(Value::Object(p)) => p,
             Some(other) => {

@@ -20,6 +20,12 @@ pub enum ColumnType {
     },
     /// Debezium `VariableScaleDecimal`: `{scale, value}` with a per-value scale.
     VariableDecimal,
+    /// A schemaless JSON integer beyond 64 bits, up to 76 digits: `numeric` in the mirror,
+    /// `decimal256(76, 0)` in the lake, every digit kept.
+    WideInteger,
+    /// A schemaless JSON integer of more than 76 digits: `numeric` in the mirror, exact text
+    /// in the lake.
+    HugeInteger,
     Text,
     Uuid,
     Json,
@@ -195,7 +201,12 @@ fn widens(a: &ColumnType, b: &ColumnType) -> bool {
     a == b
         || matches!(
             (a, b),
-            (Unknown, _) | (_, Unknown) | (Int64, Float64) | (Float64, Int64)
+            (Unknown, _)
+                | (_, Unknown)
+                | (Int64, Float64)
+                | (Float64, Int64)
+                | (Int64 | WideInteger | HugeInteger, WideInteger | HugeInteger)
+                | (WideInteger | HugeInteger, Int64)
         )
 }
 
@@ -206,17 +217,35 @@ fn widen(a: &ColumnType, b: &ColumnType) -> ColumnType {
         (Unknown, y) => y.clone(),
         (x, Unknown) => x.clone(),
         (Int64, Float64) | (Float64, Int64) => Float64,
+        // Integers widen to the width that holds every value exactly.
+        (HugeInteger, Int64 | WideInteger) | (Int64 | WideInteger, HugeInteger) => HugeInteger,
+        (WideInteger, Int64) | (Int64, WideInteger) => WideInteger,
         // Irreconcilable: keep the first type; the sinks decide whether a value fits.
         (x, _) => x.clone(),
     }
+}
+
+/// The type of an integer literal that does not fit `i64` (None for a float: a fraction or an
+/// exponent). serde_json keeps the literal's digits (`arbitrary_precision`).
+fn integer_width(n: &serde_json::Number) -> Option<ColumnType> {
+    let text = n.to_string();
+    let digits = text.strip_prefix('-').unwrap_or(&text);
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(if digits.len() <= 76 {
+        ColumnType::WideInteger
+    } else {
+        ColumnType::HugeInteger
+    })
 }
 
 fn infer_type(v: &Value) -> ColumnType {
     match v {
         Value::Null => ColumnType::Unknown,
         Value::Bool(_) => ColumnType::Boolean,
-        Value::Number(n) if n.is_i64() || n.is_u64() => ColumnType::Int64,
-        Value::Number(_) => ColumnType::Float64,
+        Value::Number(n) if n.is_i64() => ColumnType::Int64,
+        Value::Number(n) => integer_width(n).unwrap_or(ColumnType::Float64),
         Value::String(_) => ColumnType::Text,
         Value::Array(_) | Value::Object(_) => ColumnType::Json,
     }

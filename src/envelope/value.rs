@@ -29,6 +29,8 @@ pub enum ValueError {
     OutOfRange(i64),
     #[error("the JSON document holds \\u0000, which jsonb cannot store (the raw log's envelope and the lake keep it)")]
     JsonbNul,
+    #[error("{}", super::json::too_deep_reason("the JSON document", *.0))]
+    TooDeep(usize),
 }
 
 fn shape(ty: &ColumnType, expected: &'static str, v: &Value) -> ValueError {
@@ -330,11 +332,16 @@ pub fn to_sql_json(ty: &ColumnType, v: &Value) -> Result<Value, ValueError> {
         },
         // io.debezium.data.Json arrives as a string holding JSON; store the document itself.
         ColumnType::Json => match v {
-            Value::String(s) => match serde_json::from_str::<Value>(s) {
-                Ok(doc) if holds_nul(&doc) => return Err(ValueError::JsonbNul),
-                Ok(doc) => doc,
-                Err(_) => v.clone(),
-            },
+            Value::String(s) => {
+                match super::json::exceeds_depth(s.as_bytes(), super::json::MAX_DEPTH) {
+                    Some(depth) => return Err(ValueError::TooDeep(depth)),
+                    None => match super::json::from_str::<Value>(s) {
+                        Ok(doc) if holds_nul(&doc) => return Err(ValueError::JsonbNul),
+                        Ok(doc) => doc,
+                        Err(_) => v.clone(),
+                    },
+                }
+            }
             _ => v.clone(),
         },
         ColumnType::Array(elem) => match v {

@@ -24,7 +24,7 @@ use tokio_postgres::Client;
 use super::Selection;
 use crate::domain::{KafkaCoordinates, TableId, TopicPartition};
 use crate::envelope::{
-    parse_source, ChangeEvent, Column, Decoded, Decoder, Op, RowSchema, ValueForm,
+    json, parse_source, ChangeEvent, Column, Decoded, Decoder, Op, RowSchema, ValueForm,
 };
 use crate::sink::lake::manifest::{Commit, Layout};
 use crate::sink::lake::read_commits;
@@ -157,11 +157,19 @@ fn raw_change(
         offset: r.get(2),
         timestamp_ms: r.get(3),
     };
-    let key: Option<Value> = r.get(4);
+    // The JSON columns arrive as text and parse as deep as jsonb holds (envelope::json);
+    // tokio-postgres's own jsonb decoding stops at 128 levels.
+    let json_column = |i: usize| -> anyhow::Result<Option<Value>> {
+        r.get::<_, Option<String>>(i)
+            .map(|t| json::from_str::<Value>(&t))
+            .transpose()
+            .with_context(|| format!("{coords:?}: column {i} of the raw log is not JSON"))
+    };
+    let key: Option<Value> = json_column(4)?;
     let op_code: String = r.get(5);
     let op = Op::parse(&op_code).with_context(|| format!("{coords:?}: unknown op {op_code:?}"))?;
-    let before = into_map(r.get(6));
-    let after = into_map(r.get(7));
+    let before = into_map(json_column(6)?);
+    let after = into_map(json_column(7)?);
     let source_text: String = r.get(8);
     let source_json = RawValue::from_string(source_text)?;
     let (source, table) = parse_source(&source_json).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -211,7 +219,7 @@ pub async fn read_raw(client: Client, sel: Selection) -> anyhow::Result<Chunks> 
             let sql = format!(
                 "SELECT kafka_topic, kafka_partition, kafka_offset,
                         (extract(epoch FROM kafka_timestamp) * 1000)::bigint,
-                        event_key, operation, before_data, after_data,
+                        event_key::text, operation, before_data::text, after_data::text,
                         source_metadata::text, transaction_data::text, row_schema
                    FROM cdc_raw.cdc_events WHERE {filter}
                   ORDER BY kafka_topic, kafka_partition, kafka_offset"

@@ -46,6 +46,7 @@ pub fn arrow_type(ty: &ColumnType) -> DataType {
         } if *scale >= 0 && i16::from(*scale) <= i16::from(*p) && *p <= 76 => {
             DataType::Decimal256(*p, *scale)
         }
+        ColumnType::WideInteger => DataType::Decimal256(76, 0),
         ColumnType::Bytes => DataType::Binary,
         ColumnType::Date => DataType::Date32,
         ColumnType::Time(_) | ColumnType::TimeTz => DataType::Time64(ArrowUnit::Microsecond),
@@ -110,6 +111,15 @@ fn build_column(ty: &ColumnType, values: &[Option<&Value>]) -> ArrayRef {
             }
             Arc::new(b.finish()) as ArrayRef
         }};
+    }
+    if *ty == ColumnType::WideInteger {
+        // From the JSON literal's digits (Int64 values widened into the column included).
+        let b = Decimal256Builder::new()
+            .with_precision_and_scale(76, 0)
+            .expect("valid precision");
+        return build!(b, |v: &Value| v
+            .as_number()
+            .and_then(|n| i256::from_string(&n.to_string())));
     }
     match arrow_type(ty) {
         DataType::Boolean => build!(BooleanBuilder::new(), Value::as_bool),

@@ -243,8 +243,11 @@ impl LakeSink {
                 )
                 .await
                 .map_err(store_err(&pending_path))?;
-            let uploads = paths.iter().map(|(path, (table, date), f)| {
+            let uploads = paths.iter().map(|(path, (_, date), f)| {
                 let store = self.store.clone();
+                // The source table as the raw log names it (`source_table`), which prune and
+                // replay match against; the directory is only where the file lives.
+                let table = f.events[0].table.to_string();
                 async move {
                     let bytes = encode::encode_parquet(&f.events, &f.schema).map_err(|reason| {
                         SinkError::Encode {

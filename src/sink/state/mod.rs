@@ -88,7 +88,10 @@ pub fn pg_type(ty: &ColumnType) -> Option<String> {
         } if *scale >= 0 && i16::from(*scale) <= i16::from(*p) && *p <= 200 => {
             format!("numeric({p},{scale})")
         }
-        ColumnType::Decimal { .. } | ColumnType::VariableDecimal => "numeric".into(),
+        ColumnType::Decimal { .. }
+        | ColumnType::VariableDecimal
+        | ColumnType::WideInteger
+        | ColumnType::HugeInteger => "numeric".into(),
         ColumnType::Text => "text".into(),
         ColumnType::Uuid => "uuid".into(),
         ColumnType::Json => "jsonb".into(),
@@ -126,6 +129,8 @@ struct Mirror {
     /// The mapping's row filter; `None` for mirrors.
     mapped: Option<MappedTable>,
     merge_sql: Option<String>,
+    /// Columns known to be `numeric` already, so integers beyond 64 bits fit them.
+    numeric: std::collections::BTreeSet<String>,
 }
 
 /// How a mapped table differs from a mirror: it keeps its own columns plus `__cdc_position`
@@ -258,6 +263,7 @@ impl StateSink {
                     filter: m.filter.clone(),
                 }),
                 merge_sql: None,
+                numeric: Default::default(),
             };
             if let Some(other) = self.mapped_tables.get(&table) {
                 if other.columns != mirror.columns || other.key != mirror.key {
@@ -914,9 +920,11 @@ impl StateSink {
                     delete_mode: self.delete_mode,
                     mapped: None,
                     merge_sql: None,
+                    numeric: Default::default(),
                 },
             );
         }
+        self.widen_integer_columns(tx, dest, &schema).await?;
         let mirror = self.mirrors.get_mut(&dest.name).expect("inserted above");
         let mut added = Vec::new();
         for col in &schema.columns {
@@ -945,6 +953,73 @@ impl StateSink {
             ))?;
             mirror.merge_sql = None;
             tracing::info!(table = %mirror.qualified, columns = added.len(), "added mirror columns");
+        }
+        Ok(())
+    }
+
+    /// Integers beyond 64 bits (schemaless input) in a column that holds integers: the column
+    /// becomes `numeric`, so every digit is kept. If PostgreSQL refuses (a view depends on the
+    /// column, say), the column stays and values that do not fit are rejected with the reason.
+    async fn widen_integer_columns(
+        &mut self,
+        tx: &Transaction<'_>,
+        dest: &Dest,
+        schema: &RowSchema,
+    ) -> Result<(), SinkError> {
+        let mirror = self
+            .mirrors
+            .get_mut(&dest.name)
+            .expect("ensured by the caller");
+        let wide: Vec<String> = schema
+            .columns
+            .iter()
+            .filter(|c| matches!(c.ty, ColumnType::WideInteger | ColumnType::HugeInteger))
+            .filter(|c| mirror.columns.contains(&c.name) && !mirror.numeric.contains(&c.name))
+            .map(|c| c.name.clone())
+            .collect();
+        for column in wide {
+            let ty: Option<String> = tx
+                .query_opt(
+                    "SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
+                      WHERE a.attrelid = to_regclass($1) AND a.attname = $2 AND NOT a.attisdropped",
+                    &[&mirror.qualified, &column],
+                )
+                .await
+                .map_err(pg_err(
+                    self.name,
+                    format!("reading the type of {}.{column}", mirror.qualified),
+                ))?
+                .map(|r| r.get(0));
+            if matches!(ty.as_deref(), Some("smallint" | "integer" | "bigint")) {
+                let q = quote_ident(&column).map_err(|reason| SinkError::Encode {
+                    table: dest.table.to_string(),
+                    reason,
+                })?;
+                savepoint(tx, self.name, "SAVEPOINT cdc_widen").await?;
+                let altered = tx
+                    .batch_execute(&format!(
+                        "ALTER TABLE {} ALTER COLUMN {q} TYPE numeric",
+                        mirror.qualified
+                    ))
+                    .await;
+                match altered {
+                    Ok(()) => {
+                        savepoint(tx, self.name, "RELEASE SAVEPOINT cdc_widen").await?;
+                        mirror.merge_sql = None;
+                        tracing::info!(table = %mirror.qualified, column = %column, "widened a mirror column to numeric for integers beyond 64 bits");
+                    }
+                    Err(e) => {
+                        savepoint(
+                            tx,
+                            self.name,
+                            "ROLLBACK TO SAVEPOINT cdc_widen; RELEASE SAVEPOINT cdc_widen",
+                        )
+                        .await?;
+                        tracing::warn!(table = %mirror.qualified, column = %column, error = %super::pg_detail(&e), "cannot widen the column to numeric; integers beyond 64 bits in it are rejected");
+                    }
+                }
+            }
+            mirror.numeric.insert(column);
         }
         Ok(())
     }
@@ -1090,6 +1165,7 @@ impl StateSink {
                     delete_mode: self.delete_mode,
                     mapped: None,
                     merge_sql: None,
+                    numeric: Default::default(),
                 })
             }
         };

@@ -10,7 +10,8 @@ use super::{pg_err, Dest, StateSink};
 use crate::domain::{SourceDb, TableId};
 use crate::envelope::ChangeEvent;
 use crate::naming::MirrorNaming;
-use crate::sink::{SinkError, WriteStats};
+use crate::sink::ident::quote_ident;
+use crate::sink::{savepoint, ErrorClass, SinkError, WriteStats};
 
 /// The source a mirror belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +34,10 @@ impl StateSink {
         if self.mapped_tables.contains_key(&dest.table) || events.is_empty() {
             return Ok(events);
         }
+        if quote_ident(&dest.name).is_err() {
+            // No mirror can have this name: apply_changes rejects each change with the reason.
+            return Ok(events);
+        }
         let owner = match self.owners.get(&dest.name) {
             Some(o) => o.clone(),
             None => {
@@ -40,9 +45,33 @@ impl StateSink {
                     source: events[0].source_db(),
                     table: dest.table.clone(),
                 };
-                let owner = self.claim(tx, dest, claimant).await?;
-                self.owners.insert(dest.name.clone(), owner.clone());
-                owner
+                // In a savepoint: a source name PostgreSQL cannot store as text (a NUL byte)
+                // rejects these changes instead of failing the batch.
+                savepoint(tx, self.name, "SAVEPOINT cdc_claim").await?;
+                match self.claim(tx, dest, claimant).await {
+                    Ok(owner) => {
+                        savepoint(tx, self.name, "RELEASE SAVEPOINT cdc_claim").await?;
+                        self.owners.insert(dest.name.clone(), owner.clone());
+                        owner
+                    }
+                    Err(e) if e.class() == ErrorClass::BadData => {
+                        savepoint(
+                            tx,
+                            self.name,
+                            "ROLLBACK TO SAVEPOINT cdc_claim; RELEASE SAVEPOINT cdc_claim",
+                        )
+                        .await?;
+                        let reason = format!(
+                            "cannot apply to {}.{} (source {}): {e}; the raw log and the lake keep the change",
+                            self.schema, dest.name, dest.table
+                        );
+                        for ev in events {
+                            self.reject_one(tx, ev, &reason, stats).await?;
+                        }
+                        return Ok(Vec::new());
+                    }
+                    Err(e) => return Err(e),
+                }
             }
         };
         let mut own = Vec::with_capacity(events.len());
