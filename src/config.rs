@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use regex::Regex;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
@@ -279,6 +280,12 @@ pub struct StateConfig {
     /// Mirror name template over `{server} {db} {schema} {table}` (crate::naming). Unset: the
     /// table for `public`, `schema.table` otherwise, and one source database per mirror.
     pub table_name: Option<String>,
+    /// SQL types for mirror columns of schemaless sources, by `schema.table` then column
+    /// (`created_at = "timestamptz"`): used when the column is created, and schemaless values
+    /// are converted to them (as to any existing column's type; crate::sink::coerce).
+    pub column_types: BTreeMap<String, BTreeMap<String, String>>,
+    /// The connector's `time.precision.mode`: the unit of schemaless epoch numbers.
+    pub time_precision_mode: TimePrecisionMode,
 }
 
 impl Default for StateConfig {
@@ -289,6 +296,8 @@ impl Default for StateConfig {
             delete_mode: DeleteMode::Delete,
             key_columns: BTreeMap::new(),
             table_name: None,
+            column_types: BTreeMap::new(),
+            time_precision_mode: TimePrecisionMode::Adaptive,
         }
     }
 }
@@ -318,6 +327,12 @@ pub struct TargetConfig {
     /// As `state.table_name`, for this target.
     #[serde(default)]
     pub table_name: Option<String>,
+    /// As `state.column_types`, for this target.
+    #[serde(default)]
+    pub column_types: BTreeMap<String, BTreeMap<String, String>>,
+    /// As `state.time_precision_mode`, for this target.
+    #[serde(default)]
+    pub time_precision_mode: TimePrecisionMode,
     /// SQL files run (in order) whenever the target is opened: the tables the mappings write
     /// and the views over them. They must be idempotent (`IF NOT EXISTS`, `OR REPLACE`).
     /// Relative paths start at the config file's directory (the working directory for the
@@ -361,6 +376,20 @@ pub struct MappingConfig {
     /// `{ source = "lsn" | "ts_ms" | "db" | ... }` or `{ meta = "op" | "synced_at" | ... }`.
     #[serde(default)]
     pub columns: BTreeMap<String, toml::Value>,
+}
+
+/// Debezium's `time.precision.mode`, which says what unit schemaless epoch numbers are in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TimePrecisionMode {
+    /// Debezium's default: `timestamp(0..3)` and `time(0..3)` in milliseconds, higher
+    /// precisions in microseconds.
+    #[default]
+    Adaptive,
+    /// As `adaptive`, but every `time` in microseconds.
+    AdaptiveTimeMicroseconds,
+    /// Kafka Connect's types: every time and timestamp in milliseconds (the seeds' setting).
+    Connect,
 }
 
 /// Unit of epoch numbers in temporal columns.
@@ -633,6 +662,28 @@ impl Config {
                 .iter()
                 .map(|(n, t)| (format!("targets.{n}"), &t.table_name)),
         );
+        let column_types = std::iter::once(("state".to_string(), &self.state.column_types)).chain(
+            self.targets
+                .iter()
+                .map(|(n, t)| (format!("targets.{n}"), &t.column_types)),
+        );
+        let sql_type = Regex::new(r"^[A-Za-z][A-Za-z0-9_ ,()\[\]]*$").expect("valid regex");
+        for (section, tables) in column_types {
+            for (table, columns) in tables {
+                if !table.contains('.') {
+                    return bad(format!(
+                        "{section}.column_types.\"{table}\" needs a schema.table name"
+                    ));
+                }
+                for (column, ty) in columns {
+                    if !sql_type.is_match(ty) {
+                        return bad(format!(
+                            "{section}.column_types.\"{table}\".{column} = {ty:?} is not an SQL type name"
+                        ));
+                    }
+                }
+            }
+        }
         for (section, template) in templates {
             crate::naming::MirrorNaming::from_config(template.as_deref())
                 .map_err(|e| ConfigError::Invalid(format!("{section}.{e}")))?;
@@ -721,6 +772,8 @@ impl Config {
                     delete_mode: t.delete_mode,
                     key_columns: t.key_columns.clone(),
                     table_name: t.table_name.clone(),
+                    column_types: t.column_types.clone(),
+                    time_precision_mode: t.time_precision_mode,
                 },
                 setup_sql: t.setup_sql_resolved.clone(),
                 mappings: t.mappings.clone(),

@@ -252,6 +252,8 @@ fn scratch_sink(target: &Target, schema: &str, config: &Config) -> StateSink {
             delete_mode: target.state.delete_mode,
             key_columns: target.state.key_columns.clone(),
             table_name: target.state.table_name.clone(),
+            column_types: target.state.column_types.clone(),
+            time_precision_mode: target.state.time_precision_mode,
         },
         config.kafka.checkpoint_name().to_string(),
     )

@@ -12,15 +12,15 @@
 
 use std::sync::Arc;
 
-use chrono::{DateTime, NaiveDate, Utc};
 use regex::Regex;
 use serde_json::{Map, Value};
 use tokio_postgres::Client;
 
+use super::coerce::{decimal, epoch, epoch_days, epoch_to, numeric_scale, Kind};
 use super::ident::{is_valid_ident, quote_ident};
 use crate::config::{DeleteMode, EpochUnit, MappingConfig};
 use crate::domain::TableId;
-use crate::envelope::value::{decimal_string, micros_to_naive_string, UNAVAILABLE_VALUE};
+use crate::envelope::value::UNAVAILABLE_VALUE;
 use crate::envelope::{ChangeEvent, Op, RowSchema, ValueForm};
 
 /// The ordering guard of a mapped table: `[commit_lsn, lsn, kafka_offset]` of the change that
@@ -74,48 +74,6 @@ enum Transform {
     Decimal {
         scale: Option<i32>,
     },
-}
-
-/// What a target column holds, as far as conversions care (from the catalog).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    TimestampTz,
-    Timestamp,
-    Date,
-    Time,
-    Numeric { scale: Option<i32> },
-    Integer,
-    Float,
-    Text,
-    Other,
-}
-
-impl Kind {
-    fn of(typname: &str, formatted: &str) -> Kind {
-        match typname {
-            "timestamptz" => Kind::TimestampTz,
-            "timestamp" => Kind::Timestamp,
-            "date" => Kind::Date,
-            "time" => Kind::Time,
-            "numeric" => Kind::Numeric {
-                scale: formatted
-                    .strip_prefix("numeric(")
-                    .and_then(|r| r.split_once(',')?.1.strip_suffix(')')?.parse().ok()),
-            },
-            "int2" | "int4" | "int8" => Kind::Integer,
-            "float4" | "float8" => Kind::Float,
-            "text" | "varchar" | "bpchar" | "name" => Kind::Text,
-            _ => Kind::Other,
-        }
-    }
-
-    fn temporal(self) -> bool {
-        matches!(self, Kind::TimestampTz | Kind::Timestamp | Kind::Date)
-    }
-
-    fn numeric(self) -> bool {
-        matches!(self, Kind::Numeric { .. } | Kind::Integer | Kind::Float)
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -697,14 +655,8 @@ fn convert(v: &Value, c: &ColumnMap, unit: EpochUnit) -> Result<Value, String> {
         Transform::Epoch(unit) => epoch(v, unit, c.kind),
         Transform::Decimal { scale } => decimal(v, scale.or(numeric_scale(c.kind))),
         Transform::Auto => match c.kind {
-            Kind::Date if v.is_i64() => {
-                // Debezium's Date: days since the epoch.
-                let days = v.as_i64().expect("checked");
-                NaiveDate::from_ymd_opt(1970, 1, 1)
-                    .and_then(|d| d.checked_add_signed(chrono::Duration::try_days(days)?))
-                    .map(|d| Value::String(d.to_string()))
-                    .ok_or_else(|| format!("{days} days is outside the date range"))
-            }
+            // Debezium's Date: days since the epoch.
+            Kind::Date if v.is_i64() => epoch_days(v.as_i64().expect("checked")),
             Kind::TimestampTz | Kind::Timestamp | Kind::Time if v.is_number() => {
                 epoch(v, unit, c.kind)
             }
@@ -712,89 +664,6 @@ fn convert(v: &Value, c: &ColumnMap, unit: EpochUnit) -> Result<Value, String> {
             _ => Ok(v.clone()),
         },
     }
-}
-
-fn numeric_scale(kind: Kind) -> Option<i32> {
-    match kind {
-        Kind::Numeric { scale } => scale,
-        _ => None,
-    }
-}
-
-/// An epoch number (in `unit`) as the column's type; strings are already timestamps.
-fn epoch(v: &Value, unit: EpochUnit, kind: Kind) -> Result<Value, String> {
-    if v.is_string() {
-        return Ok(v.clone());
-    }
-    let n = v
-        .as_i64()
-        .or_else(|| v.as_f64().map(|f| f.trunc() as i64))
-        .ok_or_else(|| format!("expected an epoch number, got {v}"))?;
-    let micros = match unit {
-        EpochUnit::Ms => n
-            .checked_mul(1000)
-            .ok_or_else(|| format!("{n} ms is out of range"))?,
-        EpochUnit::Us => n,
-    };
-    epoch_to(micros, kind)
-}
-
-fn epoch_to(micros: i64, kind: Kind) -> Result<Value, String> {
-    let out_of_range = || format!("{micros} µs since the epoch is outside the timestamp range");
-    Ok(Value::String(match kind {
-        Kind::Timestamp => micros_to_naive_string(micros).map_err(|e| e.to_string())?,
-        Kind::Date => DateTime::<Utc>::from_timestamp_micros(micros)
-            .ok_or_else(out_of_range)?
-            .date_naive()
-            .to_string(),
-        Kind::Time => {
-            let day = 86_400_000_000i64;
-            let t = micros.rem_euclid(day);
-            format!(
-                "{:02}:{:02}:{:02}.{:06}",
-                t / 3_600_000_000,
-                t / 60_000_000 % 60,
-                t / 1_000_000 % 60,
-                t % 1_000_000
-            )
-        }
-        _ => DateTime::<Utc>::from_timestamp_micros(micros)
-            .ok_or_else(out_of_range)?
-            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-    }))
-}
-
-/// A Debezium decimal as a number: doubles and decimal strings pass, base64 unscaled bytes
-/// (precise mode without a schema) need the scale, `{scale, value}` carries its own.
-fn decimal(v: &Value, scale: Option<i32>) -> Result<Value, String> {
-    match v {
-        Value::Number(_) => Ok(v.clone()),
-        Value::String(s) if is_decimal_literal(s) => Ok(v.clone()),
-        Value::String(s) => {
-            let scale = scale.ok_or_else(|| {
-                format!("{s:?} is a binary decimal; give its scale (scale = N, or a numeric(p,s) column)")
-            })?;
-            decimal_string(s, scale)
-                .map(Value::String)
-                .map_err(|e| e.to_string())
-        }
-        Value::Object(o) => match (o.get("scale").and_then(Value::as_i64), o.get("value")) {
-            (Some(scale), Some(Value::String(b64))) => decimal_string(b64, scale as i32)
-                .map(Value::String)
-                .map_err(|e| e.to_string()),
-            _ => Err(format!("{v} is not a Debezium decimal")),
-        },
-        other => Err(format!("{other} is not a decimal")),
-    }
-}
-
-fn is_decimal_literal(s: &str) -> bool {
-    let s = s.strip_prefix('-').unwrap_or(s);
-    let (int, frac) = s.split_once('.').unwrap_or((s, ""));
-    !(int.is_empty() && frac.is_empty())
-        && int.bytes().all(|b| b.is_ascii_digit())
-        && frac.bytes().all(|b| b.is_ascii_digit())
-        || matches!(s, "NaN" | "Infinity")
 }
 
 #[cfg(test)]

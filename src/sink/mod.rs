@@ -15,6 +15,7 @@
 //! Every sink passes the same conformance suite (`tests/sink_conformance.rs`).
 
 pub mod checkpoint;
+pub mod coerce;
 pub mod ident;
 pub mod lake;
 pub mod mapping;

@@ -16,11 +16,14 @@ use tokio_postgres::{Client, Transaction};
 
 pub mod sources;
 
+use super::coerce::ColumnCoercion;
 use super::ident::quote_ident;
 use super::mapping::{Mapping, DELETED_COLUMN, POSITION_COLUMN};
 use super::{checkpoint, savepoint, Ack, Bisect, ErrorClass, Offsets, Sink, SinkError, WriteStats};
 use crate::batch::Batch;
-use crate::config::{DeleteMode, PostgresConfig, StateConfig, Target, PROCESSED_TARGET};
+use crate::config::{
+    DeleteMode, PostgresConfig, StateConfig, Target, TimePrecisionMode, PROCESSED_TARGET,
+};
 use crate::domain::{TableId, TopicPartition};
 use crate::envelope::value::UNAVAILABLE_VALUE;
 use crate::envelope::{ChangeEvent, ColumnType, Decoded, Op, RowSchema, TimeUnit};
@@ -131,6 +134,9 @@ struct Mirror {
     merge_sql: Option<String>,
     /// Columns known to be `numeric` already, so integers beyond 64 bits fit them.
     numeric: std::collections::BTreeSet<String>,
+    /// How schemaless values convert to the mirror's column types, by column (read from the
+    /// catalog after the table is made to fit; None until then).
+    coercions: Option<HashMap<String, ColumnCoercion>>,
 }
 
 /// How a mapped table differs from a mirror: it keeps its own columns plus `__cdc_position`
@@ -149,6 +155,9 @@ pub struct StateSink {
     delete_mode: DeleteMode,
     /// Configured key columns of keyless source tables, by `schema.table`.
     key_columns: BTreeMap<String, Vec<String>>,
+    /// Declared SQL types of schemaless sources' mirror columns (`column_types`).
+    column_types: BTreeMap<String, BTreeMap<String, String>>,
+    time_precision_mode: TimePrecisionMode,
     client: Option<Client>,
     /// How source tables name their mirrors (`table_name`).
     naming: MirrorNaming,
@@ -186,6 +195,8 @@ impl StateSink {
             schema: cfg.schema.clone(),
             delete_mode: cfg.delete_mode,
             key_columns: cfg.key_columns.clone(),
+            column_types: cfg.column_types.clone(),
+            time_precision_mode: cfg.time_precision_mode,
             client: None,
             naming: MirrorNaming::from_config(cfg.table_name.as_deref())
                 .expect("validated with the config"),
@@ -264,6 +275,7 @@ impl StateSink {
                 }),
                 merge_sql: None,
                 numeric: Default::default(),
+                coercions: None,
             };
             if let Some(other) = self.mapped_tables.get(&table) {
                 if other.columns != mirror.columns || other.key != mirror.key {
@@ -599,7 +611,14 @@ impl StateSink {
                     };
                     if !narrowed {
                         narrowed = true;
-                        tracing::warn!(table = %table, error = %e, "set-based apply failed on data; narrowing it down to the changes that cause it");
+                        // A conversion reason may quote the value: it goes to cdc_rejects only.
+                        let error = match &e {
+                            SinkError::Value { .. } => {
+                                "a value does not convert for its column (the reason is in cdc_rejects)".to_string()
+                            }
+                            other => other.to_string(),
+                        };
+                        tracing::warn!(table = %table, error = %error, "set-based apply failed on data; narrowing it down to the changes that cause it");
                     }
                     if let Some(i) = bisect.failed(range) {
                         let reason = self.reject_reason(tx, dest, usable[i], &e).await;
@@ -866,14 +885,17 @@ impl StateSink {
                 let mut created = Vec::new();
                 for k in key.iter().filter(|k| schema.column(k).is_none()) {
                     cols.push(format!(
-                        "{} text NOT NULL",
-                        quote_ident(k).map_err(bad_ident)?
+                        "{} {} NOT NULL",
+                        quote_ident(k).map_err(bad_ident)?,
+                        declared_type(&self.column_types, table, k).unwrap_or("text")
                     ));
                     created.push(k.clone());
                 }
                 for c in &schema.columns {
-                    let Some(ty) =
-                        pg_type(&c.ty).or_else(|| key.contains(&c.name).then(|| "text".into()))
+                    let Some(ty) = declared_type(&self.column_types, table, &c.name)
+                        .map(str::to_string)
+                        .or_else(|| pg_type(&c.ty))
+                        .or_else(|| key.contains(&c.name).then(|| "text".into()))
                     else {
                         continue;
                     };
@@ -906,6 +928,30 @@ impl StateSink {
                 tracing::info!(table = %qualified, key = ?key, "created mirror table");
                 created
             } else {
+                // A table the user created may lack cdc-lake's metadata columns.
+                let missing: Vec<String> = META_COLUMNS
+                    .iter()
+                    .filter(|(m, _)| !existing.iter().any(|c| c == m))
+                    .map(|(m, ty)| {
+                        // Rows already there get a position of 0, so any change passes the
+                        // ordering guard.
+                        let default = match *ty {
+                            t if t.contains("DEFAULT") || !t.contains("NOT NULL") => "",
+                            t if t.starts_with("text") => " DEFAULT 'r'",
+                            _ => " DEFAULT 0",
+                        };
+                        format!("ADD COLUMN IF NOT EXISTS {m} {ty}{default}")
+                    })
+                    .collect();
+                if !missing.is_empty() {
+                    tx.batch_execute(&format!("ALTER TABLE {qualified} {}", missing.join(", ")))
+                        .await
+                        .map_err(pg_err(
+                            self.name,
+                            format!("adding cdc-lake's metadata columns to {qualified}"),
+                        ))?;
+                    tracing::info!(table = %qualified, columns = missing.len(), "added metadata columns to an existing table");
+                }
                 existing
                     .into_iter()
                     .filter(|c| !c.starts_with("cdc_"))
@@ -921,6 +967,7 @@ impl StateSink {
                     mapped: None,
                     merge_sql: None,
                     numeric: Default::default(),
+                    coercions: None,
                 },
             );
         }
@@ -931,7 +978,12 @@ impl StateSink {
             if mirror.columns.contains(&col.name) {
                 continue;
             }
-            let Some(ty) = pg_type(&col.ty) else { continue };
+            let Some(ty) = declared_type(&self.column_types, table, &col.name)
+                .map(str::to_string)
+                .or_else(|| pg_type(&col.ty))
+            else {
+                continue;
+            };
             check_not_metadata(table, &col.name)?;
             let q = quote_ident(&col.name).map_err(|reason| SinkError::Encode {
                 table: table.to_string(),
@@ -952,7 +1004,32 @@ impl StateSink {
                 format!("adding columns to {}", mirror.qualified),
             ))?;
             mirror.merge_sql = None;
+            mirror.coercions = None;
             tracing::info!(table = %mirror.qualified, columns = added.len(), "added mirror columns");
+        }
+        if mirror.coercions.is_none() && mirror.mapped.is_none() {
+            let rows = tx
+                .query(
+                    "SELECT a.attname::text, t.typname::text, format_type(a.atttypid, a.atttypmod)
+                       FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+                      WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
+                    &[&mirror.qualified],
+                )
+                .await
+                .map_err(pg_err(
+                    self.name,
+                    format!("reading the column types of {}", mirror.qualified),
+                ))?;
+            let mode = self.time_precision_mode;
+            mirror.coercions = Some(
+                rows.iter()
+                    .filter(|r| !is_metadata_column(r.get::<_, &str>(0)))
+                    .filter_map(|r| {
+                        let c = ColumnCoercion::of(r.get(1), r.get(2), mode)?;
+                        Some((r.get::<_, String>(0), c))
+                    })
+                    .collect(),
+            );
         }
         Ok(())
     }
@@ -1006,6 +1083,7 @@ impl StateSink {
                     Ok(()) => {
                         savepoint(tx, self.name, "RELEASE SAVEPOINT cdc_widen").await?;
                         mirror.merge_sql = None;
+                        mirror.coercions = None;
                         tracing::info!(table = %mirror.qualified, column = %column, "widened a mirror column to numeric for integers beyond 64 bits");
                     }
                     Err(e) => {
@@ -1049,6 +1127,29 @@ impl StateSink {
                         reason,
                     })?,
             });
+        }
+        // Schemaless values into columns with real types (user-created or `column_types`).
+        let coercions = self
+            .mirrors
+            .get(&dest.name)
+            .and_then(|m| m.coercions.as_ref())
+            .filter(|c| !c.is_empty());
+        if let Some(coercions) = coercions {
+            for (e, row) in events.iter().zip(rows.iter_mut()) {
+                if e.schema.declared {
+                    continue;
+                }
+                for (column, coercion) in coercions {
+                    let Some(v) = row.get(column) else { continue };
+                    let converted = coercion.convert(v).map_err(|reason| SinkError::Value {
+                        table: table.to_string(),
+                        reason: format!("column {column}: {reason}"),
+                    })?;
+                    if let Some(converted) = converted {
+                        row.to_mut().insert(column.clone(), converted);
+                    }
+                }
+            }
         }
         let soft_mapped = self
             .mirrors
@@ -1166,6 +1267,7 @@ impl StateSink {
                     mapped: None,
                     merge_sql: None,
                     numeric: Default::default(),
+                    coercions: None,
                 })
             }
         };
@@ -1189,6 +1291,18 @@ impl StateSink {
         ))?;
         Ok(())
     }
+}
+
+/// The SQL type `column_types` declares for a column of `table`.
+fn declared_type<'a>(
+    column_types: &'a BTreeMap<String, BTreeMap<String, String>>,
+    table: &TableId,
+    column: &str,
+) -> Option<&'a str> {
+    column_types
+        .get(&table.to_string())?
+        .get(column)
+        .map(String::as_str)
 }
 
 /// A string as an SQL literal (for identifiers compared as values in generated SQL).
