@@ -435,7 +435,9 @@ def check(args, dsn, topic, prefix, delivered, watch, storm):
     state_rejects = {(p, o): r for p, o, r in query(dsn, "SELECT kafka_partition, kafka_offset, reason FROM cdc_raw.cdc_rejects WHERE kafka_topic = %s AND stage = 'state'", (topic,))}
     in_mirrors = set()
     for table in sorted({r["table"] for r in storm.values() if r["state"] == "stored"}):
-        quoted = '"' + table.replace('"', '""') + '"'
+        # The documented mirror name of a public table (docs/naming.md): `.` and `\` escaped by `\`.
+        mirror = table.replace("\\", "\\\\").replace(".", "\\.")
+        quoted = '"' + mirror.replace('"', '""') + '"'
         in_mirrors |= {(p, o) for p, o in query(dsn, f"SELECT cdc_kafka_partition, cdc_kafka_offset FROM cdc_processed.{quoted}")}
     storm_raw_wrong = [list(c) for c, r in storm.items() if (c in raw_stage) != r["raw_rejected"] or (c in raw_set) == r["raw_rejected"]]
     storm_state_wrong = [list(c) for c, r in storm.items()

@@ -52,8 +52,10 @@ tansu_bin() {
 
 # start_debezium NAME DB SLOT FORMAT [PROPERTY=VALUE...]: starts one real Debezium connector
 # (embedded engine + relay to the broker) unless it already runs. FORMAT is `seed` (the seeds'
-# settings: schemaless JSON, decimal.handling.mode=double, time.precision.mode=connect) or
-# `schema` ({schema, payload} JSON with Debezium's default type modes). Extra properties are
+# settings: schemaless JSON, decimal.handling.mode=double, time.precision.mode=connect),
+# `schema` ({schema, payload} JSON with Debezium's default type modes) or `strings` (schemaless,
+# decimal.handling.mode=string, time.precision.mode=adaptive_time_microseconds,
+# binary.handling.mode=hex). Extra properties are
 # appended last, so they override. Offsets live in $CDC_LAKE_RUN/debezium/NAME.
 start_debezium() {
   local name=$1 db=$2 slot=$3 format=$4; shift 4
@@ -94,7 +96,16 @@ key.converter.schemas.enable=true
 value.converter.schemas.enable=true
 PROPS
     ;;
-    *) die "unknown Debezium format '$format' (seed or schema)" ;;
+    strings) cat >> "$dir/connector.properties" <<PROPS
+converter.schemas.enable=false
+key.converter.schemas.enable=false
+value.converter.schemas.enable=false
+decimal.handling.mode=string
+time.precision.mode=adaptive_time_microseconds
+binary.handling.mode=hex
+PROPS
+    ;;
+    *) die "unknown Debezium format '$format' (seed, schema or strings)" ;;
   esac
   local prop
   for prop in "$@"; do echo "$prop" >> "$dir/connector.properties"; done

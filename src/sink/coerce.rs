@@ -198,6 +198,10 @@ pub fn epoch_to(micros: i64, kind: Kind) -> Result<Value, String> {
 pub fn decimal(v: &Value, scale: Option<i32>) -> Result<Value, String> {
     match v {
         Value::Number(_) => Ok(v.clone()),
+        // decimal.handling.mode=string spells numeric's special values as Java enum names.
+        Value::String(s) if s == "NAN" => Ok(Value::String("NaN".into())),
+        Value::String(s) if s == "POSITIVE_INFINITY" => Ok(Value::String("Infinity".into())),
+        Value::String(s) if s == "NEGATIVE_INFINITY" => Ok(Value::String("-Infinity".into())),
         Value::String(s) if is_decimal_literal(s) => Ok(v.clone()),
         Value::String(s) => {
             let scale = scale.ok_or_else(|| {

@@ -413,12 +413,15 @@ where
     }
 }
 
+/// The single bigint `sql` returns; −1 while a table it reads does not exist yet (a mirror the
+/// pod has not created), so waits can poll for it. Any other SQL error panics with the
+/// statement, so a typo fails at once instead of timing out.
 pub async fn count(client: &Client, sql: &str) -> i64 {
-    client
-        .query_one(sql, &[])
-        .await
-        .map(|r| r.get::<_, i64>(0))
-        .unwrap_or(-1)
+    match client.query_one(sql, &[]).await {
+        Ok(r) => r.get::<_, i64>(0),
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => -1,
+        Err(e) => panic!("{sql}: {e}"),
+    }
 }
 
 /// Every (topic, partition, offset) in the raw log, with how often it appears.

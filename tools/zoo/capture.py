@@ -9,7 +9,7 @@ samples' format: {"topic", "partition", "offset", "timestamp", "key", "value"}.
 The source database stays up (the live round-trip test compares against it); --drop removes it
 and the connector's slot afterwards.
 
-Usage: capture.py --format seed|schema --prefix NAME --out FILE [--drop]
+Usage: capture.py --format seed|schema|strings --prefix NAME --out FILE [--drop]
 """
 import argparse
 import json
@@ -116,7 +116,7 @@ class Reader:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--format", choices=["seed", "schema"], required=True)
+    ap.add_argument("--format", choices=["seed", "schema", "strings"], required=True)
     ap.add_argument("--prefix", required=True, help="topic prefix and connector name")
     ap.add_argument("--db", help="source database to create (default: the prefix)")
     ap.add_argument("--out", required=True, help="NDJSON file to write")

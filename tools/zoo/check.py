@@ -11,11 +11,13 @@ source side, so a mismatch always means cdc-lake changed a value:
 - seed (double decimals, connect time): decimals become doubles, times and timestamps lose
   their microseconds, and schemaless JSON cannot say that a number is a date or an interval,
   so the mirror keeps Debezium's numbers (days, milliseconds, microseconds) and bytea stays
-  base64 text.
+  base64 text;
+- strings (schemaless, string decimals, adaptive_time_microseconds, hex binary): decimals are
+  exact text, times microseconds, timestamp(3) milliseconds, bytea hex text.
 
 Usage:
   check.py --dump-source URL                     # canonical source rows, both settings (JSON)
-  check.py --format seed|schema (--source URL | --expected FILE)
+  check.py --format seed|schema|strings (--source URL | --expected FILE)
            --mirror URL [--mirror-schema S] [--lake-dir DIR | --lake-s3 ENDPOINT BUCKET PREFIX]
 Prints {"compared": {...}, "mismatches": [...]}.
 """
@@ -108,7 +110,27 @@ LOSSES = {
     "schema": {("type_zoo", "c_numeric_free"): "CASE WHEN {c} IN ('NaN', 'Infinity', '-Infinity') "
                                                "THEN NULL ELSE {c}::text END"},
     "seed": {},
+    "strings": {},
 }
+FORMATS = ("schema", "seed", "strings")
+
+
+def source_sql(fmt, table, col, spec):
+    """The source-side SQL of a column under a setting: the strings setting keeps every value
+    Debezium's defaults keep (exact decimals, microsecond times), only the encoding differs."""
+    return LOSSES[fmt].get((table, col)) or (spec[2] if fmt == "seed" else spec[1])
+
+
+def wire_factor(fmt, col, spec):
+    """What turns a schemaless wire integer of a temporal column into canonical micros."""
+    if fmt == "seed":
+        return spec[3]
+    if fmt == "strings" and col == "c_timestamp_ms":
+        return 1000  # adaptive: timestamp(3) is milliseconds
+    return 1
+
+
+DEBEZIUM_STRING_SPECIALS = {"NAN": "NaN", "POSITIVE_INFINITY": "Infinity", "NEGATIVE_INFINITY": "-Infinity"}
 
 
 def canonical(kind, v):
@@ -123,6 +145,8 @@ def canonical(kind, v):
         f = float(v)
         return repr(struct.unpack("f", struct.pack("f", f))[0]) if kind == "float4" else repr(f)
     if kind == "decimal":
+        # decimal.handling.mode=string spells the special values as Java's enum names.
+        v = DEBEZIUM_STRING_SPECIALS.get(v, v) if isinstance(v, str) else v
         d = Decimal(repr(v)) if isinstance(v, float) else Decimal(str(v))
         if d.is_nan() or d.is_infinite():
             return str(d)
@@ -171,8 +195,7 @@ def source_rows(url, fmt):
     for table, (key, cols) in TABLES.items():
         exprs = []
         for col, spec in cols.items():
-            sql = LOSSES[fmt].get((table, col)) or (spec[1] if fmt == "schema" else spec[2])
-            exprs.append(sql.format(c=f'"{col}"'))
+            exprs.append(source_sql(fmt, table, col, spec).format(c=f'"{col}"'))
         with conn.cursor() as c:
             c.execute(f'SELECT "{key}"::text, {", ".join(exprs)} FROM public."{table}"')
             out[table] = {
@@ -183,7 +206,7 @@ def source_rows(url, fmt):
     return out
 
 
-def mirror_expr(col, spec, data_type):
+def mirror_expr(col, spec, data_type, fmt):
     kind = spec[0]
     c = f'"{col}"'
     if kind in ("micros", "days"):
@@ -194,7 +217,10 @@ def mirror_expr(col, spec, data_type):
         }
         return by_type.get(data_type, TEXT).format(c=c)
     if kind == "hex":
-        return (HEX if data_type == "bytea" else "encode(decode({c}, 'base64'), 'hex')").format(c=c)
+        if data_type == "bytea":
+            return HEX.format(c=c)
+        # Schemaless bytea is the wire text: hex already, or base64.
+        return (TEXT if fmt == "strings" else "encode(decode({c}, 'base64'), 'hex')").format(c=c)
     if data_type == "ARRAY":
         return TO_JSON.format(c=c)
     return TEXT.format(c=c)
@@ -211,7 +237,7 @@ def mirror_rows(url, schema, fmt):
             if not types:
                 out[table] = None
                 continue
-            exprs = [mirror_expr(col, spec, types.get(col, "text")) if col in types else "NULL"
+            exprs = [mirror_expr(col, spec, types.get(col, "text"), fmt) if col in types else "NULL"
                      for col, spec in cols.items()]
             deleted = " WHERE NOT cdc_deleted" if "cdc_deleted" in types else ""
             c.execute(f'SELECT "{key}"::text, {", ".join(exprs)} FROM "{schema}"."{table}"{deleted}')
@@ -220,7 +246,7 @@ def mirror_rows(url, schema, fmt):
                 row = {}
                 for (col, spec), v in zip(cols.items(), r[1:]):
                     if spec[0] in ("micros", "days") and types.get(col) in ("bigint", "integer", "text"):
-                        v = wire_temporal(v, spec[3] if fmt == "seed" else 1)
+                        v = wire_temporal(v, wire_factor(fmt, col, spec))
                     row[col] = canonical(spec[0], v)
                 rows[r[0]] = row
             out[table] = rows
@@ -228,7 +254,7 @@ def mirror_rows(url, schema, fmt):
     return out
 
 
-def lake_value(spec, arr_type, v, fmt):
+def lake_value(col, spec, arr_type, v, fmt):
     kind = spec[0]
     if v is None:
         return None
@@ -238,9 +264,9 @@ def lake_value(spec, arr_type, v, fmt):
             return canonical(kind, v if abs(v) >= 2**63 - 1 else int(v * unit))
         if pa.types.is_date32(arr_type):
             return canonical(kind, v)
-        return canonical(kind, wire_temporal(str(v), spec[3] if fmt == "seed" else 1))
+        return canonical(kind, wire_temporal(str(v), wire_factor(fmt, col, spec)))
     if kind == "hex" and isinstance(v, str):
-        return base64.b64decode(v).hex()
+        return v.lower() if fmt == "strings" else base64.b64decode(v).hex()
     return canonical(kind, v)
 
 
@@ -292,7 +318,7 @@ def lake_rows(fs, root, fmt):
             offsets = t.column("kafka_offset").to_pylist()
             for i in range(t.num_rows):
                 order = (src[i]["commit_lsn"] or 0, src[i]["lsn"] or 0, offsets[i])
-                row = {c: lake_value(spec, fields[c][0], fields[c][1][i], fmt) if c in fields else None
+                row = {c: lake_value(c, spec, fields[c][0], fields[c][1][i], fmt) if c in fields else None
                        for c, spec in cols.items() if c not in unchanged[i]}
                 k = key_after[i] if key_after[i] is not None else key_before[i]
                 events.append((order, ops[i], None if k is None else str(k), row))
@@ -339,7 +365,7 @@ def compare(name, expected, actual, mismatches, compared, skip=()):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dump-source")
-    ap.add_argument("--format", choices=["seed", "schema"])
+    ap.add_argument("--format", choices=list(FORMATS))
     ap.add_argument("--source")
     ap.add_argument("--expected")
     ap.add_argument("--mirror")
@@ -350,7 +376,7 @@ def main():
     ap.add_argument("--lake-s3", nargs=3, metavar=("ENDPOINT", "BUCKET", "PREFIX"))
     a = ap.parse_args()
     if a.dump_source:
-        print(json.dumps({fmt: source_rows(a.dump_source, fmt) for fmt in ("schema", "seed")},
+        print(json.dumps({fmt: source_rows(a.dump_source, fmt) for fmt in FORMATS},
                          indent=1, ensure_ascii=False, sort_keys=True))
         return
     expected = source_rows(a.source, a.format) if a.source else json.load(open(a.expected))[a.format]
