@@ -413,13 +413,20 @@ where
     }
 }
 
-/// The single bigint `sql` returns; −1 while a table it reads does not exist yet (a mirror the
-/// pod has not created), so waits can poll for it. Any other SQL error panics with the
-/// statement, so a typo fails at once instead of timing out.
+/// The single bigint `sql` returns; −1 while what it reads is not there yet (no row, or a
+/// table or column the pod has not created), so waits can poll for it. Any other SQL error
+/// (syntax, types, a lost connection) panics with the statement instead of timing out.
 pub async fn count(client: &Client, sql: &str) -> i64 {
-    match client.query_one(sql, &[]).await {
-        Ok(r) => r.get::<_, i64>(0),
-        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => -1,
+    use tokio_postgres::error::SqlState;
+    match client.query_opt(sql, &[]).await {
+        Ok(Some(r)) => r.get::<_, i64>(0),
+        Ok(None) => -1,
+        Err(e)
+            if e.code() == Some(&SqlState::UNDEFINED_TABLE)
+                || e.code() == Some(&SqlState::UNDEFINED_COLUMN) =>
+        {
+            -1
+        }
         Err(e) => panic!("{sql}: {e}"),
     }
 }
