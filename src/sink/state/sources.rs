@@ -76,11 +76,14 @@ impl StateSink {
         };
         let mut own = Vec::with_capacity(events.len());
         for e in events {
-            let source = e.source_db();
-            if source == owner.source && e.table == owner.table {
+            // Compared without allocating: this runs for every change.
+            let same = e.source.name.as_deref().unwrap_or("") == owner.source.server
+                && e.source.db.as_deref().unwrap_or("") == owner.source.db
+                && e.table == owner.table;
+            if same {
                 own.push(e);
             } else {
-                let reason = self.foreign_source_reason(dest, &owner, &source);
+                let reason = self.foreign_source_reason(dest, &owner, &e.source_db());
                 self.reject_one(tx, e, &reason, stats).await?;
             }
         }
