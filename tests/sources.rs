@@ -85,20 +85,6 @@ async fn change(c: &Client, tag: &str, new_id: i32) {
     .unwrap();
 }
 
-async fn drop_source(db: &str) {
-    let admin = pg(&format!("{}/postgres", source_base())).await;
-    admin
-        .batch_execute(&format!(
-            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = '{db}'"
-        ))
-        .await
-        .unwrap();
-    admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
-        .await
-        .unwrap();
-}
-
 /// Rows of `table` as `id -> {customer, amount, placed_at}` in a canonical text form (the
 /// same expression on both sides, over the real column types).
 async fn rows(c: &Client, table: &str) -> BTreeMap<i64, Value> {
@@ -327,8 +313,8 @@ async fn two_connectors_with_one_table_name_never_mix() {
             .collect();
         assert_eq!(got, want, "lake {dir} folds to {db}.public.orders");
     }
-    drop_source(&db_a).await;
-    drop_source(&db_b).await;
+    drop_source_db(&db_a).await;
+    drop_source_db(&db_b).await;
 }
 
 /// A schemaless change envelope of `schema.table` with one row.

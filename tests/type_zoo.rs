@@ -289,18 +289,7 @@ async fn live(format: &str) {
     let records = read_fixture(&out);
     let source = format!("{}/{prefix}", source_url().rsplit_once('/').unwrap().0);
     round_trip(records, &prefix, format, Source::Live(&source)).await;
-    let admin = pg(&source.replace(&format!("/{prefix}"), "/postgres")).await;
-    // Two statements: DROP DATABASE cannot share an implicit transaction.
-    admin
-        .batch_execute(&format!(
-            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = '{prefix}'"
-        ))
-        .await
-        .unwrap();
-    admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {prefix} WITH (FORCE)"))
-        .await
-        .unwrap();
+    drop_source_db(&prefix).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

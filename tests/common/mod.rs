@@ -80,6 +80,24 @@ pub fn source_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:55432/ecomdb".into())
 }
 
+/// Drops a database of the source PostgreSQL that a test created for real Debezium, with its
+/// replication slots (a slot keeps its database from being dropped).
+pub async fn drop_source_db(db: &str) {
+    let base = source_url().rsplit_once('/').unwrap().0.to_string();
+    let admin = pg(&format!("{base}/postgres")).await;
+    // Two statements: DROP DATABASE cannot share an implicit transaction.
+    admin
+        .batch_execute(&format!(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = '{db}'"
+        ))
+        .await
+        .unwrap();
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+        .await
+        .unwrap();
+}
+
 pub fn fixture_path(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/debezium")

@@ -11,8 +11,8 @@ use object_store::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::config::LakeLayout;
+use crate::domain::TableId;
 use crate::domain::TopicPartition;
-use crate::domain::{SourceDb, TableId};
 use crate::naming::qualified_name;
 use crate::sink::ident::lake_path_segment;
 
@@ -53,14 +53,15 @@ pub fn stored_path(path: &str) -> Path {
 /// the `source` layout `server=<server>/db=<db>/table=<schema.table>`. Every part goes through
 /// [`lake_path_segment`] and the table name through [`qualified_name`], so no two source tables
 /// share a directory.
-pub fn table_dir(layout: LakeLayout, source: &SourceDb, table: &TableId) -> String {
+pub fn table_dir(layout: LakeLayout, source: (&str, &str), table: &TableId) -> String {
+    let (server, db) = source;
     let table = lake_path_segment(&qualified_name(table)).into_owned();
     match layout {
         LakeLayout::Table => format!("table={table}"),
         LakeLayout::Source => format!(
             "server={}/db={}/table={table}",
-            lake_path_segment(&source.server),
-            lake_path_segment(&source.db)
+            lake_path_segment(server),
+            lake_path_segment(db)
         ),
     }
 }
@@ -140,7 +141,7 @@ mod tests {
             l.data_file(
                 &table_dir(
                     LakeLayout::Table,
-                    &SourceDb::default(),
+                    ("", ""),
                     &TableId::new("public", "books")
                 ),
                 "2024-03-02",
@@ -179,30 +180,20 @@ mod tests {
     }
 
     fn dir(schema: &str, table: &str) -> String {
-        table_dir(
-            LakeLayout::Table,
-            &SourceDb::default(),
-            &TableId::new(schema, table),
-        )
+        table_dir(LakeLayout::Table, ("", ""), &TableId::new(schema, table))
     }
 
     #[test]
     fn the_source_layout_puts_each_source_database_apart() {
-        let one = SourceDb {
-            server: "ecom".into(),
-            db: "shop".into(),
-        };
-        let other = SourceDb {
-            server: "ecom2".into(),
-            db: "shop/2".into(),
-        };
+        let one = ("ecom", "shop");
+        let other = ("ecom2", "shop/2");
         let orders = TableId::new("public", "orders");
         assert_eq!(
-            table_dir(LakeLayout::Source, &one, &orders),
+            table_dir(LakeLayout::Source, one, &orders),
             "server=ecom/db=shop/table=public.orders"
         );
         assert_eq!(
-            table_dir(LakeLayout::Source, &other, &orders),
+            table_dir(LakeLayout::Source, other, &orders),
             "server=ecom2/db=shop%2F2/table=public.orders"
         );
     }

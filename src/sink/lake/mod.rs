@@ -449,7 +449,11 @@ impl Sink for LakeSink {
                 }
             };
             // Any name is a valid path once encoded (Layout): every change lands in a file.
-            let dir = manifest::table_dir(self.cfg.layout, &e.source_db(), &e.table);
+            let source = (
+                e.source.name.as_deref().unwrap_or(""),
+                e.source.db.as_deref().unwrap_or(""),
+            );
+            let dir = manifest::table_dir(self.cfg.layout, source, &e.table);
             let key = (dir, date_of(e.event_time_ms()));
             let declared = e.schema.declared.then(|| e.schema.clone());
             let needs_roll = st

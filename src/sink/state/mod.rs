@@ -74,6 +74,10 @@ pub(crate) const PRIMARY_KEY_COLUMNS: &str = "SELECT a.attname::text
   WHERE i.indrelid = to_regclass($1) AND i.indisprimary
   ORDER BY array_position(i.indkey::int2[], a.attnum)";
 
+/// The SQL type (`format_type`) of column `$2` of the table named by `$1` (a qualified name).
+const COLUMN_TYPE: &str = "SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
+  WHERE a.attrelid = to_regclass($1) AND a.attname = $2 AND NOT a.attisdropped";
+
 /// The PostgreSQL type of a mirror column. A column seen only as null so far (schemaless
 /// input) has none yet: it is added, with the type of its first value, when one arrives
 /// (until then its absence reads the same as NULL), rather than fixed as `text` forever.
@@ -327,6 +331,19 @@ impl StateSink {
         &self.naming
     }
 
+    /// `"schema"."mirror"` of a destination, or why the mirror name cannot be an identifier.
+    fn qualified(&self, dest: &Dest) -> Result<String, SinkError> {
+        let bad = |reason| SinkError::Encode {
+            table: dest.table.to_string(),
+            reason,
+        };
+        Ok(format!(
+            "{}.{}",
+            quote_ident(&self.schema).map_err(bad)?,
+            quote_ident(&dest.name).map_err(bad)?
+        ))
+    }
+
     /// Where a change lands: its mapped table, or the mirror its source table is named to.
     fn dest_of(&self, e: &ChangeEvent) -> Dest {
         let name = if self.mapped_tables.contains_key(&e.table) {
@@ -422,9 +439,22 @@ impl StateSink {
                 changes = mapped.iter().collect();
             }
             // Changes per destination table, in Kafka order.
+            // Names depend on (server, database, table) only: computed once per batch for each.
+            let mut dests: HashMap<(&str, &str, &TableId), Dest> = HashMap::new();
             let mut by_dest: BTreeMap<Dest, Vec<&ChangeEvent>> = BTreeMap::new();
             for e in changes {
-                by_dest.entry(self.dest_of(e)).or_default().push(e);
+                let source = (
+                    e.source.name.as_deref().unwrap_or(""),
+                    e.source.db.as_deref().unwrap_or(""),
+                    &e.table,
+                );
+                let dest = dests.entry(source).or_insert_with(|| self.dest_of(e));
+                match by_dest.get_mut(dest) {
+                    Some(events) => events.push(e),
+                    None => {
+                        by_dest.insert(dest.clone(), vec![e]);
+                    }
+                }
             }
             for (dest, events) in by_dest {
                 let events = self.own_source_only(&tx, &dest, events, &mut stats).await?;
@@ -799,15 +829,11 @@ impl StateSink {
     /// quote the value).
     async fn column_type(&self, tx: &Transaction<'_>, dest: &Dest, column: &str) -> Option<String> {
         let mirror = self.mirrors.get(&dest.name)?;
-        tx.query_opt(
-            "SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
-              WHERE a.attrelid = to_regclass($1) AND a.attname = $2 AND NOT a.attisdropped",
-            &[&mirror.qualified, &column],
-        )
-        .await
-        .ok()
-        .flatten()
-        .map(|r| r.get(0))
+        tx.query_opt(COLUMN_TYPE, &[&mirror.qualified, &column])
+            .await
+            .ok()
+            .flatten()
+            .map(|r| r.get(0))
     }
 
     /// Creates the mirror or adds columns that appeared in these changes.
@@ -833,15 +859,7 @@ impl StateSink {
                 last = Some(&e.schema);
             }
         }
-        let name = &dest.name;
-        let qualified = format!(
-            "{}.{}",
-            quote_ident(&self.schema).expect("validated in config"),
-            quote_ident(name).map_err(|reason| SinkError::Encode {
-                table: table.to_string(),
-                reason
-            })?
-        );
+        let qualified = self.qualified(dest)?;
         if !self.mirrors.contains_key(&dest.name) {
             let rows = tx
                 .query(
@@ -1056,11 +1074,7 @@ impl StateSink {
             .collect();
         for column in wide {
             let ty: Option<String> = tx
-                .query_opt(
-                    "SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
-                      WHERE a.attrelid = to_regclass($1) AND a.attname = $2 AND NOT a.attisdropped",
-                    &[&mirror.qualified, &column],
-                )
+                .query_opt(COLUMN_TYPE, &[&mirror.qualified, &column])
                 .await
                 .map_err(pg_err(
                     self.name,
@@ -1239,17 +1253,7 @@ impl StateSink {
             Some(m) => Cow::Borrowed(m),
             None => {
                 // Not touched in this run yet: the table may still hold rows from before.
-                let qualified = format!(
-                    "{}.{}",
-                    quote_ident(&self.schema).map_err(|reason| SinkError::Encode {
-                        table: table.to_string(),
-                        reason
-                    })?,
-                    quote_ident(&dest.name).map_err(|reason| SinkError::Encode {
-                        table: table.to_string(),
-                        reason
-                    })?
-                );
+                let qualified = self.qualified(dest)?;
                 let exists: bool = tx
                     .query_one("SELECT to_regclass($1) IS NOT NULL", &[&qualified])
                     .await
