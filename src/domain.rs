@@ -1,5 +1,7 @@
-//! Domain newtypes shared by every stage: Kafka coordinates, source tables and positions.
+//! Domain newtypes shared by every stage: Kafka coordinates, offsets, source tables, positions
+//! and checked SQL identifiers.
 
+use std::collections::HashMap;
 use std::fmt;
 
 /// A Kafka topic-partition: the unit of ordering, ownership and checkpointing.
@@ -23,6 +25,10 @@ impl fmt::Display for TopicPartition {
         write!(f, "{}[{}]", self.topic, self.partition)
     }
 }
+
+/// A next offset to read per topic-partition: what a sink has made durable, or what the
+/// consumer commits.
+pub type Offsets = HashMap<TopicPartition, i64>;
 
 /// Where one record sits in Kafka.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,4 +102,52 @@ pub struct Position {
     pub commit_lsn: i64,
     pub change_lsn: i64,
     pub offset: i64,
+}
+
+/// A name PostgreSQL can hold as an identifier (1 to 63 bytes, no NUL), kept with its quoted
+/// form. SQL text is built from these only, so a name that reaches a statement has been
+/// checked once, where it entered, and never needs checking again. `Display` writes the quoted
+/// form; [`Ident::name`] is the name itself.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Ident {
+    name: String,
+    quoted: String,
+}
+
+/// Why a name cannot be a PostgreSQL identifier.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} cannot be a PostgreSQL identifier")]
+pub struct BadIdent(pub String);
+
+impl Ident {
+    /// Checks `name` and quotes it: `"` doubles and the result is always quoted, so names like
+    /// `order` or `MixedCase` keep their meaning.
+    pub fn new(name: impl Into<String>) -> Result<Self, BadIdent> {
+        let name = name.into();
+        if name.is_empty() || name.len() > 63 || name.contains('\0') {
+            return Err(BadIdent(name));
+        }
+        let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+        Ok(Self { name, quoted })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn quoted(&self) -> &str {
+        &self.quoted
+    }
+}
+
+impl fmt::Display for Ident {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.quoted)
+    }
+}
+
+impl PartialEq<str> for Ident {
+    fn eq(&self, other: &str) -> bool {
+        self.name == other
+    }
 }

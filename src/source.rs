@@ -21,9 +21,9 @@ use rdkafka::{ClientContext, Message};
 use tokio::sync::mpsc;
 
 use crate::config::KafkaConfig;
+use crate::domain::Offsets;
 use crate::domain::{KafkaCoordinates, TopicPartition};
 use crate::envelope::{Decoded, Decoder};
-use crate::sink::Offsets;
 use crate::telemetry::METRICS;
 
 /// What the source tells the pipeline, in order.

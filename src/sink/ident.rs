@@ -1,6 +1,8 @@
 //! SQL identifiers and object-store path segments derived from message content. Everything that
 //! reaches SQL text or a path goes through here: validated, then quoted.
 
+use crate::domain::Ident;
+
 /// A plain identifier: ASCII letters, digits and `_`, not starting with a digit, at most 63
 /// bytes (PostgreSQL's limit).
 pub fn is_valid_ident(s: &str) -> bool {
@@ -10,13 +12,11 @@ pub fn is_valid_ident(s: &str) -> bool {
         && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
-/// Quotes any identifier for PostgreSQL: `"` doubles, and the result is always quoted, so names
-/// like `order` or `MixedCase` keep their meaning. Rejects what PostgreSQL cannot name.
+/// Quotes any identifier for PostgreSQL (see [`Ident`]); the error is the reason it cannot be one.
 pub fn quote_ident(s: &str) -> Result<String, String> {
-    if s.is_empty() || s.len() > 63 || s.contains('\0') {
-        return Err(format!("{s:?} cannot be a PostgreSQL identifier"));
-    }
-    Ok(format!("\"{}\"", s.replace('"', "\"\"")))
+    Ident::new(s)
+        .map(|i| i.quoted().to_string())
+        .map_err(|e| e.to_string())
 }
 
 /// A path segment for the lake: letters, digits and `._-=+`, no `..`, so that content can never

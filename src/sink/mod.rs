@@ -29,8 +29,7 @@ use std::future::Future;
 use crate::batch::Batch;
 use crate::domain::TopicPartition;
 
-/// Next offset needed, per topic-partition.
-pub type Offsets = HashMap<TopicPartition, i64>;
+pub use crate::domain::Offsets;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
@@ -284,19 +283,50 @@ impl Bisect {
     }
 }
 
-/// Runs `SAVEPOINT`, `RELEASE` or `ROLLBACK TO` for the narrowing of bad data.
-pub(crate) async fn savepoint(
-    tx: &tokio_postgres::Transaction<'_>,
+/// A savepoint in a sink's transaction, around a step that may fail on data (one attempt of a
+/// narrowing, a truncate, a column change): [`Savepoint::release`] keeps what the step did,
+/// [`Savepoint::rollback`] undoes it and the transaction goes on. Dropped without either (a
+/// connection error), the transaction is lost anyway.
+pub(crate) struct Savepoint<'a, 't> {
+    tx: &'a tokio_postgres::Transaction<'t>,
     sink: &'static str,
-    command: &str,
-) -> Result<(), SinkError> {
-    tx.batch_execute(command)
+    name: &'static str,
+}
+
+impl<'a, 't> Savepoint<'a, 't> {
+    /// `name` is a plain SQL identifier (a constant at each call site).
+    pub(crate) async fn begin(
+        tx: &'a tokio_postgres::Transaction<'t>,
+        sink: &'static str,
+        name: &'static str,
+    ) -> Result<Self, SinkError> {
+        let savepoint = Self { tx, sink, name };
+        savepoint.run(&format!("SAVEPOINT {name}")).await?;
+        Ok(savepoint)
+    }
+
+    pub(crate) async fn release(self) -> Result<(), SinkError> {
+        self.run(&format!("RELEASE SAVEPOINT {}", self.name)).await
+    }
+
+    pub(crate) async fn rollback(self) -> Result<(), SinkError> {
+        let name = self.name;
+        self.run(&format!(
+            "ROLLBACK TO SAVEPOINT {name}; RELEASE SAVEPOINT {name}"
+        ))
         .await
-        .map_err(|source| SinkError::Postgres {
-            sink,
-            context: command.to_lowercase(),
-            source,
-        })
+    }
+
+    async fn run(&self, command: &str) -> Result<(), SinkError> {
+        self.tx
+            .batch_execute(command)
+            .await
+            .map_err(|source| SinkError::Postgres {
+                sink: self.sink,
+                context: command.to_lowercase(),
+                source,
+            })
+    }
 }
 
 #[cfg(test)]

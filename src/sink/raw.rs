@@ -10,7 +10,7 @@ use postgres_types::{Json, ToSql, Type};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::{Client, Transaction};
 
-use super::{checkpoint, savepoint, Ack, Bisect, ErrorClass, Offsets, Sink, SinkError, WriteStats};
+use super::{checkpoint, Ack, Bisect, ErrorClass, Offsets, Savepoint, Sink, SinkError, WriteStats};
 use crate::batch::Batch;
 use crate::config::PostgresConfig;
 use crate::domain::{KafkaCoordinates, TopicPartition};
@@ -207,16 +207,11 @@ async fn copy_isolating<'e>(
     let mut bad = Vec::new();
     let mut bisect = Bisect::new(changes.len());
     while let Some(range) = bisect.next_range() {
-        savepoint(tx, NAME, "SAVEPOINT cdc_raw_copy").await?;
+        let attempt = Savepoint::begin(tx, NAME, "cdc_raw_copy").await?;
         match copy_events(tx, &changes[range.clone()]).await {
-            Ok(()) => savepoint(tx, NAME, "RELEASE SAVEPOINT cdc_raw_copy").await?,
+            Ok(()) => attempt.release().await?,
             Err(e) if e.class() == ErrorClass::BadData => {
-                savepoint(
-                    tx,
-                    NAME,
-                    "ROLLBACK TO SAVEPOINT cdc_raw_copy; RELEASE SAVEPOINT cdc_raw_copy",
-                )
-                .await?;
+                attempt.rollback().await?;
                 if let Some(i) = bisect.failed(range) {
                     let reason = format!(
                         "raw log cannot store this change of {} as decoded: {e}",

@@ -11,7 +11,7 @@ use crate::domain::{SourceDb, TableId};
 use crate::envelope::ChangeEvent;
 use crate::naming::MirrorNaming;
 use crate::sink::ident::quote_ident;
-use crate::sink::{savepoint, ErrorClass, SinkError, WriteStats};
+use crate::sink::{ErrorClass, Savepoint, SinkError, WriteStats};
 
 /// The source a mirror belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,20 +47,15 @@ impl StateSink {
                 };
                 // In a savepoint: a source name PostgreSQL cannot store as text (a NUL byte)
                 // rejects these changes instead of failing the batch.
-                savepoint(tx, self.name, "SAVEPOINT cdc_claim").await?;
+                let attempt = Savepoint::begin(tx, self.name, "cdc_claim").await?;
                 match self.claim(tx, dest, claimant).await {
                     Ok(owner) => {
-                        savepoint(tx, self.name, "RELEASE SAVEPOINT cdc_claim").await?;
+                        attempt.release().await?;
                         self.owners.insert(dest.name.clone(), owner.clone());
                         owner
                     }
                     Err(e) if e.class() == ErrorClass::BadData => {
-                        savepoint(
-                            tx,
-                            self.name,
-                            "ROLLBACK TO SAVEPOINT cdc_claim; RELEASE SAVEPOINT cdc_claim",
-                        )
-                        .await?;
+                        attempt.rollback().await?;
                         let reason = format!(
                             "cannot apply to {}.{} (source {}): {e}; the raw log and the lake keep the change",
                             self.schema, dest.name, dest.table
