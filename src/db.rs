@@ -16,10 +16,7 @@ pub struct ConnectError {
 pub enum DbError {
     #[error(transparent)]
     Connect(#[from] ConnectError),
-    #[error(
-        "migration {version} ({name}) failed: {}",
-        crate::sink::pg_detail(source)
-    )]
+    #[error("migration {version} ({name}) failed: {}", pg_detail(source))]
     Migration {
         version: i32,
         name: &'static str,
@@ -30,7 +27,7 @@ pub enum DbError {
         "migration {version} ({name}) was changed after it was applied; migrations are immutable"
     )]
     MigrationChanged { version: i32, name: &'static str },
-    #[error("{}", crate::sink::pg_detail(.0))]
+    #[error("{}", pg_detail(.0))]
     Query(#[from] tokio_postgres::Error),
 }
 
@@ -187,6 +184,50 @@ fn checksum(sql: &str) -> String {
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
     format!("{h:016x}")
+}
+
+/// tokio-postgres displays server errors as just "db error"; show the server's message and
+/// SQLSTATE instead, without row values: for data exceptions (class 22) PostgreSQL's message
+/// quotes the offending value (`invalid input syntax for type bigint: "..."`), so only the
+/// condition, the column and the type are kept. This text reaches logs and reject reasons.
+pub fn pg_detail(e: &tokio_postgres::Error) -> String {
+    let Some(db) = e.as_db_error() else {
+        return e.to_string();
+    };
+    let code = db.code().code();
+    let mut out = if code.starts_with("22") {
+        format!("{} (SQLSTATE {code})", data_exception_name(code))
+    } else {
+        format!("{} (SQLSTATE {code})", db.message())
+    };
+    if let Some(column) = db.column() {
+        out.push_str(&format!(", column {column}"));
+    }
+    if let Some(ty) = db.datatype() {
+        out.push_str(&format!(", type {ty}"));
+    }
+    out
+}
+
+/// PostgreSQL's condition names of class 22, for messages that must not quote the value.
+fn data_exception_name(code: &str) -> &'static str {
+    match code {
+        "22001" => "value too long for the column type",
+        "22003" => "numeric value out of range",
+        "22007" => "invalid date/time format",
+        "22008" => "date/time value out of range",
+        "22012" => "division by zero",
+        "22021" => "character not in repertoire (a NUL byte in text)",
+        "22023" => "invalid parameter value",
+        "22P02" => "invalid text representation for the column type",
+        "22P05" => "untranslatable character (\\u0000 cannot be stored in jsonb or text)",
+        "2200N" => "invalid XML content",
+        "22030" | "22031" | "22032" | "22033" | "22034" | "22035" | "22036" | "22037" | "22038"
+        | "22039" | "2203A" | "2203B" | "2203C" | "2203D" | "2203E" | "2203F" | "2203G" => {
+            "invalid JSON value"
+        }
+        _ => "data exception",
+    }
 }
 
 #[cfg(test)]

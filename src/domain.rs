@@ -104,6 +104,15 @@ pub struct Position {
     pub offset: i64,
 }
 
+/// A plain identifier: ASCII letters, digits and `_`, not starting with a digit, at most 63
+/// bytes (PostgreSQL's limit).
+pub fn is_plain_ident(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && !s.starts_with(|c: char| c.is_ascii_digit())
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
 /// A name PostgreSQL can hold as an identifier (1 to 63 bytes, no NUL), kept with its quoted
 /// form. SQL text is built from these only, so a name that reaches a statement has been
 /// checked once, where it entered, and never needs checking again. `Display` writes the quoted

@@ -6,7 +6,7 @@ use axum::routing::get;
 use axum::Router;
 use tokio_util::sync::CancellationToken;
 
-use crate::pipeline::Readiness;
+use crate::telemetry::Readiness;
 
 pub fn router(readiness: Readiness) -> Router {
     Router::new()

@@ -2,7 +2,6 @@
 //! commit to Kafka the lowest offset that every sink holds durably.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,53 +14,14 @@ use crate::batch::{Batch, Batcher};
 use crate::config::BatchConfig;
 use crate::domain::TopicPartition;
 use crate::envelope::Decoded;
-use crate::sink::lake::LakeSink;
-use crate::sink::memory::MemorySink;
-use crate::sink::raw::RawSink;
-use crate::sink::state::StateSink;
+pub use crate::sink::AnySink;
 use crate::sink::{Ack, ErrorClass, Offsets, Sink, SinkError};
 use crate::source::{KafkaConsumer, SourceEvent};
+pub use crate::telemetry::Readiness;
 use crate::telemetry::METRICS;
 
 /// How often the run loop logs a progress line.
 const PROGRESS_EVERY: Duration = Duration::from_secs(30);
-
-/// The configured sinks behind one type, so the loop can drive them together.
-pub enum AnySink {
-    Raw(RawSink),
-    Lake(LakeSink),
-    State(StateSink),
-    Memory(MemorySink),
-}
-
-macro_rules! each_sink {
-    ($self:expr, $s:ident => $body:expr) => {
-        match $self {
-            AnySink::Raw($s) => $body,
-            AnySink::Lake($s) => $body,
-            AnySink::State($s) => $body,
-            AnySink::Memory($s) => $body,
-        }
-    };
-}
-
-impl Sink for AnySink {
-    fn name(&self) -> &'static str {
-        each_sink!(self, s => s.name())
-    }
-    async fn checkpoints(&mut self, partitions: &[TopicPartition]) -> Result<Offsets, SinkError> {
-        each_sink!(self, s => s.checkpoints(partitions).await)
-    }
-    async fn write(&mut self, batch: &Batch) -> Result<Ack, SinkError> {
-        each_sink!(self, s => s.write(batch).await)
-    }
-    async fn flush(&mut self, force: bool) -> Result<Ack, SinkError> {
-        each_sink!(self, s => s.flush(force).await)
-    }
-    fn revoke(&mut self, partitions: &[TopicPartition]) {
-        each_sink!(self, s => s.revoke(partitions))
-    }
-}
 
 /// Exponential backoff with full jitter, capped.
 pub struct Backoff {
@@ -91,27 +51,6 @@ impl Backoff {
             .map_or(0, |d| d.subsec_nanos());
         let frac = f64::from(nanos % 1000) / 1000.0;
         exp.mul_f64(0.5 + frac / 2.0)
-    }
-}
-
-/// Readiness as `/readyz` reports it: the consumer runs and every sink's last attempt worked.
-#[derive(Clone, Default)]
-pub struct Readiness(Arc<AtomicBool>);
-
-impl Readiness {
-    pub fn set(&self, ready: bool, why: &str) {
-        let was = self.0.swap(ready, Ordering::SeqCst);
-        if was != ready {
-            METRICS.ready.set(i64::from(ready));
-            if ready {
-                tracing::info!(reason = why, "ready");
-            } else {
-                tracing::warn!(reason = why, "not ready");
-            }
-        }
-    }
-    pub fn get(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
     }
 }
 

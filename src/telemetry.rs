@@ -1,7 +1,8 @@
-//! Logs and metrics. Metric names live here as constants; labels stay low-cardinality (sink,
+//! Logs, metrics and readiness. Metric names live here as constants; labels stay low-cardinality (sink,
 //! reason class, topic-partition). Row values are never logged.
 
-use std::sync::LazyLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock};
 
 use prometheus::{
     register_histogram_vec_with_registry, register_int_counter_vec_with_registry,
@@ -127,6 +128,27 @@ fn log_directives(rust_log: Option<&str>) -> String {
         base.to_string()
     } else {
         format!("{base},tokio_postgres=info")
+    }
+}
+
+/// Readiness as `/readyz` reports it: the consumer runs and every sink's last attempt worked.
+#[derive(Clone, Default)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    pub fn set(&self, ready: bool, why: &str) {
+        let was = self.0.swap(ready, Ordering::SeqCst);
+        if was != ready {
+            METRICS.ready.set(i64::from(ready));
+            if ready {
+                tracing::info!(reason = why, "ready");
+            } else {
+                tracing::warn!(reason = why, "not ready");
+            }
+        }
+    }
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
     }
 }
 

@@ -3,15 +3,6 @@
 
 use crate::domain::Ident;
 
-/// A plain identifier: ASCII letters, digits and `_`, not starting with a digit, at most 63
-/// bytes (PostgreSQL's limit).
-pub fn is_valid_ident(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && !s.starts_with(|c: char| c.is_ascii_digit())
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-}
-
 /// Quotes any identifier for PostgreSQL (see [`Ident`]); the error is the reason it cannot be one.
 pub fn quote_ident(s: &str) -> Result<String, String> {
     Ident::new(s)
@@ -99,10 +90,10 @@ mod tests {
     #[test]
     fn identifiers_are_validated_and_quoted() {
         for ok in ["books", "order_items", "_x1"] {
-            assert!(is_valid_ident(ok), "{ok}");
+            assert!(crate::domain::is_plain_ident(ok), "{ok}");
         }
         for bad in ["", "1abc", "a-b", "a;drop", "é", &"x".repeat(64)] {
-            assert!(!is_valid_ident(bad), "{bad}");
+            assert!(!crate::domain::is_plain_ident(bad), "{bad}");
         }
         assert_eq!(quote_ident("order").unwrap(), "\"order\"");
         assert_eq!(quote_ident("we\"ird").unwrap(), "\"we\"\"ird\"");

@@ -29,6 +29,7 @@ use std::future::Future;
 use crate::batch::Batch;
 use crate::domain::TopicPartition;
 
+pub use crate::db::pg_detail;
 pub use crate::domain::Offsets;
 
 #[derive(Debug, thiserror::Error)]
@@ -142,50 +143,6 @@ impl SinkError {
     /// True when the connection itself is gone and the sink must reconnect.
     pub fn needs_reconnect(&self) -> bool {
         matches!(self, SinkError::Postgres { source, .. } if source.is_closed() || source.code().is_none())
-    }
-}
-
-/// tokio-postgres displays server errors as just "db error"; show the server's message and
-/// SQLSTATE instead, without row values: for data exceptions (class 22) PostgreSQL's message
-/// quotes the offending value (`invalid input syntax for type bigint: "..."`), so only the
-/// condition, the column and the type are kept. This text reaches logs and reject reasons.
-pub fn pg_detail(e: &tokio_postgres::Error) -> String {
-    let Some(db) = e.as_db_error() else {
-        return e.to_string();
-    };
-    let code = db.code().code();
-    let mut out = if code.starts_with("22") {
-        format!("{} (SQLSTATE {code})", data_exception_name(code))
-    } else {
-        format!("{} (SQLSTATE {code})", db.message())
-    };
-    if let Some(column) = db.column() {
-        out.push_str(&format!(", column {column}"));
-    }
-    if let Some(ty) = db.datatype() {
-        out.push_str(&format!(", type {ty}"));
-    }
-    out
-}
-
-/// PostgreSQL's condition names of class 22, for messages that must not quote the value.
-fn data_exception_name(code: &str) -> &'static str {
-    match code {
-        "22001" => "value too long for the column type",
-        "22003" => "numeric value out of range",
-        "22007" => "invalid date/time format",
-        "22008" => "date/time value out of range",
-        "22012" => "division by zero",
-        "22021" => "character not in repertoire (a NUL byte in text)",
-        "22023" => "invalid parameter value",
-        "22P02" => "invalid text representation for the column type",
-        "22P05" => "untranslatable character (\\u0000 cannot be stored in jsonb or text)",
-        "2200N" => "invalid XML content",
-        "22030" | "22031" | "22032" | "22033" | "22034" | "22035" | "22036" | "22037" | "22038"
-        | "22039" | "2203A" | "2203B" | "2203C" | "2203D" | "2203E" | "2203F" | "2203G" => {
-            "invalid JSON value"
-        }
-        _ => "data exception",
     }
 }
 
@@ -326,6 +283,43 @@ impl<'a, 't> Savepoint<'a, 't> {
                 context: command.to_lowercase(),
                 source,
             })
+    }
+}
+
+/// The configured sinks behind one type, so the loop can drive them together.
+pub enum AnySink {
+    Raw(raw::RawSink),
+    Lake(lake::LakeSink),
+    State(state::StateSink),
+    Memory(memory::MemorySink),
+}
+
+macro_rules! each_sink {
+    ($self:expr, $s:ident => $body:expr) => {
+        match $self {
+            AnySink::Raw($s) => $body,
+            AnySink::Lake($s) => $body,
+            AnySink::State($s) => $body,
+            AnySink::Memory($s) => $body,
+        }
+    };
+}
+
+impl Sink for AnySink {
+    fn name(&self) -> &'static str {
+        each_sink!(self, s => s.name())
+    }
+    async fn checkpoints(&mut self, partitions: &[TopicPartition]) -> Result<Offsets, SinkError> {
+        each_sink!(self, s => s.checkpoints(partitions).await)
+    }
+    async fn write(&mut self, batch: &Batch) -> Result<Ack, SinkError> {
+        each_sink!(self, s => s.write(batch).await)
+    }
+    async fn flush(&mut self, force: bool) -> Result<Ack, SinkError> {
+        each_sink!(self, s => s.flush(force).await)
+    }
+    fn revoke(&mut self, partitions: &[TopicPartition]) {
+        each_sink!(self, s => s.revoke(partitions))
     }
 }
 

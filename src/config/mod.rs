@@ -33,109 +33,18 @@ pub enum ConfigError {
 }
 
 /// A credential. Its `Debug` never shows the value, so it cannot leak through a log line.
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct Secret(String);
+mod env;
+mod lake;
+mod mapping;
+mod state;
+mod units;
 
-impl Secret {
-    pub fn new(s: impl Into<String>) -> Self {
-        Secret(s.into())
-    }
-    /// The value, for the one place that hands it to a client library.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
+pub use lake::*;
+pub use mapping::*;
+pub use state::*;
+pub use units::*;
 
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
-/// A byte size written as `16MiB`, `512KiB`, `1GB` or a plain integer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "SizeOrInt", into = "String")]
-pub struct ByteSize(pub u64);
-
-/// A duration written as `500ms`, `2s`, `5m` or `1h`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct HumanDuration(pub Duration);
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum SizeOrInt {
-    Int(u64),
-    Text(String),
-}
-
-impl TryFrom<SizeOrInt> for ByteSize {
-    type Error = String;
-    fn try_from(v: SizeOrInt) -> Result<Self, String> {
-        match v {
-            SizeOrInt::Int(n) => Ok(ByteSize(n)),
-            SizeOrInt::Text(s) => parse_size(&s).map(ByteSize),
-        }
-    }
-}
-
-impl From<ByteSize> for String {
-    fn from(v: ByteSize) -> String {
-        v.0.to_string()
-    }
-}
-
-impl TryFrom<String> for HumanDuration {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
-        parse_duration(&s).map(HumanDuration)
-    }
-}
-
-impl From<HumanDuration> for String {
-    fn from(v: HumanDuration) -> String {
-        format!("{}ms", v.0.as_millis())
-    }
-}
-
-fn split_unit(s: &str) -> (&str, &str) {
-    let s = s.trim();
-    let idx = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    (&s[..idx], s[idx..].trim())
-}
-
-fn parse_size(s: &str) -> Result<u64, String> {
-    let (num, unit) = split_unit(s);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size like 16MiB"))?;
-    let mult = match unit.to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "kb" => 1000,
-        "kib" => 1 << 10,
-        "mb" => 1_000_000,
-        "mib" => 1 << 20,
-        "gb" => 1_000_000_000,
-        "gib" => 1 << 30,
-        _ => return Err(format!("{s:?} has an unknown size unit {unit:?}")),
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("{s:?} is too large"))
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = split_unit(s);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 500ms or 2s"))?;
-    Ok(match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
-        _ => return Err(format!("{s:?} needs a unit: ms, s, m or h")),
-    })
-}
+use env::apply_env_overrides;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -229,292 +138,6 @@ impl Default for BatchConfig {
             max_age: HumanDuration(Duration::from_millis(100)),
         }
     }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PostgresConfig {
-    /// `postgres://user@host:port/db`. Put the password in `password_file`, not here.
-    pub url: String,
-    /// File holding the password (e.g. a mounted Kubernetes Secret).
-    #[serde(default)]
-    pub password_file: Option<PathBuf>,
-    #[serde(skip)]
-    pub password: Option<Secret>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RawConfig {
-    pub enabled: bool,
-}
-
-impl Default for RawConfig {
-    fn default() -> Self {
-        Self { enabled: true }
-    }
-}
-
-/// What a delete does to a state target.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DeleteMode {
-    /// Remove the row.
-    Delete,
-    /// Keep the row with `cdc_deleted = true`.
-    Soft,
-    /// Keep the row as it was (append-only targets).
-    Ignore,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct StateConfig {
-    pub enabled: bool,
-    /// Schema holding the mirror tables.
-    pub schema: String,
-    pub delete_mode: DeleteMode,
-    /// Key columns for source tables without a primary key, by `schema.table`. Changes of a
-    /// keyless table without an entry here are rejected with a reason saying so.
-    pub key_columns: BTreeMap<String, Vec<String>>,
-    /// Mirror name template over `{server} {db} {schema} {table}` (crate::naming). Unset: the
-    /// table for `public`, `schema.table` otherwise, and one source database per mirror.
-    pub table_name: Option<String>,
-    /// SQL types for mirror columns of schemaless sources, by `schema.table` then column
-    /// (`created_at = "timestamptz"`): used when the column is created, and schemaless values
-    /// are converted to them (as to any existing column's type; crate::sink::coerce).
-    pub column_types: BTreeMap<String, BTreeMap<String, String>>,
-    /// The connector's `time.precision.mode`: the unit of schemaless epoch numbers.
-    pub time_precision_mode: TimePrecisionMode,
-}
-
-impl Default for StateConfig {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            schema: "cdc_processed".into(),
-            delete_mode: DeleteMode::Delete,
-            key_columns: BTreeMap::new(),
-            table_name: None,
-            column_types: BTreeMap::new(),
-            time_precision_mode: TimePrecisionMode::Adaptive,
-        }
-    }
-}
-
-/// A named current-state target: mirrors in a schema of any database, with its own checkpoint
-/// in that database.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TargetConfig {
-    /// The target database; `[postgres]` when omitted.
-    #[serde(default)]
-    pub url: Option<String>,
-    #[serde(default)]
-    pub password_file: Option<PathBuf>,
-    #[serde(skip)]
-    pub password: Option<Secret>,
-    /// True: the ingest pod keeps this target current. False: only `cdc-replay` writes it.
-    #[serde(default = "yes")]
-    pub enabled: bool,
-    #[serde(default = "default_state_schema")]
-    pub schema: String,
-    #[serde(default = "default_delete_mode")]
-    pub delete_mode: DeleteMode,
-    /// As `state.key_columns`, for this target.
-    #[serde(default)]
-    pub key_columns: BTreeMap<String, Vec<String>>,
-    /// As `state.table_name`, for this target.
-    #[serde(default)]
-    pub table_name: Option<String>,
-    /// As `state.column_types`, for this target.
-    #[serde(default)]
-    pub column_types: BTreeMap<String, BTreeMap<String, String>>,
-    /// As `state.time_precision_mode`, for this target.
-    #[serde(default)]
-    pub time_precision_mode: TimePrecisionMode,
-    /// SQL files run (in order) whenever the target is opened: the tables the mappings write
-    /// and the views over them. They must be idempotent (`IF NOT EXISTS`, `OR REPLACE`).
-    /// Relative paths start at the config file's directory (the working directory for the
-    /// embedded defaults).
-    #[serde(default)]
-    pub setup_sql: Vec<PathBuf>,
-    /// Declarative topic→table mappings. A target with mappings writes only what they map;
-    /// one without mirrors every source table.
-    #[serde(default)]
-    pub mappings: Vec<MappingConfig>,
-    #[serde(skip)]
-    pub setup_sql_resolved: Vec<PathBuf>,
-}
-
-/// One declarative topic→table mapping (see docs/analytics.md).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MappingConfig {
-    /// The source topic, or a regex over topic names when it starts with `^`.
-    pub topic: String,
-    /// The target table, in the target's schema. It must exist (create it in `setup_sql`).
-    pub table: String,
-    /// Target key columns: the table's primary key or a unique index, each mapped below.
-    pub key: Vec<String>,
-    /// What a source delete does: remove the row, mark it (`__cdc_deleted`), or keep it.
-    #[serde(default = "default_delete_mode")]
-    pub delete: DeleteMode,
-    /// An SQL condition over the target columns. A row for which it is not true is kept out of
-    /// the table (and removed from it, by the delete policy, when an update stops matching).
-    #[serde(default)]
-    pub filter: Option<String>,
-    /// Also copy every other column of the target table from the source column of that name.
-    #[serde(default)]
-    pub all_columns: bool,
-    /// How numbers arriving for timestamp, date-less time and timestamptz columns read:
-    /// `ms` (the seeds' time.precision.mode=connect) or `us` (Debezium's adaptive default).
-    #[serde(default)]
-    pub epoch_unit: EpochUnit,
-    /// Target column = a source column name, or a table: `{ from = "col", transform =
-    /// "epoch_ms" | "epoch_us" | "decimal", scale = N }`, `{ value = <constant> }`,
-    /// `{ source = "lsn" | "ts_ms" | "db" | ... }` or `{ meta = "op" | "synced_at" | ... }`.
-    #[serde(default)]
-    pub columns: BTreeMap<String, toml::Value>,
-}
-
-/// Debezium's `time.precision.mode`, which says what unit schemaless epoch numbers are in.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TimePrecisionMode {
-    /// Debezium's default: `timestamp(0..3)` and `time(0..3)` in milliseconds, higher
-    /// precisions in microseconds.
-    #[default]
-    Adaptive,
-    /// As `adaptive`, but every `time` in microseconds.
-    AdaptiveTimeMicroseconds,
-    /// Kafka Connect's types: every time and timestamp in milliseconds (the seeds' setting).
-    Connect,
-}
-
-/// Unit of epoch numbers in temporal columns.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum EpochUnit {
-    #[default]
-    Ms,
-    Us,
-}
-
-fn yes() -> bool {
-    true
-}
-fn default_state_schema() -> String {
-    StateConfig::default().schema
-}
-fn default_delete_mode() -> DeleteMode {
-    StateConfig::default().delete_mode
-}
-
-/// The name of the `[state]` target, for `cdc-replay --target`.
-pub const PROCESSED_TARGET: &str = "processed";
-
-/// A current-state target resolved against `[postgres]`: where it lives and how it applies.
-#[derive(Debug, Clone)]
-pub struct Target {
-    pub name: String,
-    pub postgres: PostgresConfig,
-    pub state: StateConfig,
-    /// SQL files run when the target is opened.
-    pub setup_sql: Vec<PathBuf>,
-    pub mappings: Vec<MappingConfig>,
-}
-
-impl Target {
-    /// The name its checkpoint rows use: `state` for `[state]`, `state:<name>` otherwise.
-    pub fn sink_name(&self) -> String {
-        if self.name == PROCESSED_TARGET {
-            "state".into()
-        } else {
-            format!("state:{}", self.name)
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LakeConfig {
-    pub enabled: bool,
-    /// Local directory used when no `s3` section is given.
-    pub root: PathBuf,
-    /// Key prefix inside the bucket or directory.
-    pub prefix: String,
-    pub s3: Option<S3Config>,
-    /// A file closes at this many rows...
-    pub roll_rows: usize,
-    /// ...or this many bytes of envelopes...
-    pub roll_bytes: ByteSize,
-    /// ...or when its oldest record has waited this long.
-    pub roll_age: HumanDuration,
-    /// Memory for buffered records across all partitions; above it the largest partition is
-    /// committed early. Bounds the pod's memory on a backlog.
-    pub max_buffer_bytes: ByteSize,
-    /// `table`: `cdc_events/table=<schema.table>/…`. `source`: one directory per source
-    /// database first, `cdc_events/server=<server>/db=<db>/table=<schema.table>/…`, for
-    /// several connectors whose tables share names.
-    pub layout: LakeLayout,
-}
-
-/// How the lake's directories are laid out (see [`LakeConfig::layout`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum LakeLayout {
-    #[default]
-    Table,
-    Source,
-}
-
-impl Default for LakeConfig {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            root: PathBuf::from("lake"),
-            prefix: String::new(),
-            s3: None,
-            roll_rows: 200_000,
-            roll_bytes: ByteSize(64 << 20),
-            roll_age: HumanDuration(Duration::from_secs(10)),
-            max_buffer_bytes: ByteSize(64 << 20),
-            layout: LakeLayout::Table,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct S3Config {
-    pub bucket: String,
-    /// S3 API endpoint for MinIO and other S3-compatible servers; omit for AWS.
-    #[serde(default)]
-    pub endpoint: Option<String>,
-    #[serde(default = "default_region")]
-    pub region: String,
-    #[serde(default)]
-    pub access_key_id: Option<String>,
-    #[serde(default)]
-    pub secret_access_key_file: Option<PathBuf>,
-    #[serde(skip)]
-    pub secret_access_key: Option<Secret>,
-    /// Allow plain HTTP (local MinIO); off by default.
-    #[serde(default)]
-    pub allow_http: bool,
-    /// How long one S3 request may take. A hung endpoint then surfaces as an error (the pod
-    /// turns not-ready and retries) instead of a stall.
-    #[serde(default = "default_s3_timeout")]
-    pub request_timeout: HumanDuration,
-}
-
-fn default_s3_timeout() -> HumanDuration {
-    HumanDuration(Duration::from_secs(30))
-}
-
-fn default_region() -> String {
-    "us-east-1".into()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -689,7 +312,7 @@ impl Config {
                 .map_err(|e| ConfigError::Invalid(format!("{section}.{e}")))?;
         }
         for (name, t) in &self.targets {
-            if name == PROCESSED_TARGET || !crate::sink::ident::is_valid_ident(name) {
+            if name == PROCESSED_TARGET || !crate::domain::is_plain_ident(name) {
                 return bad(format!(
                     "targets.{name}: a target name is a plain identifier other than {PROCESSED_TARGET:?} (the [state] target)"
                 ));
@@ -697,14 +320,14 @@ impl Config {
             if let Some(url) = &t.url {
                 check_pg_url(&format!("targets.{name}.url"), url)?;
             }
-            if !crate::sink::ident::is_valid_ident(&t.schema) {
+            if !crate::domain::is_plain_ident(&t.schema) {
                 return bad(format!(
                     "targets.{name}.schema {:?} is not a plain identifier (letters, digits, _)",
                     t.schema
                 ));
             }
             for (i, m) in t.mappings.iter().enumerate() {
-                crate::sink::mapping::Mapping::compile(name, i, m).map_err(ConfigError::Invalid)?;
+                m.check(name, i).map_err(ConfigError::Invalid)?;
             }
         }
         if self.batch.max_records == 0 {
@@ -719,7 +342,7 @@ impl Config {
         if self.lake.roll_rows == 0 || self.lake.roll_age.0.is_zero() {
             return bad("lake.roll_rows and lake.roll_age must be above 0".into());
         }
-        if !crate::sink::ident::is_valid_ident(&self.state.schema) {
+        if !crate::domain::is_plain_ident(&self.state.schema) {
             return bad(format!(
                 "state.schema {:?} is not a plain identifier (letters, digits, _)",
                 self.state.schema
@@ -832,51 +455,8 @@ fn url_password(url: &str) -> Option<&str> {
     userinfo.split_once(':').map(|(_, p)| p)
 }
 
-/// `CDC_LAKE__KAFKA__BROKERS=x` sets `kafka.brokers`. Values parse as TOML (numbers, booleans,
-/// arrays) and fall back to strings.
-fn apply_env_overrides(
-    table: &mut toml::Table,
-    env: impl IntoIterator<Item = (String, String)>,
-) -> Result<(), ConfigError> {
-    // Shallower paths first, so `CDC_LAKE__TARGETS={}` replaces the section and then
-    // `CDC_LAKE__TARGETS__X__SCHEMA` fills it, whatever order the environment lists them in.
-    let mut env: Vec<(String, String)> = env
-        .into_iter()
-        .filter(|(var, _)| var.starts_with(ENV_PREFIX))
-        .collect();
-    env.sort_by_key(|(var, _)| var.matches("__").count());
-    for (var, raw) in env {
-        let Some(path) = var.strip_prefix(ENV_PREFIX) else {
-            continue;
-        };
-        let keys: Vec<String> = path.split("__").map(|k| k.to_ascii_lowercase()).collect();
-        if keys.iter().any(String::is_empty) {
-            return Err(ConfigError::Env {
-                var,
-                reason: "empty path segment".into(),
-            });
-        }
-        let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
-            .ok()
-            .and_then(|mut t| t.remove("v"))
-            .unwrap_or_else(|| toml::Value::String(raw.clone()));
-        let mut cur = &mut *table;
-        for k in &keys[..keys.len() - 1] {
-            let entry = cur
-                .entry(k.clone())
-                .or_insert_with(|| toml::Value::Table(Default::default()));
-            cur = entry.as_table_mut().ok_or_else(|| ConfigError::Env {
-                var: var.clone(),
-                reason: format!("{k} is not a section"),
-            })?;
-        }
-        cur.insert(keys[keys.len() - 1].clone(), value);
-    }
-    Ok(())
-}
-
 /// The embedded defaults: the demo stack from `tools/up` on loopback.
-pub const DEMO_DEFAULTS: &str = include_str!("../deploy/config/demo.toml");
+pub const DEMO_DEFAULTS: &str = include_str!("../../deploy/config/demo.toml");
 
 #[cfg(test)]
 mod tests {
@@ -1009,13 +589,5 @@ mod tests {
             !debug.contains("s3cr3t-pg") && !debug.contains("s3cr3t-s3"),
             "{debug}"
         );
-    }
-
-    #[test]
-    fn sizes_and_durations_parse() {
-        assert_eq!(parse_size("16MiB").unwrap(), 16 << 20);
-        assert_eq!(parse_size("1000").unwrap(), 1000);
-        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
-        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
     }
 }

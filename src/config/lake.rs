@@ -1,0 +1,89 @@
+//! `[lake]`: the Parquet lake and its object store.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::{ByteSize, HumanDuration, Secret};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LakeConfig {
+    pub enabled: bool,
+    /// Local directory used when no `s3` section is given.
+    pub root: PathBuf,
+    /// Key prefix inside the bucket or directory.
+    pub prefix: String,
+    pub s3: Option<S3Config>,
+    /// A file closes at this many rows...
+    pub roll_rows: usize,
+    /// ...or this many bytes of envelopes...
+    pub roll_bytes: ByteSize,
+    /// ...or when its oldest record has waited this long.
+    pub roll_age: HumanDuration,
+    /// Memory for buffered records across all partitions; above it the largest partition is
+    /// committed early. Bounds the pod's memory on a backlog.
+    pub max_buffer_bytes: ByteSize,
+    /// `table`: `cdc_events/table=<schema.table>/…`. `source`: one directory per source
+    /// database first, `cdc_events/server=<server>/db=<db>/table=<schema.table>/…`, for
+    /// several connectors whose tables share names.
+    pub layout: LakeLayout,
+}
+
+/// How the lake's directories are laid out (see [`LakeConfig::layout`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LakeLayout {
+    #[default]
+    Table,
+    Source,
+}
+
+impl Default for LakeConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            root: PathBuf::from("lake"),
+            prefix: String::new(),
+            s3: None,
+            roll_rows: 200_000,
+            roll_bytes: ByteSize(64 << 20),
+            roll_age: HumanDuration(Duration::from_secs(10)),
+            max_buffer_bytes: ByteSize(64 << 20),
+            layout: LakeLayout::Table,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Config {
+    pub bucket: String,
+    /// S3 API endpoint for MinIO and other S3-compatible servers; omit for AWS.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    #[serde(default = "default_region")]
+    pub region: String,
+    #[serde(default)]
+    pub access_key_id: Option<String>,
+    #[serde(default)]
+    pub secret_access_key_file: Option<PathBuf>,
+    #[serde(skip)]
+    pub secret_access_key: Option<Secret>,
+    /// Allow plain HTTP (local MinIO); off by default.
+    #[serde(default)]
+    pub allow_http: bool,
+    /// How long one S3 request may take. A hung endpoint then surfaces as an error (the pod
+    /// turns not-ready and retries) instead of a stall.
+    #[serde(default = "default_s3_timeout")]
+    pub request_timeout: HumanDuration,
+}
+
+fn default_s3_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
+}
+
+fn default_region() -> String {
+    "us-east-1".into()
+}
