@@ -32,7 +32,6 @@ pub enum ConfigError {
     Invalid(String),
 }
 
-/// A credential. Its `Debug` never shows the value, so it cannot leak through a log line.
 mod env;
 mod lake;
 mod mapping;

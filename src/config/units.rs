@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+/// A credential. Its `Debug` never shows the value, so it cannot leak through a log line.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct Secret(String);
 
