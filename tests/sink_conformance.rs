@@ -60,7 +60,38 @@ async fn conformance<S: Sink>(mut make: impl FnMut() -> S) {
     a_restarted_sink_reads_its_checkpoints(&mut make, &[(&p0, 10), (&p1, 5)]).await;
     redelivery_stores_nothing_again(&mut make, &b1).await;
     an_overlapping_batch_stores_only_new_offsets(&mut make, &topic, &p0).await;
+    revoke_makes_nothing_durable_that_was_not_acknowledged(&mut make, &topic).await;
     refuses_a_gap(make, &topic, &p0, 15).await;
+}
+
+/// After a revoke (another pod owns the partition now) nothing the sink had not acknowledged
+/// becomes durable, and what it had acknowledged stays: a sink that buffers drops the buffer,
+/// one that stores per batch has nothing to drop.
+async fn revoke_makes_nothing_durable_that_was_not_acknowledged<S: Sink>(
+    make: &mut impl FnMut() -> S,
+    topic: &str,
+) {
+    let tp = TopicPartition::new(topic, 2);
+    let mut sink = make();
+    sink.checkpoints(std::slice::from_ref(&tp)).await.unwrap();
+    let ack = sink.write(&batch(topic, 2, 0..6)).await.unwrap();
+    // No checkpoint and a next offset of 0 both mean "nothing stored".
+    let acknowledged = ack.durable.get(&tp).copied().unwrap_or(0);
+    sink.revoke(std::slice::from_ref(&tp));
+    sink.flush(true).await.unwrap();
+    let stored = make()
+        .checkpoints(std::slice::from_ref(&tp))
+        .await
+        .unwrap()
+        .get(&tp)
+        .copied()
+        .unwrap_or(0);
+    assert_eq!(
+        stored,
+        acknowledged,
+        "{}: after a revoke the stored checkpoint is what was acknowledged",
+        sink.name()
+    );
 }
 
 async fn a_fresh_sink_has_no_checkpoint<S: Sink>(
