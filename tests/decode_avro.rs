@@ -165,6 +165,30 @@ struct Decoding {
     outcome: Outcome,
 }
 
+impl Decoding {
+    fn new(topic: &str, offset: i64, key: Option<Value>, decoded: Decoded) -> Self {
+        Decoding {
+            topic: unprefixed(topic),
+            key: key.map_or(String::new(), |k| normalized(&k).to_string()),
+            offset,
+            outcome: outcome(decoded),
+        }
+    }
+}
+
+/// Writer schemas from the capture, as a registry lookup that never fails to answer.
+fn lookup<'a>(
+    schemas: &'a HashMap<u32, Arc<WriterSchema>>,
+    unknown: &'static str,
+) -> impl FnMut(u32) -> Result<Lookup, ()> + 'a {
+    move |id| {
+        Ok(match schemas.get(&id) {
+            Some(w) => Lookup::Found(w.clone()),
+            None => Lookup::Unknown(unknown.into()),
+        })
+    }
+}
+
 #[test]
 fn the_avro_capture_decodes_to_the_same_changes_as_the_json_capture() {
     let (records, schemas) = avro_fixture();
@@ -177,24 +201,14 @@ fn the_avro_capture_decodes_to_the_same_changes_as_the_json_capture() {
                     coords(&r.topic, r.partition, r.offset),
                     r.key.as_deref(),
                     r.value.as_deref(),
-                    |id| {
-                        Ok::<_, ()>(match schemas.get(&id) {
-                            Some(w) => Lookup::Found(w.clone()),
-                            None => Lookup::Unknown("not in the capture".into()),
-                        })
-                    },
+                    lookup(&schemas, "not in the capture"),
                 )
                 .unwrap();
-            let key = r.key.as_deref().map_or(String::new(), |k| {
+            let key = r.key.as_deref().map(|k| {
                 let (id, datum) = unframe(k).unwrap();
-                normalized(&schemas[&id].decode(datum).unwrap()).to_string()
+                schemas[&id].decode(datum).unwrap()
             });
-            Decoding {
-                topic: unprefixed(&r.topic),
-                key,
-                offset: r.offset,
-                outcome: outcome(d),
-            }
+            Decoding::new(&r.topic, r.offset, key, d)
         })
         .collect();
     let mut decoder = Decoder::new();
@@ -206,19 +220,14 @@ fn the_avro_capture_decodes_to_the_same_changes_as_the_json_capture() {
                 r.key.as_deref().map(str::as_bytes),
                 r.value.as_deref().map(str::as_bytes),
             );
-            let key = r.key.as_deref().map_or(String::new(), |k| {
+            let key = r.key.as_deref().map(|k| {
                 let mut v: Value = serde_json::from_str(k).unwrap();
                 if let Some(payload) = v.get_mut("payload") {
                     v = payload.take();
                 }
-                normalized(&v).to_string()
+                v
             });
-            Decoding {
-                topic: unprefixed(&r.topic),
-                key,
-                offset: r.offset,
-                outcome: outcome(d),
-            }
+            Decoding::new(&r.topic, r.offset, key, d)
         })
         .collect();
     assert_eq!(avro.len(), json.len());
@@ -258,12 +267,6 @@ fn corrupt_avro_is_rejected_with_its_exact_bytes() {
         .find(|r| r.topic.ends_with("public.type_zoo") && r.value.is_some())
         .unwrap();
     let value = change.value.clone().unwrap();
-    let lookup = |id: u32| {
-        Ok::<_, ()>(match schemas.get(&id) {
-            Some(w) => Lookup::Found(w.clone()),
-            None => Lookup::Unknown("Schema not found (40403)".into()),
-        })
-    };
     let mut truncated = value.clone();
     truncated.truncate(value.len() / 2);
     let mut unknown_id = value.clone();
@@ -283,7 +286,7 @@ fn corrupt_avro_is_rejected_with_its_exact_bytes() {
                 coords("t", 0, 1),
                 change.key.as_deref(),
                 Some(&bytes),
-                lookup,
+                lookup(&schemas, "Schema not found (40403)"),
             )
             .unwrap();
         match d {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use serde_json::Value;
 use tokio_postgres::Transaction;
 
-use super::{pg_err, Dest, Mirror, StateSink};
+use super::{ident_for, pg_err, Dest, Mirror, StateSink};
 use crate::domain::Ident;
 use crate::domain::TableId;
 use crate::envelope::{ChangeEvent, ColumnType, RowSchema, TimeUnit};
@@ -117,12 +117,7 @@ impl StateSink {
             }
         }
         let qualified = self.qualified(dest)?;
-        let ident = |name: &str| {
-            Ident::new(name).map_err(|e| SinkError::Encode {
-                table: table.to_string(),
-                reason: e.to_string(),
-            })
-        };
+        let ident = |name: &str| ident_for(table, name);
         if !self.mirrors.contains_key(&dest.name) {
             let rows = tx
                 .query(

@@ -22,7 +22,6 @@ pub use catalog::pg_type;
 pub(crate) use catalog::PRIMARY_KEY_COLUMNS;
 
 use super::coerce::ColumnCoercion;
-use super::ident::quote_ident;
 use super::mapping::Mapping;
 use super::{checkpoint, Ack, Offsets, Sink, SinkError, WriteStats};
 use crate::batch::Batch;
@@ -101,6 +100,15 @@ pub struct StateSink {
     /// Mapped tables, checked against the catalog when the target was opened.
     mapped_tables: HashMap<TableId, Mirror>,
     prepared: bool,
+}
+
+/// A name of the mirror of `table` (its schema, its name, a column) as an identifier, or the
+/// error that rejects the table's changes at this sink, naming the table.
+fn ident_for(table: &TableId, name: &str) -> Result<Ident, SinkError> {
+    Ident::new(name).map_err(|e| SinkError::Encode {
+        table: table.to_string(),
+        reason: e.to_string(),
+    })
 }
 
 fn pg_err(
@@ -194,14 +202,10 @@ impl StateSink {
 
     /// `"schema"."mirror"` of a destination, or why the mirror name cannot be an identifier.
     fn qualified(&self, dest: &Dest) -> Result<String, SinkError> {
-        let bad = |reason| SinkError::Encode {
-            table: dest.table.to_string(),
-            reason,
-        };
         Ok(format!(
             "{}.{}",
-            quote_ident(&self.schema).map_err(bad)?,
-            quote_ident(&dest.name).map_err(bad)?
+            ident_for(&dest.table, &self.schema)?,
+            ident_for(&dest.table, &dest.name)?
         ))
     }
 
