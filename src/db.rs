@@ -79,6 +79,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0008_mirror_sources",
         sql: include_str!("../sql/0008_mirror_sources.sql"),
     },
+    Migration {
+        version: 9,
+        name: "0009_avro_records",
+        sql: include_str!("../sql/0009_avro_records.sql"),
+    },
 ];
 
 /// `host:port/db` of a URL, for error messages: never the credentials.

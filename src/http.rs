@@ -16,9 +16,14 @@ pub fn router(readiness: Readiness) -> Router {
             "/readyz",
             get(|State(r): State<Readiness>| async move {
                 if r.get() {
-                    (StatusCode::OK, "ready\n")
+                    (StatusCode::OK, "ready\n".to_string())
                 } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                    // The reasons name a sink, a table or the registry, never a row value.
+                    let why = r.reasons().join("; ");
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("not ready: {why}\n"),
+                    )
                 }
             }),
         )

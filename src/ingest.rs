@@ -14,6 +14,7 @@ use crate::sink::lake::LakeSink;
 use crate::sink::raw::RawSink;
 use crate::sink::state::StateSink;
 use crate::sink::SinkError;
+use crate::source::{KafkaConsumer, RecordDecoder};
 
 /// Builds the enabled sinks, in a fixed order: raw, lake, then each state target.
 pub fn build_sinks(config: &Config) -> anyhow::Result<Vec<AnySink>> {
@@ -89,6 +90,39 @@ fn invalid_mapping(e: SinkError) -> anyhow::Error {
     }
 }
 
+/// How long a stopping pod waits to leave its consumer group. Leaving lets the next owner take
+/// the partitions without waiting for the session timeout, but it waits on the broker's group
+/// coordinator, which can stall (`../shared/ENVIRONMENT.md`). Every checkpoint is stored by
+/// then, so nothing depends on it and the pod stops anyway.
+const LEAVE_GROUP_LIMIT: Duration = Duration::from_secs(10);
+
+/// Joins the poll thread and drops the last consumer handle, which leaves the group, on a
+/// thread of its own: a coordinator that does not answer cannot hold the stopping pod (nor,
+/// as a blocking task would, the runtime's shutdown).
+async fn leave_group(poll_thread: std::thread::JoinHandle<()>, consumer: Arc<KafkaConsumer>) {
+    let (left_tx, left_rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("kafka-leave".into())
+        .spawn(move || {
+            let _ = poll_thread.join();
+            drop(consumer);
+            let _ = left_tx.send(());
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start a thread to leave the consumer group");
+        return;
+    }
+    if tokio::time::timeout(LEAVE_GROUP_LIMIT, left_rx)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            limit = ?LEAVE_GROUP_LIMIT,
+            "leaving the consumer group did not finish in time; stopping without waiting"
+        );
+    }
+}
+
 /// Runs the ingest pod until `shutdown` fires, then drains within the configured deadline.
 /// Pending migrations are applied first unless `skip_migrations`.
 pub async fn run(
@@ -128,14 +162,18 @@ pub async fn run(
     let deadline = config.shutdown.drain_deadline.0;
     let (consumer, closing) = crate::source::create_consumer(&config.kafka, tx.clone(), deadline)?;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let decoder = RecordDecoder::new(&config.kafka, tokio::runtime::Handle::current())
+        .map_err(|e| anyhow::anyhow!(e))?;
     let poll_thread = {
-        let (consumer, stop) = (consumer.clone(), stop.clone());
+        let (consumer, stop, readiness) = (consumer.clone(), stop.clone(), readiness.clone());
         let chunk = config.batch.max_records.clamp(100, 5000);
         std::thread::Builder::new()
             .name("kafka-poll".into())
             // Decodes records: as deep as envelope::json allows.
             .stack_size(crate::envelope::json::THREAD_STACK_BYTES)
-            .spawn(move || crate::source::run_poll_loop(consumer, tx, stop, chunk))?
+            .spawn(move || {
+                crate::source::run_poll_loop(consumer, tx, stop, chunk, decoder, readiness)
+            })?
     };
     // When shutdown starts, stop fetching at once; the pipeline drains what it already has.
     {
@@ -161,13 +199,7 @@ pub async fn run(
     readiness.set(false, "shutting down");
     stop.store(true, Ordering::SeqCst);
     closing.store(true, Ordering::SeqCst);
-    tokio::task::spawn_blocking(move || {
-        let _ = poll_thread.join();
-        // Leaving the group here lets the next owner take our partitions without waiting for
-        // the session timeout.
-        drop(consumer);
-    })
-    .await?;
+    leave_group(poll_thread, consumer).await;
     shutdown.cancel();
     if let Some(h) = http {
         let _ = tokio::time::timeout(Duration::from_secs(2), h).await;

@@ -131,24 +131,81 @@ fn log_directives(rust_log: Option<&str>) -> String {
     }
 }
 
-/// Readiness as `/readyz` reports it: the consumer runs and every sink's last attempt worked.
-#[derive(Clone, Default)]
-pub struct Readiness(Arc<AtomicBool>);
+/// Readiness as `/readyz` reports it: the consumer runs, every sink's last attempt worked, and
+/// the source can decode what it reads (the Schema Registry answers). The pipeline and the
+/// source thread each own one part, so neither can report ready over the other's fault.
+#[derive(Clone)]
+pub struct Readiness(Arc<ReadinessParts>);
 
-impl Readiness {
-    pub fn set(&self, ready: bool, why: &str) {
-        let was = self.0.swap(ready, Ordering::SeqCst);
-        if was != ready {
-            METRICS.ready.set(i64::from(ready));
-            if ready {
-                tracing::info!(reason = why, "ready");
-            } else {
-                tracing::warn!(reason = why, "not ready");
-            }
+struct ReadinessParts {
+    sinks: Part,
+    source: Part,
+}
+
+/// One part of readiness, with why it last turned not-ready.
+struct Part {
+    ready: AtomicBool,
+    why: std::sync::Mutex<String>,
+}
+
+impl Part {
+    fn new(ready: bool, why: &str) -> Self {
+        Part {
+            ready: AtomicBool::new(ready),
+            why: std::sync::Mutex::new(why.to_string()),
         }
     }
+}
+
+impl Default for Readiness {
+    fn default() -> Self {
+        Readiness(Arc::new(ReadinessParts {
+            sinks: Part::new(false, "starting"),
+            source: Part::new(true, ""),
+        }))
+    }
+}
+
+impl Readiness {
+    /// The pipeline's part: the consumer runs and the sinks accept batches.
+    pub fn set(&self, ready: bool, why: &str) {
+        self.update(&self.0.sinks, ready, why);
+    }
+
+    /// The source thread's part: records can be decoded (their writer schemas can be fetched).
+    pub fn set_source(&self, ready: bool, why: &str) {
+        self.update(&self.0.source, ready, why);
+    }
+
+    fn update(&self, part: &Part, ready: bool, why: &str) {
+        if part.ready.swap(ready, Ordering::SeqCst) == ready {
+            return;
+        }
+        if !ready {
+            if let Ok(mut w) = part.why.lock() {
+                *w = why.to_string();
+            }
+        }
+        let now = self.get();
+        METRICS.ready.set(i64::from(now));
+        match (ready, now) {
+            (false, _) => tracing::warn!(reason = why, "not ready"),
+            (true, true) => tracing::info!(reason = why, "ready"),
+            (true, false) => tracing::info!(reason = why, "recovered; still not ready"),
+        }
+    }
+
     pub fn get(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+        self.0.sinks.ready.load(Ordering::SeqCst) && self.0.source.ready.load(Ordering::SeqCst)
+    }
+
+    /// Why it is not ready (empty when ready): each part's reason, as `/readyz` shows them.
+    pub fn reasons(&self) -> Vec<String> {
+        [&self.0.sinks, &self.0.source]
+            .into_iter()
+            .filter(|p| !p.ready.load(Ordering::SeqCst))
+            .map(|p| p.why.lock().map(|w| w.clone()).unwrap_or_default())
+            .collect()
     }
 }
 

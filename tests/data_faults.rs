@@ -257,332 +257,340 @@ async fn sigterm_during_a_wedge(which: Wedged) {
     assert_eq!(rejects, 0, "nothing here is bad data");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_while_the_raw_log_is_wedged_loses_nothing() {
-    sigterm_during_a_wedge(Wedged::Raw).await;
+#[test]
+fn sigterm_while_the_raw_log_is_wedged_loses_nothing() {
+    run_test(async {
+        sigterm_during_a_wedge(Wedged::Raw).await;
+    });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_while_the_state_sink_is_wedged_loses_nothing() {
-    sigterm_during_a_wedge(Wedged::State).await;
+#[test]
+fn sigterm_while_the_state_sink_is_wedged_loses_nothing() {
+    run_test(async {
+        sigterm_during_a_wedge(Wedged::State).await;
+    });
 }
 
 /// Every single-record case from the issue, interleaved with good records on one partition.
 /// Each sink stores each record or rejects it at its own stage with a reason; good records
 /// behind the poison ones arrive; nothing is stored twice.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn single_poison_records_are_isolated_per_sink() {
-    let prefix = unique("poison").replace('_', "-");
-    let topic = format!("{prefix}.public.mixed");
-    let wide_after = format!(
-        "{{\"id\":1,{}}}",
-        (0..2000)
-            .map(|i| format!("\"c{i}\":{i}"))
-            .collect::<Vec<_>>()
-            .join(",")
-    );
-    let big_key = incompressible(3000);
-    let long_col = "x".repeat(64);
-    let mut out_of_range_source = rec("oldsrc", r#"{"id":1}"#, r#"{"id":1}"#, 900);
-    out_of_range_source.value = envelope("oldsrc", r#"{"id":1}"#, 900, -250_000_000_000_000);
-    let mut old_kafka_ts = rec("oldkafka", r#"{"id":1}"#, r#"{"id":1}"#, 950);
-    old_kafka_ts.timestamp = Some(-250_000_000_000_000);
-    // (record, rejected by raw, rejected by state)
-    let cases: Vec<(Rec, bool, bool)> = vec![
-        (
-            rec("good", r#"{"id":1}"#, r#"{"id":1,"v":"a"}"#, 100),
-            false,
-            false,
-        ),
-        (
-            rec(
-                "wcol",
-                r#"{"id":1}"#,
-                r#"{"id":1,"w_lsn":5,"w_commit_lsn":6}"#,
-                110,
+#[test]
+fn single_poison_records_are_isolated_per_sink() {
+    run_test(async {
+        let prefix = unique("poison").replace('_', "-");
+        let topic = format!("{prefix}.public.mixed");
+        let wide_after = format!(
+            "{{\"id\":1,{}}}",
+            (0..2000)
+                .map(|i| format!("\"c{i}\":{i}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        let big_key = incompressible(3000);
+        let long_col = "x".repeat(64);
+        let mut out_of_range_source = rec("oldsrc", r#"{"id":1}"#, r#"{"id":1}"#, 900);
+        out_of_range_source.value = envelope("oldsrc", r#"{"id":1}"#, 900, -250_000_000_000_000);
+        let mut old_kafka_ts = rec("oldkafka", r#"{"id":1}"#, r#"{"id":1}"#, 950);
+        old_kafka_ts.timestamp = Some(-250_000_000_000_000);
+        // (record, rejected by raw, rejected by state)
+        let cases: Vec<(Rec, bool, bool)> = vec![
+            (
+                rec("good", r#"{"id":1}"#, r#"{"id":1,"v":"a"}"#, 100),
+                false,
+                false,
             ),
-            false,
-            false,
-        ),
-        (
-            rec("metakey", r#"{"cdc_operation":"k"}"#, r#"{"id":1}"#, 120),
-            false,
-            true,
-        ),
-        (
-            rec("widen", r#"{"id":1}"#, r#"{"id":1,"t":"a"}"#, 130),
-            false,
-            false,
-        ),
-        (
-            rec("widen", r#"{"id":1,"t":"a"}"#, r#"{"id":1,"t":"a"}"#, 140),
-            false,
-            true,
-        ),
-        (
-            rec("widen", r#"{"id":1,"t":"b"}"#, r#"{"id":1,"t":"b"}"#, 150),
-            false,
-            true,
-        ),
-        (rec("wide", r#"{"id":1}"#, &wide_after, 160), false, true),
-        (
-            rec(
-                "bigkey",
-                &format!(r#"{{"k":"{big_key}"}}"#),
-                &format!(r#"{{"k":"{big_key}"}}"#),
-                170,
+            (
+                rec(
+                    "wcol",
+                    r#"{"id":1}"#,
+                    r#"{"id":1,"w_lsn":5,"w_commit_lsn":6}"#,
+                    110,
+                ),
+                false,
+                false,
             ),
-            false,
-            true,
-        ),
-        (
-            rec("nul", r#"{"id":1}"#, r#"{"id":1,"v":"a\u0000b"}"#, 180),
-            true,
-            true,
-        ),
-        (
-            rec("nul\u{0}table", r#"{"id":1}"#, r#"{"id":1}"#, 190),
-            true,
-            true,
-        ),
-        (out_of_range_source, false, false),
-        (old_kafka_ts, true, false),
-        // One bad column name in one row; the clean rows of its table in the same batch apply.
-        (
-            rec("longcol", r#"{"id":1}"#, r#"{"id":1,"v":1}"#, 200),
-            false,
-            false,
-        ),
-        (
-            rec(
-                "longcol",
-                r#"{"id":2}"#,
-                &format!(r#"{{"id":2,"{long_col}":1}}"#),
-                210,
+            (
+                rec("metakey", r#"{"cdc_operation":"k"}"#, r#"{"id":1}"#, 120),
+                false,
+                true,
             ),
-            false,
-            true,
-        ),
-        (
-            rec("longcol", r#"{"id":3}"#, r#"{"id":3,"v":3}"#, 220),
-            false,
-            false,
-        ),
-        // Lake-unsafe names.
-        (rec("..", r#"{"id":1}"#, r#"{"id":1}"#, 230), false, false),
-        (rec("a/b", r#"{"id":1}"#, r#"{"id":1}"#, 240), false, false),
-        (rec("x=y", r#"{"id":1}"#, r#"{"id":1}"#, 250), false, false),
-        (
-            rec("good", r#"{"id":2}"#, r#"{"id":2,"v":"b"}"#, 260),
-            false,
-            false,
-        ),
-    ];
-    let records: Vec<Rec> = cases
-        .iter()
-        .map(|(r, ..)| Rec {
-            key: r.key.clone(),
-            value: r.value.clone(),
-            timestamp: r.timestamp,
-        })
-        .collect();
-    let produced = produce_to(&topic, &records).await;
-    let last = *produced.last().unwrap();
-    let expect = |pick: fn(&(Rec, bool, bool)) -> bool| -> Vec<i64> {
-        cases
+            (
+                rec("widen", r#"{"id":1}"#, r#"{"id":1,"t":"a"}"#, 130),
+                false,
+                false,
+            ),
+            (
+                rec("widen", r#"{"id":1,"t":"a"}"#, r#"{"id":1,"t":"a"}"#, 140),
+                false,
+                true,
+            ),
+            (
+                rec("widen", r#"{"id":1,"t":"b"}"#, r#"{"id":1,"t":"b"}"#, 150),
+                false,
+                true,
+            ),
+            (rec("wide", r#"{"id":1}"#, &wide_after, 160), false, true),
+            (
+                rec(
+                    "bigkey",
+                    &format!(r#"{{"k":"{big_key}"}}"#),
+                    &format!(r#"{{"k":"{big_key}"}}"#),
+                    170,
+                ),
+                false,
+                true,
+            ),
+            (
+                rec("nul", r#"{"id":1}"#, r#"{"id":1,"v":"a\u0000b"}"#, 180),
+                true,
+                true,
+            ),
+            (
+                rec("nul\u{0}table", r#"{"id":1}"#, r#"{"id":1}"#, 190),
+                true,
+                true,
+            ),
+            (out_of_range_source, false, false),
+            (old_kafka_ts, true, false),
+            // One bad column name in one row; the clean rows of its table in the same batch apply.
+            (
+                rec("longcol", r#"{"id":1}"#, r#"{"id":1,"v":1}"#, 200),
+                false,
+                false,
+            ),
+            (
+                rec(
+                    "longcol",
+                    r#"{"id":2}"#,
+                    &format!(r#"{{"id":2,"{long_col}":1}}"#),
+                    210,
+                ),
+                false,
+                true,
+            ),
+            (
+                rec("longcol", r#"{"id":3}"#, r#"{"id":3,"v":3}"#, 220),
+                false,
+                false,
+            ),
+            // Lake-unsafe names.
+            (rec("..", r#"{"id":1}"#, r#"{"id":1}"#, 230), false, false),
+            (rec("a/b", r#"{"id":1}"#, r#"{"id":1}"#, 240), false, false),
+            (rec("x=y", r#"{"id":1}"#, r#"{"id":1}"#, 250), false, false),
+            (
+                rec("good", r#"{"id":2}"#, r#"{"id":2,"v":"b"}"#, 260),
+                false,
+                false,
+            ),
+        ];
+        let records: Vec<Rec> = cases
             .iter()
-            .zip(&produced)
-            .filter(|(c, _)| pick(c))
-            .map(|(_, o)| *o)
-            .collect()
-    };
-    let raw_rejected = expect(|c| c.1);
-    let state_rejected = expect(|c| c.2);
+            .map(|(r, ..)| Rec {
+                key: r.key.clone(),
+                value: r.value.clone(),
+                timestamp: r.timestamp,
+            })
+            .collect();
+        let produced = produce_to(&topic, &records).await;
+        let last = *produced.last().unwrap();
+        let expect = |pick: fn(&(Rec, bool, bool)) -> bool| -> Vec<i64> {
+            cases
+                .iter()
+                .zip(&produced)
+                .filter(|(c, _)| pick(c))
+                .map(|(_, o)| *o)
+                .collect()
+        };
+        let raw_rejected = expect(|c| c.1);
+        let state_rejected = expect(|c| c.2);
 
-    let db = fresh_db("poison").await;
-    let lake = LakeTarget::local("poison");
-    let cfg = config(&db, &prefix, &lake, &[]);
-    cdc_lake::ingest::migrate(&cfg).await.unwrap();
-    let pod = Pod::start(cfg);
-    let client = pg(&db).await;
-    // Healthy records behind every poison one arrive, in every sink.
-    wait_until(
-        "every sink past the last record",
-        Duration::from_secs(90),
-        || async {
-            checkpoint(&client, "raw", &topic).await == Some(last + 1)
-                && checkpoint(&client, "state", &topic).await == Some(last + 1)
-        },
-    )
-    .await;
-    pod.stop().await;
-
-    // Raw: every record once, stored or rejected at stage raw with its exact bytes.
-    let stored = offsets(
-        &client,
-        "SELECT kafka_offset FROM cdc_raw.cdc_events WHERE kafka_topic = $1 ORDER BY 1",
-        &topic,
-    )
-    .await;
-    let rejected_raw = offsets(
-        &client,
-        "SELECT kafka_offset FROM cdc_raw.cdc_rejects WHERE kafka_topic = $1 AND stage = 'raw' ORDER BY 1",
-        &topic,
-    )
-    .await;
-    assert_eq!(rejected_raw, raw_rejected, "raw rejects");
-    let mut all: Vec<i64> = stored.iter().chain(&rejected_raw).copied().collect();
-    all.sort_unstable();
-    assert_eq!(all, produced, "raw: each record stored or rejected, once");
-    for row in client
-        .query(
-            "SELECT kafka_offset, raw_value, reason FROM cdc_raw.cdc_rejects WHERE kafka_topic = $1 AND stage = 'raw'",
-            &[&topic],
+        let db = fresh_db("poison").await;
+        let lake = LakeTarget::local("poison");
+        let cfg = config(&db, &prefix, &lake, &[]);
+        cdc_lake::ingest::migrate(&cfg).await.unwrap();
+        let pod = Pod::start(cfg);
+        let client = pg(&db).await;
+        // Healthy records behind every poison one arrive, in every sink.
+        wait_until(
+            "every sink past the last record",
+            Duration::from_secs(90),
+            || async {
+                checkpoint(&client, "raw", &topic).await == Some(last + 1)
+                    && checkpoint(&client, "state", &topic).await == Some(last + 1)
+            },
         )
-        .await
-        .unwrap()
-    {
-        let offset: i64 = row.get(0);
-        let i = produced.iter().position(|o| *o == offset).unwrap();
+        .await;
+        pod.stop().await;
+
+        // Raw: every record once, stored or rejected at stage raw with its exact bytes.
+        let stored = offsets(
+            &client,
+            "SELECT kafka_offset FROM cdc_raw.cdc_events WHERE kafka_topic = $1 ORDER BY 1",
+            &topic,
+        )
+        .await;
+        let rejected_raw = offsets(
+            &client,
+            "SELECT kafka_offset FROM cdc_raw.cdc_rejects WHERE kafka_topic = $1 AND stage = 'raw' ORDER BY 1",
+            &topic,
+        )
+        .await;
+        assert_eq!(rejected_raw, raw_rejected, "raw rejects");
+        let mut all: Vec<i64> = stored.iter().chain(&rejected_raw).copied().collect();
+        all.sort_unstable();
+        assert_eq!(all, produced, "raw: each record stored or rejected, once");
+        for row in client
+            .query(
+                "SELECT kafka_offset, raw_value, reason FROM cdc_raw.cdc_rejects WHERE kafka_topic = $1 AND stage = 'raw'",
+                &[&topic],
+            )
+            .await
+            .unwrap()
+        {
+            let offset: i64 = row.get(0);
+            let i = produced.iter().position(|o| *o == offset).unwrap();
+            assert_eq!(
+                row.get::<_, Vec<u8>>(1),
+                cases[i].0.value.as_bytes(),
+                "exact bytes kept"
+            );
+            let reason: String = row.get(2);
+            assert!(reason.contains("raw log cannot store"), "{reason}");
+        }
+        let old: Option<chrono::DateTime<chrono::Utc>> = client
+            .query_one(
+                "SELECT event_timestamp FROM cdc_raw.cdc_events WHERE source_table = 'public.oldsrc'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(old, None, "an out-of-range source time reads NULL");
+
+        // State: the rejects are exactly the records no mirror can take, each with a reason that
+        // names its table; the rest are in their mirrors.
+        let rejected_state: Vec<(i64, String)> = client
+            .query(
+                "SELECT kafka_offset, reason FROM cdc_raw.cdc_rejects WHERE kafka_topic = $1 AND stage = 'state' ORDER BY 1",
+                &[&topic],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
         assert_eq!(
-            row.get::<_, Vec<u8>>(1),
-            cases[i].0.value.as_bytes(),
-            "exact bytes kept"
+            rejected_state.iter().map(|r| r.0).collect::<Vec<_>>(),
+            state_rejected,
+            "state rejects: {rejected_state:#?}"
         );
-        let reason: String = row.get(2);
-        assert!(reason.contains("raw log cannot store"), "{reason}");
-    }
-    let old: Option<chrono::DateTime<chrono::Utc>> = client
-        .query_one(
-            "SELECT event_timestamp FROM cdc_raw.cdc_events WHERE source_table = 'public.oldsrc'",
-            &[],
+        for (offset, reason) in &rejected_state {
+            assert!(
+                reason.contains("cannot apply to") || reason.contains("cannot be mirrored"),
+                "offset {offset}: {reason}"
+            );
+            assert!(
+                !reason.contains(&big_key[..40]) && !reason.contains("a\u{0}b"),
+                "no row values in reasons: {reason}"
+            );
+        }
+        let widen = &rejected_state
+            .iter()
+            .find(|r| r.0 == produced[4])
+            .unwrap()
+            .1;
+        assert!(widen.contains("primary key"), "{widen}");
+        let longcol = offsets(
+            &client,
+            "SELECT cdc_kafka_offset FROM cdc_processed.longcol WHERE $1 <> '' ORDER BY 1",
+            &topic,
         )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(old, None, "an out-of-range source time reads NULL");
-
-    // State: the rejects are exactly the records no mirror can take, each with a reason that
-    // names its table; the rest are in their mirrors.
-    let rejected_state: Vec<(i64, String)> = client
-        .query(
-            "SELECT kafka_offset, reason FROM cdc_raw.cdc_rejects WHERE kafka_topic = $1 AND stage = 'state' ORDER BY 1",
-            &[&topic],
+        .await;
+        assert_eq!(
+            longcol,
+            vec![produced[12], produced[14]],
+            "clean rows apply"
+        );
+        let good = offsets(
+            &client,
+            "SELECT cdc_kafka_offset FROM cdc_processed.good WHERE $1 <> '' ORDER BY 1",
+            &topic,
         )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    assert_eq!(
-        rejected_state.iter().map(|r| r.0).collect::<Vec<_>>(),
-        state_rejected,
-        "state rejects: {rejected_state:#?}"
-    );
-    for (offset, reason) in &rejected_state {
-        assert!(
-            reason.contains("cannot apply to") || reason.contains("cannot be mirrored"),
-            "offset {offset}: {reason}"
-        );
-        assert!(
-            !reason.contains(&big_key[..40]) && !reason.contains("a\u{0}b"),
-            "no row values in reasons: {reason}"
-        );
-    }
-    let widen = &rejected_state
-        .iter()
-        .find(|r| r.0 == produced[4])
-        .unwrap()
-        .1;
-    assert!(widen.contains("primary key"), "{widen}");
-    let longcol = offsets(
-        &client,
-        "SELECT cdc_kafka_offset FROM cdc_processed.longcol WHERE $1 <> '' ORDER BY 1",
-        &topic,
-    )
-    .await;
-    assert_eq!(
-        longcol,
-        vec![produced[12], produced[14]],
-        "clean rows apply"
-    );
-    let good = offsets(
-        &client,
-        "SELECT cdc_kafka_offset FROM cdc_processed.good WHERE $1 <> '' ORDER BY 1",
-        &topic,
-    )
-    .await;
-    assert_eq!(good, vec![produced[0], produced[18]]);
-    let w: i64 = client
-        .query_one("SELECT w_lsn::bigint FROM cdc_processed.wcol", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(w, 5);
+        .await;
+        assert_eq!(good, vec![produced[0], produced[18]]);
+        let w: i64 = client
+            .query_one("SELECT w_lsn::bigint FROM cdc_processed.wcol", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(w, 5);
 
-    // Lake: every change, exactly once, whatever its table is called.
-    let report = lake.check();
-    assert_eq!(report["duplicates"], 0, "{report}");
-    assert_eq!(report["unlisted"].as_array().unwrap().len(), 0, "{report}");
-    let in_lake: Vec<i64> = lake_coords(&report).into_iter().map(|c| c.2).collect();
-    assert_eq!(in_lake, produced, "every change in the lake");
+        // Lake: every change, exactly once, whatever its table is called.
+        let report = lake.check();
+        assert_eq!(report["duplicates"], 0, "{report}");
+        assert_eq!(report["unlisted"].as_array().unwrap().len(), 0, "{report}");
+        let in_lake: Vec<i64> = lake_coords(&report).into_iter().map(|c| c.2).collect();
+        assert_eq!(in_lake, produced, "every change in the lake");
+    });
 }
 
 /// `prune-raw` deletes a raw row only when a committed lake file holds it. Tables with names
 /// that are unsafe as paths used to be skipped by the lake inside a committed manifest range,
 /// and prune then deleted them from the raw log too.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn prune_after_lake_unsafe_names_keeps_every_change_somewhere() {
-    let prefix = unique("prune").replace('_', "-");
-    let topic = format!("{prefix}.public.mixed");
-    let records = vec![
-        rec("good", r#"{"id":1}"#, r#"{"id":1}"#, 100),
-        rec("..", r#"{"id":1}"#, r#"{"id":1}"#, 110),
-        rec("a/b", r#"{"id":1}"#, r#"{"id":1}"#, 120),
-        rec("x=y", r#"{"id":1}"#, r#"{"id":1}"#, 130),
-        rec("good", r#"{"id":2}"#, r#"{"id":2}"#, 140),
-    ];
-    let produced = produce_to(&topic, &records).await;
-    let db = fresh_db("prune").await;
-    let lake = LakeTarget::local("prune");
-    let cfg = config(&db, &prefix, &lake, &[]);
-    cdc_lake::ingest::migrate(&cfg).await.unwrap();
-    let pod = Pod::start(cfg.clone());
-    let client = pg(&db).await;
-    wait_until(
-        "every record in the raw log",
-        Duration::from_secs(60),
-        || async { checkpoint(&client, "raw", &topic).await == Some(5) },
-    )
-    .await;
-    pod.stop().await;
-    let report = cdc_lake::replay::prune::prune_raw(
-        &cfg,
-        chrono::Utc::now() + chrono::Duration::days(3650),
-        false,
-    )
-    .await
-    .unwrap();
-    let left = offsets(
-        &client,
-        "SELECT kafka_offset FROM cdc_raw.cdc_events WHERE kafka_topic = $1 ORDER BY 1",
-        &topic,
-    )
-    .await;
-    let in_lake: BTreeSet<i64> = lake_coords(&lake.check())
-        .into_iter()
-        .map(|c| c.2)
-        .collect();
-    for o in &produced {
-        assert!(
-            left.contains(o) || in_lake.contains(o),
-            "offset {o} is in neither the raw log nor the lake (pruned {} rows)",
-            report.deleted()
+#[test]
+fn prune_after_lake_unsafe_names_keeps_every_change_somewhere() {
+    run_test(async {
+        let prefix = unique("prune").replace('_', "-");
+        let topic = format!("{prefix}.public.mixed");
+        let records = vec![
+            rec("good", r#"{"id":1}"#, r#"{"id":1}"#, 100),
+            rec("..", r#"{"id":1}"#, r#"{"id":1}"#, 110),
+            rec("a/b", r#"{"id":1}"#, r#"{"id":1}"#, 120),
+            rec("x=y", r#"{"id":1}"#, r#"{"id":1}"#, 130),
+            rec("good", r#"{"id":2}"#, r#"{"id":2}"#, 140),
+        ];
+        let produced = produce_to(&topic, &records).await;
+        let db = fresh_db("prune").await;
+        let lake = LakeTarget::local("prune");
+        let cfg = config(&db, &prefix, &lake, &[]);
+        cdc_lake::ingest::migrate(&cfg).await.unwrap();
+        let pod = Pod::start(cfg.clone());
+        let client = pg(&db).await;
+        wait_until(
+            "every record in the raw log",
+            Duration::from_secs(60),
+            || async { checkpoint(&client, "raw", &topic).await == Some(5) },
+        )
+        .await;
+        pod.stop().await;
+        let report = cdc_lake::replay::prune::prune_raw(
+            &cfg,
+            chrono::Utc::now() + chrono::Duration::days(3650),
+            false,
+        )
+        .await
+        .unwrap();
+        let left = offsets(
+            &client,
+            "SELECT kafka_offset FROM cdc_raw.cdc_events WHERE kafka_topic = $1 ORDER BY 1",
+            &topic,
+        )
+        .await;
+        let in_lake: BTreeSet<i64> = lake_coords(&lake.check())
+            .into_iter()
+            .map(|c| c.2)
+            .collect();
+        for o in &produced {
+            assert!(
+                left.contains(o) || in_lake.contains(o),
+                "offset {o} is in neither the raw log nor the lake (pruned {} rows)",
+                report.deleted()
+            );
+        }
+        assert_eq!(
+            report.deleted(),
+            5,
+            "the lake holds them all, so all may go"
         );
-    }
-    assert_eq!(
-        report.deleted(),
-        5,
-        "the lake holds them all, so all may go"
-    );
+    });
 }

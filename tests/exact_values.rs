@@ -71,130 +71,132 @@ async fn texts(c: &Client, sql: &str) -> Vec<String> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn integers_of_any_size_keep_every_digit() {
-    let prefix = unique("bigint").replace('_', "-");
-    let topic = format!("{prefix}.public.numbers");
-    let keys_topic = format!("{prefix}.public.big_keys");
-    let records = vec![
-        // A small first value makes the mirror column bigint; the next one widens it.
-        record(
-            &topic,
-            r#"{"id":1}"#,
-            envelope(&prefix, "numbers", r#"{"id":1,"n":5,"f":1.5}"#, 100),
-        ),
-        record(
-            &topic,
-            r#"{"id":2}"#,
-            envelope(
-                &prefix,
-                "numbers",
-                &format!(r#"{{"id":2,"n":{BIG},"f":-1e300}}"#),
-                101,
+#[test]
+fn integers_of_any_size_keep_every_digit() {
+    run_test(async {
+        let prefix = unique("bigint").replace('_', "-");
+        let topic = format!("{prefix}.public.numbers");
+        let keys_topic = format!("{prefix}.public.big_keys");
+        let records = vec![
+            // A small first value makes the mirror column bigint; the next one widens it.
+            record(
+                &topic,
+                r#"{"id":1}"#,
+                envelope(&prefix, "numbers", r#"{"id":1,"n":5,"f":1.5}"#, 100),
             ),
-        ),
-        record(
-            &keys_topic,
-            &format!(r#"{{"k":{BIG}}}"#),
-            envelope(
-                &prefix,
-                "big_keys",
-                &format!(r#"{{"k":{BIG},"v":"first","h":{HUGE}}}"#),
-                102,
+            record(
+                &topic,
+                r#"{"id":2}"#,
+                envelope(
+                    &prefix,
+                    "numbers",
+                    &format!(r#"{{"id":2,"n":{BIG},"f":-1e300}}"#),
+                    101,
+                ),
             ),
-        ),
-        record(
-            &keys_topic,
-            &format!(r#"{{"k":{BIG_NEXT}}}"#),
-            envelope(
-                &prefix,
-                "big_keys",
-                &format!(r#"{{"k":{BIG_NEXT},"v":"second","h":-{HUGE}}}"#),
-                103,
+            record(
+                &keys_topic,
+                &format!(r#"{{"k":{BIG}}}"#),
+                envelope(
+                    &prefix,
+                    "big_keys",
+                    &format!(r#"{{"k":{BIG},"v":"first","h":{HUGE}}}"#),
+                    102,
+                ),
             ),
-        ),
-    ];
-    produce(&records).await;
-    let db = fresh_db("bigint").await;
-    let lake = LakeTarget::local("bigint");
-    let pod = Pod::start(config(&db, &prefix, &lake, &[]));
-    let sink = pg(&db).await;
-    wait_checkpointed(&sink, &topic, 2).await;
-    wait_checkpointed(&sink, &keys_topic, 2).await;
-    pod.stop().await;
+            record(
+                &keys_topic,
+                &format!(r#"{{"k":{BIG_NEXT}}}"#),
+                envelope(
+                    &prefix,
+                    "big_keys",
+                    &format!(r#"{{"k":{BIG_NEXT},"v":"second","h":-{HUGE}}}"#),
+                    103,
+                ),
+            ),
+        ];
+        produce(&records).await;
+        let db = fresh_db("bigint").await;
+        let lake = LakeTarget::local("bigint");
+        let pod = Pod::start(config(&db, &prefix, &lake, &[]));
+        let sink = pg(&db).await;
+        wait_checkpointed(&sink, &topic, 2).await;
+        wait_checkpointed(&sink, &keys_topic, 2).await;
+        pod.stop().await;
 
-    // Raw log: the digits as sent, as jsonb numbers.
-    assert_eq!(
-        texts(
-            &sink,
-            "SELECT (after_data->'n')::text || ' ' || jsonb_typeof(after_data->'n')
-               FROM cdc_raw.cdc_events WHERE source_table = 'public.numbers' ORDER BY kafka_offset"
-        )
-        .await,
-        vec!["5 number".to_string(), format!("{BIG} number")]
-    );
-    assert_eq!(
-        texts(
-            &sink,
-            "SELECT (after_data->'h')::text FROM cdc_raw.cdc_events WHERE source_table = 'public.big_keys' ORDER BY kafka_offset"
-        )
-        .await,
-        vec![HUGE.to_string(), format!("-{HUGE}")]
-    );
+        // Raw log: the digits as sent, as jsonb numbers.
+        assert_eq!(
+            texts(
+                &sink,
+                "SELECT (after_data->'n')::text || ' ' || jsonb_typeof(after_data->'n')
+                   FROM cdc_raw.cdc_events WHERE source_table = 'public.numbers' ORDER BY kafka_offset"
+            )
+            .await,
+            vec!["5 number".to_string(), format!("{BIG} number")]
+        );
+        assert_eq!(
+            texts(
+                &sink,
+                "SELECT (after_data->'h')::text FROM cdc_raw.cdc_events WHERE source_table = 'public.big_keys' ORDER BY kafka_offset"
+            )
+            .await,
+            vec![HUGE.to_string(), format!("-{HUGE}")]
+        );
 
-    // Mirror: numeric where bigint cannot hold the value (widened), floats stay floats.
-    assert_eq!(
-        column_type(&sink, "cdc_processed.numbers", "n").await,
-        "numeric"
-    );
-    assert_eq!(
-        column_type(&sink, "cdc_processed.numbers", "f").await,
-        "double precision"
-    );
-    assert_eq!(
-        texts(&sink, "SELECT n::text || ' ' || (f = -1e300 OR f = 1.5)::text FROM cdc_processed.numbers ORDER BY id").await,
-        vec!["5 true".to_string(), format!("{BIG} true")]
-    );
-    assert_eq!(
-        column_type(&sink, "cdc_processed.big_keys", "k").await,
-        "numeric"
-    );
-    assert_eq!(
-        column_type(&sink, "cdc_processed.big_keys", "h").await,
-        "numeric"
-    );
-    assert_eq!(
-        texts(
-            &sink,
-            "SELECT k::text || ' ' || v || ' ' || h::text FROM cdc_processed.big_keys ORDER BY k"
-        )
-        .await,
-        vec![
-            format!("{BIG} first {HUGE}"),
-            format!("{BIG_NEXT} second -{HUGE}")
-        ],
-        "keys that differ in the last digit are two rows"
-    );
+        // Mirror: numeric where bigint cannot hold the value (widened), floats stay floats.
+        assert_eq!(
+            column_type(&sink, "cdc_processed.numbers", "n").await,
+            "numeric"
+        );
+        assert_eq!(
+            column_type(&sink, "cdc_processed.numbers", "f").await,
+            "double precision"
+        );
+        assert_eq!(
+            texts(&sink, "SELECT n::text || ' ' || (f = -1e300 OR f = 1.5)::text FROM cdc_processed.numbers ORDER BY id").await,
+            vec!["5 true".to_string(), format!("{BIG} true")]
+        );
+        assert_eq!(
+            column_type(&sink, "cdc_processed.big_keys", "k").await,
+            "numeric"
+        );
+        assert_eq!(
+            column_type(&sink, "cdc_processed.big_keys", "h").await,
+            "numeric"
+        );
+        assert_eq!(
+            texts(
+                &sink,
+                "SELECT k::text || ' ' || v || ' ' || h::text FROM cdc_processed.big_keys ORDER BY k"
+            )
+            .await,
+            vec![
+                format!("{BIG} first {HUGE}"),
+                format!("{BIG_NEXT} second -{HUGE}")
+            ],
+            "keys that differ in the last digit are two rows"
+        );
 
-    // Lake: decimal256 for integers up to 76 digits, exact text beyond.
-    let report = lake.check();
-    let types = &report["types"];
-    assert_eq!(types["public.numbers"]["n"], "decimal256(76, 0)");
-    assert_eq!(types["public.numbers"]["f"], "double");
-    assert_eq!(types["public.big_keys"]["k"], "decimal256(76, 0)");
-    assert_eq!(types["public.big_keys"]["h"], "string");
-    let keys: Vec<String> = report["state"]["table=public.big_keys"]
-        .as_object()
-        .unwrap()
-        .values()
-        .map(|a| format!("{} {}", a["k"].as_str().unwrap(), a["h"].as_str().unwrap()))
-        .collect();
-    let mut keys = keys;
-    keys.sort();
-    assert_eq!(
-        keys,
-        vec![format!("{BIG} {HUGE}"), format!("{BIG_NEXT} -{HUGE}")]
-    );
+        // Lake: decimal256 for integers up to 76 digits, exact text beyond.
+        let report = lake.check();
+        let types = &report["types"];
+        assert_eq!(types["public.numbers"]["n"], "decimal256(76, 0)");
+        assert_eq!(types["public.numbers"]["f"], "double");
+        assert_eq!(types["public.big_keys"]["k"], "decimal256(76, 0)");
+        assert_eq!(types["public.big_keys"]["h"], "string");
+        let keys: Vec<String> = report["state"]["table=public.big_keys"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|a| format!("{} {}", a["k"].as_str().unwrap(), a["h"].as_str().unwrap()))
+            .collect();
+        let mut keys = keys;
+        keys.sort();
+        assert_eq!(
+            keys,
+            vec![format!("{BIG} {HUGE}"), format!("{BIG_NEXT} -{HUGE}")]
+        );
+    });
 }
 
 fn nested(depth: usize) -> String {

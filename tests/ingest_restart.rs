@@ -95,12 +95,16 @@ async fn run_with_interruptions(lake: LakeTarget, kill: bool) {
     assert_exactly_once(&db, &lake, &records, &expected_state).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn graceful_stop_and_restart_local_lake() {
-    run_with_interruptions(LakeTarget::local("restart-stop"), false).await;
+#[test]
+fn graceful_stop_and_restart_local_lake() {
+    run_test(async {
+        run_with_interruptions(LakeTarget::local("restart-stop"), false).await;
+    });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killed_mid_write_and_restarted_s3_lake() {
-    run_with_interruptions(LakeTarget::s3("restart-kill"), true).await;
+#[test]
+fn killed_mid_write_and_restarted_s3_lake() {
+    run_test(async {
+        run_with_interruptions(LakeTarget::s3("restart-kill"), true).await;
+    });
 }

@@ -207,26 +207,34 @@ fn keys_of(keys: &BTreeSet<String>) -> Vec<String> {
         .unwrap_or_default()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn seed_samples_into_local_lake() {
-    replay_samples("bookstore-seed.ndjson", LakeTarget::local("lake-seed")).await;
+#[test]
+fn seed_samples_into_local_lake() {
+    run_test(async {
+        replay_samples("bookstore-seed.ndjson", LakeTarget::local("lake-seed")).await;
+    });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn defaults_samples_into_s3_lake() {
-    replay_samples("bookstore-defaults.ndjson", LakeTarget::s3("lake-defaults")).await;
+#[test]
+fn defaults_samples_into_s3_lake() {
+    run_test(async {
+        replay_samples("bookstore-defaults.ndjson", LakeTarget::s3("lake-defaults")).await;
+    });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn seed_samples_into_s3_lake() {
-    replay_samples("bookstore-seed.ndjson", LakeTarget::s3("lake-seed")).await;
+#[test]
+fn seed_samples_into_s3_lake() {
+    run_test(async {
+        replay_samples("bookstore-seed.ndjson", LakeTarget::s3("lake-seed")).await;
+    });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn defaults_samples_into_local_lake() {
-    replay_samples(
-        "bookstore-defaults.ndjson",
-        LakeTarget::local("lake-defaults"),
-    )
-    .await;
+#[test]
+fn defaults_samples_into_local_lake() {
+    run_test(async {
+        replay_samples(
+            "bookstore-defaults.ndjson",
+            LakeTarget::local("lake-defaults"),
+        )
+        .await;
+    });
 }

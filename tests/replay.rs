@@ -86,171 +86,175 @@ async fn ingest_samples(
     cfg
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rebuild_from_raw_and_from_lake_equals_live_even_after_prune() {
-    let prefix = unique("rpl").replace('_', "-");
-    let db = fresh_db("replay").await;
-    let lake = LakeTarget::local("replay");
-    // The {schema, payload} capture: declared types (decimals, timestamps) for the replay.
-    let cfg = ingest_samples(
-        "bookstore-defaults.ndjson",
-        &db,
-        &prefix,
-        &lake,
-        &["fromraw", "fromlake", "pruned"],
-    )
-    .await;
-    let client = pg(&db).await;
-    let live = schema_hash(&client, "cdc_processed").await;
-    assert!(live.len() >= 3, "mirrors of the sample tables: {live:?}");
-    // Declared schemas were stored for the replay.
-    assert!(count(&client, "SELECT count(*) FROM cdc_raw.cdc_row_schemas").await > 0);
+#[test]
+fn rebuild_from_raw_and_from_lake_equals_live_even_after_prune() {
+    run_test(async {
+        let prefix = unique("rpl").replace('_', "-");
+        let db = fresh_db("replay").await;
+        let lake = LakeTarget::local("replay");
+        // The {schema, payload} capture: declared types (decimals, timestamps) for the replay.
+        let cfg = ingest_samples(
+            "bookstore-defaults.ndjson",
+            &db,
+            &prefix,
+            &lake,
+            &["fromraw", "fromlake", "pruned"],
+        )
+        .await;
+        let client = pg(&db).await;
+        let live = schema_hash(&client, "cdc_processed").await;
+        assert!(live.len() >= 3, "mirrors of the sample tables: {live:?}");
+        // Declared schemas were stored for the replay.
+        assert!(count(&client, "SELECT count(*) FROM cdc_raw.cdc_row_schemas").await > 0);
 
-    let s = replay::run(&cfg, &rebuild_args("fromraw", SourceKind::Raw))
-        .await
-        .unwrap();
-    assert_eq!(
-        s.events,
-        count(&client, "SELECT count(*) FROM cdc_raw.cdc_events").await as u64
-    );
-    assert_eq!(
-        schema_hash(&client, "t_fromraw").await,
-        live,
-        "rebuilt from raw"
-    );
+        let s = replay::run(&cfg, &rebuild_args("fromraw", SourceKind::Raw))
+            .await
+            .unwrap();
+        assert_eq!(
+            s.events,
+            count(&client, "SELECT count(*) FROM cdc_raw.cdc_events").await as u64
+        );
+        assert_eq!(
+            schema_hash(&client, "t_fromraw").await,
+            live,
+            "rebuilt from raw"
+        );
 
-    replay::run(&cfg, &rebuild_args("fromlake", SourceKind::Lake))
-        .await
-        .unwrap();
-    assert_eq!(
-        schema_hash(&client, "t_fromlake").await,
-        live,
-        "rebuilt from the lake"
-    );
+        replay::run(&cfg, &rebuild_args("fromlake", SourceKind::Lake))
+            .await
+            .unwrap();
+        assert_eq!(
+            schema_hash(&client, "t_fromlake").await,
+            live,
+            "rebuilt from the lake"
+        );
 
-    // Rebuilding the live target itself gives it back unchanged.
-    replay::run(&cfg, &rebuild_args("processed", SourceKind::Raw))
-        .await
-        .unwrap();
-    assert_eq!(
-        schema_hash(&client, "cdc_processed").await,
-        live,
-        "processed rebuilt in place"
-    );
+        // Rebuilding the live target itself gives it back unchanged.
+        replay::run(&cfg, &rebuild_args("processed", SourceKind::Raw))
+            .await
+            .unwrap();
+        assert_eq!(
+            schema_hash(&client, "cdc_processed").await,
+            live,
+            "processed rebuilt in place"
+        );
 
-    // Verify agrees with the live target...
-    let target = cfg.target("processed").unwrap();
-    let reader = replay::Reader::open(&cfg, SourceKind::Raw).await.unwrap();
-    let diffs = replay::compare::verify(&cfg, &target, &reader)
-        .await
-        .unwrap();
-    assert!(
-        !diffs.is_empty() && diffs.iter().all(|d| d.is_empty()),
-        "{diffs:?}"
-    );
-    // ...and catches a tampered row.
-    client
-        .batch_execute("UPDATE cdc_processed.books SET price = price + 1 WHERE title = 'Dune'")
-        .await
-        .unwrap();
-    let diffs = replay::compare::verify(&cfg, &target, &reader)
-        .await
-        .unwrap();
-    let books = diffs.iter().find(|d| d.table == "books").unwrap();
-    assert_eq!(
-        (books.differs, books.missing, books.unexpected),
-        (1, 0, 0),
-        "{books:?}"
-    );
+        // Verify agrees with the live target...
+        let target = cfg.target("processed").unwrap();
+        let reader = replay::Reader::open(&cfg, SourceKind::Raw).await.unwrap();
+        let diffs = replay::compare::verify(&cfg, &target, &reader)
+            .await
+            .unwrap();
+        assert!(
+            !diffs.is_empty() && diffs.iter().all(|d| d.is_empty()),
+            "{diffs:?}"
+        );
+        // ...and catches a tampered row.
+        client
+            .batch_execute("UPDATE cdc_processed.books SET price = price + 1 WHERE title = 'Dune'")
+            .await
+            .unwrap();
+        let diffs = replay::compare::verify(&cfg, &target, &reader)
+            .await
+            .unwrap();
+        let books = diffs.iter().find(|d| d.table == "books").unwrap();
+        assert_eq!(
+            (books.differs, books.missing, books.unexpected),
+            (1, 0, 0),
+            "{books:?}"
+        );
 
-    // A replay without --rebuild cannot repair it: the tampered row carries the position of the
-    // last change, which the ordering guard does not overwrite. A dry run says so...
-    let mut dry = rebuild_args("processed", SourceKind::Raw);
-    dry.dry_run = true;
-    dry.rebuild = false;
-    let tampered = schema_hash(&client, "cdc_processed").await;
-    let s = replay::run(&cfg, &dry).await.unwrap();
-    assert!(s.changes.iter().all(|d| d.is_empty()), "{:?}", s.changes);
-    // ...and a dry run of a rebuild reports the repair, writing nothing.
-    dry.rebuild = true;
-    let s = replay::run(&cfg, &dry).await.unwrap();
-    let books = s.changes.iter().find(|d| d.table == "books").unwrap();
-    assert_eq!(
-        (books.differs, books.missing, books.unexpected),
-        (1, 0, 0),
-        "{books:?}"
-    );
-    assert_eq!(schema_hash(&client, "cdc_processed").await, tampered);
-    replay::run(&cfg, &rebuild_args("processed", SourceKind::Raw))
-        .await
-        .unwrap();
-    assert_eq!(
-        schema_hash(&client, "cdc_processed").await,
-        live,
-        "repaired by the rebuild"
-    );
+        // A replay without --rebuild cannot repair it: the tampered row carries the position of the
+        // last change, which the ordering guard does not overwrite. A dry run says so...
+        let mut dry = rebuild_args("processed", SourceKind::Raw);
+        dry.dry_run = true;
+        dry.rebuild = false;
+        let tampered = schema_hash(&client, "cdc_processed").await;
+        let s = replay::run(&cfg, &dry).await.unwrap();
+        assert!(s.changes.iter().all(|d| d.is_empty()), "{:?}", s.changes);
+        // ...and a dry run of a rebuild reports the repair, writing nothing.
+        dry.rebuild = true;
+        let s = replay::run(&cfg, &dry).await.unwrap();
+        let books = s.changes.iter().find(|d| d.table == "books").unwrap();
+        assert_eq!(
+            (books.differs, books.missing, books.unexpected),
+            (1, 0, 0),
+            "{books:?}"
+        );
+        assert_eq!(schema_hash(&client, "cdc_processed").await, tampered);
+        replay::run(&cfg, &rebuild_args("processed", SourceKind::Raw))
+            .await
+            .unwrap();
+        assert_eq!(
+            schema_hash(&client, "cdc_processed").await,
+            live,
+            "repaired by the rebuild"
+        );
 
-    // Retention: every raw row is in the lake, so prune-raw removes them all...
-    let future = chrono::Utc::now() + chrono::Duration::hours(1);
-    let report = replay::prune::prune_raw(&cfg, future, false).await.unwrap();
-    assert!(report.deleted() > 0);
-    assert_eq!(
-        count(&client, "SELECT count(*) FROM cdc_raw.cdc_events").await,
-        0
-    );
-    // ...the raw log has nothing left to replay...
-    let err = replay::run(&cfg, &rebuild_args("pruned", SourceKind::Raw))
-        .await
-        .unwrap_err();
-    assert!(err.to_string().contains("nothing to replay"), "{err}");
-    // ...and the lake still rebuilds the same state.
-    replay::run(&cfg, &rebuild_args("pruned", SourceKind::Lake))
-        .await
-        .unwrap();
-    assert_eq!(
-        schema_hash(&client, "t_pruned").await,
-        live,
-        "rebuilt from the lake after prune"
-    );
+        // Retention: every raw row is in the lake, so prune-raw removes them all...
+        let future = chrono::Utc::now() + chrono::Duration::hours(1);
+        let report = replay::prune::prune_raw(&cfg, future, false).await.unwrap();
+        assert!(report.deleted() > 0);
+        assert_eq!(
+            count(&client, "SELECT count(*) FROM cdc_raw.cdc_events").await,
+            0
+        );
+        // ...the raw log has nothing left to replay...
+        let err = replay::run(&cfg, &rebuild_args("pruned", SourceKind::Raw))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("nothing to replay"), "{err}");
+        // ...and the lake still rebuilds the same state.
+        replay::run(&cfg, &rebuild_args("pruned", SourceKind::Lake))
+            .await
+            .unwrap();
+        assert_eq!(
+            schema_hash(&client, "t_pruned").await,
+            live,
+            "rebuilt from the lake after prune"
+        );
+    });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn prune_keeps_rows_the_lake_does_not_prove() {
-    let prefix = unique("prn").replace('_', "-");
-    let db = fresh_db("prune").await;
-    let lake = LakeTarget::local("prune");
-    let cfg = ingest_samples("bookstore-seed.ndjson", &db, &prefix, &lake, &[]).await;
-    let client = pg(&db).await;
-    let total = count(&client, "SELECT count(*) FROM cdc_raw.cdc_events").await;
-    // Remove one manifest entry: the offsets it covered are no longer proven.
-    let LakeTarget::Local(dir) = &lake else {
-        unreachable!()
-    };
-    let manifest = walk(&dir.join("_manifest"))
-        .into_iter()
-        .find(|p| p.extension().is_some_and(|e| e == "json") && !p.ends_with("_pending.json"))
-        .expect("a manifest entry");
-    let entry: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
-    std::fs::remove_file(&manifest).unwrap();
-    let (first, next) = (
-        entry["first_offset"].as_i64().unwrap(),
-        entry["next_offset"].as_i64().unwrap(),
-    );
-    let topic = entry["topic"].as_str().unwrap();
+#[test]
+fn prune_keeps_rows_the_lake_does_not_prove() {
+    run_test(async {
+        let prefix = unique("prn").replace('_', "-");
+        let db = fresh_db("prune").await;
+        let lake = LakeTarget::local("prune");
+        let cfg = ingest_samples("bookstore-seed.ndjson", &db, &prefix, &lake, &[]).await;
+        let client = pg(&db).await;
+        let total = count(&client, "SELECT count(*) FROM cdc_raw.cdc_events").await;
+        // Remove one manifest entry: the offsets it covered are no longer proven.
+        let LakeTarget::Local(dir) = &lake else {
+            unreachable!()
+        };
+        let manifest = walk(&dir.join("_manifest"))
+            .into_iter()
+            .find(|p| p.extension().is_some_and(|e| e == "json") && !p.ends_with("_pending.json"))
+            .expect("a manifest entry");
+        let entry: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+        std::fs::remove_file(&manifest).unwrap();
+        let (first, next) = (
+            entry["first_offset"].as_i64().unwrap(),
+            entry["next_offset"].as_i64().unwrap(),
+        );
+        let topic = entry["topic"].as_str().unwrap();
 
-    let future = chrono::Utc::now() + chrono::Duration::hours(1);
-    replay::prune::prune_raw(&cfg, future, false).await.unwrap();
-    let kept = count(
-        &client,
-        &format!(
-            "SELECT count(*) FROM cdc_raw.cdc_events WHERE kafka_topic = '{topic}' AND kafka_partition = {} AND kafka_offset >= {first} AND kafka_offset < {next}",
-            entry["partition"]
-        ),
-    )
-    .await;
-    assert!(kept > 0, "rows of the unproven range are kept");
-    assert!(count(&client, "SELECT count(*) FROM cdc_raw.cdc_events").await < total);
+        let future = chrono::Utc::now() + chrono::Duration::hours(1);
+        replay::prune::prune_raw(&cfg, future, false).await.unwrap();
+        let kept = count(
+            &client,
+            &format!(
+                "SELECT count(*) FROM cdc_raw.cdc_events WHERE kafka_topic = '{topic}' AND kafka_partition = {} AND kafka_offset >= {first} AND kafka_offset < {next}",
+                entry["partition"]
+            ),
+        )
+        .await;
+        assert!(kept > 0, "rows of the unproven range are kept");
+        assert!(count(&client, "SELECT count(*) FROM cdc_raw.cdc_events").await < total);
+    });
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
@@ -267,227 +271,238 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rebuild_of_a_live_target_while_the_pod_runs_changes_nothing() {
-    let prefix = unique("live").replace('_', "-");
-    let (records, model) = order_stream(&prefix, 6_000);
-    let topic = records[0].topic.clone();
-    create_topics(&[topic.clone()].into_iter().collect(), 4).await;
-    let half = records.len() / 2;
-    produce(&records[..half]).await;
-    let db = fresh_db("livereplay").await;
-    let lake = LakeTarget::local("livereplay");
-    let cfg = config(
-        &db,
-        &prefix,
-        &lake,
-        &[("CDC_LAKE__BATCH__MAX_RECORDS", "500")],
-    );
-    let pod = Pod::start(cfg.clone());
-    let client = pg(&db).await;
-    wait_until(
-        "the first half in the raw log",
-        Duration::from_secs(60),
-        || async { count(&client, "SELECT count(*) FROM cdc_raw.cdc_events").await >= half as i64 },
-    )
-    .await;
+#[test]
+fn rebuild_of_a_live_target_while_the_pod_runs_changes_nothing() {
+    run_test(async {
+        let prefix = unique("live").replace('_', "-");
+        let (records, model) = order_stream(&prefix, 6_000);
+        let topic = records[0].topic.clone();
+        create_topics(&[topic.clone()].into_iter().collect(), 4).await;
+        let half = records.len() / 2;
+        produce(&records[..half]).await;
+        let db = fresh_db("livereplay").await;
+        let lake = LakeTarget::local("livereplay");
+        let cfg = config(
+            &db,
+            &prefix,
+            &lake,
+            &[("CDC_LAKE__BATCH__MAX_RECORDS", "500")],
+        );
+        let pod = Pod::start(cfg.clone());
+        let client = pg(&db).await;
+        wait_until(
+            "the first half in the raw log",
+            Duration::from_secs(60),
+            || async {
+                count(&client, "SELECT count(*) FROM cdc_raw.cdc_events").await >= half as i64
+            },
+        )
+        .await;
 
-    // The second half arrives while a full rebuild of the live target runs.
-    let producing = tokio::spawn({
-        let rest = records[half..].to_vec();
-        async move { produce(&rest).await }
+        // The second half arrives while a full rebuild of the live target runs.
+        let producing = tokio::spawn({
+            let rest = records[half..].to_vec();
+            async move { produce(&rest).await }
+        });
+        let mut a = rebuild_args("processed", SourceKind::Raw);
+        a.batch_size = 700;
+        replay::run(&cfg, &a).await.unwrap();
+        producing.await.unwrap();
+        wait_until(
+            "every record in the raw log",
+            Duration::from_secs(60),
+            || async {
+                count(&client, "SELECT count(*) FROM cdc_raw.cdc_events").await
+                    == records.len() as i64
+            },
+        )
+        .await;
+        wait_until("the state checkpoint at the end", Duration::from_secs(60), || async {
+            count(
+                &client,
+                "SELECT coalesce(sum(next_offset), 0)::bigint FROM cdc_lake.checkpoints WHERE sink = 'state'",
+            )
+            .await
+                == records.len() as i64
+        })
+        .await;
+        pod.stop().await;
+
+        let rows = client
+            .query(
+                "SELECT id::text, status FROM cdc_processed.orders WHERE NOT cdc_deleted",
+                &[],
+            )
+            .await
+            .unwrap();
+        let state: BTreeMap<String, String> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        assert_eq!(state, model, "the live target equals the reference model");
+        let target = cfg.target("processed").unwrap();
+        let reader = replay::Reader::open(&cfg, SourceKind::Raw).await.unwrap();
+        let diffs = replay::compare::verify(&cfg, &target, &reader)
+            .await
+            .unwrap();
+        assert!(diffs.iter().all(|d| d.is_empty()), "{diffs:?}");
     });
-    let mut a = rebuild_args("processed", SourceKind::Raw);
-    a.batch_size = 700;
-    replay::run(&cfg, &a).await.unwrap();
-    producing.await.unwrap();
-    wait_until(
-        "every record in the raw log",
-        Duration::from_secs(60),
-        || async {
-            count(&client, "SELECT count(*) FROM cdc_raw.cdc_events").await == records.len() as i64
-        },
-    )
-    .await;
-    wait_until("the state checkpoint at the end", Duration::from_secs(60), || async {
-        count(
-            &client,
-            "SELECT coalesce(sum(next_offset), 0)::bigint FROM cdc_lake.checkpoints WHERE sink = 'state'",
-        )
-        .await
-            == records.len() as i64
-    })
-    .await;
-    pod.stop().await;
-
-    let rows = client
-        .query(
-            "SELECT id::text, status FROM cdc_processed.orders WHERE NOT cdc_deleted",
-            &[],
-        )
-        .await
-        .unwrap();
-    let state: BTreeMap<String, String> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-    assert_eq!(state, model, "the live target equals the reference model");
-    let target = cfg.target("processed").unwrap();
-    let reader = replay::Reader::open(&cfg, SourceKind::Raw).await.unwrap();
-    let diffs = replay::compare::verify(&cfg, &target, &reader)
-        .await
-        .unwrap();
-    assert!(diffs.iter().all(|d| d.is_empty()), "{diffs:?}");
 }
 
 /// Invalid arguments fail with one line and a non-zero exit, before anything is written.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_arguments_fail_before_any_write() {
-    let db = fresh_db("replayargs").await;
-    let env = [("CDC_LAKE__POSTGRES__URL", db.as_str())];
-    let run = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_cdc-replay"))
-            .args(args)
-            .envs(env)
-            .env("CDC_LAKE__KAFKA__BROKERS", broker())
-            .env("CDC_LAKE__TARGETS", "{}")
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        )
-    };
-    // Arguments that are wrong exit 2 (as clap's own errors do); a failed command exits 1.
-    let (code, err) = run(&["--from-offset", "10", "--to-offset", "5"]);
-    assert_eq!(code, Some(2), "{err}");
-    assert!(
-        err.contains("invalid range") && err.lines().count() == 1,
-        "{err}"
-    );
-    let (code, err) = run(&["--target", "nope"]);
-    assert_eq!(code, Some(1));
-    assert!(err.contains("unknown target \"nope\""), "{err}");
-    let (code, err) = run(&["--until", "yesterday"]);
-    assert_eq!(code, Some(2), "clap rejects it: {err}");
-    assert!(err.contains("neither a timestamp"), "{err}");
-    // Nothing was written: the sink database was not even migrated.
-    let client = pg(&db).await;
-    assert_eq!(
-        count(
-            &client,
-            "SELECT count(*) FROM pg_namespace WHERE nspname = 'cdc_processed'"
-        )
-        .await,
-        0
-    );
+#[test]
+fn bad_arguments_fail_before_any_write() {
+    run_test(async {
+        let db = fresh_db("replayargs").await;
+        let env = [("CDC_LAKE__POSTGRES__URL", db.as_str())];
+        let run = |args: &[&str]| {
+            let out = Command::new(env!("CARGO_BIN_EXE_cdc-replay"))
+                .args(args)
+                .envs(env)
+                .env("CDC_LAKE__KAFKA__BROKERS", broker())
+                .env("CDC_LAKE__TARGETS", "{}")
+                .output()
+                .unwrap();
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            )
+        };
+        // Arguments that are wrong exit 2 (as clap's own errors do); a failed command exits 1.
+        let (code, err) = run(&["--from-offset", "10", "--to-offset", "5"]);
+        assert_eq!(code, Some(2), "{err}");
+        assert!(
+            err.contains("invalid range") && err.lines().count() == 1,
+            "{err}"
+        );
+        let (code, err) = run(&["--target", "nope"]);
+        assert_eq!(code, Some(1));
+        assert!(err.contains("unknown target \"nope\""), "{err}");
+        let (code, err) = run(&["--until", "yesterday"]);
+        assert_eq!(code, Some(2), "clap rejects it: {err}");
+        assert!(err.contains("neither a timestamp"), "{err}");
+        // Nothing was written: the sink database was not even migrated.
+        let client = pg(&db).await;
+        assert_eq!(
+            count(
+                &client,
+                "SELECT count(*) FROM pg_namespace WHERE nspname = 'cdc_processed'"
+            )
+            .await,
+            0
+        );
 
-    assert_eq!("0/16B3748".parse::<Until>().unwrap(), Until::Lsn(0x16B3748));
-    assert!(matches!(
-        "2026-11-21 09:30:00".parse::<Until>(),
-        Ok(Until::Time(_))
-    ));
+        assert_eq!("0/16B3748".parse::<Until>().unwrap(), Until::Lsn(0x16B3748));
+        assert!(matches!(
+            "2026-11-21 09:30:00".parse::<Until>(),
+            Ok(Until::Time(_))
+        ));
+    });
 }
 
 /// `--until` rebuilds state as it was: real Debezium changes before and after a recorded
 /// moment; the replica replayed until that moment equals the source table read at that moment.
 /// The test owns its source table, so rows other runs left in the shared source database (whose
 /// history the broker may no longer hold) cannot affect the whole-table comparison.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn until_equals_the_source_database_at_that_time() {
-    let source = pg(&source_url()).await;
-    let table = unique("asof");
-    source
-        .batch_execute(&format!(
-            "CREATE TABLE {table} (id serial PRIMARY KEY, title text NOT NULL, price numeric(10,2))"
-        ))
-        .await
-        .unwrap();
-    let db = fresh_db("until").await;
-    let lake = LakeTarget::local("until");
-    let cfg = with_targets(&db, "ecom-connector", &lake, &["asof"]);
-    let pod = Pod::start(cfg.clone());
-    let rows_of = |schema: &str| {
-        format!(
-            "SELECT id::int, title, price::numeric(10,2)::text FROM {schema}.{table} ORDER BY 1"
-        )
-    };
-    for i in 0..3 {
+#[test]
+fn until_equals_the_source_database_at_that_time() {
+    run_test(async {
+        let source = pg(&source_url()).await;
+        let table = unique("asof");
         source
-            .execute(
-                &format!("INSERT INTO {table} (title, price) VALUES ($1, $2::text::numeric)"),
-                &[&format!("before-{i}"), &format!("{}.25", 10 + i)],
-            )
+            .batch_execute(&format!(
+                "CREATE TABLE {table} (id serial PRIMARY KEY, title text NOT NULL, price numeric(10,2))"
+            ))
             .await
             .unwrap();
-    }
-    source
-        .batch_execute(&format!(
-            "UPDATE {table} SET price = price + 0.5 WHERE title = 'before-0'"
-        ))
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let at: chrono::DateTime<chrono::Utc> =
-        source.query_one("SELECT now()", &[]).await.unwrap().get(0);
-    let then = id_title_price(&source, &rows_of("public")).await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    source
-        .batch_execute(&format!(
-            "UPDATE {table} SET price = 99 WHERE title = 'before-1';
-             DELETE FROM {table} WHERE title = 'before-2';
-             INSERT INTO {table} (title, price) VALUES ('after', 1)"
-        ))
-        .await
-        .unwrap();
-    let client = pg(&db).await;
-    wait_until(
-        "the later changes in the mirror",
-        Duration::from_secs(120),
-        || async {
-            client
-                .query(
-                    &format!("SELECT count(*) FROM cdc_processed.{table} WHERE title = 'after'"),
-                    &[],
+        let db = fresh_db("until").await;
+        let lake = LakeTarget::local("until");
+        let cfg = with_targets(&db, "ecom-connector", &lake, &["asof"]);
+        let pod = Pod::start(cfg.clone());
+        let rows_of = |schema: &str| {
+            format!(
+                "SELECT id::int, title, price::numeric(10,2)::text FROM {schema}.{table} ORDER BY 1"
+            )
+        };
+        for i in 0..3 {
+            source
+                .execute(
+                    &format!("INSERT INTO {table} (title, price) VALUES ($1, $2::text::numeric)"),
+                    &[&format!("before-{i}"), &format!("{}.25", 10 + i)],
                 )
                 .await
-                .map(|r| r[0].get::<_, i64>(0))
-                .unwrap_or(0)
-                == 1
-        },
-    )
-    .await;
-    pod.stop().await;
+                .unwrap();
+        }
+        source
+            .batch_execute(&format!(
+                "UPDATE {table} SET price = price + 0.5 WHERE title = 'before-0'"
+            ))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let at: chrono::DateTime<chrono::Utc> =
+            source.query_one("SELECT now()", &[]).await.unwrap().get(0);
+        let then = id_title_price(&source, &rows_of("public")).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        source
+            .batch_execute(&format!(
+                "UPDATE {table} SET price = 99 WHERE title = 'before-1';
+                 DELETE FROM {table} WHERE title = 'before-2';
+                 INSERT INTO {table} (title, price) VALUES ('after', 1)"
+            ))
+            .await
+            .unwrap();
+        let client = pg(&db).await;
+        wait_until(
+            "the later changes in the mirror",
+            Duration::from_secs(120),
+            || async {
+                client
+                    .query(
+                        &format!(
+                            "SELECT count(*) FROM cdc_processed.{table} WHERE title = 'after'"
+                        ),
+                        &[],
+                    )
+                    .await
+                    .map(|r| r[0].get::<_, i64>(0))
+                    .unwrap_or(0)
+                    == 1
+            },
+        )
+        .await;
+        pod.stop().await;
 
-    let mut a = rebuild_args("asof", SourceKind::Raw);
-    a.until = Some(Until::Time(at));
-    replay::run(&cfg, &a).await.unwrap();
-    let rebuilt = id_title_price(&client, &rows_of("t_asof")).await;
-    assert_eq!(then.len(), 3);
-    assert_eq!(rebuilt, then, "state at {at}");
-    let now = id_title_price(&source, &rows_of("public")).await;
-    assert_ne!(rebuilt, now, "the later changes are not in the replica");
+        let mut a = rebuild_args("asof", SourceKind::Raw);
+        a.until = Some(Until::Time(at));
+        replay::run(&cfg, &a).await.unwrap();
+        let rebuilt = id_title_price(&client, &rows_of("t_asof")).await;
+        assert_eq!(then.len(), 3);
+        assert_eq!(rebuilt, then, "state at {at}");
+        let now = id_title_price(&source, &rows_of("public")).await;
+        assert_ne!(rebuilt, now, "the later changes are not in the replica");
 
-    // verify --source-db: the live mirror equals the source table now, and a tampered mirror
-    // row is reported.
-    let processed = cfg.target("processed").unwrap();
-    let tables: std::collections::BTreeSet<TableId> = [TableId::new("public", &table)].into();
-    let source_url = source_url();
-    let res = replay::compare::compare_with_source(&processed, &source_url, &tables)
-        .await
-        .unwrap();
-    assert!(res.len() == 1 && res[0].0.is_empty(), "{res:?}");
-    client
-        .batch_execute(&format!(
-            "UPDATE cdc_processed.{table} SET title = 'tampered' WHERE title = 'after'"
-        ))
-        .await
-        .unwrap();
-    let res = replay::compare::compare_with_source(&processed, &source_url, &tables)
-        .await
-        .unwrap();
-    assert_eq!(res[0].0.differs, 1, "{res:?}");
-    source
-        .batch_execute(&format!("DROP TABLE {table}"))
-        .await
-        .unwrap();
+        // verify --source-db: the live mirror equals the source table now, and a tampered mirror
+        // row is reported.
+        let processed = cfg.target("processed").unwrap();
+        let tables: std::collections::BTreeSet<TableId> = [TableId::new("public", &table)].into();
+        let source_url = source_url();
+        let res = replay::compare::compare_with_source(&processed, &source_url, &tables)
+            .await
+            .unwrap();
+        assert!(res.len() == 1 && res[0].0.is_empty(), "{res:?}");
+        client
+            .batch_execute(&format!(
+                "UPDATE cdc_processed.{table} SET title = 'tampered' WHERE title = 'after'"
+            ))
+            .await
+            .unwrap();
+        let res = replay::compare::compare_with_source(&processed, &source_url, &tables)
+            .await
+            .unwrap();
+        assert_eq!(res[0].0.differs, 1, "{res:?}");
+        source
+            .batch_execute(&format!("DROP TABLE {table}"))
+            .await
+            .unwrap();
+    });
 }
 
 async fn id_title_price(client: &tokio_postgres::Client, sql: &str) -> Vec<(i32, String, String)> {

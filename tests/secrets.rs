@@ -82,101 +82,105 @@ fn sigterm(pid: u32) {
         .unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_credential_in_any_log_line() {
-    let prefix = unique("sec").replace('_', "-");
-    let mut records = load_fixture("bookstore-defaults.ndjson");
-    retopic(&mut records, &prefix);
-    produce(&records).await;
-    let db = fresh_db("secrets").await;
+#[test]
+fn no_credential_in_any_log_line() {
+    run_test(async {
+        let prefix = unique("sec").replace('_', "-");
+        let mut records = load_fixture("bookstore-defaults.ndjson");
+        retopic(&mut records, &prefix);
+        produce(&records).await;
+        let db = fresh_db("secrets").await;
 
-    // A working pod: connects, migrates, ingests, uploads to S3, at debug level.
-    let output = run_pod_for(pod_command(&prefix, &db), 8);
-    let client = pg(&db).await;
-    assert_eq!(
-        count(&client, "SELECT count(*) FROM cdc_raw.cdc_events").await,
-        records.len() as i64,
-        "the pod ran for real:\n{output}"
-    );
-    assert!(output.contains("DEBUG"), "debug logging was on");
-    assert_no_secret("the running pod", &output);
+        // A working pod: connects, migrates, ingests, uploads to S3, at debug level.
+        let output = run_pod_for(pod_command(&prefix, &db), 8);
+        let client = pg(&db).await;
+        assert_eq!(
+            count(&client, "SELECT count(*) FROM cdc_raw.cdc_events").await,
+            records.len() as i64,
+            "the pod ran for real:\n{output}"
+        );
+        assert!(output.contains("DEBUG"), "debug logging was on");
+        assert_no_secret("the running pod", &output);
 
-    // A pod whose database is unreachable logs connection errors, still without the password.
-    let output = run_pod_for(
-        pod_command(&prefix, "postgres://postgres@127.0.0.1:1/nowhere"),
-        3,
-    );
-    assert!(output.contains("127.0.0.1:1"), "{output}");
-    assert_no_secret("a pod failing to connect", &output);
+        // A pod whose database is unreachable logs connection errors, still without the password.
+        let output = run_pod_for(
+            pod_command(&prefix, "postgres://postgres@127.0.0.1:1/nowhere"),
+            3,
+        );
+        assert!(output.contains("127.0.0.1:1"), "{output}");
+        assert_no_secret("a pod failing to connect", &output);
 
-    // check-config shows that secrets are set, never what they are.
-    let out = pod_command(&prefix, &db)
-        .arg("check-config")
-        .output()
-        .unwrap();
-    let printed = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(printed.contains("redacted"), "{printed}");
-    assert_no_secret("check-config", &printed);
+        // check-config shows that secrets are set, never what they are.
+        let out = pod_command(&prefix, &db)
+            .arg("check-config")
+            .output()
+            .unwrap();
+        let printed = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(printed.contains("redacted"), "{printed}");
+        assert_no_secret("check-config", &printed);
+    });
 }
 
 /// A value planted in rows that every sink handles on its error paths (a mirror column that
 /// cannot take it, a NUL the raw log cannot store, a value in a reject row) must not show up in
 /// any output at debug level.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_row_value_in_any_log_line_at_debug_level() {
-    const MARKER: &str = "ROWVALUE-123-45-6789-alice@example.com";
-    let prefix = unique("rowlog").replace('_', "-");
-    let topic = format!("{prefix}.public.people");
-    let envelope_of = |table: &str, after: String, lsn: i64| {
-        format!(
-            r#"{{"before":null,"after":{after},"source":{{"name":"rowlog","ts_ms":1795239028962,"snapshot":"false","db":"ecomdb","sequence":"[\"{lsn}\",\"{lsn}\"]","schema":"public","table":"{table}","txId":1,"lsn":{lsn}}},"op":"c","ts_ms":1795239029422}}"#
-        )
-    };
-    let envelope = |after: String, lsn: i64| envelope_of("people", after, lsn);
-    let rec = |key: &str, value: String| Fixture {
-        topic: topic.clone(),
-        partition: 0,
-        offset: 0,
-        key: Some(key.into()),
-        value: Some(value),
-    };
-    let records = vec![
-        // Makes `ssn` a bigint column.
-        rec(r#"{"id":1}"#, envelope(r#"{"id":1,"ssn":1}"#.into(), 100)),
-        // Text for a bigint column: PostgreSQL's message would quote it.
-        rec(
-            r#"{"id":2}"#,
-            envelope(format!(r#"{{"id":2,"ssn":"{MARKER}"}}"#), 200),
-        ),
-        // A NUL next to the marker (another table, so each failure is the first of its
-        // table's batch and gets logged): the raw log rejects the row with its bytes.
-        rec(
-            r#"{"id":3}"#,
-            envelope_of(
-                "notes",
-                format!(r#"{{"id":3,"note":"{MARKER}\u0000"}}"#),
-                300,
+#[test]
+fn no_row_value_in_any_log_line_at_debug_level() {
+    run_test(async {
+        const MARKER: &str = "ROWVALUE-123-45-6789-alice@example.com";
+        let prefix = unique("rowlog").replace('_', "-");
+        let topic = format!("{prefix}.public.people");
+        let envelope_of = |table: &str, after: String, lsn: i64| {
+            format!(
+                r#"{{"before":null,"after":{after},"source":{{"name":"rowlog","ts_ms":1795239028962,"snapshot":"false","db":"ecomdb","sequence":"[\"{lsn}\",\"{lsn}\"]","schema":"public","table":"{table}","txId":1,"lsn":{lsn}}},"op":"c","ts_ms":1795239029422}}"#
+            )
+        };
+        let envelope = |after: String, lsn: i64| envelope_of("people", after, lsn);
+        let rec = |key: &str, value: String| Fixture {
+            topic: topic.clone(),
+            partition: 0,
+            offset: 0,
+            key: Some(key.into()),
+            value: Some(value),
+        };
+        let records = vec![
+            // Makes `ssn` a bigint column.
+            rec(r#"{"id":1}"#, envelope(r#"{"id":1,"ssn":1}"#.into(), 100)),
+            // Text for a bigint column: PostgreSQL's message would quote it.
+            rec(
+                r#"{"id":2}"#,
+                envelope(format!(r#"{{"id":2,"ssn":"{MARKER}"}}"#), 200),
             ),
-        ),
-        rec(r#"{"id":4}"#, envelope(r#"{"id":4,"ssn":4}"#.into(), 400)),
-    ];
-    produce(&records).await;
-    let db = fresh_db("rowlog").await;
-    let output = run_pod_for(pod_command(&prefix, &db), 8);
-    let client = pg(&db).await;
-    assert_eq!(
-        count(&client, "SELECT count(*) FROM cdc_processed.people").await,
-        2,
-        "the healthy rows applied:\n{output}"
-    );
-    assert_eq!(
-        count(&client, "SELECT count(*) FROM cdc_raw.cdc_rejects").await,
-        3,
-        "one raw-stage and two state-stage rejects:\n{output}"
-    );
-    assert!(output.contains("DEBUG"), "debug logging was on");
-    assert!(
-        !output.contains(MARKER) && !output.contains("123-45-6789"),
-        "a row value reached the logs:\n{output}"
-    );
+            // A NUL next to the marker (another table, so each failure is the first of its
+            // table's batch and gets logged): the raw log rejects the row with its bytes.
+            rec(
+                r#"{"id":3}"#,
+                envelope_of(
+                    "notes",
+                    format!(r#"{{"id":3,"note":"{MARKER}\u0000"}}"#),
+                    300,
+                ),
+            ),
+            rec(r#"{"id":4}"#, envelope(r#"{"id":4,"ssn":4}"#.into(), 400)),
+        ];
+        produce(&records).await;
+        let db = fresh_db("rowlog").await;
+        let output = run_pod_for(pod_command(&prefix, &db), 8);
+        let client = pg(&db).await;
+        assert_eq!(
+            count(&client, "SELECT count(*) FROM cdc_processed.people").await,
+            2,
+            "the healthy rows applied:\n{output}"
+        );
+        assert_eq!(
+            count(&client, "SELECT count(*) FROM cdc_raw.cdc_rejects").await,
+            3,
+            "one raw-stage and two state-stage rejects:\n{output}"
+        );
+        assert!(output.contains("DEBUG"), "debug logging was on");
+        assert!(
+            !output.contains(MARKER) && !output.contains("123-45-6789"),
+            "a row value reached the logs:\n{output}"
+        );
+    });
 }

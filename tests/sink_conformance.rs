@@ -260,73 +260,81 @@ async fn pg_config() -> cdc_lake::config::PostgresConfig {
     }
 }
 
-#[tokio::test]
-async fn memory_sink_conforms() {
-    let shared = MemorySink::default();
-    conformance(|| shared.clone()).await;
+#[test]
+fn memory_sink_conforms() {
+    run_test(async {
+        let shared = MemorySink::default();
+        conformance(|| shared.clone()).await;
+    });
 }
 
-#[tokio::test]
-async fn raw_sink_conforms() {
-    let pg = pg_config().await;
-    conformance(|| RawSink::new(pg.clone(), "conformance")).await;
+#[test]
+fn raw_sink_conforms() {
+    run_test(async {
+        let pg = pg_config().await;
+        conformance(|| RawSink::new(pg.clone(), "conformance")).await;
+    });
 }
 
-#[tokio::test]
-async fn state_sink_conforms() {
-    let pg = pg_config().await;
-    let cfg = cdc_lake::config::StateConfig::default();
-    conformance(|| StateSink::new(pg.clone(), &cfg, "conformance")).await;
+#[test]
+fn state_sink_conforms() {
+    run_test(async {
+        let pg = pg_config().await;
+        let cfg = cdc_lake::config::StateConfig::default();
+        conformance(|| StateSink::new(pg.clone(), &cfg, "conformance")).await;
+    });
 }
 
 /// A target with a mapping (an analytics table instead of mirrors) keeps the same contract.
-#[tokio::test]
-async fn mapped_target_conforms() {
-    let pg = pg_config().await;
-    let setup = std::env::temp_dir().join(format!("{}.sql", unique("conf_mapped")));
-    std::fs::write(
-        &setup,
-        "CREATE SCHEMA IF NOT EXISTS conf_mapped;
-         CREATE TABLE IF NOT EXISTS conf_mapped.conf_rows (id integer PRIMARY KEY, v bigint);",
-    )
-    .unwrap();
-    let mapping: cdc_lake::config::MappingConfig = toml::from_str(
-        r#"topic = "^conf-.*"
-           table = "conf_rows"
-           key = ["id"]
-           columns = { id = "id", v = "v" }"#,
-    )
-    .unwrap();
-    let target = cdc_lake::config::Target {
-        name: "conf_mapped".into(),
-        postgres: pg.clone(),
-        state: cdc_lake::config::StateConfig {
-            schema: "conf_mapped".into(),
-            ..Default::default()
-        },
-        setup_sql: vec![setup],
-        mappings: vec![mapping],
-    };
-    conformance(|| StateSink::for_target(&target, "conformance")).await;
-    // The oracle for the rows, folded from what the batches held: per key (offset % 7) the
-    // change with the highest source position (the LSN is 1000 + offset), skipping the
-    // tombstones (offset % 5 == 4) and the malformed records (offset % 9 == 8).
-    let valid = |o: &i64| o % 5 != 4 && o % 9 != 8;
-    let mut expected = std::collections::BTreeMap::new();
-    for o in (0..15).chain(0..5).filter(valid) {
-        let v = expected.entry((o % 7) as i32).or_insert(o);
-        *v = (*v).max(o);
-    }
-    let expected: Vec<(i32, i64)> = expected.into_iter().collect();
-    let rows = pg_rows(
-        &pg.url,
-        "SELECT id, v FROM conf_mapped.conf_rows ORDER BY id",
-    )
-    .await;
-    assert_eq!(
-        rows, expected,
-        "mapped rows against the fold of the batches"
-    );
+#[test]
+fn mapped_target_conforms() {
+    run_test(async {
+        let pg = pg_config().await;
+        let setup = std::env::temp_dir().join(format!("{}.sql", unique("conf_mapped")));
+        std::fs::write(
+            &setup,
+            "CREATE SCHEMA IF NOT EXISTS conf_mapped;
+             CREATE TABLE IF NOT EXISTS conf_mapped.conf_rows (id integer PRIMARY KEY, v bigint);",
+        )
+        .unwrap();
+        let mapping: cdc_lake::config::MappingConfig = toml::from_str(
+            r#"topic = "^conf-.*"
+               table = "conf_rows"
+               key = ["id"]
+               columns = { id = "id", v = "v" }"#,
+        )
+        .unwrap();
+        let target = cdc_lake::config::Target {
+            name: "conf_mapped".into(),
+            postgres: pg.clone(),
+            state: cdc_lake::config::StateConfig {
+                schema: "conf_mapped".into(),
+                ..Default::default()
+            },
+            setup_sql: vec![setup],
+            mappings: vec![mapping],
+        };
+        conformance(|| StateSink::for_target(&target, "conformance")).await;
+        // The oracle for the rows, folded from what the batches held: per key (offset % 7) the
+        // change with the highest source position (the LSN is 1000 + offset), skipping the
+        // tombstones (offset % 5 == 4) and the malformed records (offset % 9 == 8).
+        let valid = |o: &i64| o % 5 != 4 && o % 9 != 8;
+        let mut expected = std::collections::BTreeMap::new();
+        for o in (0..15).chain(0..5).filter(valid) {
+            let v = expected.entry((o % 7) as i32).or_insert(o);
+            *v = (*v).max(o);
+        }
+        let expected: Vec<(i32, i64)> = expected.into_iter().collect();
+        let rows = pg_rows(
+            &pg.url,
+            "SELECT id, v FROM conf_mapped.conf_rows ORDER BY id",
+        )
+        .await;
+        assert_eq!(
+            rows, expected,
+            "mapped rows against the fold of the batches"
+        );
+    });
 }
 
 async fn pg_rows(url: &str, sql: &str) -> Vec<(i32, i64)> {
@@ -345,24 +353,28 @@ fn lake_config(target: &LakeTarget) -> cdc_lake::config::LakeConfig {
     config(db_unused, "unused", target, &[]).lake
 }
 
-#[tokio::test]
-async fn lake_sink_on_local_disk_conforms() {
-    let target = LakeTarget::local("conf-lake");
-    let cfg = lake_config(&target);
-    conformance(|| LakeSink::new(&cfg).unwrap()).await;
-    let report = target.check();
-    assert_eq!(report["duplicates"], 0, "{report}");
-    assert_eq!(report["unlisted"].as_array().unwrap().len(), 0, "{report}");
+#[test]
+fn lake_sink_on_local_disk_conforms() {
+    run_test(async {
+        let target = LakeTarget::local("conf-lake");
+        let cfg = lake_config(&target);
+        conformance(|| LakeSink::new(&cfg).unwrap()).await;
+        let report = target.check();
+        assert_eq!(report["duplicates"], 0, "{report}");
+        assert_eq!(report["unlisted"].as_array().unwrap().len(), 0, "{report}");
+    });
 }
 
-#[tokio::test]
-async fn lake_sink_on_s3_conforms() {
-    let target = LakeTarget::s3("conf-lake");
-    let cfg = lake_config(&target);
-    conformance(|| LakeSink::new(&cfg).unwrap()).await;
-    let report = target.check();
-    assert_eq!(report["duplicates"], 0, "{report}");
-    assert_eq!(report["unlisted"].as_array().unwrap().len(), 0, "{report}");
+#[test]
+fn lake_sink_on_s3_conforms() {
+    run_test(async {
+        let target = LakeTarget::s3("conf-lake");
+        let cfg = lake_config(&target);
+        conformance(|| LakeSink::new(&cfg).unwrap()).await;
+        let report = target.check();
+        assert_eq!(report["duplicates"], 0, "{report}");
+        assert_eq!(report["unlisted"].as_array().unwrap().len(), 0, "{report}");
+    });
 }
 
 /// An in-memory object store whose data-file puts fail while `failures` is above zero: an S3
@@ -445,41 +457,43 @@ impl object_store::ObjectStore for FlakyStore {
 /// The pipeline retries a failed write with the same batch. A lake write that buffered the
 /// records and then failed to upload must not buffer them again (found by tools/faults: an S3
 /// outage left the retried records several times in one file).
-#[tokio::test]
-async fn lake_write_retried_after_an_upload_failure_stores_each_offset_once() {
-    use std::sync::Arc;
-    let store = Arc::new(FlakyStore {
-        inner: object_store::memory::InMemory::new(),
-        failures: std::sync::atomic::AtomicUsize::new(2),
+#[test]
+fn lake_write_retried_after_an_upload_failure_stores_each_offset_once() {
+    run_test(async {
+        use std::sync::Arc;
+        let store = Arc::new(FlakyStore {
+            inner: object_store::memory::InMemory::new(),
+            failures: std::sync::atomic::AtomicUsize::new(2),
+        });
+        let cfg = cdc_lake::config::LakeConfig {
+            roll_rows: 10,
+            ..Default::default()
+        };
+        let mut sink = LakeSink::with_store(store.clone(), &cfg, "flaky".into());
+        let b = batch("flaky", 0, 0..40);
+        let changes = b
+            .records
+            .iter()
+            .filter(|r| matches!(r, cdc_lake::envelope::Decoded::Change(_)))
+            .count() as u64;
+        assert!(sink.write(&b).await.is_err(), "the first upload fails");
+        assert!(sink.write(&b).await.is_err(), "and the second");
+        let ack = sink.write(&b).await.unwrap();
+        sink.flush(true).await.unwrap();
+        assert_eq!(
+            ack.stats.written, 0,
+            "the retries found everything buffered"
+        );
+        let tp = TopicPartition::new("flaky", 0);
+        let commits = cdc_lake::sink::lake::read_commits(
+            &*store,
+            &cdc_lake::sink::lake::manifest::Layout::new(""),
+            &tp,
+        )
+        .await
+        .unwrap();
+        let rows: u64 = commits.iter().flat_map(|c| &c.files).map(|f| f.rows).sum();
+        assert_eq!(rows, changes, "each change once in the lake");
+        assert_eq!(commits.last().unwrap().next_offset, 40);
     });
-    let cfg = cdc_lake::config::LakeConfig {
-        roll_rows: 10,
-        ..Default::default()
-    };
-    let mut sink = LakeSink::with_store(store.clone(), &cfg, "flaky".into());
-    let b = batch("flaky", 0, 0..40);
-    let changes = b
-        .records
-        .iter()
-        .filter(|r| matches!(r, cdc_lake::envelope::Decoded::Change(_)))
-        .count() as u64;
-    assert!(sink.write(&b).await.is_err(), "the first upload fails");
-    assert!(sink.write(&b).await.is_err(), "and the second");
-    let ack = sink.write(&b).await.unwrap();
-    sink.flush(true).await.unwrap();
-    assert_eq!(
-        ack.stats.written, 0,
-        "the retries found everything buffered"
-    );
-    let tp = TopicPartition::new("flaky", 0);
-    let commits = cdc_lake::sink::lake::read_commits(
-        &*store,
-        &cdc_lake::sink::lake::manifest::Layout::new(""),
-        &tp,
-    )
-    .await
-    .unwrap();
-    let rows: u64 = commits.iter().flat_map(|c| &c.files).map(|f| f.rows).sum();
-    assert_eq!(rows, changes, "each change once in the lake");
-    assert_eq!(commits.last().unwrap().next_offset, 40);
 }

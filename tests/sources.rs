@@ -11,48 +11,11 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
 use tokio_postgres::Client;
-
-/// One real Debezium connector (tools/lib.sh start_debezium) with Debezium's default type
-/// modes ({schema, payload} JSON), so every mirror column has its source column's type.
-/// Stopped when dropped.
-struct Connector {
-    name: String,
-}
-
-fn lib(cmd: &str) {
-    let lib = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/lib.sh");
-    let status = Command::new("bash")
-        .args(["-c", &format!("source '{}'; {cmd}", lib.display())])
-        .status()
-        .expect("run tools/lib.sh");
-    assert!(status.success(), "{cmd}");
-}
-
-impl Connector {
-    fn start(name: &str, db: &str) -> Self {
-        lib(&format!(
-            "rm -rf \"$CDC_LAKE_RUN/debezium/{name}\"; start_debezium {name} {db} {db} schema"
-        ));
-        Self { name: name.into() }
-    }
-}
-
-impl Drop for Connector {
-    fn drop(&mut self) {
-        lib(&format!("stop_debezium {}", self.name));
-    }
-}
-
-fn source_base() -> String {
-    source_url().rsplit_once('/').unwrap().0.to_string()
-}
 
 /// A source database with `public.orders`: ids 1..=5, rows that differ per `tag`.
 async fn source_db(db: &str, tag: &str) -> Client {
@@ -150,171 +113,173 @@ async fn wait_ingested(sink: &Client, topic: &str, last_id: i32) {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_connectors_with_one_table_name_never_mix() {
-    let stem = unique("twosrc").replace('_', "");
-    let (db_a, db_b) = (format!("{stem}_a"), format!("{stem}_b"));
-    // Dotted prefixes: one subscription pattern (`^<stem>\.`) takes both connectors' topics,
-    // and the server names exercise the template's escaping.
-    let (server_a, server_b) = (format!("{stem}.a"), format!("{stem}.b"));
-    let (topic_a, topic_b) = (
-        format!("{server_a}.public.orders"),
-        format!("{server_b}.public.orders"),
-    );
-    let src_a = source_db(&db_a, "alpha").await;
-    let src_b = source_db(&db_b, "beta").await;
-    let conn_a = Connector::start(&server_a, &db_a);
-    let conn_b = Connector::start(&server_b, &db_b);
+#[test]
+fn two_connectors_with_one_table_name_never_mix() {
+    run_test(async {
+        let stem = unique("twosrc").replace('_', "");
+        let (db_a, db_b) = (format!("{stem}_a"), format!("{stem}_b"));
+        // Dotted prefixes: one subscription pattern (`^<stem>\.`) takes both connectors' topics,
+        // and the server names exercise the template's escaping.
+        let (server_a, server_b) = (format!("{stem}.a"), format!("{stem}.b"));
+        let (topic_a, topic_b) = (
+            format!("{server_a}.public.orders"),
+            format!("{server_b}.public.orders"),
+        );
+        let src_a = source_db(&db_a, "alpha").await;
+        let src_b = source_db(&db_b, "beta").await;
+        let conn_a = Connector::start(&server_a, &db_a, "schema", &[]);
+        let conn_b = Connector::start(&server_b, &db_b, "schema", &[]);
 
-    // One pod, the default naming: the first source to reach `orders` owns it.
-    let default_url = fresh_db("twosrc_default").await;
-    let default_lake = LakeTarget::local("twosrc-default");
-    let pod = Pod::start(config(&default_url, &stem, &default_lake, &[]));
-    let sink = pg(&default_url).await;
-    // Each source's snapshot, then its streamed changes.
-    wait_until(
-        "both snapshots in the raw log",
-        Duration::from_secs(180),
-        || async {
-            count(
-                &sink,
-                &format!("SELECT count(*) FROM cdc_raw.cdc_events WHERE operation = 'r' AND kafka_topic IN ('{topic_a}', '{topic_b}')"),
+        // One pod, the default naming: the first source to reach `orders` owns it.
+        let default_url = fresh_db("twosrc_default").await;
+        let default_lake = LakeTarget::local("twosrc-default");
+        let pod = Pod::start(config(&default_url, &stem, &default_lake, &[]));
+        let sink = pg(&default_url).await;
+        // Each source's snapshot, then its streamed changes.
+        wait_until(
+            "both snapshots in the raw log",
+            Duration::from_secs(180),
+            || async {
+                count(
+                    &sink,
+                    &format!("SELECT count(*) FROM cdc_raw.cdc_events WHERE operation = 'r' AND kafka_topic IN ('{topic_a}', '{topic_b}')"),
+                )
+                .await
+                    == 10
+            },
+        )
+        .await;
+        change(&src_a, "alpha", 6).await;
+        change(&src_b, "beta", 7).await;
+        wait_ingested(&sink, &topic_a, 6).await;
+        wait_ingested(&sink, &topic_b, 7).await;
+        pod.stop().await;
+
+        let expected_a = rows(&src_a, "public.orders").await;
+        let expected_b = rows(&src_b, "public.orders").await;
+        assert_ne!(expected_a, expected_b, "the two sources differ");
+        let mirror = rows(&sink, "cdc_processed.orders").await;
+        let (owner_db, other_topic) = if mirror == expected_a {
+            (&db_a, &topic_b)
+        } else {
+            assert_eq!(
+                mirror, expected_b,
+                "the default mirror holds exactly one source's rows, none overwritten by the other"
+            );
+            (&db_b, &topic_a)
+        };
+        let owner: String = sink
+            .query_one(
+                "SELECT source_db FROM cdc_lake.mirror_sources WHERE target_schema = 'cdc_processed' AND mirror_table = 'orders'",
+                &[],
             )
             .await
-                == 10
-        },
-    )
-    .await;
-    change(&src_a, "alpha", 6).await;
-    change(&src_b, "beta", 7).await;
-    wait_ingested(&sink, &topic_a, 6).await;
-    wait_ingested(&sink, &topic_b, 7).await;
-    pod.stop().await;
-
-    let expected_a = rows(&src_a, "public.orders").await;
-    let expected_b = rows(&src_b, "public.orders").await;
-    assert_ne!(expected_a, expected_b, "the two sources differ");
-    let mirror = rows(&sink, "cdc_processed.orders").await;
-    let (owner_db, other_topic) = if mirror == expected_a {
-        (&db_a, &topic_b)
-    } else {
-        assert_eq!(
-            mirror, expected_b,
-            "the default mirror holds exactly one source's rows, none overwritten by the other"
-        );
-        (&db_b, &topic_a)
-    };
-    let owner: String = sink
-        .query_one(
-            "SELECT source_db FROM cdc_lake.mirror_sources WHERE target_schema = 'cdc_processed' AND mirror_table = 'orders'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(&owner, owner_db, "the mirror records its source");
-    // Every change of the other source is a state reject with advice; none is lost.
-    let other_changes = count(
-        &sink,
-        &format!("SELECT count(*) FROM cdc_raw.cdc_events WHERE kafka_topic = '{other_topic}' AND operation IN ('r', 'c', 'u', 'd')"),
-    )
-    .await;
-    assert_eq!(
-        other_changes, 8,
-        "5 snapshot reads, an update, a delete, an insert"
-    );
-    let advised = count(
-        &sink,
-        &format!(
-            "SELECT count(*) FROM cdc_raw.cdc_rejects WHERE kafka_topic = '{other_topic}' AND stage = 'state'
-                AND reason LIKE '%belongs to public.orders of server%' AND reason LIKE '%state.table_name%{{db}}%'"
-        ),
-    )
-    .await;
-    assert_eq!(
-        advised, other_changes,
-        "each change of the other source is rejected with advice"
-    );
-
-    // The same topics through a source-aware pod: a mirror and a lake directory per source.
-    let aware_url = fresh_db("twosrc_aware").await;
-    let aware_lake = LakeTarget::local("twosrc-aware");
-    let pod = Pod::start(config(
-        &aware_url,
-        &stem,
-        &aware_lake,
-        &[
-            ("CDC_LAKE__STATE__TABLE_NAME", "{server}.{schema}.{table}"),
-            ("CDC_LAKE__LAKE__LAYOUT", "source"),
-        ],
-    ));
-    let sink = pg(&aware_url).await;
-    wait_ingested(&sink, &topic_a, 6).await;
-    wait_ingested(&sink, &topic_b, 7).await;
-    pod.stop().await;
-    drop(conn_a);
-    drop(conn_b);
-
-    for (server, db, expected) in [
-        (&server_a, &db_a, &expected_a),
-        (&server_b, &db_b, &expected_b),
-    ] {
-        // `{server}` escapes the dot in the server name: `<stem>\.a.public.orders`.
-        let mirror_table = format!("{}.public.orders", server.replace('.', "\\."));
-        let got = rows(
-            &sink,
-            &format!("cdc_processed.\"{}\"", mirror_table.replace('"', "\"\"")),
-        )
-        .await;
-        assert_eq!(
-            &got, expected,
-            "mirror {mirror_table} equals {db}.public.orders"
-        );
-        let types = column_types(&sink, "cdc_processed", &mirror_table).await;
-        let source_types = column_types(
-            if db == &db_a { &src_a } else { &src_b },
-            "public",
-            "orders",
-        )
-        .await;
-        assert_eq!(source_types.len(), 4);
-        assert_eq!(types, source_types, "column types of {mirror_table}");
-    }
-    let rejects = count(&sink, "SELECT count(*) FROM cdc_raw.cdc_rejects").await;
-    assert_eq!(rejects, 0, "nothing rejected with a source-aware template");
-
-    // The lake: one directory per source database, each folding to its source table's ids and
-    // customers.
-    let report = aware_lake.check();
-    assert_eq!(report["duplicates"], 0);
-    let state = report["state"].as_object().unwrap();
-    for (server, db, expected) in [
-        (&server_a, &db_a, &expected_a),
-        (&server_b, &db_b, &expected_b),
-    ] {
-        let dir = format!("server={server}/db={db}/table=public.orders");
-        let folded = state
-            .get(&dir)
-            .unwrap_or_else(|| panic!("lake directory {dir}; found {:?}", state.keys()));
-        let got: BTreeMap<i64, String> = folded
-            .as_object()
             .unwrap()
-            .values()
-            .map(|after| {
-                (
-                    after["id"].as_i64().unwrap(),
-                    after["customer"].as_str().unwrap().to_string(),
-                )
-            })
-            .collect();
-        let want: BTreeMap<i64, String> = expected
-            .iter()
-            .map(|(id, row)| (*id, row["customer"].as_str().unwrap().to_string()))
-            .collect();
-        assert_eq!(got, want, "lake {dir} folds to {db}.public.orders");
-    }
-    drop_source_db(&db_a).await;
-    drop_source_db(&db_b).await;
+            .get(0);
+        assert_eq!(&owner, owner_db, "the mirror records its source");
+        // Every change of the other source is a state reject with advice; none is lost.
+        let other_changes = count(
+            &sink,
+            &format!("SELECT count(*) FROM cdc_raw.cdc_events WHERE kafka_topic = '{other_topic}' AND operation IN ('r', 'c', 'u', 'd')"),
+        )
+        .await;
+        assert_eq!(
+            other_changes, 8,
+            "5 snapshot reads, an update, a delete, an insert"
+        );
+        let advised = count(
+            &sink,
+            &format!(
+                "SELECT count(*) FROM cdc_raw.cdc_rejects WHERE kafka_topic = '{other_topic}' AND stage = 'state'
+                    AND reason LIKE '%belongs to public.orders of server%' AND reason LIKE '%state.table_name%{{db}}%'"
+            ),
+        )
+        .await;
+        assert_eq!(
+            advised, other_changes,
+            "each change of the other source is rejected with advice"
+        );
+
+        // The same topics through a source-aware pod: a mirror and a lake directory per source.
+        let aware_url = fresh_db("twosrc_aware").await;
+        let aware_lake = LakeTarget::local("twosrc-aware");
+        let pod = Pod::start(config(
+            &aware_url,
+            &stem,
+            &aware_lake,
+            &[
+                ("CDC_LAKE__STATE__TABLE_NAME", "{server}.{schema}.{table}"),
+                ("CDC_LAKE__LAKE__LAYOUT", "source"),
+            ],
+        ));
+        let sink = pg(&aware_url).await;
+        wait_ingested(&sink, &topic_a, 6).await;
+        wait_ingested(&sink, &topic_b, 7).await;
+        pod.stop().await;
+        drop(conn_a);
+        drop(conn_b);
+
+        for (server, db, expected) in [
+            (&server_a, &db_a, &expected_a),
+            (&server_b, &db_b, &expected_b),
+        ] {
+            // `{server}` escapes the dot in the server name: `<stem>\.a.public.orders`.
+            let mirror_table = format!("{}.public.orders", server.replace('.', "\\."));
+            let got = rows(
+                &sink,
+                &format!("cdc_processed.\"{}\"", mirror_table.replace('"', "\"\"")),
+            )
+            .await;
+            assert_eq!(
+                &got, expected,
+                "mirror {mirror_table} equals {db}.public.orders"
+            );
+            let types = column_types(&sink, "cdc_processed", &mirror_table).await;
+            let source_types = column_types(
+                if db == &db_a { &src_a } else { &src_b },
+                "public",
+                "orders",
+            )
+            .await;
+            assert_eq!(source_types.len(), 4);
+            assert_eq!(types, source_types, "column types of {mirror_table}");
+        }
+        let rejects = count(&sink, "SELECT count(*) FROM cdc_raw.cdc_rejects").await;
+        assert_eq!(rejects, 0, "nothing rejected with a source-aware template");
+
+        // The lake: one directory per source database, each folding to its source table's ids and
+        // customers.
+        let report = aware_lake.check();
+        assert_eq!(report["duplicates"], 0);
+        let state = report["state"].as_object().unwrap();
+        for (server, db, expected) in [
+            (&server_a, &db_a, &expected_a),
+            (&server_b, &db_b, &expected_b),
+        ] {
+            let dir = format!("server={server}/db={db}/table=public.orders");
+            let folded = state
+                .get(&dir)
+                .unwrap_or_else(|| panic!("lake directory {dir}; found {:?}", state.keys()));
+            let got: BTreeMap<i64, String> = folded
+                .as_object()
+                .unwrap()
+                .values()
+                .map(|after| {
+                    (
+                        after["id"].as_i64().unwrap(),
+                        after["customer"].as_str().unwrap().to_string(),
+                    )
+                })
+                .collect();
+            let want: BTreeMap<i64, String> = expected
+                .iter()
+                .map(|(id, row)| (*id, row["customer"].as_str().unwrap().to_string()))
+                .collect();
+            assert_eq!(got, want, "lake {dir} folds to {db}.public.orders");
+        }
+        drop_source_db(&db_a).await;
+        drop_source_db(&db_b).await;
+    });
 }
 
 /// A schemaless change envelope of `schema.table` with one row.
@@ -331,108 +296,110 @@ fn envelope(prefix: &str, schema: &str, table: &str, id: i64, lsn: i64) -> Strin
 
 /// Source tables whose names collided under the old `<schema>_<table>` mirror names (and, for
 /// the dotted ones, under a plain `schema.table` lake directory).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tables_whose_names_collided_get_a_mirror_and_a_lake_directory_each() {
-    let prefix = unique("names").replace('_', "-");
-    let topic = format!("{prefix}.mixed");
-    let tables = [
-        ("public", "x_y"),
-        ("x", "y"),
-        ("a", "b_c"),
-        ("a_b", "c"),
-        ("a.b", "c"),
-        ("a", "b.c"),
-        ("public", "a.b_c"),
-    ];
-    let records: Vec<Fixture> = tables
-        .iter()
-        .enumerate()
-        .map(|(i, (schema, table))| Fixture {
-            topic: topic.clone(),
-            partition: 0,
-            offset: 0,
-            key: Some(format!(r#"{{"id":{i}}}"#)),
-            value: Some(envelope(&prefix, schema, table, i as i64, 100 + i as i64)),
-        })
-        .collect();
-    produce(&records).await;
-
-    let db = fresh_db("names").await;
-    let lake = LakeTarget::local("names");
-    let pod = Pod::start(config(&db, &prefix, &lake, &[]));
-    let sink = pg(&db).await;
-    // The raw log's and the state sink's checkpoints past the last record; stopping the pod
-    // then commits the lake.
-    let done = format!(
-        "SELECT count(*) FROM cdc_lake.checkpoints WHERE kafka_topic = '{topic}' AND next_offset = {}",
-        tables.len()
-    );
-    wait_until(
-        "the raw and state checkpoints past the last record",
-        Duration::from_secs(60),
-        || async { count(&sink, &done).await == 2 },
-    )
-    .await;
-    pod.stop().await;
-
-    // The documented names (docs/naming.md): the table for `public`, `schema.table` otherwise,
-    // with `.` and `\` inside a part escaped by `\`.
-    let want_names = [
-        "x_y", "x.y", "a.b_c", "a_b.c", "a\\.b.c", "a.b\\.c", "a\\.b_c",
-    ];
-    for (i, ((schema, table), name)) in tables.iter().zip(want_names).enumerate() {
-        let got = sink
-            .query(
-                &format!(
-                    "SELECT id::bigint, who FROM cdc_processed.\"{}\"",
-                    name.replace('"', "\"\"")
-                ),
-                &[],
-            )
-            .await
-            .unwrap_or_else(|e| panic!("mirror {name:?} of {schema}.{table}: {e}"));
-        let got: Vec<(i64, String)> = got.iter().map(|r| (r.get(0), r.get(1))).collect();
-        assert_eq!(
-            got,
-            vec![(i as i64, format!("{schema}/{table}"))],
-            "mirror {name:?} holds exactly the row of {schema}.{table}"
-        );
-        let source: (String, String) = sink
-            .query_one(
-                "SELECT source_schema, source_table FROM cdc_lake.mirror_sources WHERE mirror_table = $1",
-                &[&name],
-            )
-            .await
-            .map(|r| (r.get(0), r.get(1)))
-            .unwrap();
-        assert_eq!(source, (schema.to_string(), table.to_string()));
-    }
-    let mirrors = count(
-        &sink,
-        "SELECT count(*) FROM pg_tables WHERE schemaname = 'cdc_processed'",
-    )
-    .await;
-    assert_eq!(mirrors, tables.len() as i64, "one mirror per source table");
-
-    // The lake: a directory per source table, each folding to that table's one row.
-    let report = lake.check();
-    let state = report["state"].as_object().unwrap();
-    assert_eq!(state.len(), tables.len(), "{:?}", state.keys());
-    for (schema, table) in tables {
-        let rows: Vec<&Value> = state
-            .values()
-            .filter(|rows| {
-                rows.as_object()
-                    .unwrap()
-                    .values()
-                    .any(|a| a["who"] == format!("{schema}/{table}"))
+#[test]
+fn tables_whose_names_collided_get_a_mirror_and_a_lake_directory_each() {
+    run_test(async {
+        let prefix = unique("names").replace('_', "-");
+        let topic = format!("{prefix}.mixed");
+        let tables = [
+            ("public", "x_y"),
+            ("x", "y"),
+            ("a", "b_c"),
+            ("a_b", "c"),
+            ("a.b", "c"),
+            ("a", "b.c"),
+            ("public", "a.b_c"),
+        ];
+        let records: Vec<Fixture> = tables
+            .iter()
+            .enumerate()
+            .map(|(i, (schema, table))| Fixture {
+                topic: topic.clone(),
+                partition: 0,
+                offset: 0,
+                key: Some(format!(r#"{{"id":{i}}}"#)),
+                value: Some(envelope(&prefix, schema, table, i as i64, 100 + i as i64)),
             })
             .collect();
-        assert_eq!(
-            rows.len(),
-            1,
-            "{schema}.{table} is in exactly one lake directory"
+        produce(&records).await;
+
+        let db = fresh_db("names").await;
+        let lake = LakeTarget::local("names");
+        let pod = Pod::start(config(&db, &prefix, &lake, &[]));
+        let sink = pg(&db).await;
+        // The raw log's and the state sink's checkpoints past the last record; stopping the pod
+        // then commits the lake.
+        let done = format!(
+            "SELECT count(*) FROM cdc_lake.checkpoints WHERE kafka_topic = '{topic}' AND next_offset = {}",
+            tables.len()
         );
-        assert_eq!(rows[0].as_object().unwrap().len(), 1, "and alone there");
-    }
+        wait_until(
+            "the raw and state checkpoints past the last record",
+            Duration::from_secs(60),
+            || async { count(&sink, &done).await == 2 },
+        )
+        .await;
+        pod.stop().await;
+
+        // The documented names (docs/naming.md): the table for `public`, `schema.table` otherwise,
+        // with `.` and `\` inside a part escaped by `\`.
+        let want_names = [
+            "x_y", "x.y", "a.b_c", "a_b.c", "a\\.b.c", "a.b\\.c", "a\\.b_c",
+        ];
+        for (i, ((schema, table), name)) in tables.iter().zip(want_names).enumerate() {
+            let got = sink
+                .query(
+                    &format!(
+                        "SELECT id::bigint, who FROM cdc_processed.\"{}\"",
+                        name.replace('"', "\"\"")
+                    ),
+                    &[],
+                )
+                .await
+                .unwrap_or_else(|e| panic!("mirror {name:?} of {schema}.{table}: {e}"));
+            let got: Vec<(i64, String)> = got.iter().map(|r| (r.get(0), r.get(1))).collect();
+            assert_eq!(
+                got,
+                vec![(i as i64, format!("{schema}/{table}"))],
+                "mirror {name:?} holds exactly the row of {schema}.{table}"
+            );
+            let source: (String, String) = sink
+                .query_one(
+                    "SELECT source_schema, source_table FROM cdc_lake.mirror_sources WHERE mirror_table = $1",
+                    &[&name],
+                )
+                .await
+                .map(|r| (r.get(0), r.get(1)))
+                .unwrap();
+            assert_eq!(source, (schema.to_string(), table.to_string()));
+        }
+        let mirrors = count(
+            &sink,
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'cdc_processed'",
+        )
+        .await;
+        assert_eq!(mirrors, tables.len() as i64, "one mirror per source table");
+
+        // The lake: a directory per source table, each folding to that table's one row.
+        let report = lake.check();
+        let state = report["state"].as_object().unwrap();
+        assert_eq!(state.len(), tables.len(), "{:?}", state.keys());
+        for (schema, table) in tables {
+            let rows: Vec<&Value> = state
+                .values()
+                .filter(|rows| {
+                    rows.as_object()
+                        .unwrap()
+                        .values()
+                        .any(|a| a["who"] == format!("{schema}/{table}"))
+                })
+                .collect();
+            assert_eq!(
+                rows.len(),
+                1,
+                "{schema}.{table} is in exactly one lake directory"
+            );
+            assert_eq!(rows[0].as_object().unwrap().len(), 1, "and alone there");
+        }
+    });
 }

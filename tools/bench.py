@@ -169,9 +169,20 @@ def run_peer(broker, topic, n):
     return {"events": n, "events_per_s": int(m.group(1))}
 
 
-def run_ingest(binary, broker, topic, n, sinks):
+def produce_orders_avro(broker, topic, n, registry):
+    t0 = time.time()
+    out = subprocess.run([sys.executable, os.path.join(TOOLS, "gen_orders_avro.py"), broker, topic, str(n), registry],
+                         capture_output=True, text=True, check=True)
+    log(f"produced {n} Avro envelopes to {topic} in {time.time() - t0:.1f}s ({out.stdout.strip()})")
+
+
+def avro_settings(registry):
+    return {"CDC_LAKE__KAFKA__FORMAT": "avro", "CDC_LAKE__KAFKA__SCHEMA_REGISTRY__URLS": f"['{registry}']"}
+
+
+def run_ingest(binary, broker, topic, n, sinks, extra=None):
     dsn = fresh_db("_".join(sinks))
-    pod = Pod(binary, broker, topic, dsn, sinks)
+    pod = Pod(binary, broker, topic, dsn, sinks, extra)
     t0, t1 = pod.wait_committed(topic, n)
     peak = pod.stop()
     result = {"sinks": list(sinks), "events": n, "seconds": round(t1 - t0, 3),
@@ -329,6 +340,7 @@ def main():
     ap.add_argument("--backlog", type=int, default=1_000_000, help="events for the memory run (0 skips)")
     ap.add_argument("--profile", action="store_true", help="perf-record the backlog run and list hot spots")
     ap.add_argument("--smoke", action="store_true", help="small run for CI: completes and counts match")
+    ap.add_argument("--registry", help="Schema Registry URL: adds the all-sinks run on the same workload in Avro")
     ap.add_argument("--out", default=os.path.join(REPO, "results"))
     a = ap.parse_args()
     if a.smoke:
@@ -351,6 +363,14 @@ def main():
         runs["+".join(sinks)] = run_ingest(a.bin, a.broker, topic, a.events, sinks)
     ok, counts = check_counts(runs["raw+lake+state"], a.events)
     report["counts"] = counts
+    if a.registry:
+        avro_topic = f"bench-avro-{uuid.uuid4().hex[:6]}.public.orders"
+        produce_orders_avro(a.broker, avro_topic, a.events, a.registry)
+        runs["avro"] = run_ingest(a.bin, a.broker, avro_topic, a.events, ("raw", "lake", "state"),
+                                  avro_settings(a.registry))
+        avro_ok, report["avro_counts"] = check_counts(runs["avro"], a.events)
+        ok = ok and avro_ok
+        counts = {"json": counts, "avro": report["avro_counts"]}
     report["counts_ok"] = ok
     report["copy_ceiling"] = copy_ceiling(a.bin, runs["raw+lake+state"], a.events)
     report["replay"] = {src: replay(a.bin, runs["raw+lake+state"], a.events, src) for src in ("raw", "lake")}
@@ -371,6 +391,9 @@ def main():
         "all_sinks_vs_peer": round(runs["raw+lake+state"]["events_per_s"] / peer, 1),
         "raw_only_vs_copy_ceiling": round(runs["raw"]["events_per_s"] / ceiling, 3),
     }
+    if "avro" in runs:
+        report["ratios"]["avro_vs_json_all_sinks"] = round(
+            runs["avro"]["events_per_s"] / runs["raw+lake+state"]["events_per_s"], 2)
     with open(os.path.join(out_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
     with open(os.path.join(out_dir, "report.md"), "w") as f:
@@ -393,6 +416,11 @@ def render_md(r):
         "|---|---|---|",
         f"| peer (seed_consumer.py, {r['peer']['events']} events) | {r['peer']['events_per_s']:,} events/s | 1.0× |",
         f"| cdc-lake raw + lake + mirror | {i['raw+lake+state']['events_per_s']:,} events/s | {r['ratios']['all_sinks_vs_peer']}× peer |",
+    ]
+    if "avro" in i:
+        lines.append(f"| cdc-lake raw + lake + mirror, Avro with the registry | {i['avro']['events_per_s']:,} events/s | "
+                     f"{r['ratios']['avro_vs_json_all_sinks']}× the JSON run |")
+    lines += [
         f"| cdc-lake raw log alone | {i['raw']['events_per_s']:,} events/s | {r['ratios']['raw_only_vs_copy_ceiling']:.0%} of COPY ceiling |",
         f"| cdc-lake mirror alone | {i['state']['events_per_s']:,} events/s | |",
         f"| cdc-lake lake alone | {i['lake']['events_per_s']:,} events/s | |",

@@ -127,24 +127,38 @@ PROPS
   echo $! > "$dir/pid"
 }
 
-# start_registry: starts the Schema Registry stand-in unless it runs. Its registrations are kept
-# in $CDC_LAKE_RUN/registry/schemas.log, so a restart serves the same ids.
+# start_registry: starts the Schema Registry stand-in on $REGISTRY_PORT unless it runs. Its
+# registrations are kept in $CDC_LAKE_RUN/registry/PORT/schemas.log, so a restart serves the
+# same ids. A test can run a registry of its own by setting REGISTRY_PORT.
 start_registry() {
-  local dir=$CDC_LAKE_RUN/registry
+  local dir=$CDC_LAKE_RUN/registry/$REGISTRY_PORT
   mkdir -p "$dir" "$CDC_LAKE_RUN/logs"
-  if pid_alive "$dir/pid"; then return; fi
-  log "starting the Schema Registry stand-in on $REGISTRY_URL"
-  nohup java -Xmx256m -cp "$DBZ_LIBS/*:$REGISTRY_CLASSES" Registry "$REGISTRY_PORT" "$dir/schemas.log" \
-    > "$CDC_LAKE_RUN/logs/registry.log" 2>&1 &
-  echo $! > "$dir/pid"
-  wait_for "the Schema Registry stand-in" 60 curl -sf "$REGISTRY_URL/config"
+  # Tests start it concurrently: one starts it, the others wait for it.
+  (
+    flock 9
+    if pid_alive "$dir/pid"; then exit 0; fi
+    log "starting the Schema Registry stand-in on $REGISTRY_URL"
+    # 9>&-: the registry must not hold the lock for its life.
+    nohup java -Xmx256m -cp "$DBZ_LIBS/*:$REGISTRY_CLASSES" Registry "$REGISTRY_PORT" "$dir/schemas.log" \
+      >> "$CDC_LAKE_RUN/logs/registry-$REGISTRY_PORT.log" 2>&1 9>&- &
+    echo $! > "$dir/pid"
+    wait_for "the Schema Registry stand-in" 60 curl -sf "$REGISTRY_URL/config"
+  ) 9> "$dir/lock" || die "the Schema Registry stand-in did not start (logs/registry-$REGISTRY_PORT.log)"
 }
 
-# stop_registry: stops it (its registrations stay in the log).
+# stop_registry [--all]: stops the registry on $REGISTRY_PORT, or every one (its registrations
+# stay in the log).
 stop_registry() {
-  local dir=$CDC_LAKE_RUN/registry
-  if pid_alive "$dir/pid"; then kill "$(cat "$dir/pid")" 2>/dev/null || true; fi
-  rm -f "$dir/pid"
+  local dir
+  for dir in "$CDC_LAKE_RUN"/registry/*/; do
+    dir=${dir%/}
+    if [ "${1:-}" != --all ] && [ "$dir" != "$CDC_LAKE_RUN/registry/$REGISTRY_PORT" ]; then continue; fi
+    if pid_alive "$dir/pid"; then
+      kill "$(cat "$dir/pid")" 2>/dev/null || true
+      for _ in $(seq 50); do pid_alive "$dir/pid" || break; sleep 0.1; done
+    fi
+    rm -f "$dir/pid"
+  done
 }
 
 # stop_debezium NAME: stops one connector (its offsets stay unless the caller removes them).

@@ -33,13 +33,17 @@ pub enum ConfigError {
 }
 
 mod env;
+mod kafka;
 mod lake;
 mod mapping;
+mod registry;
 mod state;
 mod units;
 
+pub use kafka::*;
 pub use lake::*;
 pub use mapping::*;
+pub use registry::*;
 pub use state::*;
 pub use units::*;
 
@@ -65,57 +69,6 @@ pub struct Config {
     pub http: HttpConfig,
     #[serde(default)]
     pub shutdown: ShutdownConfig,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KafkaConfig {
-    /// Comma-separated bootstrap servers.
-    pub brokers: String,
-    /// Consumer group; also the name sink checkpoints are stored under unless
-    /// `checkpoint_name` is set.
-    #[serde(default = "default_group")]
-    pub group_id: String,
-    /// The name sink checkpoints are stored under, when it is not the group's: a pod can then
-    /// move to a new consumer group (a fresh group after a broker's group state went bad)
-    /// and resume every sink exactly where it was.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub checkpoint_name: Option<String>,
-    /// Topic names, or regexes when they start with `^` (librdkafka's convention).
-    pub topics: Vec<String>,
-    /// Extra librdkafka properties (e.g. `session.timeout.ms`, SASL settings).
-    #[serde(default, deserialize_with = "properties_as_strings")]
-    pub properties: BTreeMap<String, String>,
-}
-
-/// librdkafka takes every property as a string; accept `6000` and `true` as well as `"6000"`.
-fn properties_as_strings<'de, D: serde::Deserializer<'de>>(
-    d: D,
-) -> Result<BTreeMap<String, String>, D::Error> {
-    let raw = BTreeMap::<String, toml::Value>::deserialize(d)?;
-    raw.into_iter()
-        .map(|(k, v)| match v {
-            toml::Value::String(s) => Ok((k, s)),
-            toml::Value::Integer(i) => Ok((k, i.to_string())),
-            toml::Value::Boolean(b) => Ok((k, b.to_string())),
-            toml::Value::Float(f) => Ok((k, f.to_string())),
-            other => Err(serde::de::Error::custom(format!(
-                "kafka.properties.{k} must be a string, number or boolean, not {}",
-                other.type_str()
-            ))),
-        })
-        .collect()
-}
-
-impl KafkaConfig {
-    /// The consumer name sink checkpoints are stored under.
-    pub fn checkpoint_name(&self) -> &str {
-        self.checkpoint_name.as_deref().unwrap_or(&self.group_id)
-    }
-}
-
-fn default_group() -> String {
-    "cdc-lake".into()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -229,6 +182,11 @@ impl Config {
                 })?);
             }
         }
+        if let Some(registry) = &mut self.kafka.schema_registry {
+            if let Some(p) = &registry.password_file {
+                registry.password = Some(read("kafka.schema_registry.password_file", p)?);
+            }
+        }
         if let Some(s3) = &mut self.lake.s3 {
             if let Some(p) = &s3.secret_access_key_file {
                 s3.secret_access_key = Some(read("lake.s3.secret_access_key_file", p)?);
@@ -256,6 +214,16 @@ impl Config {
         }
         if let Some(t) = self.kafka.topics.iter().find(|t| t.trim().is_empty()) {
             return bad(format!("kafka.topics has an empty entry {t:?}"));
+        }
+        match (&self.kafka.schema_registry, self.kafka.format.reads_avro()) {
+            (Some(registry), _) => registry.validate()?,
+            (None, true) => {
+                return bad(format!(
+                    "kafka.format = \"{}\" needs kafka.schema_registry.urls",
+                    self.kafka.format.as_str()
+                ))
+            }
+            (None, false) => {}
         }
         if self.kafka.group_id.trim().is_empty() {
             return bad("kafka.group_id is empty".into());
@@ -526,6 +494,22 @@ mod tests {
                 "managed by cdc-lake",
             ),
             ("CDC_LAKE__KAFKA__NOPE", "1", "unknown field"),
+            ("CDC_LAKE__KAFKA__FORMAT", "protobuf", "unknown variant"),
+            (
+                "CDC_LAKE__KAFKA__FORMAT",
+                "avro",
+                "kafka.format = \"avro\" needs kafka.schema_registry.urls",
+            ),
+            (
+                "CDC_LAKE__KAFKA__SCHEMA_REGISTRY__URLS",
+                "['https://key:secret@registry']",
+                "must not hold credentials",
+            ),
+            (
+                "CDC_LAKE__KAFKA__SCHEMA_REGISTRY__URLS",
+                "['registry:8081']",
+                "not an http:// or https:// URL",
+            ),
             (
                 "CDC_LAKE__STATE__KEY_COLUMNS",
                 "{ audit_log = [] }",

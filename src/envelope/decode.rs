@@ -220,6 +220,7 @@ impl Decoder {
             schema: row_schema,
             raw_value: Arc::from(text),
             raw_key,
+            avro: None,
         })))
     }
 

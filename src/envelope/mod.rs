@@ -99,6 +99,19 @@ pub struct ChangeEvent {
     /// The record value exactly as received, so the lake can reproduce the envelope.
     pub raw_value: Arc<str>,
     pub raw_key: Option<Arc<str>>,
+    /// The record as received, when it arrived as Confluent-framed Avro (`raw_value` is then its
+    /// JSON rendering).
+    pub avro: Option<Arc<AvroRecord>>,
+}
+
+/// A change that arrived as Confluent-framed Avro: the exact bytes and the writer schemas
+/// they name, so the raw log and the lake keep the record independently of the registry.
+#[derive(Debug)]
+pub struct AvroRecord {
+    pub key: Option<Vec<u8>>,
+    pub value: Vec<u8>,
+    pub key_schema: Option<Arc<avro::WriterSchema>>,
+    pub value_schema: Arc<avro::WriterSchema>,
 }
 
 impl ChangeEvent {
@@ -185,6 +198,22 @@ impl ChangeEvent {
             }
         }
         Ok(())
+    }
+
+    /// The record value's bytes as received: the Avro bytes, or the JSON text.
+    pub fn received_value(&self) -> &[u8] {
+        match &self.avro {
+            Some(a) => &a.value,
+            None => self.raw_value.as_bytes(),
+        }
+    }
+
+    /// The record key's bytes as received, when there is a key.
+    pub fn received_key(&self) -> Option<&[u8]> {
+        match &self.avro {
+            Some(a) => a.key.as_deref(),
+            None => self.raw_key.as_deref().map(str::as_bytes),
+        }
     }
 
     /// Approximate in-memory size, for batching and lake buffers: the received text plus the

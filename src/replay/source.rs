@@ -206,6 +206,7 @@ fn raw_change(
         ts_ms: None,
         schema,
         raw_value: Arc::from(raw_value),
+        avro: None,
     })
 }
 

@@ -14,13 +14,15 @@ use super::{checkpoint, Ack, Bisect, ErrorClass, Offsets, Savepoint, Sink, SinkE
 use crate::batch::Batch;
 use crate::config::PostgresConfig;
 use crate::domain::{KafkaCoordinates, TopicPartition};
+use crate::envelope::avro::WriterSchema;
 use crate::envelope::{ChangeEvent, Decoded, RowSchema};
 
 pub const NAME: &str = "raw";
 
 const EVENT_COLUMNS: &str = "kafka_topic, kafka_partition, kafka_offset, kafka_timestamp, \
     event_key, operation, source_table, source_db, before_data, after_data, source_metadata, \
-    transaction_data, source_lsn, commit_lsn, event_timestamp, ingested_at, row_schema";
+    transaction_data, source_lsn, commit_lsn, event_timestamp, ingested_at, row_schema, \
+    key_schema_id, value_schema_id, record_key, record_value";
 const EVENT_TYPES: &[Type] = &[
     Type::TEXT,
     Type::INT4,
@@ -39,6 +41,10 @@ const EVENT_TYPES: &[Type] = &[
     Type::TIMESTAMPTZ,
     Type::TIMESTAMPTZ,
     Type::INT8,
+    Type::INT8,
+    Type::INT8,
+    Type::BYTEA,
+    Type::BYTEA,
 ];
 const REJECT_COLUMNS: &str =
     "kafka_topic, kafka_partition, kafka_offset, kafka_timestamp, raw_key, raw_value, stage, reason";
@@ -59,6 +65,15 @@ pub struct RawSink {
     client: Option<Client>,
     /// Row schemas known to be in `cdc_raw.cdc_row_schemas` (committed).
     stored_schemas: HashSet<i64>,
+    /// Avro writer schemas known to be in `cdc_raw.cdc_avro_schemas` (committed).
+    stored_avro: HashSet<u32>,
+}
+
+/// Schemas a batch refers to that this sink has not stored yet.
+#[derive(Default)]
+struct NewSchemas {
+    rows: Vec<Arc<RowSchema>>,
+    avro: Vec<Arc<WriterSchema>>,
 }
 
 fn pg_err(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SinkError {
@@ -82,6 +97,7 @@ impl RawSink {
             consumer: consumer.into(),
             client: None,
             stored_schemas: HashSet::new(),
+            stored_avro: HashSet::new(),
         }
     }
 
@@ -152,8 +168,7 @@ impl RawSink {
 
         checkpoint::advance(&tx, NAME, &consumer, &next).await?;
         tx.commit().await.map_err(pg_err("committing"))?;
-        self.stored_schemas
-            .extend(new_schemas.iter().filter_map(|s| s.id));
+        self.remember(&new_schemas);
         Ok(Ack {
             durable: next.into_iter().collect(),
             stats,
@@ -178,8 +193,8 @@ impl<'a> RejectRow<'a> {
     fn change(e: &'a ChangeEvent, reason: String) -> Self {
         Self {
             coords: &e.coords,
-            key: e.raw_key.as_deref().map(str::as_bytes),
-            value: Some(e.raw_value.as_bytes()),
+            key: e.received_key(),
+            value: Some(e.received_value()),
             stage: STAGE,
             reason,
         }
@@ -288,7 +303,10 @@ async fn copy_events(tx: &Transaction<'_>, changes: &[&ChangeEvent]) -> Result<(
             .as_ref()
             .map(|a| e.sql_image(a, true).unwrap_or(Cow::Borrowed(a)));
         let source_table = e.table.to_string();
-        let row: [&(dyn ToSql + Sync); 17] = [
+        let avro = e.avro.as_deref();
+        let key_schema = avro.and_then(|a| a.key_schema.as_ref().map(|w| i64::from(w.id())));
+        let value_schema = avro.map(|a| i64::from(a.value_schema.id()));
+        let row: [&(dyn ToSql + Sync); 21] = [
             &e.coords.topic,
             &e.coords.partition,
             &e.coords.offset,
@@ -306,6 +324,10 @@ async fn copy_events(tx: &Transaction<'_>, changes: &[&ChangeEvent]) -> Result<(
             &ms_to_ts(e.event_time_ms()),
             &now,
             &e.schema.id,
+            &key_schema,
+            &value_schema,
+            &avro.and_then(|a| a.key.as_deref()),
+            &avro.map(|a| a.value.as_slice()),
         ];
         writer
             .as_mut()
@@ -348,45 +370,70 @@ impl RawSink {
             .map_err(pg_err("deleting a reprocessed reject"))?;
         }
         tx.commit().await.map_err(pg_err("committing"))?;
-        self.stored_schemas
-            .extend(new_schemas.iter().filter_map(|s| s.id));
+        self.remember(&new_schemas);
         Ok(changes.len() as u64)
     }
 
-    /// Declared schemas of this batch's changes that this sink has not stored yet.
-    fn new_schemas(&self, batch: &Batch) -> Vec<Arc<RowSchema>> {
-        let mut seen: HashMap<i64, Arc<RowSchema>> = HashMap::new();
+    /// Declared row schemas and Avro writer schemas of this batch's changes that this sink has
+    /// not stored yet.
+    fn new_schemas(&self, batch: &Batch) -> NewSchemas {
+        let mut rows: HashMap<i64, Arc<RowSchema>> = HashMap::new();
+        let mut avro: HashMap<u32, Arc<WriterSchema>> = HashMap::new();
         for r in &batch.records {
-            if let Decoded::Change(e) = r {
-                if let Some(id) = e.schema.id {
-                    if !self.stored_schemas.contains(&id) {
-                        seen.entry(id).or_insert_with(|| e.schema.clone());
-                    }
+            let Decoded::Change(e) = r else { continue };
+            if let Some(id) = e.schema.id.filter(|id| !self.stored_schemas.contains(id)) {
+                rows.entry(id).or_insert_with(|| e.schema.clone());
+            }
+            if let Some(record) = &e.avro {
+                let writers = record.key_schema.iter().chain([&record.value_schema]);
+                for w in writers.filter(|w| !self.stored_avro.contains(&w.id())) {
+                    avro.entry(w.id()).or_insert_with(|| w.clone());
                 }
             }
         }
-        seen.into_values().collect()
+        NewSchemas {
+            rows: rows.into_values().collect(),
+            avro: avro.into_values().collect(),
+        }
+    }
+
+    /// Notes schemas a committed transaction stored.
+    fn remember(&mut self, stored: &NewSchemas) {
+        self.stored_schemas
+            .extend(stored.rows.iter().filter_map(|s| s.id));
+        self.stored_avro.extend(stored.avro.iter().map(|w| w.id()));
     }
 }
 
-/// Stores row schemas in the batch's transaction, so no event refers to a missing schema.
+/// Stores row schemas and Avro writer schemas in the batch's transaction, so no event refers
+/// to a missing schema.
 async fn store_schemas(
     tx: &tokio_postgres::Transaction<'_>,
-    schemas: &[Arc<RowSchema>],
+    schemas: &NewSchemas,
 ) -> Result<(), SinkError> {
-    if schemas.is_empty() {
-        return Ok(());
+    if !schemas.rows.is_empty() {
+        let ids: Vec<i64> = schemas.rows.iter().filter_map(|s| s.id).collect();
+        let columns: Vec<Json<&Vec<crate::envelope::Column>>> =
+            schemas.rows.iter().map(|s| Json(&s.columns)).collect();
+        tx.execute(
+            "INSERT INTO cdc_raw.cdc_row_schemas (id, columns)
+             SELECT * FROM unnest($1::bigint[], $2::jsonb[]) ON CONFLICT DO NOTHING",
+            &[&ids, &columns],
+        )
+        .await
+        .map_err(pg_err("storing row schemas"))?;
     }
-    let ids: Vec<i64> = schemas.iter().filter_map(|s| s.id).collect();
-    let columns: Vec<Json<&Vec<crate::envelope::Column>>> =
-        schemas.iter().map(|s| Json(&s.columns)).collect();
-    tx.execute(
-        "INSERT INTO cdc_raw.cdc_row_schemas (id, columns)
-         SELECT * FROM unnest($1::bigint[], $2::jsonb[]) ON CONFLICT DO NOTHING",
-        &[&ids, &columns],
-    )
-    .await
-    .map_err(pg_err("storing row schemas"))?;
+    if !schemas.avro.is_empty() {
+        let ids: Vec<i64> = schemas.avro.iter().map(|w| i64::from(w.id())).collect();
+        let texts: Vec<&str> = schemas.avro.iter().map(|w| w.text()).collect();
+        tx.execute(
+            "INSERT INTO cdc_raw.cdc_avro_schemas (id, schema)
+             SELECT * FROM unnest($1::bigint[], $2::text[]) ON CONFLICT DO NOTHING",
+            &[&ids, &texts],
+        )
+        .await
+        .map_err(pg_err("storing Avro writer schemas"))?;
+    }
     Ok(())
 }
 

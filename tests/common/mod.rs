@@ -27,6 +27,10 @@ pub fn pg_base() -> String {
     std::env::var("CDC_LAKE_TEST_PG")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
 }
+/// The dev stack's Schema Registry stand-in (tools/lib.sh start_registry).
+pub fn registry_url() -> String {
+    std::env::var("CDC_LAKE_TEST_REGISTRY").unwrap_or_else(|_| "http://127.0.0.1:18081".into())
+}
 pub fn python() -> String {
     std::env::var("CDC_LAKE_PYTHON").unwrap_or_else(|_| {
         format!(
@@ -72,6 +76,62 @@ pub struct Fixture {
     pub offset: i64,
     pub key: Option<String>,
     pub value: Option<String>,
+}
+
+/// Runs `cmd` in bash with tools/lib.sh loaded (start_debezium, start_registry, …); `env` is
+/// set first (a test's own `REGISTRY_PORT`, say).
+pub fn lib_sh(cmd: &str, env: &[(&str, &str)]) {
+    let lib = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/lib.sh");
+    let mut bash = Command::new("bash");
+    bash.args(["-c", &format!("source '{}'; {cmd}", lib.display())]);
+    bash.envs(env.iter().copied());
+    let out = output_within(bash, Duration::from_secs(180));
+    assert!(
+        out.status.success(),
+        "{cmd}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// One real Debezium connector (tools/lib.sh start_debezium NAME DB DB FORMAT), named like its
+/// database and slot, with a fresh offset store. Stopped when dropped.
+pub struct Connector {
+    name: String,
+    env: Vec<(String, String)>,
+}
+
+impl Connector {
+    /// `format` is `seed`, `schema`, `strings` or `avro` (tools/lib.sh).
+    pub fn start(name: &str, db: &str, format: &str, env: &[(&str, &str)]) -> Self {
+        lib_sh(
+            &format!("rm -rf \"$CDC_LAKE_RUN/debezium/{name}\"; start_debezium {name} {db} {db} {format}"),
+            env,
+        );
+        Self {
+            name: name.into(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+}
+
+impl Drop for Connector {
+    fn drop(&mut self) {
+        let env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        lib_sh(&format!("stop_debezium {}", self.name), &env);
+    }
+}
+
+/// The source PostgreSQL's base URL (without a database).
+pub fn source_base() -> String {
+    source_url().rsplit_once('/').unwrap().0.to_string()
 }
 
 /// The dev stack's source database (tools/up --debezium), which real Debezium captures.
@@ -176,17 +236,40 @@ pub fn producer() -> FutureProducer {
 /// Produces records in order, each to its given partition; waits for every delivery and
 /// returns the offsets the broker assigned.
 pub async fn produce(records: &[Fixture]) -> Vec<(String, i32, i64)> {
+    let bytes: Vec<BinaryRecord> = records
+        .iter()
+        .map(|r| BinaryRecord {
+            topic: r.topic.clone(),
+            partition: r.partition,
+            key: r.key.clone().map(String::into_bytes),
+            value: r.value.clone().map(String::into_bytes),
+        })
+        .collect();
+    produce_bytes(&bytes).await
+}
+
+/// A record to produce whose key and value are bytes (Avro).
+#[derive(Debug, Clone)]
+pub struct BinaryRecord {
+    pub topic: String,
+    pub partition: i32,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+}
+
+/// [`produce`] for byte records.
+pub async fn produce_bytes(records: &[BinaryRecord]) -> Vec<(String, i32, i64)> {
     let topics: BTreeSet<String> = records.iter().map(|r| r.topic.clone()).collect();
     create_topics(&topics, 4).await;
     let p = producer();
     let mut pending = Vec::new();
     for r in records {
-        let mut rec = FutureRecord::<str, str>::to(&r.topic).partition(r.partition);
+        let mut rec = FutureRecord::<[u8], [u8]>::to(&r.topic).partition(r.partition);
         if let Some(k) = &r.key {
-            rec = rec.key(k);
+            rec = rec.key(k.as_slice());
         }
         if let Some(v) = &r.value {
-            rec = rec.payload(v);
+            rec = rec.payload(v.as_slice());
         }
         pending.push(p.send_result(rec).map_err(|(e, _)| e).unwrap());
     }
@@ -308,7 +391,7 @@ impl LakeTarget {
                 cmd.args(["--s3", &s3_endpoint(), "cdc-lake", prefix]);
             }
         }
-        let out = cmd.output().expect("run tests/lake_check.py");
+        let out = output_within(cmd, Duration::from_secs(300));
         assert!(
             out.status.success(),
             "lake_check failed: {}",
@@ -316,6 +399,115 @@ impl LakeTarget {
         );
         serde_json::from_slice(&out.stdout).unwrap()
     }
+}
+
+/// Runs `cmd` to its end and returns what it printed; a command still running after `limit`
+/// is killed and fails the test, naming it.
+pub fn output_within(mut cmd: Command, limit: Duration) -> std::process::Output {
+    use std::io::Read;
+    use std::process::Stdio;
+    let what = format!("{cmd:?}");
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    // Read both pipes while waiting, so a child that prints a lot never blocks on a full pipe.
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = pipe.read_to_end(&mut bytes);
+            bytes
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().expect("piped stdout")));
+    let stderr = drain(Box::new(child.stderr.take().expect("piped stderr")));
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("the child's status") {
+            break status;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            panic!("{what} did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    std::process::Output {
+        status,
+        stdout: stdout.join().expect("stdout reader"),
+        stderr: stderr.join().expect("stderr reader"),
+    }
+}
+
+/// The committed Avro capture of the type zoo, with its schema ids remapped to the ids the dev
+/// registry gives the same schemas (registered through the documented API).
+pub async fn committed_avro_capture(prefix: &str) -> Vec<BinaryRecord> {
+    use base64::Engine as _;
+    let schemas: BTreeMap<String, String> = serde_json::from_str(
+        &std::fs::read_to_string(fixture_path("zoo-avro.schemas.json")).unwrap(),
+    )
+    .unwrap();
+    lib_sh("start_registry", &[]);
+    let mut ids = BTreeMap::new();
+    for (old, text) in &schemas {
+        let body = serde_json::json!({ "schema": text }).to_string();
+        let mut curl = std::process::Command::new("curl");
+        curl.args([
+            "-sf",
+            "-X",
+            "POST",
+            "-H",
+            "Content-Type: application/vnd.schemaregistry.v1+json",
+            "--data-binary",
+            &body,
+            &format!("{}/subjects/zoo-capture-{old}/versions", registry_url()),
+        ]);
+        let out = output_within(curl, Duration::from_secs(30));
+        assert!(out.status.success(), "register schema {old}");
+        let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
+        ids.insert(
+            old.parse::<u32>().unwrap(),
+            answer["id"].as_u64().unwrap() as u32,
+        );
+    }
+    let remap = |b64: &Value| -> Option<Vec<u8>> {
+        let mut bytes = base64::engine::general_purpose::STANDARD
+            .decode(b64.as_str()?)
+            .unwrap();
+        let old = u32::from_be_bytes(bytes[1..5].try_into().unwrap());
+        bytes[1..5].copy_from_slice(&ids[&old].to_be_bytes());
+        Some(bytes)
+    };
+    std::fs::read_to_string(fixture_path("zoo-avro.ndjson"))
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            let topic = v["topic"].as_str().unwrap();
+            BinaryRecord {
+                topic: format!("{prefix}.{}", topic.split_once('.').unwrap().1),
+                partition: v["partition"].as_i64().unwrap() as i32,
+                key: remap(&v["key_base64"]),
+                value: remap(&v["value_base64"]),
+            }
+        })
+        .collect()
+}
+
+/// `GET path` from the pod's HTTP server at `addr`: the status and the body (blocking).
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (
+        status,
+        out.split("\r\n\r\n").nth(1).unwrap_or("").to_string(),
+    )
 }
 
 /// The (topic, partition, offset) of every row a lake report found.
@@ -334,13 +526,17 @@ pub fn lake_coords(report: &Value) -> BTreeSet<(String, i32, i64)> {
         .collect()
 }
 
-/// The ingest pod running in this process.
+/// The ingest pod running in this process, on a runtime of its own so that a kill ends every
+/// task it spawned (the sink tasks of a batch in flight too), as a crash of the process would.
 pub struct Pod {
     pub shutdown: CancellationToken,
-    handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+    kill: tokio::sync::oneshot::Sender<()>,
+    ended: tokio::sync::oneshot::Receiver<Option<anyhow::Result<()>>>,
 }
 
 impl Pod {
+    /// Starts the pod. Dropping the `Pod` without `stop` kills it, so a test that fails leaves
+    /// no pod running into the next one.
     pub fn start(config: Config) -> Pod {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(
@@ -350,35 +546,58 @@ impl Pod {
             .with_test_writer()
             .try_init();
         let shutdown = CancellationToken::new();
-        let handle = tokio::spawn(cdc_lake::ingest::run(config, shutdown.clone(), false));
-        Pod { shutdown, handle }
+        let (kill, killed) = tokio::sync::oneshot::channel::<()>();
+        let (ended_tx, ended) = tokio::sync::oneshot::channel();
+        let token = shutdown.clone();
+        std::thread::Builder::new()
+            .name("pod".into())
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .expect("a runtime for the pod");
+                let outcome = runtime.block_on(async move {
+                    tokio::select! {
+                        ended = cdc_lake::ingest::run(config, token, false) => Some(ended),
+                        // A send or a dropped `Pod`.
+                        _ = killed => None,
+                    }
+                });
+                // Tasks still running are dropped at their next await, without waiting.
+                runtime.shutdown_background();
+                let _ = ended_tx.send(outcome);
+            })
+            .expect("a thread for the pod");
+        Pod {
+            shutdown,
+            kill,
+            ended,
+        }
     }
 
     /// SIGTERM-like: drain, checkpoint, commit, leave the group.
     pub async fn stop(self) {
-        self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(20), self.handle)
-            .await
-            .expect("pod stops within 20s")
-            .unwrap()
-            .unwrap();
+        self.stop_result().await.unwrap();
     }
 
     /// SIGTERM-like, returning how the pod ended (an error when a sink could not finish).
     pub async fn stop_result(self) -> anyhow::Result<()> {
         self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(20), self.handle)
+        tokio::time::timeout(Duration::from_secs(20), self.ended)
             .await
             .expect("pod stops within 20s")
-            .unwrap()
+            .expect("the pod's thread reports how it ended")
+            .expect("the pod was stopped, not killed")
     }
 
-    /// Crash-like: the task is dropped wherever it is (mid-COPY, mid-upload), then the
-    /// consumer thread is told to go.
+    /// Crash-like: every task of the pod is dropped wherever it is (mid-COPY, mid-upload); the
+    /// consumer thread ends once it sees the pipeline gone.
     pub async fn kill(self) {
-        self.handle.abort();
-        let _ = self.handle.await;
-        self.shutdown.cancel();
+        let _ = self.kill.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(20), self.ended)
+            .await
+            .expect("a killed pod ends within 20s");
     }
 }
 
@@ -409,6 +628,31 @@ pub fn rebuild_args(target: &str, source: SourceKind) -> ReplayArgs {
         rebuild: true,
         dry_run: false,
         batch_size: 1000,
+    }
+}
+
+/// How long one integration test may run. Each wait in a test has its own, shorter limit; this
+/// one catches an await that has none, so a hang fails its test instead of stalling the suite.
+pub const TEST_LIMIT: Duration = Duration::from_secs(600);
+
+/// Runs an integration test's body on a runtime of its own within `TEST_LIMIT`. Whatever the
+/// body leaves running gets 5 s to end when the test is over, where a dropped runtime would
+/// wait for its blocking work forever.
+pub fn run_test<F: std::future::Future<Output = ()>>(body: F) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime for the test");
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // The timer is created inside the runtime, which it needs.
+        runtime.block_on(async { tokio::time::timeout(TEST_LIMIT, body).await })
+    }));
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    match outcome {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) => panic!("the test did not finish within {TEST_LIMIT:?}"),
+        Err(panic) => std::panic::resume_unwind(panic),
     }
 }
 

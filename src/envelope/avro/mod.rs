@@ -19,7 +19,7 @@ use serde_json::Value;
 mod datum;
 mod schema;
 
-use super::{Decoded, Decoder};
+use super::{AvroRecord, Decoded, Decoder};
 use crate::domain::KafkaCoordinates;
 use datum::Reader;
 use schema::{compile, connect_schema, Typed};
@@ -57,6 +57,8 @@ pub fn unframe(bytes: &[u8]) -> Result<(u32, &[u8]), AvroError> {
 #[derive(Debug, Clone)]
 pub struct WriterSchema {
     id: u32,
+    /// The schema as the registry served it.
+    text: String,
     root: Typed,
     connect: Value,
 }
@@ -70,7 +72,22 @@ impl WriterSchema {
         let root = compile(&json, None, &mut named)
             .map_err(|e| AvroError::Schema(format!("schema {id}: {e}")))?;
         let connect = connect_schema(&root, None);
-        Ok(Self { id, root, connect })
+        Ok(Self {
+            id,
+            text: text.to_string(),
+            root,
+            connect,
+        })
+    }
+
+    /// The registry's id of this schema.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// The schema JSON as the registry served it.
+    pub fn text(&self) -> &str {
+        &self.text
     }
 
     /// The Kafka Connect schema (JsonConverter's JSON form) this Avro schema stands for.
@@ -124,25 +141,30 @@ impl Decoder {
         let Some(value_bytes) = value.filter(|v| !v.is_empty()) else {
             return Ok(self.decode(coords, key, None));
         };
-        let mut render =
-            |bytes: &[u8], envelope: bool| -> Result<Result<String, String>, E> {
-                let (id, datum) = match unframe(bytes) {
-                    Ok(framed) => framed,
-                    Err(e) => return Ok(Err(e.to_string())),
-                };
-                let writer = match lookup(id)? {
-                    Lookup::Found(w) => w,
-                    Lookup::Unknown(reason) => return Ok(Err(format!("schema id {id}: {reason}"))),
-                };
-                Ok(writer.decode(datum).map_err(|e| e.to_string()).map(|payload| {
-                if envelope {
-                    serde_json::json!({"schema": writer.connect_schema(), "payload": payload})
-                        .to_string()
-                } else {
-                    payload.to_string()
-                }
-            }))
+        // One side (key or value) as JsonConverter text, with the writer schema it names.
+        let mut render = |bytes: &[u8],
+                          envelope: bool|
+         -> Result<Result<(String, Arc<WriterSchema>), String>, E> {
+            let (id, datum) = match unframe(bytes) {
+                Ok(framed) => framed,
+                Err(e) => return Ok(Err(e.to_string())),
             };
+            let writer = match lookup(id)? {
+                Lookup::Found(w) => w,
+                Lookup::Unknown(reason) => return Ok(Err(format!("schema id {id}: {reason}"))),
+            };
+            let payload = match writer.decode(datum) {
+                Ok(payload) => payload,
+                Err(e) => return Ok(Err(e.to_string())),
+            };
+            let text = if envelope {
+                serde_json::json!({"schema": writer.connect_schema(), "payload": payload})
+                    .to_string()
+            } else {
+                payload.to_string()
+            };
+            Ok(Ok((text, writer)))
+        };
         let rendered_key = match key {
             None => None,
             Some(k) => Some(render(k, false)?),
@@ -157,14 +179,14 @@ impl Decoder {
                 reason,
             })
         };
-        let key_text = match rendered_key {
+        let (key_text, key_schema) = match rendered_key {
             Some(Err(reason)) => return Ok(reject(format!("record key: {reason}"))),
-            Some(Ok(text)) => Some(text),
-            None => None,
+            Some(Ok((text, schema))) => (Some(text), Some(schema)),
+            None => (None, None),
         };
-        let value_text = match rendered_value {
+        let (value_text, value_schema) = match rendered_value {
             Err(reason) => return Ok(reject(reason)),
-            Ok(text) => text,
+            Ok(rendered) => rendered,
         };
         Ok(
             match self.decode(
@@ -178,7 +200,18 @@ impl Decoder {
                     r.value = Some(value_bytes.to_vec());
                     Decoded::Reject(r)
                 }
-                other => other,
+                Decoded::Change(mut change) => {
+                    let record = Arc::new(AvroRecord {
+                        key: key.map(<[u8]>::to_vec),
+                        value: value_bytes.to_vec(),
+                        key_schema,
+                        value_schema,
+                    });
+                    // A change just decoded has one owner: this does not copy it.
+                    Arc::make_mut(&mut change).avro = Some(record);
+                    Decoded::Change(change)
+                }
+                skip @ Decoded::Skip(..) => skip,
             },
         )
     }

@@ -361,6 +361,22 @@ pub fn encode_parquet(events: &[Arc<ChangeEvent>], schema: &RowSchema) -> Result
     fields.push(Field::new("envelope", DataType::Utf8, false));
     columns.push(Arc::new(transaction.finish()));
     columns.push(Arc::new(envelope.finish()));
+    // Changes that arrived as Avro keep their value bytes and writer schema id (`envelope` is
+    // the JSON rendering), so the record as published is recoverable. Files of JSON changes
+    // have no such columns.
+    if events.iter().any(|e| e.avro.is_some()) {
+        let mut bytes = BinaryBuilder::new();
+        let mut schema_id = Int64Builder::with_capacity(n);
+        for e in events {
+            let avro = e.avro.as_deref();
+            bytes.append_option(avro.map(|a| a.value.as_slice()));
+            schema_id.append_option(avro.map(|a| i64::from(a.value_schema.id())));
+        }
+        fields.push(Field::new("avro_value", DataType::Binary, true));
+        fields.push(Field::new("avro_value_schema_id", DataType::Int64, true));
+        columns.push(Arc::new(bytes.finish()));
+        columns.push(Arc::new(schema_id.finish()));
+    }
     let arrow_schema = Arc::new(Schema::new(fields));
     let batch = RecordBatch::try_new(arrow_schema.clone(), columns).map_err(|e| e.to_string())?;
     let props = WriterProperties::builder()

@@ -42,6 +42,7 @@ impl Mapping {
                 position: e.position,
                 raw_value: e.raw_value.clone(),
                 raw_key: e.raw_key.clone(),
+                avro: e.avro.clone(),
             })
         };
         match e.op {

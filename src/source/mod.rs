@@ -7,13 +7,15 @@
 //! is never written or committed by this pod afterwards. Polling also continues (paused) while
 //! the sinks are slow, so the group never evicts us for not polling.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, OwnedMessage};
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
@@ -22,9 +24,15 @@ use tokio::sync::mpsc;
 
 use crate::config::KafkaConfig;
 use crate::domain::Offsets;
-use crate::domain::{KafkaCoordinates, TopicPartition};
-use crate::envelope::{Decoded, Decoder};
-use crate::telemetry::METRICS;
+use crate::domain::TopicPartition;
+use crate::envelope::Decoded;
+use crate::telemetry::{Readiness, METRICS};
+
+mod decode;
+pub mod registry;
+
+pub use decode::RecordDecoder;
+use registry::RegistryUnavailable;
 
 /// What the source tells the pipeline, in order.
 pub enum SourceEvent {
@@ -50,6 +58,24 @@ pub struct SourceContext {
     /// How long a rebalance waits for the pipeline before going ahead.
     rebalance_timeout: Duration,
     closing: Arc<AtomicBool>,
+    /// Partitions assigned or revoked since the poll loop last looked: what it holds for them
+    /// is stale.
+    rebalanced: Mutex<Vec<TopicPartition>>,
+}
+
+impl SourceContext {
+    fn note_rebalanced(&self, partitions: &[TopicPartition]) {
+        if let Ok(mut moved) = self.rebalanced.lock() {
+            moved.extend_from_slice(partitions);
+        }
+    }
+
+    fn take_rebalanced(&self) -> Vec<TopicPartition> {
+        self.rebalanced
+            .lock()
+            .map(|mut moved| std::mem::take(&mut *moved))
+            .unwrap_or_default()
+    }
 }
 
 fn partitions_of(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
@@ -90,6 +116,7 @@ impl ConsumerContext for SourceContext {
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let partitions = partitions_of(tpl);
+                self.note_rebalanced(&partitions);
                 let (reply, answer) = std::sync::mpsc::sync_channel(1);
                 let starts = self
                     .events
@@ -121,6 +148,7 @@ impl ConsumerContext for SourceContext {
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 let partitions = partitions_of(tpl);
+                self.note_rebalanced(&partitions);
                 tracing::info!(partitions = ?partitions.iter().map(ToString::to_string).collect::<Vec<_>>(), "partitions revoked");
                 if !self.closing.load(Ordering::SeqCst) {
                     let (done, wait) = std::sync::mpsc::sync_channel(1);
@@ -174,11 +202,147 @@ pub fn create_consumer(
         events,
         rebalance_timeout,
         closing: closing.clone(),
+        rebalanced: Mutex::new(Vec::new()),
     };
     let consumer: KafkaConsumer = cc.create_with_context(ctx)?;
     let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
     Ok((Arc::new(consumer), closing))
+}
+
+/// Records that wait for the Schema Registry, in arrival order. While any waits, every later
+/// record waits behind it (so nothing passes a record on its partition) and fetching is paused.
+struct Waiting {
+    records: VecDeque<OwnedMessage>,
+    next_try: Instant,
+    backoff: Duration,
+    last_log: Option<Instant>,
+}
+
+/// The first retry of a record whose schema could not be fetched, and the longest wait.
+const REGISTRY_RETRY_FIRST: Duration = Duration::from_millis(250);
+const REGISTRY_RETRY_MAX: Duration = Duration::from_secs(5);
+
+impl Waiting {
+    fn new() -> Self {
+        Self {
+            records: VecDeque::new(),
+            next_try: Instant::now(),
+            backoff: REGISTRY_RETRY_FIRST,
+            last_log: None,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    /// Holds `m` (which could not be decoded now, or arrived behind one that could not).
+    fn hold(
+        &mut self,
+        m: OwnedMessage,
+        unavailable: Option<RegistryUnavailable>,
+        readiness: &Readiness,
+    ) {
+        if self.records.is_empty() {
+            self.next_try = Instant::now() + self.backoff;
+        }
+        self.records.push_back(m);
+        if let Some(e) = unavailable {
+            self.report(&e, readiness);
+        }
+    }
+
+    fn report(&mut self, e: &RegistryUnavailable, readiness: &Readiness) {
+        readiness.set_source(false, "the schema registry cannot answer");
+        // An outage repeats every retry: log at most every 10 s.
+        if self
+            .last_log
+            .is_none_or(|t| t.elapsed() > Duration::from_secs(10))
+        {
+            tracing::warn!(error = %e, waiting = self.records.len(), "records wait for the schema registry");
+            self.last_log = Some(Instant::now());
+        }
+    }
+
+    /// Decodes held records from the front, when a retry is due, until one still cannot be.
+    fn retry(
+        &mut self,
+        decoder: &mut RecordDecoder,
+        chunk: &mut Vec<Decoded>,
+        readiness: &Readiness,
+    ) {
+        if self.records.is_empty() || Instant::now() < self.next_try {
+            return;
+        }
+        while let Some(m) = self.records.front() {
+            match decoder.decode(m) {
+                Ok(d) => {
+                    chunk.push(d);
+                    self.records.pop_front();
+                }
+                Err(e) => {
+                    self.backoff = (self.backoff * 2).min(REGISTRY_RETRY_MAX);
+                    self.next_try = Instant::now() + self.backoff;
+                    self.report(&e, readiness);
+                    return;
+                }
+            }
+        }
+        self.backoff = REGISTRY_RETRY_FIRST;
+        self.last_log = None;
+        readiness.set_source(true, "the schema registry answers");
+    }
+
+    /// Drops what is held for partitions a rebalance moved: on assignment they are fetched
+    /// again from the sinks' checkpoints.
+    fn forget(&mut self, partitions: &[TopicPartition], readiness: &Readiness) {
+        if self.records.is_empty() {
+            return;
+        }
+        self.records
+            .retain(|m| !partitions.contains(&TopicPartition::new(m.topic(), m.partition())));
+        if self.records.is_empty() {
+            self.backoff = REGISTRY_RETRY_FIRST;
+            readiness.set_source(true, "no record waits for the schema registry");
+        }
+    }
+}
+
+/// A fetched record: decoded into `chunk`, or held while records wait for the registry.
+fn take(
+    m: BorrowedMessage<'_>,
+    decoder: &mut RecordDecoder,
+    chunk: &mut Vec<Decoded>,
+    waiting: &mut Waiting,
+    readiness: &Readiness,
+) {
+    METRICS.consumed.with_label_values(&[m.topic()]).inc();
+    if !waiting.is_empty() {
+        waiting.hold(m.detach(), None, readiness);
+        return;
+    }
+    match decoder.decode(&m) {
+        Ok(d) => chunk.push(d),
+        Err(e) => waiting.hold(m.detach(), Some(e), readiness),
+    }
+}
+
+/// Pauses or resumes fetching for the whole assignment, when that changes or when the
+/// assignment itself changed (`refresh`: what a new assignment's partitions are is librdkafka's
+/// business, so it is set again either way).
+fn set_paused(consumer: &KafkaConsumer, paused: &mut bool, want: bool, refresh: bool) {
+    if *paused == want && !refresh {
+        return;
+    }
+    if let Ok(assignment) = consumer.assignment() {
+        let _ = if want {
+            consumer.pause(&assignment)
+        } else {
+            consumer.resume(&assignment)
+        };
+    }
+    *paused = want;
 }
 
 /// The polling loop. Returns when `stop` is set or the pipeline has gone away.
@@ -187,70 +351,67 @@ pub fn run_poll_loop(
     events: mpsc::Sender<SourceEvent>,
     stop: Arc<AtomicBool>,
     max_chunk: usize,
+    mut decoder: RecordDecoder,
+    readiness: Readiness,
 ) {
-    let mut decoder = Decoder::new();
     let mut chunk: Vec<Decoded> = Vec::new();
+    let mut waiting = Waiting::new();
+    // Whether fetching is paused: while the pipeline is busy or records wait for the registry.
     let mut paused = false;
-    let mut last_error_log = std::time::Instant::now() - Duration::from_secs(60);
-    while !stop.load(Ordering::SeqCst) {
+    let mut last_error_log = Instant::now() - Duration::from_secs(60);
+    // A pipeline that is gone (its task ended or was dropped) stops the thread too, so it
+    // never polls on for nobody.
+    while !stop.load(Ordering::SeqCst) && !events.is_closed() {
+        let moved = consumer.context().take_rebalanced();
+        let rebalanced = !moved.is_empty();
+        if rebalanced {
+            waiting.forget(&moved, &readiness);
+        }
+        waiting.retry(&mut decoder, &mut chunk, &readiness);
+        let mut pipeline_busy = false;
         // Hand over what we have; if the pipeline is busy, pause fetching but keep polling so
         // rebalances and the group session are still served.
         if !chunk.is_empty() {
             match events.try_send(SourceEvent::Records(std::mem::take(&mut chunk))) {
-                Ok(()) => {
-                    if paused {
-                        if let Ok(a) = consumer.assignment() {
-                            let _ = consumer.resume(&a);
-                        }
-                        paused = false;
-                    }
-                }
+                Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(SourceEvent::Records(back))) => {
                     chunk = back;
-                    if !paused {
-                        if let Ok(a) = consumer.assignment() {
-                            let _ = consumer.pause(&a);
-                        }
-                        paused = true;
-                    }
-                    // Served callbacks only: fetching is paused.
-                    if let Some(Ok(m)) = consumer.poll(Duration::from_millis(20)) {
-                        chunk.push(decode(&mut decoder, &m));
-                    }
-                    continue;
+                    pipeline_busy = true;
                 }
                 Err(_) => return,
             }
+        }
+        set_paused(
+            &consumer,
+            &mut paused,
+            pipeline_busy || !waiting.is_empty(),
+            rebalanced,
+        );
+        if pipeline_busy {
+            // Served callbacks only: fetching is paused.
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(20)) {
+                take(m, &mut decoder, &mut chunk, &mut waiting, &readiness);
+            }
+            continue;
         }
         match consumer.poll(Duration::from_millis(100)) {
             None => {}
             // Broker outages repeat every poll: log at most every 10 s.
             Some(Err(e)) if last_error_log.elapsed() > Duration::from_secs(10) => {
                 tracing::warn!(error = %e, "kafka poll error");
-                last_error_log = std::time::Instant::now();
+                last_error_log = Instant::now();
             }
             Some(Err(_)) => {}
             Some(Ok(m)) => {
-                chunk.push(decode(&mut decoder, &m));
+                take(m, &mut decoder, &mut chunk, &mut waiting, &readiness);
                 // Drain what is already fetched without waiting.
-                while chunk.len() < max_chunk {
+                while chunk.len() < max_chunk && waiting.is_empty() {
                     match consumer.poll(Duration::ZERO) {
-                        Some(Ok(m)) => chunk.push(decode(&mut decoder, &m)),
+                        Some(Ok(m)) => take(m, &mut decoder, &mut chunk, &mut waiting, &readiness),
                         _ => break,
                     }
                 }
             }
         }
     }
-}
-
-fn decode(decoder: &mut Decoder, m: &rdkafka::message::BorrowedMessage<'_>) -> Decoded {
-    METRICS.consumed.with_label_values(&[m.topic()]).inc();
-    let coords = KafkaCoordinates {
-        topic: m.topic().to_string(),
-        partition: m.partition(),
-        offset: m.offset(),
-        timestamp_ms: m.timestamp().to_millis(),
-    };
-    decoder.decode(coords, m.key(), m.payload())
 }
