@@ -61,7 +61,56 @@ async fn conformance<S: Sink>(mut make: impl FnMut() -> S) {
     redelivery_stores_nothing_again(&mut make, &b1).await;
     an_overlapping_batch_stores_only_new_offsets(&mut make, &topic, &p0).await;
     revoke_makes_nothing_durable_that_was_not_acknowledged(&mut make, &topic).await;
+    a_second_writer_is_fenced(&mut make, &topic).await;
     refuses_a_gap(make, &topic, &p0, 15).await;
+}
+
+/// Two instances that both believe they own a partition (the new owner, and an old one that
+/// missed its revoke and still holds records) never store an offset twice and never replace
+/// what the other stored: the new owner stores 3..12 after the old owner's 0..3, then the old
+/// owner writes 3..9 from its stale view. The checkpoint ends at 12, and what the suite's
+/// final check reads from storage (lake: every object listed, each offset once) holds.
+async fn a_second_writer_is_fenced<S: Sink>(make: &mut impl FnMut() -> S, topic: &str) {
+    let tp = TopicPartition::new(topic, 3);
+    let partitions = std::slice::from_ref(&tp);
+    let mut old_owner = make();
+    old_owner.checkpoints(partitions).await.unwrap();
+    old_owner.write(&batch(topic, 3, 0..3)).await.unwrap();
+    old_owner.flush(true).await.unwrap();
+
+    let mut new_owner = make();
+    let start = new_owner.checkpoints(partitions).await.unwrap();
+    assert_eq!(
+        start.get(&tp),
+        Some(&3),
+        "{}: the new owner starts at 3",
+        new_owner.name()
+    );
+    new_owner.write(&batch(topic, 3, 3..12)).await.unwrap();
+    new_owner.flush(true).await.unwrap();
+
+    // The old owner's stale records: refused, or skipped as already stored.
+    let stale = async {
+        let written = old_owner.write(&batch(topic, 3, 3..9)).await?.stats.written;
+        old_owner.flush(true).await?;
+        Ok::<_, cdc_lake::sink::SinkError>(written)
+    }
+    .await;
+    if let Ok(written) = stale {
+        assert_eq!(
+            written,
+            0,
+            "{}: the stale writer stores nothing",
+            old_owner.name()
+        );
+    }
+    let cps = make().checkpoints(partitions).await.unwrap();
+    assert_eq!(
+        cps.get(&tp),
+        Some(&12),
+        "{}: the checkpoint is the new owner's",
+        old_owner.name()
+    );
 }
 
 /// After a revoke (another pod owns the partition now) nothing the sink had not acknowledged
@@ -353,6 +402,22 @@ fn lake_config(target: &LakeTarget) -> cdc_lake::config::LakeConfig {
     config(db_unused, "unused", target, &[]).lake
 }
 
+/// What the lake holds of the fenced step's partition 3 (read from the objects, not the
+/// manifest): every change of 0..12 once, the new owner's, whatever the stale writer did.
+fn assert_fenced_partition_is_whole(report: &serde_json::Value) {
+    let stored: Vec<i64> = lake_coords(report)
+        .into_iter()
+        .filter(|(_, p, _)| *p == 3)
+        .map(|(.., o)| o)
+        .collect();
+    // batch(): every 5th offset is a tombstone and every 9th malformed; neither is a change.
+    let changes: Vec<i64> = (0..12).filter(|o| o % 5 != 4 && o % 9 != 8).collect();
+    assert_eq!(
+        stored, changes,
+        "the lake's partition 3 after a stale writer"
+    );
+}
+
 #[test]
 fn lake_sink_on_local_disk_conforms() {
     run_test(async {
@@ -362,6 +427,7 @@ fn lake_sink_on_local_disk_conforms() {
         let report = target.check();
         assert_eq!(report["duplicates"], 0, "{report}");
         assert_eq!(report["unlisted"].as_array().unwrap().len(), 0, "{report}");
+        assert_fenced_partition_is_whole(&report);
     });
 }
 
@@ -374,6 +440,7 @@ fn lake_sink_on_s3_conforms() {
         let report = target.check();
         assert_eq!(report["duplicates"], 0, "{report}");
         assert_eq!(report["unlisted"].as_array().unwrap().len(), 0, "{report}");
+        assert_fenced_partition_is_whole(&report);
     });
 }
 

@@ -205,21 +205,72 @@ impl LakeSink {
         Ok(next)
     }
 
+    /// The next offset of the furthest commit any writer landed for `tp` starting at or after
+    /// `first_offset`, if there is one.
+    async fn committed_from(
+        &self,
+        tp: &TopicPartition,
+        first_offset: i64,
+    ) -> Result<Option<i64>, SinkError> {
+        let dir = self.layout.manifest_dir(tp);
+        // Commit names are zero-padded first offsets, so "after the name of first_offset - 1"
+        // is "at or after first_offset" (listing is by key).
+        let listing = match first_offset.checked_sub(1).filter(|o| *o >= 0) {
+            Some(before) => self
+                .store
+                .list_with_offset(Some(&dir), &self.layout.commit(tp, before)),
+            None => self.store.list(Some(&dir)),
+        };
+        let mut found: Vec<Path> = listing
+            .map_ok(|m| m.location)
+            .try_collect::<Vec<_>>()
+            .await
+            .map_err(store_err(&dir))?
+            .into_iter()
+            .filter(|p| {
+                p.filename()
+                    .is_some_and(|f| f.ends_with(".json") && !f.starts_with('_'))
+            })
+            .collect();
+        found.sort();
+        match found.pop() {
+            Some(last) => Ok(Some(
+                read_json::<Commit>(&*self.store, &last).await?.next_offset,
+            )),
+            None => Ok(None),
+        }
+    }
+
     fn is_due(&self, st: &PartitionState) -> bool {
         st.rows >= self.cfg.roll_rows || st.bytes as u64 >= self.cfg.roll_bytes.0
     }
 
     /// Uploads a partition's buffered files and commits them in the manifest.
     async fn commit_partition(&mut self, tp: &TopicPartition) -> Result<(), SinkError> {
-        let Some(st) = self.partitions.get_mut(tp) else {
+        let Some(first_offset) = self
+            .partitions
+            .get(tp)
+            .filter(|st| !st.files.is_empty())
+            .map(|st| {
+                st.committed_next
+                    .expect("set when the first record arrived")
+            })
+        else {
             return Ok(());
         };
-        if st.files.is_empty() {
-            return Ok(());
+        // Data files are named by their first offset, so a writer with a stale view (an owner
+        // that missed its revoke, or this sink after a commit whose answer was lost) would
+        // overwrite committed files. Check before uploading anything; the partition is then
+        // recovered from the manifest on the next write.
+        if let Some(theirs) = self.committed_from(tp, first_offset).await? {
+            self.partitions.remove(tp);
+            return Err(SinkError::Fenced {
+                sink: NAME,
+                tp: tp.clone(),
+                theirs,
+            });
         }
-        let first_offset = st
-            .committed_next
-            .expect("set when the first record arrived");
+        let st = self.partitions.get_mut(tp).expect("present above");
         let next_offset = st.seen_next.expect("set when the first record arrived");
         let files = std::mem::take(&mut st.files);
         let paths: Vec<(Path, &(String, String), &FileBuffer)> = files
