@@ -221,19 +221,7 @@ impl LakeSink {
                 .list_with_offset(Some(&dir), &self.layout.commit(tp, before)),
             None => self.store.list(Some(&dir)),
         };
-        let mut found: Vec<Path> = listing
-            .map_ok(|m| m.location)
-            .try_collect::<Vec<_>>()
-            .await
-            .map_err(store_err(&dir))?
-            .into_iter()
-            .filter(|p| {
-                p.filename()
-                    .is_some_and(|f| f.ends_with(".json") && !f.starts_with('_'))
-            })
-            .collect();
-        found.sort();
-        match found.pop() {
+        match commit_paths(listing, &dir).await?.pop() {
             Some(last) => Ok(Some(
                 read_json::<Commit>(&*self.store, &last).await?.next_offset,
             )),
@@ -413,18 +401,17 @@ async fn read_json<T: serde::de::DeserializeOwned>(
 }
 
 /// Reads every manifest entry of a partition, in offset order.
-pub async fn read_commits(
-    store: &dyn ObjectStore,
-    layout: &Layout,
-    tp: &TopicPartition,
-) -> Result<Vec<Commit>, SinkError> {
-    let dir = layout.manifest_dir(tp);
-    let mut paths: Vec<Path> = store
-        .list(Some(&dir))
+/// The commit entries of a listing of a partition's manifest directory (`dir`), in offset
+/// order: `<first offset>.json`, not `_pending.json`.
+async fn commit_paths(
+    listing: futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>>,
+    dir: &Path,
+) -> Result<Vec<Path>, SinkError> {
+    let mut paths: Vec<Path> = listing
         .map_ok(|m| m.location)
         .try_collect::<Vec<_>>()
         .await
-        .map_err(store_err(&dir))?
+        .map_err(store_err(dir))?
         .into_iter()
         .filter(|p| {
             p.filename()
@@ -432,6 +419,16 @@ pub async fn read_commits(
         })
         .collect();
     paths.sort();
+    Ok(paths)
+}
+
+pub async fn read_commits(
+    store: &dyn ObjectStore,
+    layout: &Layout,
+    tp: &TopicPartition,
+) -> Result<Vec<Commit>, SinkError> {
+    let dir = layout.manifest_dir(tp);
+    let paths = commit_paths(store.list(Some(&dir)), &dir).await?;
     let mut out = Vec::with_capacity(paths.len());
     for p in paths {
         out.push(read_json(store, &p).await?);
