@@ -139,12 +139,36 @@ impl Decoder {
             }
             _ => (outer, None),
         };
-
-        let Some(op_value) = &wire.op else {
+        if wire.op.is_none() {
             return classify_non_change(coords, text);
+        }
+        let types = match connect_schema {
+            Some(s) => RowTypes::Connect(s),
+            None => RowTypes::Inferred,
         };
-        let op_code = op_value
-            .as_str()
+        self.change(
+            coords,
+            wire,
+            types,
+            key.map(ReceivedKey::Json),
+            Arc::from(text),
+        )
+    }
+
+    /// The change an envelope with an `op` describes, after the checks every envelope gets:
+    /// the JSON and the Avro path both end here, so they build identical events.
+    pub(super) fn change(
+        &mut self,
+        coords: &KafkaCoordinates,
+        wire: WireEnvelope<'_>,
+        types: RowTypes<'_>,
+        key: Option<ReceivedKey<'_>>,
+        raw_value: Arc<str>,
+    ) -> Result<Decoded, DecodeError> {
+        let op_code = wire
+            .op
+            .as_ref()
+            .and_then(Value::as_str)
             .ok_or_else(|| malformed("envelope field op is not a string"))?;
         let op = Op::parse(op_code).ok_or_else(|| DecodeError::UnknownOp(op_code.into()))?;
 
@@ -175,33 +199,27 @@ impl Decoder {
             _ => {}
         }
 
-        let row_schema = match connect_schema {
+        let inferred = || Arc::new(RowSchema::infer_change(before.as_ref(), after.as_ref()));
+        let row_schema = match types {
             // A message's Connect schema has no row struct; its block is typed by inference.
-            Some(_) if op == Op::Message => {
-                Arc::new(RowSchema::infer_change(before.as_ref(), after.as_ref()))
-            }
-            Some(s) => self.connect_schema(s)?,
-            None => Arc::new(RowSchema::infer_change(before.as_ref(), after.as_ref())),
+            _ if op == Op::Message => inferred(),
+            RowTypes::Connect(s) => self.connect_schema(s)?,
+            RowTypes::Compiled(Some(s)) => s,
+            RowTypes::Compiled(None) => return Err(no_row_struct()),
+            RowTypes::Inferred => inferred(),
         };
 
         let (raw_key, key_payload) = match key {
             None => (None, None),
-            Some(k) => {
+            Some(ReceivedKey::Json(k)) => {
                 let text = String::from_utf8_lossy(k);
-                let parsed = match json::from_str::<Value>(&text) {
-                    Ok(Value::Object(mut m))
-                        if m.contains_key("payload") && m.contains_key("schema") =>
-                    {
-                        m.remove("payload")
-                    }
-                    Ok(v) => Some(v),
-                    Err(e) => return Err(DecodeError::InvalidKey(e)),
-                };
+                let parsed = json::from_str::<Value>(&text).map_err(DecodeError::InvalidKey)?;
                 (
                     Some(Arc::<str>::from(text.as_ref())),
-                    parsed.filter(|v| !v.is_null()),
+                    key_payload_of(parsed),
                 )
             }
+            Some(ReceivedKey::Decoded { text, value }) => (Some(text), key_payload_of(value)),
         };
 
         Ok(Decoded::Change(Arc::new(ChangeEvent {
@@ -218,7 +236,7 @@ impl Decoder {
             transaction: wire.transaction.map(ToOwned::to_owned),
             ts_ms: wire.ts_ms.as_ref().and_then(Value::as_i64),
             schema: row_schema,
-            raw_value: Arc::from(text),
+            raw_value,
             raw_key,
             avro: None,
         })))
@@ -236,9 +254,7 @@ impl Decoder {
         let value: Value = serde_json::from_str(schema.get()).map_err(|e| {
             DecodeError::BadSchema(format!("Connect schema is not valid JSON: {e}"))
         })?;
-        let parsed = RowSchema::from_connect_envelope(&value).ok_or_else(|| {
-            DecodeError::BadSchema("Connect schema has no before/after struct".into())
-        })?;
+        let parsed = RowSchema::from_connect_envelope(&value).ok_or_else(no_row_struct)?;
         let parsed = Arc::new(parsed);
         self.schemas.insert(id, parsed.clone());
         Ok(parsed)
@@ -283,28 +299,62 @@ impl SourceInfo {
     }
 }
 
+fn no_row_struct() -> DecodeError {
+    DecodeError::BadSchema("Connect schema has no before/after struct".into())
+}
+
+/// A record key's payload: the key struct without a `{schema, payload}` wrapper, or None for a
+/// null key.
+fn key_payload_of(key: Value) -> Option<Value> {
+    match key {
+        Value::Object(mut m) if m.contains_key("payload") && m.contains_key("schema") => {
+            m.remove("payload")
+        }
+        v => Some(v),
+    }
+    .filter(|v| !v.is_null())
+}
+
+/// How the column types of a change are known.
+pub(super) enum RowTypes<'a> {
+    /// The `{schema, payload}` form's Connect schema, as received.
+    Connect(&'a RawValue),
+    /// Compiled once per writer schema (the Avro path); None when it has no row struct.
+    Compiled(Option<Arc<RowSchema>>),
+    /// Schemaless: inferred from the values.
+    Inferred,
+}
+
+/// A record key as the decoder receives it.
+pub(super) enum ReceivedKey<'a> {
+    /// JSON text as received (either form).
+    Json(&'a [u8]),
+    /// Already decoded (the Avro path): its JSON rendering and value.
+    Decoded { text: Arc<str>, value: Value },
+}
+
 /// The fields of an envelope (either form), borrowing what is stored verbatim.
-#[derive(Deserialize)]
-struct WireEnvelope<'a> {
+#[derive(Deserialize, Default)]
+pub(super) struct WireEnvelope<'a> {
     #[serde(borrow, default)]
-    schema: Option<&'a RawValue>,
+    pub(super) schema: Option<&'a RawValue>,
     #[serde(borrow, default)]
-    payload: Option<&'a RawValue>,
+    pub(super) payload: Option<&'a RawValue>,
     #[serde(default)]
-    before: Option<Value>,
+    pub(super) before: Option<Value>,
     #[serde(default)]
-    after: Option<Value>,
+    pub(super) after: Option<Value>,
     #[serde(borrow, default)]
-    source: Option<&'a RawValue>,
+    pub(super) source: Option<&'a RawValue>,
     #[serde(default)]
-    op: Option<Value>,
+    pub(super) op: Option<Value>,
     #[serde(default)]
-    ts_ms: Option<Value>,
+    pub(super) ts_ms: Option<Value>,
     #[serde(borrow, default)]
-    transaction: Option<&'a RawValue>,
+    pub(super) transaction: Option<&'a RawValue>,
     /// Logical decoding messages (op `m`): `{prefix, content}`.
     #[serde(default)]
-    message: Option<Value>,
+    pub(super) message: Option<Value>,
 }
 
 fn parse_wire(text: &str) -> Result<WireEnvelope<'_>, DecodeError> {

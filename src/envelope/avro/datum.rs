@@ -6,6 +6,10 @@ use serde_json::{Map, Number, Value};
 use super::schema::{Node, Typed};
 
 /// Reads Avro's binary encoding (https://avro.apache.org/docs/1.11.1/specification/#binary-encoding).
+///
+/// Reading recurses once per nested record, array or map of the schema, so its depth is the
+/// schema's: `compile` refuses recursive named types, and the schema JSON itself parses at
+/// most serde_json's 128 levels deep.
 pub(super) struct Reader<'a> {
     pub(super) bytes: &'a [u8],
     pub(super) pos: usize,

@@ -19,7 +19,8 @@ use serde_json::Value;
 mod datum;
 mod schema;
 
-use super::{AvroRecord, Decoded, Decoder};
+use super::decode::{ReceivedKey, RowTypes, WireEnvelope};
+use super::{AvroRecord, Decoded, Decoder, RowSchema};
 use crate::domain::KafkaCoordinates;
 use datum::Reader;
 use schema::{compile, connect_schema, Typed};
@@ -61,6 +62,10 @@ pub struct WriterSchema {
     text: String,
     root: Typed,
     connect: Value,
+    /// `connect` as JSON text: the schema half of the envelope's JSON rendering.
+    connect_text: String,
+    /// The row's column types, when the schema is a change envelope's.
+    row_schema: Option<Arc<RowSchema>>,
 }
 
 impl WriterSchema {
@@ -76,6 +81,8 @@ impl WriterSchema {
             id,
             text: text.to_string(),
             root,
+            connect_text: connect.to_string(),
+            row_schema: RowSchema::from_connect_envelope(&connect).map(Arc::new),
             connect,
         })
     }
@@ -127,8 +134,9 @@ pub enum Lookup {
 
 impl Decoder {
     /// Decodes a Confluent-framed Avro record (key and value) to the same [`Decoded`] as the
-    /// JSON path: the datum becomes JsonConverter's `{schema, payload}` form, which the JSON
-    /// decoder reads. A record that is not framed Avro, names an unknown schema id or does not
+    /// JSON path would for JsonConverter's `{schema, payload}` rendering of the record, without
+    /// rendering and parsing that text: the decoded envelope goes straight to the checks every
+    /// envelope gets. A record that is not framed Avro, names an unknown schema id or does not
     /// decode is rejected with the reason and its exact bytes. `lookup` fails only when the
     /// schema cannot be fetched now (the registry is down): the caller retries the record.
     pub fn decode_avro<E>(
@@ -141,10 +149,8 @@ impl Decoder {
         let Some(value_bytes) = value.filter(|v| !v.is_empty()) else {
             return Ok(self.decode(coords, key, None));
         };
-        // One side (key or value) as JsonConverter text, with the writer schema it names.
-        let mut render = |bytes: &[u8],
-                          envelope: bool|
-         -> Result<Result<(String, Arc<WriterSchema>), String>, E> {
+        // One side (key or value) decoded, with the writer schema it names.
+        let mut datum = |bytes: &[u8]| -> Result<Result<(Value, Arc<WriterSchema>), String>, E> {
             let (id, datum) = match unframe(bytes) {
                 Ok(framed) => framed,
                 Err(e) => return Ok(Err(e.to_string())),
@@ -153,23 +159,16 @@ impl Decoder {
                 Lookup::Found(w) => w,
                 Lookup::Unknown(reason) => return Ok(Err(format!("schema id {id}: {reason}"))),
             };
-            let payload = match writer.decode(datum) {
-                Ok(payload) => payload,
-                Err(e) => return Ok(Err(e.to_string())),
-            };
-            let text = if envelope {
-                serde_json::json!({"schema": writer.connect_schema(), "payload": payload})
-                    .to_string()
-            } else {
-                payload.to_string()
-            };
-            Ok(Ok((text, writer)))
+            Ok(writer
+                .decode(datum)
+                .map(|v| (v, writer))
+                .map_err(|e| e.to_string()))
         };
-        let rendered_key = match key {
+        let decoded_key = match key {
             None => None,
-            Some(k) => Some(render(k, false)?),
+            Some(k) => Some(datum(k)?),
         };
-        let rendered_value = render(value_bytes, true)?;
+        let decoded_value = datum(value_bytes)?;
         let reject = |reason: String| {
             Decoded::Reject(super::Reject {
                 coords: coords.clone(),
@@ -179,41 +178,101 @@ impl Decoder {
                 reason,
             })
         };
-        let (key_text, key_schema) = match rendered_key {
+        let (key_value, key_schema) = match decoded_key {
             Some(Err(reason)) => return Ok(reject(format!("record key: {reason}"))),
-            Some(Ok((text, schema))) => (Some(text), Some(schema)),
+            Some(Ok((v, schema))) => (Some(v), Some(schema)),
             None => (None, None),
         };
-        let (value_text, value_schema) = match rendered_value {
+        let (payload, value_schema) = match decoded_value {
             Err(reason) => return Ok(reject(reason)),
-            Ok(rendered) => rendered,
+            Ok(decoded) => decoded,
+        };
+        let record = AvroRecord {
+            key: key.map(<[u8]>::to_vec),
+            value: value_bytes.to_vec(),
+            key_schema,
+            value_schema,
         };
         Ok(
-            match self.decode(
-                coords.clone(),
-                key_text.as_deref().map(str::as_bytes),
-                Some(value_text.as_bytes()),
-            ) {
+            match self.avro_envelope(&coords, key_value, payload, &record) {
                 // The envelope's own faults, reported with the bytes as received.
                 Decoded::Reject(mut r) => {
-                    r.key = key.map(<[u8]>::to_vec);
-                    r.value = Some(value_bytes.to_vec());
+                    r.key = record.key;
+                    r.value = Some(record.value);
                     Decoded::Reject(r)
                 }
                 Decoded::Change(mut change) => {
-                    let record = Arc::new(AvroRecord {
-                        key: key.map(<[u8]>::to_vec),
-                        value: value_bytes.to_vec(),
-                        key_schema,
-                        value_schema,
-                    });
                     // A change just decoded has one owner: this does not copy it.
-                    Arc::make_mut(&mut change).avro = Some(record);
+                    Arc::make_mut(&mut change).avro = Some(Arc::new(record));
                     Decoded::Change(change)
                 }
                 skip @ Decoded::Skip(..) => skip,
             },
         )
+    }
+
+    /// A decoded envelope as a change. Records that are not changes (heartbeats, transaction
+    /// markers, anything without an `op`) are rare: they take the JSON path through their
+    /// JsonConverter rendering, which classifies them.
+    fn avro_envelope(
+        &mut self,
+        coords: &KafkaCoordinates,
+        key: Option<Value>,
+        payload: Value,
+        record: &AvroRecord,
+    ) -> Decoded {
+        let writer = &record.value_schema;
+        let render_key = |k: &Value| k.to_string();
+        let rendered = format!(
+            r#"{{"schema":{},"payload":{}}}"#,
+            writer.connect_text, payload
+        );
+        let mut fields = match payload {
+            Value::Object(fields) if fields.get("op").is_some_and(|op| !op.is_null()) => fields,
+            _ => {
+                let key_text = key.as_ref().map(render_key);
+                return self.decode(
+                    coords.clone(),
+                    key_text.as_deref().map(str::as_bytes),
+                    Some(rendered.as_bytes()),
+                );
+            }
+        };
+        // `source` and `transaction` are kept verbatim as JSON; the rest moves as parsed.
+        let as_raw = |v: Value| serde_json::value::to_raw_value(&v).ok();
+        let source = fields
+            .remove("source")
+            .filter(|s| !s.is_null())
+            .and_then(as_raw);
+        let transaction = fields
+            .remove("transaction")
+            .filter(|t| !t.is_null())
+            .and_then(as_raw);
+        let wire = WireEnvelope {
+            before: fields.remove("before"),
+            after: fields.remove("after"),
+            op: fields.remove("op"),
+            ts_ms: fields.remove("ts_ms"),
+            message: fields.remove("message"),
+            source: source.as_deref(),
+            transaction: transaction.as_deref(),
+            ..WireEnvelope::default()
+        };
+        let key = key.map(|value| ReceivedKey::Decoded {
+            text: Arc::from(render_key(&value)),
+            value,
+        });
+        let types = RowTypes::Compiled(writer.row_schema.clone());
+        self.change(coords, wire, types, key, Arc::from(rendered))
+            .unwrap_or_else(|error| {
+                Decoded::Reject(super::Reject {
+                    kind: error.kind(),
+                    coords: coords.clone(),
+                    key: None,
+                    value: None,
+                    reason: error.to_string(),
+                })
+            })
     }
 }
 
@@ -334,6 +393,13 @@ mod tests {
         )
         .is_err());
         assert!(WriterSchema::parse(1, "{not json").is_err());
+        // A recursive type could nest a datum without end (datum::Reader recurses per level).
+        let recursive =
+            r#"{"type":"record","name":"N","fields":[{"name":"next","type":["null","N"]}]}"#;
+        assert!(WriterSchema::parse(1, recursive)
+            .unwrap_err()
+            .to_string()
+            .contains("unknown type \"N\""));
     }
 
     #[test]
