@@ -8,15 +8,42 @@ use std::process::ExitCode;
 
 use crate::config::Config;
 
-/// A command's arguments are wrong (checked before any I/O): the binary exits 2, as for a bad
-/// config, rather than 1.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct BadArguments(pub String);
+use crate::ingest::IngestError;
+use crate::rejects::RejectsError;
+use crate::replay::ReplayError;
 
-/// `Err` of a [`BadArguments`] with `message`.
-pub fn bad_arguments<T>(message: impl Into<String>) -> anyhow::Result<T> {
-    Err(BadArguments(message.into()).into())
+/// Why a command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error(transparent)]
+    Ingest(#[from] IngestError),
+    #[error(transparent)]
+    Replay(#[from] ReplayError),
+    #[error(transparent)]
+    Rejects(#[from] RejectsError),
+}
+
+impl CommandError {
+    /// 2 when the arguments are wrong (checked before any I/O, as a bad config is), else 1.
+    pub fn exit_code(&self) -> ExitCode {
+        match self {
+            CommandError::Replay(ReplayError::BadArguments(_))
+            | CommandError::Rejects(RejectsError::BadArguments(_)) => ExitCode::from(2),
+            _ => ExitCode::FAILURE,
+        }
+    }
+}
+
+/// An error and each of its sources, on one line (`reading X: db error: …`).
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut line = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        line.push_str(": ");
+        line.push_str(&e.to_string());
+        cause = e.source();
+    }
+    line
 }
 
 /// The async runtime every binary runs on. Its threads have stacks deep enough for JSON
@@ -31,7 +58,7 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 pub fn run<F, Fut>(program: &str, config_path: Option<&Path>, command: F) -> ExitCode
 where
     F: FnOnce(Config) -> Fut,
-    Fut: Future<Output = anyhow::Result<ExitCode>>,
+    Fut: Future<Output = Result<ExitCode, CommandError>>,
 {
     crate::telemetry::init_logging();
     let config = match Config::load(config_path) {
@@ -51,12 +78,8 @@ where
     match runtime.block_on(command(config)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("{program}: {e:#}");
-            if e.downcast_ref::<BadArguments>().is_some() {
-                ExitCode::from(2)
-            } else {
-                ExitCode::FAILURE
-            }
+            eprintln!("{program}: {}", error_chain(&e));
+            e.exit_code()
         }
     }
 }

@@ -9,15 +9,44 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::pipeline::{AnySink, Pipeline, Readiness};
+use crate::db::{ConnectError, DbError};
+use crate::pipeline::{AnySink, Pipeline, Readiness, UnfinishedSinks};
 use crate::sink::lake::LakeSink;
 use crate::sink::raw::RawSink;
 use crate::sink::state::StateSink;
 use crate::sink::SinkError;
 use crate::source::{KafkaConsumer, RecordDecoder};
 
+/// Why the pod (or `migrate`) stopped or could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error(transparent)]
+    Migrate(#[from] DbError),
+    /// A target's mappings or setup SQL do not fit its database.
+    #[error("invalid mapping: {0}")]
+    InvalidMapping(SinkError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error("cannot listen on {listen}: {error}")]
+    Listen {
+        listen: String,
+        error: std::io::Error,
+    },
+    #[error(transparent)]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    /// The record decoder's settings (the format, the registry) do not work.
+    #[error("{0}")]
+    Decoder(String),
+    #[error("cannot start the poll thread: {0}")]
+    PollThread(std::io::Error),
+    #[error(transparent)]
+    Unfinished(#[from] UnfinishedSinks),
+}
+
 /// Builds the enabled sinks, in a fixed order: raw, lake, then each state target.
-pub fn build_sinks(config: &Config) -> anyhow::Result<Vec<AnySink>> {
+pub fn build_sinks(config: &Config) -> Result<Vec<AnySink>, IngestError> {
     let consumer = config.kafka.checkpoint_name().to_string();
     let mut sinks = Vec::new();
     if config.raw.enabled {
@@ -55,7 +84,7 @@ pub async fn termination_signal() {
 /// `cdc-lake migrate`: the schema migrations, then each mapped target opened (its setup SQL
 /// run, its mappings checked), so that an init container fails on a mapping that does not fit.
 /// Returns what the sink database got.
-pub async fn migrate(config: &Config) -> anyhow::Result<Vec<i32>> {
+pub async fn migrate(config: &Config) -> Result<Vec<i32>, IngestError> {
     let applied = migrate_databases(config).await?;
     for target in config.all_targets() {
         if !target.mappings.is_empty() {
@@ -70,7 +99,7 @@ pub async fn migrate(config: &Config) -> anyhow::Result<Vec<i32>> {
 
 /// Applies pending migrations to the sink database and to each target's database (every
 /// database that holds data also holds its checkpoints). Returns what the sink database got.
-async fn migrate_databases(config: &Config) -> anyhow::Result<Vec<i32>> {
+async fn migrate_databases(config: &Config) -> Result<Vec<i32>, IngestError> {
     let mut client = crate::db::connect(&config.postgres, "cdc-lake migrate").await?;
     let applied = crate::db::migrate(&mut client).await?;
     for target in config.all_targets() {
@@ -83,9 +112,9 @@ async fn migrate_databases(config: &Config) -> anyhow::Result<Vec<i32>> {
 }
 
 /// A target that cannot be opened because of its mappings or setup SQL reads as such.
-fn invalid_mapping(e: SinkError) -> anyhow::Error {
+fn invalid_mapping(e: SinkError) -> IngestError {
     match e {
-        SinkError::Mapping { .. } => anyhow::anyhow!("invalid mapping: {e}"),
+        SinkError::Mapping { .. } => IngestError::InvalidMapping(e),
         other => other.into(),
     }
 }
@@ -129,7 +158,7 @@ pub async fn run(
     config: Config,
     shutdown: CancellationToken,
     skip_migrations: bool,
-) -> anyhow::Result<()> {
+) -> Result<(), IngestError> {
     if !skip_migrations {
         // The pod opens its own targets below, so their setup SQL runs once.
         migrate_databases(&config).await?;
@@ -141,7 +170,10 @@ pub async fn run(
         Some(
             crate::http::serve(&config.http.listen, readiness.clone(), shutdown.clone())
                 .await
-                .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.http.listen))?,
+                .map_err(|error| IngestError::Listen {
+                    listen: config.http.listen.clone(),
+                    error,
+                })?,
         )
     };
     let mut sinks = build_sinks(&config)?;
@@ -163,7 +195,7 @@ pub async fn run(
     let (consumer, closing) = crate::source::create_consumer(&config.kafka, tx.clone(), deadline)?;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let decoder = RecordDecoder::new(&config.kafka, tokio::runtime::Handle::current())
-        .map_err(|e| anyhow::anyhow!(e))?;
+        .map_err(IngestError::Decoder)?;
     let poll_thread = {
         let (consumer, stop, readiness) = (consumer.clone(), stop.clone(), readiness.clone());
         let chunk = config.batch.max_records.clamp(100, 5000);
@@ -173,7 +205,8 @@ pub async fn run(
             .stack_size(crate::envelope::json::THREAD_STACK_BYTES)
             .spawn(move || {
                 crate::source::run_poll_loop(consumer, tx, stop, chunk, decoder, readiness)
-            })?
+            })
+            .map_err(IngestError::PollThread)?
     };
     // When shutdown starts, stop fetching at once; the pipeline drains what it already has.
     {

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+use cdc_lake::cli::CommandError;
 use cdc_lake::config::Config;
 
 // The pipeline allocates many small JSON values per record; glibc malloc showed up as ~15% of
@@ -66,13 +67,13 @@ fn main() -> ExitCode {
     })
 }
 
-async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
+async fn run(command: Command, config: Config) -> Result<ExitCode, CommandError> {
     use cdc_lake::replay;
     match command {
-        Command::Replay(args) => replay::cli_replay(&config, &args).await,
-        Command::Verify(args) => replay::cli_verify(&config, &args).await,
-        Command::PruneRaw(args) => replay::cli_prune(&config, &args).await,
-        Command::Rejects { action } => cdc_lake::rejects::cli(&config, &action).await,
+        Command::Replay(args) => Ok(replay::cli_replay(&config, &args).await?),
+        Command::Verify(args) => Ok(replay::cli_verify(&config, &args).await?),
+        Command::PruneRaw(args) => Ok(replay::cli_prune(&config, &args).await?),
+        Command::Rejects { action } => Ok(cdc_lake::rejects::cli(&config, &action).await?),
         Command::CheckConfig => {
             print!("{}", config.redacted());
             Ok(ExitCode::SUCCESS)

@@ -1,8 +1,9 @@
 //! `cdc-lake rejects`: the records no sink could take, with their reasons, and a way to
 //! reprocess them once the cause is fixed.
 //!
-//! - `decode` rejects (not a Debezium envelope, bad JSON, …) are decoded again from the bytes
-//!   kept in `cdc_rejects`; those that decode now go to the raw log (their reject row is deleted
+//! - `decode` rejects (not a Debezium envelope, bad JSON, corrupt Avro or an id the registry
+//!   did not know, …) are decoded again from the bytes kept in `cdc_rejects`, in the configured
+//!   format (`kafka.format`, with the registry for Avro); those that decode now go to the raw log (their reject row is deleted
 //!   in the same transaction) and to every enabled state target.
 //! - `state` rejects (a value the mirror column cannot hold) are applied again to the
 //!   `processed` target, e.g. after the column type was widened; applied ones are deleted.
@@ -14,15 +15,48 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use anyhow::Context;
 use chrono::{DateTime, Utc};
 
 use crate::batch::Batch;
-use crate::config::{Config, PROCESSED_TARGET};
+use crate::config::{Config, ConfigError, PROCESSED_TARGET};
+use crate::db::ConnectError;
 use crate::domain::KafkaCoordinates;
-use crate::envelope::{Decoded, Decoder};
+use crate::envelope::Decoded;
 use crate::sink::raw::RawSink;
 use crate::sink::state::StateSink;
+use crate::sink::SinkError;
+use crate::source::{RecordDecoder, RegistryUnavailable};
+
+/// Why a `rejects` command stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RejectsError {
+    /// The arguments are wrong; nothing was read (the binary exits 2).
+    #[error("{0}")]
+    BadArguments(String),
+    #[error("{what}")]
+    Postgres {
+        what: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// The configured record format cannot be decoded (no registry for Avro).
+    #[error("{0}")]
+    Decoder(String),
+    /// A reject names a writer schema the registry cannot serve now: nothing was changed for
+    /// it, and a rerun once the registry answers takes it up.
+    #[error(transparent)]
+    Registry(#[from] RegistryUnavailable),
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+}
+
+fn postgres(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> RejectsError {
+    move |source| RejectsError::Postgres { what, source }
+}
 
 /// Which rejects a command works on.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -39,12 +73,12 @@ pub struct RejectFilter {
 }
 
 impl RejectFilter {
-    fn validate(&self) -> anyhow::Result<()> {
+    fn validate(&self) -> Result<(), RejectsError> {
         if let Some(s) = &self.stage {
             if !matches!(s.as_str(), "decode" | "raw" | "state") && !s.starts_with("state:") {
-                return crate::cli::bad_arguments(format!(
+                return Err(RejectsError::BadArguments(format!(
                     "--stage is decode, raw, state or state:<target>, not {s:?}"
-                ));
+                )));
             }
         }
         Ok(())
@@ -70,7 +104,7 @@ async fn load(
     client: &tokio_postgres::Client,
     filter: &RejectFilter,
     limit: i64,
-) -> anyhow::Result<Vec<StoredReject>> {
+) -> Result<Vec<StoredReject>, RejectsError> {
     let rows = client
         .query(
             &format!(
@@ -83,7 +117,7 @@ async fn load(
             &[&filter.stage, &filter.reason, &filter.topic, &limit],
         )
         .await
-        .context("reading cdc_raw.cdc_rejects")?;
+        .map_err(postgres("reading cdc_raw.cdc_rejects"))?;
     Ok(rows
         .iter()
         .map(|r| StoredReject {
@@ -106,7 +140,7 @@ async fn load(
 pub async fn counts(
     config: &Config,
     filter: &RejectFilter,
-) -> anyhow::Result<Vec<(String, String, i64)>> {
+) -> Result<Vec<(String, String, i64)>, RejectsError> {
     filter.validate()?;
     let client = crate::db::connect(&config.postgres, "cdc-lake rejects").await?;
     let rows = client
@@ -118,7 +152,7 @@ pub async fn counts(
             &[&filter.stage, &filter.reason, &filter.topic],
         )
         .await
-        .context("counting cdc_raw.cdc_rejects")?;
+        .map_err(postgres("counting cdc_raw.cdc_rejects"))?;
     Ok(rows
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2)))
@@ -130,7 +164,7 @@ pub async fn list(
     config: &Config,
     filter: &RejectFilter,
     limit: i64,
-) -> anyhow::Result<Vec<StoredReject>> {
+) -> Result<Vec<StoredReject>, RejectsError> {
     filter.validate()?;
     let client = crate::db::connect(&config.postgres, "cdc-lake rejects").await?;
     load(&client, filter, limit).await
@@ -148,9 +182,13 @@ pub struct ReprocessReport {
     pub still_rejected: BTreeMap<String, u64>,
 }
 
-/// Decodes a stored reject again.
-fn redecode(decoder: &mut Decoder, r: &StoredReject) -> Decoded {
-    decoder.decode(r.coords.clone(), r.key.as_deref(), r.value.as_deref())
+/// Decodes a stored reject again, in the configured format (an Avro record's writer schema
+/// comes from the registry, which may know it by now).
+fn redecode(decoder: &mut RecordDecoder, r: &StoredReject) -> Result<Decoded, RegistryUnavailable> {
+    // The registry client blocks on its requests.
+    tokio::task::block_in_place(|| {
+        decoder.decode_parts(r.coords.clone(), r.key.as_deref(), r.value.as_deref())
+    })
 }
 
 /// Reprocesses the selected rejects (all of them, in Kafka order). With `dry_run`, only
@@ -159,12 +197,13 @@ pub async fn reprocess(
     config: &Config,
     filter: &RejectFilter,
     dry_run: bool,
-) -> anyhow::Result<ReprocessReport> {
+) -> Result<ReprocessReport, RejectsError> {
     filter.validate()?;
     let client = crate::db::connect(&config.postgres, "cdc-lake rejects").await?;
     let rejects = load(&client, filter, i64::MAX).await?;
     let mut report = ReprocessReport::default();
-    let mut decoder = Decoder::new();
+    let mut decoder = RecordDecoder::new(&config.kafka, tokio::runtime::Handle::current())
+        .map_err(RejectsError::Decoder)?;
     let mut raw = RawSink::new(
         config.postgres.clone(),
         config.kafka.checkpoint_name().to_string(),
@@ -194,7 +233,7 @@ pub async fn reprocess(
                 .or_default() += 1;
             continue;
         }
-        let decoded = redecode(&mut decoder, &r);
+        let decoded = redecode(&mut decoder, &r)?;
         let change = match decoded {
             Decoded::Change(e) => e,
             Decoded::Reject(rej) => {
@@ -238,7 +277,7 @@ pub async fn reprocess(
                         &[&r.coords.topic, &r.coords.partition, &r.coords.offset],
                     )
                     .await
-                    .context("deleting a reprocessed reject")?;
+                    .map_err(postgres("deleting a reprocessed reject"))?;
                 report.recovered_state += 1;
             } else {
                 // Rejected again: apply_replay recorded the reason; read it back.
@@ -302,7 +341,7 @@ fn preview(bytes: Option<&[u8]>) -> String {
 pub async fn cli(
     config: &Config,
     action: &RejectsAction,
-) -> anyhow::Result<std::process::ExitCode> {
+) -> Result<std::process::ExitCode, RejectsError> {
     match action {
         RejectsAction::Counts(filter) => {
             let rows = counts(config, filter).await?;

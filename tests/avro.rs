@@ -628,3 +628,131 @@ fn corrupt_avro_records_are_rejected_and_the_stream_continues() {
         assert!(mirror > 0, "the zoo's rows reached the mirror");
     });
 }
+
+#[test]
+fn an_avro_reject_goes_through_on_reprocess_once_the_registry_knows_its_schema() {
+    run_test(async {
+        use base64::Engine as _;
+        // A registry of this test's own, so the ids it hands out are this test's alone.
+        let port = (17700 + std::process::id() % 300).to_string();
+        let registry = format!("http://127.0.0.1:{port}");
+        let _own_registry = PrivateRegistry::start(&port);
+        let schemas: BTreeMap<u32, String> = serde_json::from_str::<BTreeMap<String, String>>(
+            &std::fs::read_to_string(fixture_path("zoo-avro.schemas.json")).unwrap(),
+        )
+        .unwrap()
+        .into_iter()
+        .map(|(id, text)| (id.parse().unwrap(), text))
+        .collect();
+        // One change of the type zoo, as Debezium published it.
+        let captured: Value = std::fs::read_to_string(fixture_path("zoo-avro.ndjson"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .find(|v| {
+                v["topic"].as_str().unwrap().ends_with(".public.type_zoo")
+                    && v["value_base64"].is_string()
+            })
+            .unwrap();
+        let bytes = |field: &str| {
+            base64::engine::general_purpose::STANDARD
+                .decode(captured[field].as_str().unwrap())
+                .unwrap()
+        };
+        let (mut key, mut value) = (bytes("key_base64"), bytes("value_base64"));
+        let schema_id = |b: &[u8]| u32::from_be_bytes(b[1..5].try_into().unwrap());
+        let prefix = unique("avroreproc").replace('_', "-");
+        let key_id = register_schema(
+            &registry,
+            &format!("{prefix}-key"),
+            &schemas[&schema_id(&key)],
+        );
+        // The value schema with a doc of this run's own is new to the registry, so it gets the
+        // id after the probe's once it is registered. Until then the record names an id the
+        // registry does not know, as when a producer's registration went to another registry.
+        let mut value_schema: Value = serde_json::from_str(&schemas[&schema_id(&value)]).unwrap();
+        value_schema["doc"] = Value::String(prefix.clone());
+        let probe =
+            serde_json::json!({"type": "record", "name": "Probe", "doc": prefix, "fields": []});
+        let value_id =
+            register_schema(&registry, &format!("{prefix}-probe"), &probe.to_string()) + 1;
+        key[1..5].copy_from_slice(&key_id.to_be_bytes());
+        value[1..5].copy_from_slice(&value_id.to_be_bytes());
+        let topic = format!("{prefix}.public.type_zoo");
+        produce_bytes(&[BinaryRecord {
+            topic: topic.clone(),
+            partition: 0,
+            key: Some(key.clone()),
+            value: Some(value.clone()),
+        }])
+        .await;
+
+        let lake = LakeTarget::local("avro-reprocess");
+        let db = fresh_db("avroreproc").await;
+        let cfg = avro_config(&db, &prefix, &lake, &registry, &[]);
+        let pod = Pod::start(cfg.clone());
+        let client = pg(&db).await;
+        let rejected = "SELECT count(*) FROM cdc_raw.cdc_rejects WHERE stage = 'decode'";
+        wait_until("the record rejected", Duration::from_secs(60), || async {
+            count(&client, rejected).await == 1
+        })
+        .await;
+        pod.stop().await;
+        let unknown = format!("schema id {value_id}");
+        let reason: String = client
+            .query_one("SELECT reason FROM cdc_raw.cdc_rejects", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(reason.contains(&unknown), "{reason}");
+
+        let all = cdc_lake::rejects::RejectFilter::default();
+        let report = cdc_lake::rejects::reprocess(&cfg, &all, false)
+            .await
+            .unwrap();
+        assert_eq!(report.recovered_decode, 0, "the id is still unknown");
+        assert!(
+            report.still_rejected.keys().any(|r| r.contains(&unknown)),
+            "decoded again as Avro: {:?}",
+            report.still_rejected
+        );
+
+        let registered = register_schema(
+            &registry,
+            &format!("{topic}-value"),
+            &value_schema.to_string(),
+        );
+        assert_eq!(registered, value_id, "the registry hands out ids in order");
+        let report = cdc_lake::rejects::reprocess(&cfg, &all, false)
+            .await
+            .unwrap();
+        assert_eq!(report.recovered_decode, 1, "{:?}", report.still_rejected);
+        assert_eq!(count(&client, rejected).await, 0);
+        let stored = client
+            .query_one(
+                "SELECT value_schema_id, record_value, record_key FROM cdc_raw.cdc_events",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(stored.get::<_, Option<i64>>(0), Some(i64::from(value_id)));
+        assert_eq!(
+            stored.get::<_, Option<Vec<u8>>>(1),
+            Some(value),
+            "the exact bytes"
+        );
+        assert_eq!(stored.get::<_, Option<Vec<u8>>>(2), Some(key));
+        let schema_stored =
+            format!("SELECT count(*) FROM cdc_raw.cdc_avro_schemas WHERE id = {value_id}");
+        assert_eq!(
+            count(&client, &schema_stored).await,
+            1,
+            "the writer schema kept"
+        );
+        assert_eq!(
+            count(&client, "SELECT count(*) FROM cdc_processed.type_zoo").await,
+            1,
+            "the change reached the mirror"
+        );
+    });
+}

@@ -378,6 +378,15 @@ fn bad_arguments_fail_before_any_write() {
         let (code, err) = run(&["--until", "yesterday"]);
         assert_eq!(code, Some(2), "clap rejects it: {err}");
         assert!(err.contains("neither a timestamp"), "{err}");
+        let prune = Command::new(env!("CARGO_BIN_EXE_cdc-lake"))
+            .args(["prune-raw", "--before", "0/16B3748"])
+            .envs(env)
+            .env("CDC_LAKE__TARGETS", "{}")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&prune.stderr);
+        assert_eq!(prune.status.code(), Some(2), "{err}");
+        assert!(err.contains("--before takes a time, not an LSN"), "{err}");
         // Nothing was written: the sink database was not even migrated.
         let client = pg(&db).await;
         assert_eq!(

@@ -34,6 +34,6 @@ struct Cli {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     cdc_lake::cli::run("cdc-replay", cli.config.as_deref(), |config| async move {
-        cdc_lake::replay::cli_replay(&config, &cli.args).await
+        Ok(cdc_lake::replay::cli_replay(&config, &cli.args).await?)
     })
 }

@@ -8,7 +8,7 @@
 use std::collections::BTreeSet;
 use std::fmt;
 
-use anyhow::Context;
+use super::error::{Context, ReplayError, ReplayResult};
 use tokio_postgres::{Client, GenericClient, IsolationLevel};
 
 use super::source::Plan;
@@ -77,15 +77,15 @@ impl fmt::Display for Described<'_> {
     }
 }
 
-fn q(s: &str) -> anyhow::Result<String> {
-    quote_ident(s).map_err(anyhow::Error::msg)
+fn q(s: &str) -> ReplayResult<String> {
+    quote_ident(s).map_err(ReplayError::Refused)
 }
 
 async fn table_exists(
     client: &impl GenericClient,
     schema: &str,
     table: &str,
-) -> anyhow::Result<bool> {
+) -> ReplayResult<bool> {
     let qualified = format!("{}.{}", q(schema)?, q(table)?);
     Ok(client
         .query_one("SELECT to_regclass($1) IS NOT NULL", &[&qualified])
@@ -94,7 +94,7 @@ async fn table_exists(
 }
 
 /// Primary-key columns of a table, in key order.
-async fn key_columns(client: &Client, schema: &str, table: &str) -> anyhow::Result<Vec<String>> {
+async fn key_columns(client: &Client, schema: &str, table: &str) -> ReplayResult<Vec<String>> {
     let qualified = format!("{}.{}", q(schema)?, q(table)?);
     let rows = client
         .query(crate::sink::state::PRIMARY_KEY_COLUMNS, &[&qualified])
@@ -108,20 +108,22 @@ pub async fn diff_table(
     actual: &str,
     expected: &str,
     table: &str,
-) -> anyhow::Result<TableDiff> {
+) -> ReplayResult<TableDiff> {
     let mut out = TableDiff {
         table: table.to_string(),
         ..TableDiff::default()
     };
     let keys = key_columns(client, expected, table).await?;
     if keys.is_empty() {
-        anyhow::bail!("{expected}.{table} has no primary key to compare on");
+        return Err(ReplayError::Refused(format!(
+            "{expected}.{table} has no primary key to compare on"
+        )));
     }
     let key_expr: Vec<String> = keys
         .iter()
         .map(|k| Ok(format!("'{}', x.{}", k.replace('\'', "''"), q(k)?)))
-        .collect::<anyhow::Result<_>>()?;
-    let rows_of = |schema: &str| -> anyhow::Result<String> {
+        .collect::<ReplayResult<_>>()?;
+    let rows_of = |schema: &str| -> ReplayResult<String> {
         Ok(format!(
             "SELECT jsonb_build_object({}) AS k, to_jsonb(x) - 'cdc_synced_at' AS j FROM {}.{} x",
             key_expr.join(", "),
@@ -169,7 +171,7 @@ struct Scratch {
 }
 
 impl Scratch {
-    async fn create(client: &Client, purposes: &[&str]) -> anyhow::Result<Self> {
+    async fn create(client: &Client, purposes: &[&str]) -> ReplayResult<Self> {
         let stamp = chrono::Utc::now().format("%H%M%S%3f");
         let mut names = Vec::new();
         for p in purposes {
@@ -207,7 +209,7 @@ async fn copy_tables(
     to: &str,
     tables: &[String],
     rows: bool,
-) -> anyhow::Result<()> {
+) -> ReplayResult<()> {
     for t in tables {
         if !table_exists(client, from, t).await? {
             continue;
@@ -237,9 +239,9 @@ async fn mirror_names(
     client: &Client,
     target: &Target,
     tables: &BTreeSet<TableId>,
-) -> anyhow::Result<Vec<String>> {
+) -> ReplayResult<Vec<String>> {
     let naming = MirrorNaming::from_config(target.state.table_name.as_deref())
-        .map_err(anyhow::Error::msg)?;
+        .map_err(ReplayError::Refused)?;
     Ok(sources::mirror_names(client, &target.state.schema, &naming, tables).await?)
 }
 
@@ -268,7 +270,7 @@ pub async fn dry_run(
     sel: &Selection,
     plan: &Plan,
     args: &ReplayArgs,
-) -> anyhow::Result<Summary> {
+) -> ReplayResult<Summary> {
     let client = crate::db::connect(&target.postgres, "cdc-replay dry-run").await?;
     let scratch = Scratch::create(&client, &["dryrun"]).await?;
     let result = async {
@@ -298,7 +300,7 @@ pub async fn dry_run(
                 .changes
                 .push(diff_table(&client, &target.state.schema, &scratch.names[0], t).await?);
         }
-        anyhow::Ok(summary)
+        Ok::<_, ReplayError>(summary)
     }
     .await;
     scratch.drop_all(&client).await;
@@ -312,12 +314,12 @@ pub async fn verify(
     config: &Config,
     target: &Target,
     reader: &Reader,
-) -> anyhow::Result<Vec<TableDiff>> {
+) -> ReplayResult<Vec<TableDiff>> {
     if !target.mappings.is_empty() {
-        anyhow::bail!(
+        return Err(ReplayError::Refused(format!(
             "verify compares mirrors with the log; target {} is mapped (docs/analytics.md: rebuild it with cdc-replay --rebuild, or compare its views with the source)",
             target.name
-        );
+        )));
     }
     let mut client = crate::db::connect(&target.postgres, "cdc-lake verify").await?;
     let everything = Selection::default();
@@ -386,7 +388,7 @@ pub async fn verify(
                 diffs.push(diff_table(&client, &actual, &expected, t).await?);
             }
         }
-        anyhow::Ok(diffs)
+        Ok::<_, ReplayError>(diffs)
     }
     .await;
     scratch.drop_all(&client).await;
@@ -409,7 +411,7 @@ async fn columns_of(
     client: &Client,
     schema: &str,
     table: &str,
-) -> anyhow::Result<Vec<(String, String)>> {
+) -> ReplayResult<Vec<(String, String)>> {
     Ok(client
         .query(
             "SELECT column_name::text, data_type::text FROM information_schema.columns
@@ -430,8 +432,8 @@ async fn rows_as_json(
     keys: &[String],
     columns: &[(String, String)],
     filter: &str,
-) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
-    let value = |(c, family): &(String, String)| -> anyhow::Result<String> {
+) -> ReplayResult<std::collections::BTreeMap<String, String>> {
+    let value = |(c, family): &(String, String)| -> ReplayResult<String> {
         let col = format!("x.{}", q(c)?);
         let expr = if family == "number" {
             format!("trim_scale({col}::numeric)")
@@ -450,8 +452,8 @@ async fn rows_as_json(
             (k.clone(), fam)
         })
         .collect();
-    let k: Vec<String> = key_cols.iter().map(value).collect::<anyhow::Result<_>>()?;
-    let v: Vec<String> = columns.iter().map(value).collect::<anyhow::Result<_>>()?;
+    let k: Vec<String> = key_cols.iter().map(value).collect::<ReplayResult<_>>()?;
+    let v: Vec<String> = columns.iter().map(value).collect::<ReplayResult<_>>()?;
     let sql = format!(
         "SELECT jsonb_build_object({})::text, jsonb_build_object({})::text FROM {}.{} x {filter}",
         k.join(", "),
@@ -475,7 +477,7 @@ pub async fn compare_with_source(
     target: &Target,
     source_url: &str,
     tables: &BTreeSet<TableId>,
-) -> anyhow::Result<Vec<(TableDiff, Vec<String>)>> {
+) -> ReplayResult<Vec<(TableDiff, Vec<String>)>> {
     let source_pg = crate::config::PostgresConfig {
         url: source_url.to_string(),
         password_file: None,
@@ -489,7 +491,7 @@ pub async fn compare_with_source(
         .await?
         .get(0);
     let naming = MirrorNaming::from_config(target.state.table_name.as_deref())
-        .map_err(anyhow::Error::msg)?;
+        .map_err(ReplayError::Refused)?;
     for t in tables {
         // The mirror this source database's table went to; the naming's guess before any
         // change was applied.

@@ -5,6 +5,7 @@
 //! raw-log rows the lake manifest proves are in the lake).
 
 pub mod compare;
+mod error;
 mod progress;
 pub mod prune;
 mod reader;
@@ -12,10 +13,9 @@ mod rebuild;
 mod selection;
 pub mod source;
 
-use anyhow::bail;
-
 use crate::config::Config;
 
+pub use error::{Cause, Context, ReplayError, ReplayResult};
 pub use progress::{Progress, Summary};
 pub use reader::Reader;
 pub use rebuild::{apply_plan, apply_selection, run, target_checkpoints, TargetLock};
@@ -100,7 +100,7 @@ pub struct PruneArgs {
 pub async fn cli_replay(
     config: &Config,
     args: &ReplayArgs,
-) -> anyhow::Result<std::process::ExitCode> {
+) -> ReplayResult<std::process::ExitCode> {
     let summary = run(config, args).await?;
     print!("{summary}");
     for d in &summary.changes {
@@ -119,7 +119,7 @@ pub async fn cli_replay(
 pub async fn cli_verify(
     config: &Config,
     args: &VerifyArgs,
-) -> anyhow::Result<std::process::ExitCode> {
+) -> ReplayResult<std::process::ExitCode> {
     let target = config.target(&args.target)?;
     let reader = Reader::open(config, args.source).await?;
     let diffs = compare::verify(config, &target, &reader).await?;
@@ -178,13 +178,18 @@ pub async fn cli_verify(
 }
 
 /// Runs `cdc-lake prune-raw`.
-pub async fn cli_prune(
-    config: &Config,
-    args: &PruneArgs,
-) -> anyhow::Result<std::process::ExitCode> {
-    let before = match args.before.parse::<Until>().map_err(anyhow::Error::msg)? {
+pub async fn cli_prune(config: &Config, args: &PruneArgs) -> ReplayResult<std::process::ExitCode> {
+    let before = match args
+        .before
+        .parse::<Until>()
+        .map_err(ReplayError::BadArguments)?
+    {
         Until::Time(t) => t,
-        Until::Lsn(_) => bail!("--before takes a time, not an LSN"),
+        Until::Lsn(_) => {
+            return Err(ReplayError::BadArguments(
+                "--before takes a time, not an LSN".into(),
+            ))
+        }
     };
     let report = prune::prune_raw(config, before, args.dry_run).await?;
     let verb = if args.dry_run {

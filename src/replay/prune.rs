@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::{bail, Context};
+use super::error::{Context, ReplayError, ReplayResult};
 use chrono::{DateTime, Utc};
 
 use crate::config::Config;
@@ -43,7 +43,7 @@ async fn proven_range(
     store: &dyn object_store::ObjectStore,
     layout: &Layout,
     tp: &TopicPartition,
-) -> anyhow::Result<Option<Proof>> {
+) -> ReplayResult<Option<Proof>> {
     let commits = read_commits(store, layout, tp)
         .await
         .with_context(|| format!("reading the lake manifest of {tp}"))?;
@@ -65,12 +65,10 @@ async fn proven_range(
                     format!("{tp}: manifest lists {} but it is not in the lake", f.path)
                 })?;
             if meta.size != f.bytes {
-                bail!(
+                return Err(ReplayError::Corrupt(format!(
                     "{tp}: lake file {} has {} bytes, the manifest says {}; not pruning",
-                    f.path,
-                    meta.size,
-                    f.bytes
-                );
+                    f.path, meta.size, f.bytes
+                )));
             }
         }
         next = c.next_offset;
@@ -87,9 +85,9 @@ pub async fn prune_raw(
     config: &Config,
     before: DateTime<Utc>,
     dry_run: bool,
-) -> anyhow::Result<PruneReport> {
+) -> ReplayResult<PruneReport> {
     if !config.lake.enabled {
-        bail!("prune-raw needs the lake: without [lake] enabled nothing proves a raw row is kept elsewhere");
+        return Err(ReplayError::Refused("prune-raw needs the lake: without [lake] enabled nothing proves a raw row is kept elsewhere".into()));
     }
     let (store, _) = crate::sink::lake::open_store(&config.lake)?;
     let layout = Layout::new(&config.lake.prefix);

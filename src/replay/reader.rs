@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use anyhow::{bail, Context};
+use super::error::{Context, ReplayError, ReplayResult};
 use object_store::ObjectStore;
 
 use super::source::{self, Plan};
@@ -22,7 +22,7 @@ pub enum Reader {
 }
 
 impl Reader {
-    pub async fn open(config: &Config, kind: SourceKind) -> anyhow::Result<Self> {
+    pub async fn open(config: &Config, kind: SourceKind) -> ReplayResult<Self> {
         Ok(match kind {
             SourceKind::Raw => Reader::Raw(
                 crate::db::connect(&config.postgres, "cdc-replay reader")
@@ -31,7 +31,9 @@ impl Reader {
             ),
             SourceKind::Lake => {
                 if !config.lake.enabled {
-                    bail!("--source lake needs the [lake] section enabled in the config");
+                    return Err(ReplayError::Refused(
+                        "--source lake needs the [lake] section enabled in the config".into(),
+                    ));
                 }
                 let (store, _) = crate::sink::lake::open_store(&config.lake)?;
                 Reader::Lake {
@@ -44,7 +46,7 @@ impl Reader {
     }
 
     /// What the selection covers.
-    pub async fn plan(&self, sel: &Selection) -> anyhow::Result<Plan> {
+    pub async fn plan(&self, sel: &Selection) -> ReplayResult<Plan> {
         match self {
             Reader::Raw(client) => source::plan_raw(client, sel).await,
             Reader::Lake {
@@ -60,7 +62,7 @@ impl Reader {
     /// The next offset of `tp` this source has accounted for, stored or not: the raw sink's
     /// checkpoint, or the end of the lake's last commit. Records a sink skips by design
     /// (tombstones, heartbeats) leave offsets below it that no replay will ever find.
-    pub async fn covered(&self, config: &Config, tp: &TopicPartition) -> anyhow::Result<i64> {
+    pub async fn covered(&self, config: &Config, tp: &TopicPartition) -> ReplayResult<i64> {
         match self {
             Reader::Raw(client) => Ok(client
                 .query_opt(
@@ -92,7 +94,7 @@ impl Reader {
     }
 
     /// Streams the selection in replay order. The raw reader needs its own connection.
-    pub async fn read(&self, config: &Config, sel: &Selection) -> anyhow::Result<source::Chunks> {
+    pub async fn read(&self, config: &Config, sel: &Selection) -> ReplayResult<source::Chunks> {
         match self {
             Reader::Raw(_) => {
                 let client = crate::db::connect(&config.postgres, "cdc-replay reader").await?;

@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use super::error::{Context, ReplayError, ReplayResult};
 
 use super::source::{self, Plan};
 use super::{compare, Progress, Reader, ReplayArgs, Selection, Summary};
@@ -23,7 +23,7 @@ pub async fn apply_plan(
     sink: &mut StateSink,
     batch_size: usize,
     label: &'static str,
-) -> anyhow::Result<Summary> {
+) -> ReplayResult<Summary> {
     let started = Instant::now();
     let mut summary = Summary {
         tables: plan.tables.clone(),
@@ -54,7 +54,7 @@ pub async fn apply_selection(
     batch_size: usize,
     progress: &mut Progress,
     summary: &mut Summary,
-) -> anyhow::Result<()> {
+) -> ReplayResult<()> {
     let mut chunks = reader.read(config, sel).await?;
     let mut batch = Batch::default();
     while let Some(chunk) = chunks.recv().await {
@@ -74,7 +74,7 @@ async fn apply_batch(
     sink: &mut StateSink,
     batch: &Batch,
     summary: &mut Summary,
-) -> anyhow::Result<()> {
+) -> ReplayResult<()> {
     // A dependency hiccup is retried a few times; a replay is restartable anyway (idempotent).
     let mut attempt = 0;
     let stats = loop {
@@ -102,7 +102,7 @@ pub struct TargetLock {
 }
 
 impl TargetLock {
-    pub async fn acquire(target: &Target) -> anyhow::Result<Self> {
+    pub async fn acquire(target: &Target) -> ReplayResult<Self> {
         let client = crate::db::connect(&target.postgres, "cdc-replay lock").await?;
         let key = format!("cdc-replay:{}", target.state.schema);
         let got: bool = client
@@ -110,18 +110,17 @@ impl TargetLock {
             .await?
             .get(0);
         if !got {
-            bail!(
+            return Err(ReplayError::Refused(format!(
                 "target {:?} ({}) is being replayed by another cdc-replay; wait for it to finish",
-                target.name,
-                target.state.schema
-            );
+                target.name, target.state.schema
+            )));
         }
         Ok(Self { _client: client })
     }
 }
 
 /// Empties the target's mirrors of `tables` (those that exist), in one transaction.
-async fn empty_mirrors(sink: &mut StateSink, tables: &BTreeSet<TableId>) -> anyhow::Result<u64> {
+async fn empty_mirrors(sink: &mut StateSink, tables: &BTreeSet<TableId>) -> ReplayResult<u64> {
     let schema = sink.schema().to_string();
     // Opening the target runs its setup SQL and checks its mappings.
     sink.prepare().await?;
@@ -139,8 +138,8 @@ async fn empty_mirrors(sink: &mut StateSink, tables: &BTreeSet<TableId>) -> anyh
     for name in &names {
         let qualified = format!(
             "{}.{}",
-            quote_ident(&schema).map_err(anyhow::Error::msg)?,
-            quote_ident(name).map_err(anyhow::Error::msg)?
+            quote_ident(&schema).map_err(ReplayError::Refused)?,
+            quote_ident(name).map_err(ReplayError::Refused)?
         );
         let exists: bool = tx
             .query_one("SELECT to_regclass($1) IS NOT NULL", &[&qualified])
@@ -166,11 +165,13 @@ async fn empty_mirrors(sink: &mut StateSink, tables: &BTreeSet<TableId>) -> anyh
 }
 
 /// Runs a replay: validate, plan, lock, (rebuild), apply, catch up, summarize.
-pub async fn run(config: &Config, args: &ReplayArgs) -> anyhow::Result<Summary> {
+pub async fn run(config: &Config, args: &ReplayArgs) -> ReplayResult<Summary> {
     let sel = args.selection();
     sel.validate()?;
     if args.batch_size == 0 {
-        return crate::cli::bad_arguments("--batch-size must be at least 1");
+        return Err(ReplayError::BadArguments(
+            "--batch-size must be at least 1".into(),
+        ));
     }
     let target = config.target(&args.target)?;
     let reader = Reader::open(config, args.source).await?;
@@ -192,16 +193,16 @@ pub async fn run(config: &Config, args: &ReplayArgs) -> anyhow::Result<Summary> 
 
     if !target.mappings.is_empty() {
         if args.dry_run {
-            bail!(
+            return Err(ReplayError::Refused(format!(
                 "--dry-run compares mirrors; target {} is mapped (replay into a copy of it instead)",
                 target.name
-            );
+            )));
         }
         if args.rebuild && (sel.topic.is_some() || sel.partition.is_some()) {
-            bail!(
+            return Err(ReplayError::Refused(format!(
                 "target {} is mapped and is rebuilt whole: drop --topic/--partition, or replay without --rebuild",
                 target.name
-            );
+            )));
         }
     }
     if args.dry_run {
@@ -260,7 +261,7 @@ pub async fn target_checkpoints(
     client: &impl tokio_postgres::GenericClient,
     target: &Target,
     config: &Config,
-) -> anyhow::Result<Vec<(TopicPartition, i64)>> {
+) -> ReplayResult<Vec<(TopicPartition, i64)>> {
     let rows = client
         .query(
             "SELECT kafka_topic, kafka_partition, next_offset FROM cdc_lake.checkpoints
@@ -294,7 +295,7 @@ async fn catch_up(
     sink: &mut StateSink,
     args: &ReplayArgs,
     summary: &mut Summary,
-) -> anyhow::Result<()> {
+) -> ReplayResult<()> {
     let mut replayed: std::collections::BTreeMap<TopicPartition, i64> = plan
         .partitions
         .iter()

@@ -4,6 +4,7 @@ use std::fmt;
 
 use chrono::{DateTime, NaiveDateTime, Utc};
 
+use super::error::{ReplayError, ReplayResult};
 use crate::envelope::Decoded;
 
 /// A point in time to rebuild state as of.
@@ -65,26 +66,28 @@ pub struct Selection {
 
 impl Selection {
     /// Checks the selection itself, before any I/O.
-    pub fn validate(&self) -> anyhow::Result<()> {
+    pub fn validate(&self) -> ReplayResult<()> {
         if self.from_offset < 0 {
-            return crate::cli::bad_arguments(format!(
+            return Err(ReplayError::BadArguments(format!(
                 "--from-offset must be 0 or more, not {}",
                 self.from_offset
-            ));
+            )));
         }
         if let Some(to) = self.to_offset {
             if to < self.from_offset {
-                return crate::cli::bad_arguments(format!(
+                return Err(ReplayError::BadArguments(format!(
                     "invalid range: --to-offset {to} is below --from-offset {}",
                     self.from_offset
-                ));
+                )));
             }
         }
         if self.partition.is_some_and(|p| p < 0) {
-            return crate::cli::bad_arguments("--partition must be 0 or more");
+            return Err(ReplayError::BadArguments(
+                "--partition must be 0 or more".into(),
+            ));
         }
         if self.topic.as_ref().is_some_and(|t| t.trim().is_empty()) {
-            return crate::cli::bad_arguments("--topic is empty");
+            return Err(ReplayError::BadArguments("--topic is empty".into()));
         }
         Ok(())
     }

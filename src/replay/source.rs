@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
-use anyhow::{bail, Context};
+use super::error::{Context, ReplayError, ReplayResult};
 use bytes::Bytes;
 use futures::{pin_mut, TryStreamExt};
 use object_store::path::Path;
@@ -42,7 +42,7 @@ pub struct Plan {
 }
 
 /// Chunks of changes in replay order; the reader stops when the receiver is dropped.
-pub type Chunks = mpsc::Receiver<anyhow::Result<Vec<Decoded>>>;
+pub type Chunks = mpsc::Receiver<ReplayResult<Vec<Decoded>>>;
 
 const CHUNK: usize = 5_000;
 
@@ -90,7 +90,7 @@ fn params_ref(p: &[Box<dyn ToSql + Sync + Send>]) -> Vec<&(dyn ToSql + Sync)> {
 }
 
 /// Counts and ranges of the selection in the raw log.
-pub async fn plan_raw(client: &Client, sel: &Selection) -> anyhow::Result<Plan> {
+pub async fn plan_raw(client: &Client, sel: &Selection) -> ReplayResult<Plan> {
     let (filter, params) = raw_filter(sel);
     let rows = client
         .query(
@@ -117,7 +117,7 @@ pub async fn plan_raw(client: &Client, sel: &Selection) -> anyhow::Result<Plan> 
 }
 
 /// Declared row schemas by id.
-async fn row_schemas(client: &Client) -> anyhow::Result<HashMap<i64, Arc<RowSchema>>> {
+async fn row_schemas(client: &Client) -> ReplayResult<HashMap<i64, Arc<RowSchema>>> {
     let rows = client
         .query("SELECT id, columns FROM cdc_raw.cdc_row_schemas", &[])
         .await
@@ -150,7 +150,7 @@ fn into_map(v: Option<Value>) -> Option<Map<String, Value>> {
 fn raw_change(
     r: &tokio_postgres::Row,
     schemas: &HashMap<i64, Arc<RowSchema>>,
-) -> anyhow::Result<ChangeEvent> {
+) -> ReplayResult<ChangeEvent> {
     let coords = KafkaCoordinates {
         topic: r.get(0),
         partition: r.get(1),
@@ -159,7 +159,7 @@ fn raw_change(
     };
     // The JSON columns arrive as text and parse as deep as jsonb holds (envelope::json);
     // tokio-postgres's own jsonb decoding stops at 128 levels.
-    let json_column = |i: usize| -> anyhow::Result<Option<Value>> {
+    let json_column = |i: usize| -> ReplayResult<Option<Value>> {
         r.get::<_, Option<String>>(i)
             .map(|t| json::from_str::<Value>(&t))
             .transpose()
@@ -171,12 +171,15 @@ fn raw_change(
     let before = into_map(json_column(6)?);
     let after = into_map(json_column(7)?);
     let source_text: String = r.get(8);
-    let source_json = RawValue::from_string(source_text)?;
-    let (source, table) = parse_source(&source_json).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let source_json = RawValue::from_string(source_text)
+        .with_context(|| format!("{coords:?}: the raw log's source block is not JSON"))?;
+    let (source, table) =
+        parse_source(&source_json).map_err(|e| ReplayError::Corrupt(format!("{coords:?}: {e}")))?;
     let transaction = r
         .get::<_, Option<String>>(9)
         .map(RawValue::from_string)
-        .transpose()?;
+        .transpose()
+        .with_context(|| format!("{coords:?}: the raw log's transaction block is not JSON"))?;
     let schema = match r.get::<_, Option<i64>>(10) {
         Some(id) => schemas
             .get(&id)
@@ -211,7 +214,7 @@ fn raw_change(
 }
 
 /// Streams the selection from the raw log in (topic, partition, offset) order.
-pub async fn read_raw(client: Client, sel: Selection) -> anyhow::Result<Chunks> {
+pub async fn read_raw(client: Client, sel: Selection) -> ReplayResult<Chunks> {
     let schemas = row_schemas(&client).await?;
     let (tx, rx) = mpsc::channel(2);
     tokio::spawn(async move {
@@ -247,7 +250,7 @@ pub async fn read_raw(client: Client, sel: Selection) -> anyhow::Result<Chunks> 
             if !chunk.is_empty() {
                 let _ = tx.send(Ok(chunk)).await;
             }
-            anyhow::Ok(())
+            Ok::<_, ReplayError>(())
         }
         .await;
         if let Err(e) = result {
@@ -264,7 +267,7 @@ pub async fn read_raw(client: Client, sel: Selection) -> anyhow::Result<Chunks> 
 pub async fn lake_partitions(
     store: &dyn ObjectStore,
     prefix: &str,
-) -> anyhow::Result<Vec<TopicPartition>> {
+) -> ReplayResult<Vec<TopicPartition>> {
     let prefix = prefix.trim_matches('/');
     let root = if prefix.is_empty() {
         Path::from("_manifest")
@@ -301,7 +304,7 @@ pub async fn lake_commits(
     layout: &Layout,
     prefix: &str,
     sel: &Selection,
-) -> anyhow::Result<Vec<Commit>> {
+) -> ReplayResult<Vec<Commit>> {
     let mut out = Vec::new();
     for tp in lake_partitions(store, prefix).await? {
         if sel.topic.as_ref().is_some_and(|t| *t != tp.topic)
@@ -355,7 +358,7 @@ const LAKE_COLUMNS: &[&str] = &[
 ];
 
 /// Decodes one Parquet file's records with the live decoder.
-fn decode_file(bytes: Bytes, decoder: &mut Decoder, path: &str) -> anyhow::Result<Vec<Decoded>> {
+fn decode_file(bytes: Bytes, decoder: &mut Decoder, path: &str) -> ReplayResult<Vec<Decoded>> {
     use arrow::array::{Array, AsArray};
     use arrow::datatypes::{Int32Type, Int64Type, TimestampMillisecondType};
 
@@ -372,9 +375,12 @@ fn decode_file(bytes: Bytes, decoder: &mut Decoder, path: &str) -> anyhow::Resul
                 .position(|f| f.name() == *name)
                 .with_context(|| format!("{path} has no column {name}"))
         })
-        .collect::<anyhow::Result<_>>()?;
+        .collect::<ReplayResult<_>>()?;
     let mask = ProjectionMask::roots(fields, indices);
-    let reader = builder.with_projection(mask).build()?;
+    let reader = builder
+        .with_projection(mask)
+        .build()
+        .with_context(|| format!("reading {path}"))?;
     let mut out = Vec::new();
     for batch in reader {
         let batch = batch.with_context(|| format!("reading {path}"))?;
@@ -427,7 +433,7 @@ pub fn read_lake(store: Arc<dyn ObjectStore>, commits: Vec<Commit>, sel: Selecti
                 // A commit's files split one offset range by table: merge them back in order.
                 records.sort_by_key(|r| r.coords().offset);
                 records.retain(|r| sel.selects(r));
-                anyhow::Ok(records)
+                Ok::<_, ReplayError>(records)
             }
             .await;
             let stop = result.is_err();
@@ -440,9 +446,11 @@ pub fn read_lake(store: Arc<dyn ObjectStore>, commits: Vec<Commit>, sel: Selecti
 }
 
 /// Fails when the selection is empty, naming what it looked for.
-pub fn ensure_not_empty(plan: &Plan, sel: &Selection, source: &str) -> anyhow::Result<()> {
+pub fn ensure_not_empty(plan: &Plan, sel: &Selection, source: &str) -> ReplayResult<()> {
     if plan.events == 0 {
-        bail!("nothing to replay: no change in the {source} matches {sel}");
+        return Err(ReplayError::Refused(format!(
+            "nothing to replay: no change in the {source} matches {sel}"
+        )));
     }
     Ok(())
 }

@@ -45,7 +45,17 @@ impl RecordDecoder {
             offset: m.offset(),
             timestamp_ms: m.timestamp().to_millis(),
         };
-        let value = m.payload();
+        self.decode_parts(coords, m.key(), m.payload())
+    }
+
+    /// Decodes a record given by its parts (a stored reject being decoded again). Blocks on
+    /// the registry when it needs a schema it has not seen: call it off the async workers.
+    pub fn decode_parts(
+        &mut self,
+        coords: KafkaCoordinates,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+    ) -> Result<Decoded, RegistryUnavailable> {
         let avro = match self.format {
             RecordFormat::Json => false,
             RecordFormat::Avro => true,
@@ -55,8 +65,8 @@ impl RecordDecoder {
         match (&mut self.registry, avro) {
             (Some(registry), true) => self
                 .decoder
-                .decode_avro(coords, m.key(), value, |id| registry.lookup(id)),
-            _ => Ok(self.decoder.decode(coords, m.key(), value)),
+                .decode_avro(coords, key, value, |id| registry.lookup(id)),
+            _ => Ok(self.decoder.decode(coords, key, value)),
         }
     }
 }

@@ -32,7 +32,7 @@ mod decode;
 pub mod registry;
 
 pub use decode::RecordDecoder;
-use registry::RegistryUnavailable;
+pub use registry::RegistryUnavailable;
 
 /// What the source tells the pipeline, in order.
 pub enum SourceEvent {

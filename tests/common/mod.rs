@@ -440,6 +440,27 @@ pub fn output_within(mut cmd: Command, limit: Duration) -> std::process::Output 
     }
 }
 
+/// Registers `schema` under `subject` with the registry at `registry`
+/// (`POST /subjects/{subject}/versions`, the Confluent API): the id it got.
+pub fn register_schema(registry: &str, subject: &str, schema: &str) -> u32 {
+    let body = serde_json::json!({ "schema": schema }).to_string();
+    let mut curl = std::process::Command::new("curl");
+    curl.args([
+        "-sf",
+        "-X",
+        "POST",
+        "-H",
+        "Content-Type: application/vnd.schemaregistry.v1+json",
+        "--data-binary",
+        &body,
+        &format!("{registry}/subjects/{subject}/versions"),
+    ]);
+    let out = output_within(curl, Duration::from_secs(30));
+    assert!(out.status.success(), "register a schema under {subject}");
+    let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
+    answer["id"].as_u64().unwrap() as u32
+}
+
 /// The committed Avro capture of the type zoo, with its schema ids remapped to the ids the dev
 /// registry gives the same schemas (registered through the documented API).
 pub async fn committed_avro_capture(prefix: &str) -> Vec<BinaryRecord> {
@@ -451,25 +472,8 @@ pub async fn committed_avro_capture(prefix: &str) -> Vec<BinaryRecord> {
     lib_sh("start_registry", &[]);
     let mut ids = BTreeMap::new();
     for (old, text) in &schemas {
-        let body = serde_json::json!({ "schema": text }).to_string();
-        let mut curl = std::process::Command::new("curl");
-        curl.args([
-            "-sf",
-            "-X",
-            "POST",
-            "-H",
-            "Content-Type: application/vnd.schemaregistry.v1+json",
-            "--data-binary",
-            &body,
-            &format!("{}/subjects/zoo-capture-{old}/versions", registry_url()),
-        ]);
-        let out = output_within(curl, Duration::from_secs(30));
-        assert!(out.status.success(), "register schema {old}");
-        let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
-        ids.insert(
-            old.parse::<u32>().unwrap(),
-            answer["id"].as_u64().unwrap() as u32,
-        );
+        let id = register_schema(&registry_url(), &format!("zoo-capture-{old}"), text);
+        ids.insert(old.parse::<u32>().unwrap(), id);
     }
     let remap = |b64: &Value| -> Option<Vec<u8>> {
         let mut bytes = base64::engine::general_purpose::STANDARD
@@ -531,7 +535,7 @@ pub fn lake_coords(report: &Value) -> BTreeSet<(String, i32, i64)> {
 pub struct Pod {
     pub shutdown: CancellationToken,
     kill: tokio::sync::oneshot::Sender<()>,
-    ended: tokio::sync::oneshot::Receiver<Option<anyhow::Result<()>>>,
+    ended: tokio::sync::oneshot::Receiver<Option<Result<(), cdc_lake::ingest::IngestError>>>,
 }
 
 impl Pod {
@@ -582,7 +586,7 @@ impl Pod {
     }
 
     /// SIGTERM-like, returning how the pod ended (an error when a sink could not finish).
-    pub async fn stop_result(self) -> anyhow::Result<()> {
+    pub async fn stop_result(self) -> Result<(), cdc_lake::ingest::IngestError> {
         self.shutdown.cancel();
         tokio::time::timeout(Duration::from_secs(20), self.ended)
             .await
