@@ -312,7 +312,7 @@ fn whole(d: &Decoded) -> String {
         Decoded::Change(e) => format!(
             "change key={:?} op={:?} table={} before={:?} after={:?} values={:?} source={:?} \
              source_json={} transaction={:?} ts_ms={:?} schema={:?} position={:?} \
-             raw_value={} raw_key={:?}",
+             envelope={} raw_key={:?}",
             e.key,
             e.op,
             e.table,
@@ -325,7 +325,7 @@ fn whole(d: &Decoded) -> String {
             e.ts_ms,
             e.schema,
             e.position,
-            e.raw_value,
+            e.envelope_json(),
             e.raw_key
         ),
         Decoded::Skip(c, reason) => format!("skip {c:?} {reason:?}"),

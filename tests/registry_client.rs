@@ -2,7 +2,9 @@
 //! (the dev stack's registry stand-in has no auth and never fails on purpose, so these cases
 //! are scripted here; `tests/avro.rs` runs the client against the stand-in itself):
 //! basic auth from the password file, failover across URLs, 404 as a permanent answer, 5xx and
-//! refused connections as "cannot answer now", and schemas kept once fetched.
+//! refused connections as "cannot answer now", and schemas kept once fetched. TLS runs against a
+//! real HTTPS server (Python's `ssl` with certificates from `openssl`): a registry whose
+//! certificate is signed by the CA in `ca_file` is trusted, and without it refused.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
@@ -64,6 +66,14 @@ fn scripted(answers: Vec<(u16, &'static str)>) -> Scripted {
 }
 
 fn registry(urls: Vec<String>, auth: bool) -> (tokio::runtime::Runtime, SchemaRegistry) {
+    registry_with_ca(urls, auth, None)
+}
+
+fn registry_with_ca(
+    urls: Vec<String>,
+    auth: bool,
+    ca_file: Option<std::path::PathBuf>,
+) -> (tokio::runtime::Runtime, SchemaRegistry) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -74,7 +84,7 @@ fn registry(urls: Vec<String>, auth: bool) -> (tokio::runtime::Runtime, SchemaRe
         username: auth.then(|| "key".to_string()),
         password_file: None,
         password: auth.then(|| Secret::new("s3cret")),
-        ca_file: None,
+        ca_file,
         request_timeout: HumanDuration(Duration::from_secs(5)),
     };
     let client = SchemaRegistry::new(&cfg, runtime.handle().clone()).unwrap();
@@ -142,4 +152,135 @@ fn the_next_url_answers_when_the_first_cannot() {
     let server = scripted(vec![(200, SCHEMA)]);
     let (_rt, mut client) = registry(vec![refused(), server.url.clone()], false);
     assert!(matches!(client.lookup(3), Ok(Lookup::Found(s)) if s.id() == 3));
+}
+
+/// Runs `openssl` with `args` in `dir`.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl is installed");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// An HTTPS server on loopback that answers every GET with [`SCHEMA`], its certificate signed
+/// by a CA of its own: the server's URL, the CA's PEM file, and the server process.
+fn https_registry(dir: &std::path::Path) -> (String, std::path::PathBuf, std::process::Child) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=cdc-lake test CA",
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+    );
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+        ],
+    );
+    let server = format!(
+        r#"
+import http.server, ssl, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = {SCHEMA:?}.encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+s = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain("server.pem", "server.key")
+s.socket = ctx.wrap_socket(s.socket, server_side=True)
+print(s.server_address[1], flush=True)
+s.serve_forever()
+"#
+    );
+    let mut child = std::process::Command::new("python3")
+        .args(["-c", &server])
+        .current_dir(dir)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 is installed");
+    let mut port = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut port)
+        .unwrap();
+    let url = format!("https://127.0.0.1:{}", port.trim());
+    (url, dir.join("ca.pem"), child)
+}
+
+#[test]
+fn a_registry_behind_tls_is_trusted_through_its_ca_file() {
+    let dir = std::env::temp_dir().join(format!("cdc-lake-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (url, ca, mut server) = https_registry(&dir);
+    let (_rt, mut trusting) = registry_with_ca(vec![url.clone()], false, Some(ca));
+    let found = trusting.lookup(3);
+    let (_rt2, mut plain) = registry(vec![url], false);
+    let refused = plain.lookup(3);
+    let _ = server.kill();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        matches!(found, Ok(Lookup::Found(ref s)) if s.id() == 3),
+        "the CA in ca_file makes the registry's certificate trusted: {:?}",
+        found.err()
+    );
+    // Without the CA the certificate is unknown: the registry cannot answer (the record
+    // waits), which is not a reason to reject.
+    assert!(refused.is_err(), "an untrusted certificate is refused");
 }

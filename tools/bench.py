@@ -379,6 +379,7 @@ def main():
         r.pop("dsn")
         r.pop("lake")
     report["ingest"] = runs
+    report["decode"] = decode_alone(a.bin, 1 if a.smoke else 3)
     report["latency"] = latency(a.bin, a.broker, a.latency_rate, a.latency_seconds)
     if a.backlog:
         report["backlog"] = backlog(a.bin, a.broker, a.backlog, out_dir if a.profile else None)
@@ -403,6 +404,16 @@ def main():
     if not ok:
         log(f"COUNTS DO NOT MATCH: {counts}")
         sys.exit(1)
+
+
+def decode_alone(binary, seconds):
+    """Decoding alone, per wire format, on the same real Debezium changes (the committed zoo
+    captures): examples/decode_throughput."""
+    example = os.path.join(os.path.dirname(binary), "examples", "decode_throughput")
+    out = subprocess.run([example, str(seconds)], check=True, capture_output=True, text=True).stdout
+    rates = json.loads(out)
+    log("decoding alone: " + ", ".join(f"{k} {v['changes_per_s']:,.0f} changes/s" for k, v in rates.items()))
+    return rates
 
 
 def render_md(r):
@@ -430,6 +441,12 @@ def render_md(r):
         f"| latency at {r['latency']['offered_per_s']:,}/s: p50 / p99 / max | {r['latency']['p50_ms']} / {r['latency']['p99_ms']} / {r['latency']['max_ms']} ms | |",
         f"| RSS at steady state | {r['latency']['steady_rss_mb']} MB | |",
     ]
+    d = r.get("decode")
+    if d:
+        lines.append(f"| decoding alone, the zoo's changes: schemaless JSON / `{{schema, payload}}` JSON / Avro | "
+                     f"{d['json']['changes_per_s']:,.0f} / {d['json_with_schema']['changes_per_s']:,.0f} / "
+                     f"{d['avro']['changes_per_s']:,.0f} changes/s | Avro "
+                     f"{d['avro']['changes_per_s'] / d['json_with_schema']['changes_per_s']:.1f}× the typed JSON |")
     if "backlog" in r:
         b = r["backlog"]
         lines.append(f"| peak RSS, {b['events']:,}-event backlog | {b['peak_rss_mb']} MB ({b['events_per_s']:,} events/s) | |")

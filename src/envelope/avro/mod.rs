@@ -102,6 +102,22 @@ impl WriterSchema {
         &self.connect
     }
 
+    /// The length of the schema half of [`WriterSchema::envelope_json`].
+    pub fn connect_text_len(&self) -> usize {
+        self.connect_text.len()
+    }
+
+    /// JsonConverter's `{schema, payload}` text of a record of this schema, from the payload's.
+    pub fn envelope_json(&self, payload: &str) -> String {
+        let mut text = String::with_capacity(self.connect_text.len() + payload.len() + 24);
+        text.push_str(r#"{"schema":"#);
+        text.push_str(&self.connect_text);
+        text.push_str(r#","payload":"#);
+        text.push_str(payload);
+        text.push('}');
+        text
+    }
+
     /// Decodes one datum (the bytes after the framing) into JsonConverter's payload form.
     /// Every byte must belong to the datum.
     pub fn decode(&self, datum: &[u8]) -> Result<Value, AvroError> {
@@ -223,14 +239,13 @@ impl Decoder {
     ) -> Decoded {
         let writer = &record.value_schema;
         let render_key = |k: &Value| k.to_string();
-        let rendered = format!(
-            r#"{{"schema":{},"payload":{}}}"#,
-            writer.connect_text, payload
-        );
+        // Serialising a Value cannot fail (its keys are strings).
+        let payload_text = serde_json::to_string(&payload).unwrap_or_default();
         let mut fields = match payload {
             Value::Object(fields) if fields.get("op").is_some_and(|op| !op.is_null()) => fields,
             _ => {
                 let key_text = key.as_ref().map(render_key);
+                let rendered = writer.envelope_json(&payload_text);
                 return self.decode(
                     coords.clone(),
                     key_text.as_deref().map(str::as_bytes),
@@ -263,7 +278,9 @@ impl Decoder {
             value,
         });
         let types = RowTypes::Compiled(writer.row_schema.clone());
-        self.change(coords, wire, types, key, Arc::from(rendered))
+        // The payload's text: the envelope's rendering adds the schema only where it is written
+        // (ChangeEvent::envelope_json), so an event does not carry a copy of it.
+        self.change(coords, wire, types, key, Arc::from(payload_text))
             .unwrap_or_else(|error| {
                 Decoded::Reject(super::Reject {
                     kind: error.kind(),

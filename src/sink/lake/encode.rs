@@ -272,7 +272,7 @@ pub fn encode_parquet(events: &[Arc<ChangeEvent>], schema: &RowSchema) -> Result
         op.append_value(e.op.code());
         ts_ms.append_option(e.ts_ms);
         transaction.append_option(e.transaction.as_ref().map(|t| t.get()));
-        envelope.append_value(&*e.raw_value);
+        envelope.append_value(&*e.envelope_json());
         s_connector.append_option(e.source.connector.as_deref());
         s_name.append_option(e.source.name.as_deref());
         s_db.append_option(e.source.db.as_deref());
