@@ -325,7 +325,12 @@ fn whole(d: &Decoded) -> String {
             e.ts_ms,
             e.schema,
             e.position,
-            e.envelope_json(),
+            // An Avro change carries its payload's text; with the schema it is the record as
+            // JsonConverter writes it.
+            match &e.avro {
+                Some(a) => a.value_schema.envelope_json(&e.raw_value),
+                None => e.raw_value.to_string(),
+            },
             e.raw_key
         ),
         Decoded::Skip(c, reason) => format!("skip {c:?} {reason:?}"),

@@ -97,7 +97,8 @@ pub struct ChangeEvent {
     pub schema: Arc<RowSchema>,
     pub position: Position,
     /// The record value exactly as received, so the lake can reproduce the envelope; for an
-    /// Avro record, the JSON text of its payload ([`ChangeEvent::envelope_json`] adds the schema).
+    /// Avro record, the JSON text of its payload (JsonConverter's `{schema, payload}` is
+    /// [`avro::WriterSchema::envelope_json`] of it).
     pub raw_value: Arc<str>,
     pub raw_key: Option<Arc<str>>,
     /// The record as received, when it arrived as Confluent-framed Avro.
@@ -200,16 +201,6 @@ impl ChangeEvent {
         Ok(())
     }
 
-    /// The record value as Debezium JSON: the text as received, or an Avro record's
-    /// JsonConverter rendering `{schema, payload}` (the lake's `envelope` column, which a replay
-    /// from the lake decodes).
-    pub fn envelope_json(&self) -> Cow<'_, str> {
-        match &self.avro {
-            Some(a) => Cow::Owned(a.value_schema.envelope_json(&self.raw_value)),
-            None => Cow::Borrowed(&self.raw_value),
-        }
-    }
-
     /// The record value's bytes as received: the Avro bytes, or the JSON text.
     pub fn received_value(&self) -> &[u8] {
         match &self.avro {
@@ -230,10 +221,11 @@ impl ChangeEvent {
     /// parsed images, whose maps and strings cost several times the JSON text (measured with
     /// the 1M-event backlog in docs/performance.md), and fixed overhead.
     pub fn size_bytes(&self) -> usize {
-        // An Avro record also holds its bytes, and the lake writes its envelope with the schema.
-        let avro = self.avro.as_ref().map_or(0, |a| {
-            a.value.len() + a.key.as_ref().map_or(0, Vec::len) + a.value_schema.connect_text_len()
-        });
+        // An Avro record also holds its bytes.
+        let avro = self
+            .avro
+            .as_ref()
+            .map_or(0, |a| a.value.len() + a.key.as_ref().map_or(0, Vec::len));
         6 * self.raw_value.len() + self.raw_key.as_ref().map_or(0, |k| 2 * k.len()) + avro + 512
     }
 }

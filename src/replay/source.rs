@@ -5,6 +5,7 @@
 //! for PostgreSQL plus each declared row schema; the lake stores the envelope as received, which
 //! is decoded again with the live decoder.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
@@ -26,6 +27,7 @@ use crate::domain::{KafkaCoordinates, TableId, TopicPartition};
 use crate::envelope::{
     json, parse_source, ChangeEvent, Column, Decoded, Decoder, Op, RowSchema, ValueForm,
 };
+use crate::sink::lake::encode::AVRO_CONNECT_SCHEMAS;
 use crate::sink::lake::manifest::{Commit, Layout};
 use crate::sink::lake::read_commits;
 
@@ -364,18 +366,25 @@ fn decode_file(bytes: Bytes, decoder: &mut Decoder, path: &str) -> ReplayResult<
 
     let builder = ParquetRecordBatchReaderBuilder::try_new(bytes)
         .with_context(|| format!("{path} is not a readable Parquet file"))?;
+    let avro_schemas = avro_connect_schemas(&builder, path)?;
     let fields = builder.parquet_schema();
-    let indices: Vec<usize> = LAKE_COLUMNS
+    let position = |name: &str| {
+        fields
+            .root_schema()
+            .get_fields()
+            .iter()
+            .position(|f| f.name() == name)
+    };
+    let mut indices: Vec<usize> = LAKE_COLUMNS
         .iter()
-        .map(|name| {
-            fields
-                .root_schema()
-                .get_fields()
-                .iter()
-                .position(|f| f.name() == *name)
-                .with_context(|| format!("{path} has no column {name}"))
-        })
+        .map(|name| position(name).with_context(|| format!("{path} has no column {name}")))
         .collect::<ReplayResult<_>>()?;
+    if !avro_schemas.is_empty() {
+        indices.push(
+            position(AVRO_SCHEMA_ID)
+                .with_context(|| format!("{path} has Avro schemas but no {AVRO_SCHEMA_ID}"))?,
+        );
+    }
     let mask = ProjectionMask::roots(fields, indices);
     let reader = builder
         .with_projection(mask)
@@ -397,6 +406,10 @@ fn decode_file(bytes: Bytes, decoder: &mut Decoder, path: &str) -> ReplayResult<
             .clone();
         let key = col("kafka_key")?.as_string::<i32>().clone();
         let envelope = col("envelope")?.as_string::<i32>().clone();
+        let schema_ids = match avro_schemas.is_empty() {
+            true => None,
+            false => Some(col(AVRO_SCHEMA_ID)?.as_primitive::<Int64Type>().clone()),
+        };
         for i in 0..batch.num_rows() {
             let coords = KafkaCoordinates {
                 topic: topic.value(i).to_string(),
@@ -405,10 +418,56 @@ fn decode_file(bytes: Bytes, decoder: &mut Decoder, path: &str) -> ReplayResult<
                 timestamp_ms: ts.is_valid(i).then(|| ts.value(i)),
             };
             let k = key.is_valid(i).then(|| key.value(i).as_bytes());
-            out.push(decoder.decode(coords, k, Some(envelope.value(i).as_bytes())));
+            // An Avro row's envelope is its payload: with its Connect schema it is the record
+            // as JsonConverter writes it, typed as the live pod typed it.
+            let connect = schema_ids
+                .as_ref()
+                .filter(|ids| ids.is_valid(i))
+                .and_then(|ids| avro_schemas.get(&ids.value(i)));
+            let value = match connect {
+                Some(schema) => Cow::Owned(format!(
+                    r#"{{"schema":{},"payload":{}}}"#,
+                    schema.get(),
+                    envelope.value(i)
+                )),
+                None => Cow::Borrowed(envelope.value(i)),
+            };
+            out.push(decoder.decode(coords, k, Some(value.as_bytes())));
         }
     }
     Ok(out)
+}
+
+/// The column of an Avro row's writer schema id.
+const AVRO_SCHEMA_ID: &str = "avro_value_schema_id";
+
+/// The Connect schema of each writer schema id a lake file's Avro rows name (from the file's
+/// metadata; none for files of JSON changes, and for Avro files written before the schemas were
+/// kept there, whose envelopes hold the schema themselves).
+fn avro_connect_schemas<T>(
+    builder: &parquet::arrow::arrow_reader::ArrowReaderBuilder<T>,
+    path: &str,
+) -> ReplayResult<HashMap<i64, Box<RawValue>>> {
+    let Some(text) = builder
+        .metadata()
+        .file_metadata()
+        .key_value_metadata()
+        .and_then(|kv| kv.iter().find(|e| e.key == AVRO_CONNECT_SCHEMAS))
+        .and_then(|e| e.value.as_deref())
+    else {
+        return Ok(HashMap::new());
+    };
+    let by_id: HashMap<String, Box<RawValue>> = serde_json::from_str(text)
+        .with_context(|| format!("{path}: {AVRO_CONNECT_SCHEMAS} is not a JSON object"))?;
+    by_id
+        .into_iter()
+        .map(|(id, schema)| {
+            let id = id.parse::<i64>().ok().with_context(|| {
+                format!("{path}: {AVRO_CONNECT_SCHEMAS} has a key that is no schema id: {id:?}")
+            })?;
+            Ok((id, schema))
+        })
+        .collect()
 }
 
 /// Streams the selected commits' records, commit by commit in offset order.

@@ -102,9 +102,9 @@ impl WriterSchema {
         &self.connect
     }
 
-    /// The length of the schema half of [`WriterSchema::envelope_json`].
-    pub fn connect_text_len(&self) -> usize {
-        self.connect_text.len()
+    /// [`WriterSchema::connect_schema`] as JSON text.
+    pub fn connect_text(&self) -> &str {
+        &self.connect_text
     }
 
     /// JsonConverter's `{schema, payload}` text of a record of this schema, from the payload's.

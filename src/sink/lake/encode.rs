@@ -1,6 +1,7 @@
 //! Encodes one lake file: change events of one table, one date and one offset range, as Parquet
 //! with `before`/`after` as typed structs and the original envelope kept for losslessness.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arrow::array::{
@@ -16,14 +17,22 @@ use arrow::record_batch::RecordBatch;
 use base64::Engine as _;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
+use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
 use serde_json::{Map, Value};
 
+use crate::envelope::avro::WriterSchema;
 use crate::envelope::value::{
     decimal_unscaled, float_value, infinity, sign_extend, temporal_i64, to_sql_json,
     UNAVAILABLE_VALUE,
 };
 use crate::envelope::{ChangeEvent, ColumnType, RowSchema, TimeUnit};
+
+/// The file metadata key of an Avro file's Connect schemas: a JSON object from each writer
+/// schema id in `avro_value_schema_id` to the Connect schema (JsonConverter's form) its rows'
+/// `envelope` payloads are typed by. `{"schema": <it>, "payload": <envelope>}` is then the
+/// record exactly as JsonConverter would have written it.
+pub const AVRO_CONNECT_SCHEMAS: &str = "cdc_lake.avro_connect_schemas";
 
 /// The Arrow type a column is stored as in the lake.
 pub fn arrow_type(ty: &ColumnType) -> DataType {
@@ -272,7 +281,7 @@ pub fn encode_parquet(events: &[Arc<ChangeEvent>], schema: &RowSchema) -> Result
         op.append_value(e.op.code());
         ts_ms.append_option(e.ts_ms);
         transaction.append_option(e.transaction.as_ref().map(|t| t.get()));
-        envelope.append_value(&*e.envelope_json());
+        envelope.append_value(&*e.raw_value);
         s_connector.append_option(e.source.connector.as_deref());
         s_name.append_option(e.source.name.as_deref());
         s_db.append_option(e.source.db.as_deref());
@@ -361,9 +370,11 @@ pub fn encode_parquet(events: &[Arc<ChangeEvent>], schema: &RowSchema) -> Result
     fields.push(Field::new("envelope", DataType::Utf8, false));
     columns.push(Arc::new(transaction.finish()));
     columns.push(Arc::new(envelope.finish()));
-    // Changes that arrived as Avro keep their value bytes and writer schema id (`envelope` is
-    // the JSON rendering), so the record as published is recoverable. Files of JSON changes
-    // have no such columns.
+    // Changes that arrived as Avro keep their value bytes and writer schema id, so the record
+    // as published is recoverable. Their `envelope` is the JSON payload; the Connect schema of
+    // each writer schema is stored once, in the file's metadata, not once per row. Files of
+    // JSON changes have none of this.
+    let mut avro_schemas: BTreeMap<u32, &WriterSchema> = BTreeMap::new();
     if events.iter().any(|e| e.avro.is_some()) {
         let mut bytes = BinaryBuilder::new();
         let mut schema_id = Int64Builder::with_capacity(n);
@@ -371,6 +382,9 @@ pub fn encode_parquet(events: &[Arc<ChangeEvent>], schema: &RowSchema) -> Result
             let avro = e.avro.as_deref();
             bytes.append_option(avro.map(|a| a.value.as_slice()));
             schema_id.append_option(avro.map(|a| i64::from(a.value_schema.id())));
+            if let Some(a) = avro {
+                avro_schemas.insert(a.value_schema.id(), &a.value_schema);
+            }
         }
         fields.push(Field::new("avro_value", DataType::Binary, true));
         fields.push(Field::new("avro_value_schema_id", DataType::Int64, true));
@@ -379,9 +393,20 @@ pub fn encode_parquet(events: &[Arc<ChangeEvent>], schema: &RowSchema) -> Result
     }
     let arrow_schema = Arc::new(Schema::new(fields));
     let batch = RecordBatch::try_new(arrow_schema.clone(), columns).map_err(|e| e.to_string())?;
+    let metadata = (!avro_schemas.is_empty()).then(|| {
+        let entries: Vec<String> = avro_schemas
+            .iter()
+            .map(|(id, w)| format!("\"{id}\":{}", w.connect_text()))
+            .collect();
+        vec![KeyValue::new(
+            AVRO_CONNECT_SCHEMAS.to_string(),
+            format!("{{{}}}", entries.join(",")),
+        )]
+    });
     let props = WriterProperties::builder()
         .set_compression(Compression::SNAPPY)
         .set_created_by(format!("cdc-lake {}", env!("CARGO_PKG_VERSION")))
+        .set_key_value_metadata(metadata)
         .build();
     let mut buf = Vec::new();
     let mut writer =
