@@ -278,8 +278,8 @@ impl Decoder {
             value,
         });
         let types = RowTypes::Compiled(writer.row_schema.clone());
-        // The payload's text: the envelope's rendering adds the schema only where it is written
-        // (ChangeEvent::envelope_json), so an event does not carry a copy of it.
+        // The payload's text only: the lake keeps each Connect schema once per file
+        // (`sink::lake::encode::AVRO_CONNECT_SCHEMAS`), so an event carries no copy of it.
         self.change(coords, wire, types, key, Arc::from(payload_text))
             .unwrap_or_else(|error| {
                 Decoded::Reject(super::Reject {
