@@ -150,7 +150,13 @@ impl ConsumerContext for SourceContext {
                 let partitions = partitions_of(tpl);
                 self.note_rebalanced(&partitions);
                 tracing::info!(partitions = ?partitions.iter().map(ToString::to_string).collect::<Vec<_>>(), "partitions revoked");
-                if !self.closing.load(Ordering::SeqCst) {
+                // Rebalances run on the poll thread, which may block until the pipeline has
+                // released the partitions. The consumer's close runs this too, on the thread
+                // that drops the last handle: while stopping, or when a killed pod's tasks are
+                // dropped on a runtime thread, where blocking panics. Then no pipeline waits
+                // for the revoke, so it is not sent.
+                let on_runtime = tokio::runtime::Handle::try_current().is_ok();
+                if !self.closing.load(Ordering::SeqCst) && !on_runtime {
                     let (done, wait) = std::sync::mpsc::sync_channel(1);
                     if self
                         .events
