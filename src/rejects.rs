@@ -3,8 +3,9 @@
 //!
 //! - `decode` rejects (not a Debezium envelope, bad JSON, corrupt Avro or an id the registry
 //!   did not know, …) are decoded again from the bytes kept in `cdc_rejects`, in the configured
-//!   format (`kafka.format`, with the registry for Avro); those that decode now go to the raw log (their reject row is deleted
-//!   in the same transaction) and to every enabled state target.
+//!   format (`kafka.format`, with the registry for Avro); those that decode now go to the raw
+//!   log (their reject row is deleted in the same transaction) and to every enabled state
+//!   target.
 //! - `state` rejects (a value the mirror column cannot hold) are applied again to the
 //!   `processed` target, e.g. after the column type was widened; applied ones are deleted.
 //!

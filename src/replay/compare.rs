@@ -77,7 +77,8 @@ impl fmt::Display for Described<'_> {
     }
 }
 
-fn q(s: &str) -> ReplayResult<String> {
+/// `s` quoted as a SQL identifier, or why it cannot be one.
+pub(super) fn q(s: &str) -> ReplayResult<String> {
     quote_ident(s).map_err(ReplayError::Refused)
 }
 

@@ -56,15 +56,6 @@ pub enum Cause {
     Sink(#[from] SinkError),
     #[error(transparent)]
     Connect(#[from] ConnectError),
-    /// A replay step that failed inside a larger one.
-    #[error(transparent)]
-    Replay(Box<ReplayError>),
-}
-
-impl From<ReplayError> for Cause {
-    fn from(e: ReplayError) -> Self {
-        Cause::Replay(Box::new(e))
-    }
 }
 
 /// Adds what was being done to a dependency's error (anyhow's `Context`, typed).

@@ -11,7 +11,6 @@ use super::{compare, Progress, Reader, ReplayArgs, Selection, Summary};
 use crate::batch::Batch;
 use crate::config::{Config, Target};
 use crate::domain::{TableId, TopicPartition};
-use crate::sink::ident::quote_ident;
 use crate::sink::state::{sources, StateSink};
 
 /// Applies a planned selection with a progress bar; the summary counts what was applied.
@@ -136,11 +135,7 @@ async fn empty_mirrors(sink: &mut StateSink, tables: &BTreeSet<TableId>) -> Repl
     let mut removed = 0u64;
     let tx = client.transaction().await?;
     for name in &names {
-        let qualified = format!(
-            "{}.{}",
-            quote_ident(&schema).map_err(ReplayError::Refused)?,
-            quote_ident(name).map_err(ReplayError::Refused)?
-        );
+        let qualified = format!("{}.{}", compare::q(&schema)?, compare::q(name)?);
         let exists: bool = tx
             .query_one("SELECT to_regclass($1) IS NOT NULL", &[&qualified])
             .await?

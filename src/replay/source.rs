@@ -24,10 +24,11 @@ use tokio_postgres::Client;
 
 use super::Selection;
 use crate::domain::{KafkaCoordinates, TableId, TopicPartition};
+use crate::envelope::avro::json_converter_envelope;
 use crate::envelope::{
     json, parse_source, ChangeEvent, Column, Decoded, Decoder, Op, RowSchema, ValueForm,
 };
-use crate::sink::lake::encode::AVRO_CONNECT_SCHEMAS;
+use crate::sink::lake::encode::{AVRO_CONNECT_SCHEMAS, AVRO_SCHEMA_ID};
 use crate::sink::lake::manifest::{Commit, Layout};
 use crate::sink::lake::read_commits;
 
@@ -425,11 +426,9 @@ fn decode_file(bytes: Bytes, decoder: &mut Decoder, path: &str) -> ReplayResult<
                 .filter(|ids| ids.is_valid(i))
                 .and_then(|ids| avro_schemas.get(&ids.value(i)));
             let value = match connect {
-                Some(schema) => Cow::Owned(format!(
-                    r#"{{"schema":{},"payload":{}}}"#,
-                    schema.get(),
-                    envelope.value(i)
-                )),
+                Some(schema) => {
+                    Cow::Owned(json_converter_envelope(schema.get(), envelope.value(i)))
+                }
                 None => Cow::Borrowed(envelope.value(i)),
             };
             out.push(decoder.decode(coords, k, Some(value.as_bytes())));
@@ -437,9 +436,6 @@ fn decode_file(bytes: Bytes, decoder: &mut Decoder, path: &str) -> ReplayResult<
     }
     Ok(out)
 }
-
-/// The column of an Avro row's writer schema id.
-const AVRO_SCHEMA_ID: &str = "avro_value_schema_id";
 
 /// The Connect schema of each writer schema id a lake file's Avro rows name (from the file's
 /// metadata; none for files of JSON changes, and for Avro files written before the schemas were

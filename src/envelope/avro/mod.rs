@@ -54,6 +54,17 @@ pub fn unframe(bytes: &[u8]) -> Result<(u32, &[u8]), AvroError> {
     }
 }
 
+/// JsonConverter's `{schema, payload}` text from a Connect schema's text and a payload's.
+pub fn json_converter_envelope(connect_schema: &str, payload: &str) -> String {
+    let mut text = String::with_capacity(connect_schema.len() + payload.len() + 24);
+    text.push_str(r#"{"schema":"#);
+    text.push_str(connect_schema);
+    text.push_str(r#","payload":"#);
+    text.push_str(payload);
+    text.push('}');
+    text
+}
+
 /// A compiled writer schema.
 #[derive(Debug, Clone)]
 pub struct WriterSchema {
@@ -109,13 +120,7 @@ impl WriterSchema {
 
     /// JsonConverter's `{schema, payload}` text of a record of this schema, from the payload's.
     pub fn envelope_json(&self, payload: &str) -> String {
-        let mut text = String::with_capacity(self.connect_text.len() + payload.len() + 24);
-        text.push_str(r#"{"schema":"#);
-        text.push_str(&self.connect_text);
-        text.push_str(r#","payload":"#);
-        text.push_str(payload);
-        text.push('}');
-        text
+        json_converter_envelope(&self.connect_text, payload)
     }
 
     /// Decodes one datum (the bytes after the framing) into JsonConverter's payload form.

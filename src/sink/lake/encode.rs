@@ -34,6 +34,9 @@ use crate::envelope::{ChangeEvent, ColumnType, RowSchema, TimeUnit};
 /// record exactly as JsonConverter would have written it.
 pub const AVRO_CONNECT_SCHEMAS: &str = "cdc_lake.avro_connect_schemas";
 
+/// The column of an Avro row's writer schema id (files with Avro changes only).
+pub const AVRO_SCHEMA_ID: &str = "avro_value_schema_id";
+
 /// The Arrow type a column is stored as in the lake.
 pub fn arrow_type(ty: &ColumnType) -> DataType {
     match ty {
@@ -387,7 +390,7 @@ pub fn encode_parquet(events: &[Arc<ChangeEvent>], schema: &RowSchema) -> Result
             }
         }
         fields.push(Field::new("avro_value", DataType::Binary, true));
-        fields.push(Field::new("avro_value_schema_id", DataType::Int64, true));
+        fields.push(Field::new(AVRO_SCHEMA_ID, DataType::Int64, true));
         columns.push(Arc::new(bytes.finish()));
         columns.push(Arc::new(schema_id.finish()));
     }
