@@ -65,19 +65,20 @@ impl LiveSource {
 
 /// The seeds' bookstore workload (tools/workload.py) against source database `db`: `ops` steps
 /// at `rate` per second.
+fn workload_command(db: &str, ops: u32, rate: u32, seed: u32) -> Command {
+    let mut cmd = Command::new(python());
+    cmd.arg(Path::new(REPO).join("tools/workload.py"))
+        .args(["--ops", &ops.to_string(), "--seed", &seed.to_string()])
+        .args(["--rate", &rate.to_string()])
+        .args(["--ecomdb", db, "--inventorydb", db]);
+    cmd
+}
+
 async fn workload(db: &str, ops: u32, rate: u32, seed: u32) {
-    let name = db.to_string();
-    let status = tokio::task::spawn_blocking(move || {
-        Command::new(python())
-            .arg(Path::new(REPO).join("tools/workload.py"))
-            .args(["--ops", &ops.to_string(), "--seed", &seed.to_string()])
-            .args(["--rate", &rate.to_string()])
-            .args(["--ecomdb", &name, "--inventorydb", &name])
-            .status()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let mut cmd = workload_command(db, ops, rate, seed);
+    let status = tokio::task::spawn_blocking(move || cmd.status().unwrap())
+        .await
+        .unwrap();
     assert!(status.success(), "workload failed");
 }
 
@@ -316,10 +317,13 @@ fn bookstore_views_and_replica_match_the_source_across_a_crash() {
         let replica = pg(&replica_db).await;
 
         let pod = Pod::start(cfg.clone());
-        let first = {
-            let name = live.name.clone();
-            tokio::spawn(async move { workload(&name, 600, 40, 11).await })
-        };
+        // A workload far longer than the test, stopped once the crash has landed: the crash
+        // then always falls while changes flow, however slowly the pod starts (a fixed-size
+        // workload once finished first on a loaded machine). Its transactions are the source's
+        // own; one cut short by the stop rolls back there as well.
+        let mut first = workload_command(&live.name, 1_000_000, 40, 11)
+            .spawn()
+            .expect("start the workload");
         wait_until(
             "order events in the analytics target (is Debezium running? tools/up --debezium)",
             Duration::from_secs(180),
@@ -341,11 +345,26 @@ fn bookstore_views_and_replica_match_the_source_across_a_crash() {
         )
         .await;
         assert!(
-            !first.is_finished(),
-            "the crash must land while changes still flow"
+            first.try_wait().expect("the workload's status").is_none(),
+            "the crash must land while changes still flow (the workload ended early)"
         );
         let pod = Pod::start(after_kill(&cfg));
-        first.await.unwrap();
+        // More changes while the replacement catches up, then the stop.
+        wait_until(
+            "the replacement pod applying changes",
+            Duration::from_secs(120),
+            || async {
+                count(
+                    &analytics,
+                    "SELECT count(*) FROM analytics.fact_order_events",
+                )
+                .await
+                    > at_kill
+            },
+        )
+        .await;
+        first.kill().expect("stop the workload");
+        first.wait().expect("the workload stopped");
         workload(&live.name, 150, 60, 12).await;
 
         // Caught up once the replica equals the source (Debezium is still sending when the

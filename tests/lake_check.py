@@ -8,10 +8,17 @@ with pyarrow, and checks it against the manifest. Prints one JSON object:
   types (per table, the Arrow type of each `after` field), state (per table directory, the
   rows a fold of its changes leaves: the newest `after` per Kafka key, deletes removing it).
 
+With Delta tables in the lake, `delta` reads each one with the `deltalake` package (a second
+independent reader, through the Delta log only): tables, files, rows, coords, duplicates
+(offsets twice in a snapshot), missing (log entries whose file is absent), unlisted (snapshot
+files the manifest does not list), unpublished (manifest files of a Delta table its snapshot
+lacks), and per table its version and txn versions.
+
 Usage: lake_check.py --dir PATH | --s3 ENDPOINT BUCKET PREFIX
 """
 import collections
 import json
+import os
 import sys
 
 import pyarrow.fs as pafs
@@ -42,9 +49,13 @@ def main():
                                secret_key="testing", region="us-east-1")
         root = f"{bucket}/{prefix}".rstrip("/")
         store_root = bucket
+        delta_options = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                         "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
+                         "AWS_ALLOW_HTTP": "true"}
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
     objects = {i.path: i.size for i in infos if i.type == pafs.FileType.File}
-    data = {p: s for p, s in objects.items() if p.endswith(".parquet")}
+    # Delta checkpoints are Parquet too; a glob over the data skips `_delta_log/`.
+    data = {p: s for p, s in objects.items() if p.endswith(".parquet") and "/_delta_log/" not in p}
     manifests = [p for p in objects if "/_manifest/" in p and p.endswith(".json")]
     listed, manifest_rows, pending = set(), 0, 0
     for m in manifests:
@@ -115,7 +126,7 @@ def main():
             else:
                 current[k] = finite(json.loads(json.dumps(after, default=str)))
         state[directory] = current
-    print(json.dumps(finite({
+    report = {
         "files": len(data),
         "rows": rows,
         "coords": coords,
@@ -129,7 +140,48 @@ def main():
         "sample": {t: a for t, (_, a) in sample.items()},
         "types": types,
         "state": state,
-    }), allow_nan=False))
+    }
+    delta_roots = sorted({p.split("/_delta_log/")[0] for p in objects if "/_delta_log/" in p})
+    if delta_roots:
+        local = sys.argv[1] == "--dir"
+        report["delta"] = delta_report(
+            delta_roots, set(data), listed, local, None if local else delta_options)
+    print(json.dumps(finite(report), allow_nan=False))
+    sys.stdout.flush()
+    # deltalake's runtime aborts at interpreter exit ("terminate called without an active
+    # exception"); the report is out, so leave without the teardown.
+    os._exit(0)
+
+
+def delta_report(roots, data, listed, local, options):
+    from deltalake import DeltaTable
+
+    out = {"tables": {}, "files": 0, "rows": 0, "coords": [], "duplicates": 0, "missing": [],
+           "unlisted": [], "unpublished": []}
+    seen = collections.Counter()
+    for root in roots:
+        uri = root if local else f"s3://{root}"
+        dt = DeltaTable(uri, storage_options=options)
+        files = [u[len("s3://"):] if u.startswith("s3://") else u for u in dt.file_uris()]
+        out["files"] += len(files)
+        out["missing"] += [f for f in files if f not in data]
+        out["unlisted"] += [f for f in files if f not in listed]
+        out["unpublished"] += sorted(
+            p for p in listed if p.startswith(root + "/") and p not in set(files))
+        t = dt.to_pyarrow_table(columns=["kafka_topic", "kafka_partition", "kafka_offset"])
+        out["rows"] += t.num_rows
+        for rec in t.to_pylist():
+            c = (rec["kafka_topic"], rec["kafka_partition"], rec["kafka_offset"])
+            seen[c] += 1
+            out["coords"].append(list(c))
+        out["tables"][root.split("/cdc_events/")[1]] = {
+            "version": dt.version(),
+            "files": len(files),
+            "rows": t.num_rows,
+            "columns": [f.name for f in dt.schema().fields],
+        }
+    out["duplicates"] = sum(n - 1 for n in seen.values() if n > 1)
+    return out
 
 
 if __name__ == "__main__":

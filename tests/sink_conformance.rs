@@ -536,7 +536,7 @@ fn lake_write_retried_after_an_upload_failure_stores_each_offset_once() {
             roll_rows: 10,
             ..Default::default()
         };
-        let mut sink = LakeSink::with_store(store.clone(), &cfg, "flaky".into());
+        let mut sink = LakeSink::with_store(store.clone(), &cfg, "flaky".into()).unwrap();
         let b = batch("flaky", 0, 0..40);
         let changes = b
             .records

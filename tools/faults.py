@@ -50,6 +50,9 @@ TOOLS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TOOLS)
 PG_BASE = os.environ.get("FAULTS_PG", "postgres://postgres@127.0.0.1:5432")
 RUN = os.environ.get("CDC_LAKE_RUN", "/tmp/cdc-lake-run")
+# The lake as Delta tables too (not yet in the default run: the data-fault storm's column names
+# are not all valid Delta column names).
+DELTA = os.environ.get("CDC_LAKE_FAULTS_DELTA") == "1"
 PARTITIONS = 4
 
 
@@ -395,6 +398,7 @@ def check(args, dsn, topic, prefix, delivered, watch, storm):
     lake = json.loads(subprocess.run([sys.executable, os.path.join(REPO, "tests", "lake_check.py"), "--s3", args.s3, "cdc-lake", prefix],
                                      capture_output=True, text=True, check=True).stdout)
     lake_set = {(c[1], c[2]) for c in lake["coords"] if c[0] == topic}
+    delta = lake.get("delta", {})
     # Manifest ranges: contiguous per partition, from the lake's own manifest files.
     import pyarrow.fs as pafs
     fs = pafs.S3FileSystem(endpoint_override=args.s3.split("://")[1], scheme="http", access_key="testing",
@@ -461,12 +465,21 @@ def check(args, dsn, topic, prefix, delivered, watch, storm):
         "lake_no_zero_byte_objects": lake["zero_byte"] == 0,
         "lake_no_pending_upload": lake["pending"] == 0,
         "lake_manifest_ranges_contiguous": not gaps,
+        # With Delta tables (CDC_LAKE_FAULTS_DELTA=1), through the Delta log (read by the
+        # deltalake package) after the final SIGTERM: every offset in exactly one file of the
+        # current snapshot, the snapshot's files exactly the manifest's, and no log entry naming
+        # a missing file.
+        "delta_each_offset_once": not DELTA or (delta.get("duplicates") == 0
+        and {(c[1], c[2]) for c in delta.get("coords", []) if c[0] == topic} == lake_set),
+        "delta_files_equal_manifest": not DELTA or (bool(delta) and not delta["unlisted"] and not delta["unpublished"]),
+        "delta_no_missing_files": not DELTA or (bool(delta) and not delta["missing"]),
         "mirror_equals_reference_model": not (mirror_missing or mirror_extra or mirror_wrong),
         "checkpoints_never_moved_backwards": not watch.violations,
     }
     figures = {
         "records_delivered": delivered, "records_in_broker": len(records), "raw_rows": len(raw), "rejects": len(rejects), "poison": len(poison),
         "lost": len(lost), "duplicated": raw_dups + lake["duplicates"], "lake_rows": lake["rows"], "lake_files": lake["files"],
+        "delta_rows": delta.get("rows"), "delta_files": delta.get("files"), "delta_tables": len(delta.get("tables", {})),
         "mirror_rows": len(mirror), "model_rows": len(model), "mirror_missing": len(mirror_missing),
         "mirror_extra": len(mirror_extra), "mirror_wrong": len(mirror_wrong), "manifest_gaps": gaps[:10],
         "checkpoint_samples": watch.samples, "checkpoint_violations": watch.violations[:10],
@@ -516,6 +529,8 @@ def main():
            "CDC_LAKE__KAFKA__CHECKPOINT_NAME": group,
            "CDC_LAKE__KAFKA__TOPICS": f"['{topic}']", "CDC_LAKE__POSTGRES__URL": dsn,
            "CDC_LAKE__LAKE__PREFIX": prefix, "CDC_LAKE__LAKE__ROLL_AGE": "2s",
+           "CDC_LAKE__LAKE__TABLE_FORMAT": "delta" if DELTA else "parquet",
+           "CDC_LAKE__LAKE__DELTA__CHECKPOINT_INTERVAL": "10",
            "CDC_LAKE__LAKE__S3__BUCKET": "cdc-lake", "CDC_LAKE__LAKE__S3__ENDPOINT": args.s3,
            "CDC_LAKE__LAKE__S3__ALLOW_HTTP": "true", "CDC_LAKE__LAKE__S3__ACCESS_KEY_ID": "testing",
            "CDC_LAKE__LAKE__S3__SECRET_ACCESS_KEY_FILE": secret.name, "CDC_LAKE__LAKE__S3__REQUEST_TIMEOUT": "2s",

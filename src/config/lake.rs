@@ -29,6 +29,42 @@ pub struct LakeConfig {
     /// database first, `cdc_events/server=<server>/db=<db>/table=<schema.table>/…`, for
     /// several connectors whose tables share names.
     pub layout: LakeLayout,
+    /// `delta`: every source table's directory is also a Delta Lake table (a `_delta_log/`
+    /// beside its `date=` directories, one commit per manifest commit). `parquet`: the
+    /// Hive-partitioned files and the manifest only.
+    pub table_format: TableFormat,
+    pub delta: DeltaConfig,
+}
+
+/// What readers other than cdc-lake see of the lake (see [`LakeConfig::table_format`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TableFormat {
+    Delta,
+    /// The default until the bench settles what Delta commits cost (issue: the lake as a table).
+    #[default]
+    Parquet,
+}
+
+/// `[lake.delta]`: how the Delta log is kept small.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeltaConfig {
+    /// A Parquet checkpoint of a table's log every this many commits, so a reader replays at
+    /// most this many JSON commits.
+    pub checkpoint_interval: u64,
+    /// Commits older than this (and older than the latest checkpoint) are deleted after a
+    /// checkpoint. Time travel reaches back this far.
+    pub log_retention: HumanDuration,
+}
+
+impl Default for DeltaConfig {
+    fn default() -> Self {
+        Self {
+            checkpoint_interval: 100,
+            log_retention: HumanDuration(Duration::from_secs(7 * 24 * 3600)),
+        }
+    }
 }
 
 /// How the lake's directories are laid out (see [`LakeConfig::layout`]).
@@ -52,6 +88,8 @@ impl Default for LakeConfig {
             roll_age: HumanDuration(Duration::from_secs(10)),
             max_buffer_bytes: ByteSize(64 << 20),
             layout: LakeLayout::Table,
+            table_format: TableFormat::default(),
+            delta: DeltaConfig::default(),
         }
     }
 }

@@ -326,6 +326,9 @@ impl Config {
                 );
             }
         }
+        if self.lake.delta.checkpoint_interval == 0 {
+            return bad("lake.delta.checkpoint_interval must be above 0".into());
+        }
         if self.lake.prefix.contains("..") || self.lake.prefix.starts_with('/') {
             return bad("lake.prefix must be a relative path without ..".into());
         }

@@ -106,7 +106,8 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         "s" => Duration::from_secs(n),
         "m" => Duration::from_secs(n * 60),
         "h" => Duration::from_secs(n * 3600),
-        _ => return Err(format!("{s:?} needs a unit: ms, s, m or h")),
+        "d" => Duration::from_secs(n * 86_400),
+        _ => return Err(format!("{s:?} needs a unit: ms, s, m, h or d")),
     })
 }
 
@@ -120,5 +121,6 @@ mod tests {
         assert_eq!(parse_size("1000").unwrap(), 1000);
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("7d").unwrap(), Duration::from_secs(604_800));
     }
 }

@@ -52,6 +52,14 @@ pub enum SinkError {
     /// A value of one change cannot be converted for its column (bad data, not an outage).
     #[error("cannot convert a value of {table}: {reason}")]
     Value { table: String, reason: String },
+    /// A Delta log could not be read or committed to (the manifest commit has landed; the
+    /// table catches up on the retry or the next assignment).
+    #[error("lake: Delta table {table}: {source}")]
+    Delta {
+        table: String,
+        #[source]
+        source: Box<deltalake_core::DeltaTableError>,
+    },
     #[error("lake: manifest {path} is corrupt: {reason}")]
     Manifest { path: String, reason: String },
     /// A target's setup SQL or mappings do not fit its database: a configuration problem.
@@ -123,7 +131,7 @@ impl SinkError {
             SinkError::Postgres { source, .. } => {
                 classify_sqlstate(source.code().map(|c| c.code()))
             }
-            SinkError::ObjectStore { .. } => ErrorClass::Transient,
+            SinkError::ObjectStore { .. } | SinkError::Delta { .. } => ErrorClass::Transient,
             SinkError::Encode { .. } | SinkError::Value { .. } => ErrorClass::BadData,
             SinkError::Mapping { .. } => ErrorClass::Fatal,
             // A corrupt manifest needs an operator, but the pod keeps retrying (and stays not

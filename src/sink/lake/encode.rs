@@ -242,6 +242,31 @@ fn row_struct(schema: &RowSchema, rows: &[Option<&Map<String, Value>>]) -> (Arra
 
 /// Encodes events (all of one table and date, in offset order) as one Parquet object.
 pub fn encode_parquet(events: &[Arc<ChangeEvent>], schema: &RowSchema) -> Result<Vec<u8>, String> {
+    let (batch, metadata) = record_batch(events, schema)?;
+    write_parquet(&batch, metadata)
+}
+
+/// One lake file; with `delta`, its columns in the types a Delta table holds
+/// ([`super::delta::types`]).
+pub fn encode_file(
+    events: &[Arc<ChangeEvent>],
+    schema: &RowSchema,
+    delta: bool,
+) -> Result<Vec<u8>, String> {
+    let (batch, metadata) = record_batch(events, schema)?;
+    if delta {
+        let batch = super::delta::types::to_delta(&batch).map_err(|e| e.to_string())?;
+        write_parquet(&batch, metadata)
+    } else {
+        write_parquet(&batch, metadata)
+    }
+}
+
+/// The rows of one lake file, and the file's key-value metadata.
+pub fn record_batch(
+    events: &[Arc<ChangeEvent>],
+    schema: &RowSchema,
+) -> Result<(RecordBatch, Option<Vec<KeyValue>>), String> {
     let n = events.len();
     let mut topic = StringBuilder::new();
     let mut partition = Int32Builder::with_capacity(n);
@@ -406,6 +431,14 @@ pub fn encode_parquet(events: &[Arc<ChangeEvent>], schema: &RowSchema) -> Result
             format!("{{{}}}", entries.join(",")),
         )]
     });
+    Ok((batch, metadata))
+}
+
+/// One Parquet object of `batch`.
+pub fn write_parquet(
+    batch: &RecordBatch,
+    metadata: Option<Vec<KeyValue>>,
+) -> Result<Vec<u8>, String> {
     let props = WriterProperties::builder()
         .set_compression(Compression::SNAPPY)
         .set_created_by(format!("cdc-lake {}", env!("CARGO_PKG_VERSION")))
@@ -413,8 +446,8 @@ pub fn encode_parquet(events: &[Arc<ChangeEvent>], schema: &RowSchema) -> Result
         .build();
     let mut buf = Vec::new();
     let mut writer =
-        ArrowWriter::try_new(&mut buf, arrow_schema, Some(props)).map_err(|e| e.to_string())?;
-    writer.write(&batch).map_err(|e| e.to_string())?;
+        ArrowWriter::try_new(&mut buf, batch.schema(), Some(props)).map_err(|e| e.to_string())?;
+    writer.write(batch).map_err(|e| e.to_string())?;
     writer.close().map_err(|e| e.to_string())?;
     Ok(buf)
 }

@@ -101,6 +101,17 @@ impl Layout {
         ))
     }
 
+    /// A data file's table directory (as [`table_dir`] names it) and its path below it
+    /// (`date=<date>/<name>`), from the path the manifest records.
+    pub fn table_part(&self, path: &str) -> Option<(String, String)> {
+        let below = path
+            .strip_prefix(&self.prefix)?
+            .strip_prefix("cdc_events/")?;
+        let mut parts = below.rsplitn(3, '/');
+        let (name, date, dir) = (parts.next()?, parts.next()?, parts.next()?);
+        Some((dir.to_string(), format!("{date}/{name}")))
+    }
+
     pub fn manifest_dir(&self, tp: &TopicPartition) -> Path {
         stored_path(&format!(
             "{}_manifest/{}/{}",
@@ -150,6 +161,15 @@ mod tests {
             )
             .as_ref(),
             "team/cdc_events/table=public.books/date=2024-03-02/ecom.public.books+2+17.parquet"
+        );
+        assert_eq!(
+            l.table_part(
+                "team/cdc_events/server=a/db=b/table=public.books/date=2024-03-02/t+2+17.parquet"
+            ),
+            Some((
+                "server=a/db=b/table=public.books".into(),
+                "date=2024-03-02/t+2+17.parquet".into()
+            ))
         );
         assert_eq!(
             l.commit(&tp, 17).as_ref(),

@@ -6,81 +6,33 @@
 //! `_pending.json`. File names are deterministic (`<topic>+<partition>+<first offset>`), so a
 //! retry after a crash rewrites the same objects instead of adding copies.
 
+pub mod delta;
 pub mod encode;
 pub mod manifest;
+mod publish;
+mod store;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
 use futures::future::try_join_all;
-use futures::TryStreamExt;
-use object_store::aws::AmazonS3Builder;
-use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::{ObjectStore, PutMode, PutOptions, PutPayload};
 
+use self::delta::stats::DeltaFile;
+use self::delta::DeltaLog;
 use self::manifest::{Commit, FileEntry, Layout, Pending};
+use self::publish::Unpublished;
+use self::store::{commit_paths, read_json, store_err};
+pub use self::store::{open_store, read_commits};
 use super::{Ack, Offsets, Sink, SinkError, WriteStats};
 use crate::batch::Batch;
-use crate::config::LakeConfig;
+use crate::config::{LakeConfig, TableFormat};
 use crate::domain::TopicPartition;
 use crate::envelope::{ChangeEvent, Decoded, RowSchema};
 
 pub const NAME: &str = "lake";
-
-/// Opens the configured store: S3 when `[lake.s3]` is set, else the local root directory.
-/// Returns the store and a human-readable location for logs.
-pub fn open_store(cfg: &LakeConfig) -> Result<(Arc<dyn ObjectStore>, String), SinkError> {
-    let err = |path: String| move |source| SinkError::ObjectStore { path, source };
-    match &cfg.s3 {
-        Some(s3) => {
-            // The pipeline retries failed writes with its own backoff and reports readiness, so
-            // the client's internal retries stay short: an outage must surface, not hide.
-            let retry = object_store::RetryConfig {
-                max_retries: 1,
-                retry_timeout: s3.request_timeout.0 * 2,
-                ..Default::default()
-            };
-            // Client options first: allow_http lives in them, so setting them later resets it.
-            let mut b = AmazonS3Builder::new()
-                .with_client_options(
-                    object_store::ClientOptions::new().with_timeout(s3.request_timeout.0),
-                )
-                .with_bucket_name(&s3.bucket)
-                .with_region(&s3.region)
-                .with_allow_http(s3.allow_http)
-                .with_retry(retry);
-            if let Some(endpoint) = &s3.endpoint {
-                // MinIO and other S3-compatible servers want path-style requests.
-                b = b
-                    .with_endpoint(endpoint)
-                    .with_virtual_hosted_style_request(false);
-            }
-            if let (Some(id), Some(secret)) = (&s3.access_key_id, &s3.secret_access_key) {
-                b = b
-                    .with_access_key_id(id)
-                    .with_secret_access_key(secret.expose());
-            }
-            let location = format!("s3://{}/{}", s3.bucket, cfg.prefix);
-            let store = b.build().map_err(err(location.clone()))?;
-            Ok((Arc::new(store), location))
-        }
-        None => {
-            std::fs::create_dir_all(&cfg.root).map_err(|e| SinkError::ObjectStore {
-                path: cfg.root.display().to_string(),
-                source: object_store::Error::Generic {
-                    store: "LocalFileSystem",
-                    source: Box::new(e),
-                },
-            })?;
-            let root = std::fs::canonicalize(&cfg.root).unwrap_or_else(|_| cfg.root.clone());
-            let location = root.join(&cfg.prefix).display().to_string();
-            let store = LocalFileSystem::new_with_prefix(&root).map_err(err(location.clone()))?;
-            Ok((Arc::new(store), location))
-        }
-    }
-}
 
 /// Records of one table and date waiting for the next commit.
 struct FileBuffer {
@@ -100,6 +52,8 @@ struct PartitionState {
     rows: usize,
     bytes: usize,
     opened_at: Option<Instant>,
+    /// Manifest commits whose Delta commits have not landed yet, oldest first.
+    unpublished: VecDeque<Unpublished>,
 }
 
 impl PartitionState {
@@ -119,13 +73,8 @@ pub struct LakeSink {
     cfg: LakeConfig,
     location: String,
     partitions: HashMap<TopicPartition, PartitionState>,
-}
-
-fn store_err(path: &Path) -> impl FnOnce(object_store::Error) -> SinkError + '_ {
-    move |source| SinkError::ObjectStore {
-        path: path.to_string(),
-        source,
-    }
+    /// The tables' Delta logs (`lake.table_format = "delta"`).
+    delta: Option<DeltaLog>,
 }
 
 /// UTC date of epoch milliseconds.
@@ -139,16 +88,44 @@ fn date_of(ms: Option<i64>) -> String {
 impl LakeSink {
     pub fn new(cfg: &LakeConfig) -> Result<Self, SinkError> {
         let (store, location) = open_store(cfg)?;
-        Ok(Self::with_store(store, cfg, location))
+        let delta = match cfg.table_format {
+            TableFormat::Delta => Some(DeltaLog::open(cfg, store.clone())?),
+            TableFormat::Parquet => None,
+        };
+        Ok(Self::assemble(store, cfg, location, delta))
     }
 
-    pub fn with_store(store: Arc<dyn ObjectStore>, cfg: &LakeConfig, location: String) -> Self {
+    /// A lake over any store (tests wrap one to inject faults); its Delta logs, if configured,
+    /// live in the same store.
+    pub fn with_store(
+        store: Arc<dyn ObjectStore>,
+        cfg: &LakeConfig,
+        location: String,
+    ) -> Result<Self, SinkError> {
+        let delta = match cfg.table_format {
+            TableFormat::Delta => Some(DeltaLog::new(
+                cfg,
+                store.clone(),
+                url::Url::parse("memory:///").expect("a valid URL"),
+            )?),
+            TableFormat::Parquet => None,
+        };
+        Ok(Self::assemble(store, cfg, location, delta))
+    }
+
+    fn assemble(
+        store: Arc<dyn ObjectStore>,
+        cfg: &LakeConfig,
+        location: String,
+        delta: Option<DeltaLog>,
+    ) -> Self {
         Self {
             store,
             layout: Layout::new(&cfg.prefix),
             cfg: cfg.clone(),
             location,
             partitions: HashMap::new(),
+            delta,
         }
     }
 
@@ -192,8 +169,9 @@ impl LakeSink {
             Err(object_store::Error::NotFound { .. }) => {}
             Err(e) => return Err(store_err(&pending_path)(e)),
         }
-        let last = read_commits(&*self.store, &self.layout, tp).await?.pop();
-        let next = last.map(|c| c.next_offset);
+        let commits = read_commits(&*self.store, &self.layout, tp).await?;
+        self.republish(tp, &commits).await?;
+        let next = commits.last().map(|c| c.next_offset);
         self.partitions.insert(
             tp.clone(),
             PartitionState {
@@ -235,6 +213,8 @@ impl LakeSink {
 
     /// Uploads a partition's buffered files and commits them in the manifest.
     async fn commit_partition(&mut self, tp: &TopicPartition) -> Result<(), SinkError> {
+        // Delta commits land in manifest order.
+        self.publish_backlog(tp).await?;
         let Some(first_offset) = self
             .partitions
             .get(tp)
@@ -282,24 +262,35 @@ impl LakeSink {
                 )
                 .await
                 .map_err(store_err(&pending_path))?;
-            let uploads = paths.iter().map(|(path, (_, date), f)| {
+            let delta = self.delta.is_some();
+            let layout = &self.layout;
+            let uploads = paths.iter().map(|(path, (dir, date), f)| {
                 let store = self.store.clone();
                 // The source table as the raw log names it (`source_table`), which prune and
                 // replay match against; the directory is only where the file lives.
                 let table = f.events[0].table.to_string();
                 async move {
-                    let bytes = encode::encode_parquet(&f.events, &f.schema).map_err(|reason| {
-                        SinkError::Encode {
-                            table: table.clone(),
-                            reason,
-                        }
-                    })?;
+                    let encode_err = |reason| SinkError::Encode {
+                        table: table.clone(),
+                        reason,
+                    };
+                    let bytes = bytes::Bytes::from(
+                        encode::encode_file(&f.events, &f.schema, delta).map_err(encode_err)?,
+                    );
+                    let delta_file = if delta {
+                        let (_, relative) = layout.table_part(path.as_ref()).expect("a data file");
+                        let file =
+                            DeltaFile::from_parquet(&relative, date, &bytes).map_err(encode_err)?;
+                        Some((dir.clone(), table.clone(), file))
+                    } else {
+                        None
+                    };
                     let len = bytes.len() as u64;
                     store
                         .put(path, PutPayload::from(bytes))
                         .await
                         .map_err(store_err(path))?;
-                    Ok::<_, SinkError>(FileEntry {
+                    let entry = FileEntry {
                         path: path.to_string(),
                         table: table.clone(),
                         date: date.clone(),
@@ -307,10 +298,12 @@ impl LakeSink {
                         bytes: len,
                         min_offset: f.events[0].coords.offset,
                         max_offset: f.events[f.events.len() - 1].coords.offset,
-                    })
+                    };
+                    Ok::<_, SinkError>((entry, delta_file))
                 }
             });
-            let entries = try_join_all(uploads).await?;
+            let (entries, delta_files): (Vec<FileEntry>, Vec<_>) =
+                try_join_all(uploads).await?.into_iter().unzip();
             let commit = Commit {
                 topic: tp.topic.clone(),
                 partition: tp.partition,
@@ -349,17 +342,24 @@ impl LakeSink {
                 .delete(&pending_path)
                 .await
                 .map_err(store_err(&pending_path))?;
-            Ok::<_, SinkError>(commit)
+            Ok::<_, SinkError>((commit, delta_files))
         }
         .await;
         match result {
-            Ok(commit) => {
+            Ok((commit, delta_files)) => {
                 let st = self.partitions.get_mut(tp).expect("present above");
                 st.committed_next = Some(commit.next_offset);
                 st.rows = 0;
                 st.bytes = 0;
                 st.opened_at = None;
                 tracing::debug!(%tp, first = first_offset, next = next_offset, files = commit.files.len(), "lake commit");
+                if self.delta.is_some() {
+                    st.unpublished.push_back(Unpublished {
+                        next_offset,
+                        files: delta_files.into_iter().flatten().collect(),
+                    });
+                    self.publish_backlog(tp).await?;
+                }
                 Ok(())
             }
             Err(e) => {
@@ -381,59 +381,6 @@ impl LakeSink {
         })
         .collect()
     }
-}
-
-async fn read_json<T: serde::de::DeserializeOwned>(
-    store: &dyn ObjectStore,
-    path: &Path,
-) -> Result<T, SinkError> {
-    let bytes = store
-        .get(path)
-        .await
-        .map_err(store_err(path))?
-        .bytes()
-        .await
-        .map_err(store_err(path))?;
-    serde_json::from_slice(&bytes).map_err(|e| SinkError::Manifest {
-        path: path.to_string(),
-        reason: e.to_string(),
-    })
-}
-
-/// Reads every manifest entry of a partition, in offset order.
-/// The commit entries of a listing of a partition's manifest directory (`dir`), in offset
-/// order: `<first offset>.json`, not `_pending.json`.
-async fn commit_paths(
-    listing: futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>>,
-    dir: &Path,
-) -> Result<Vec<Path>, SinkError> {
-    let mut paths: Vec<Path> = listing
-        .map_ok(|m| m.location)
-        .try_collect::<Vec<_>>()
-        .await
-        .map_err(store_err(dir))?
-        .into_iter()
-        .filter(|p| {
-            p.filename()
-                .is_some_and(|f| f.ends_with(".json") && !f.starts_with('_'))
-        })
-        .collect();
-    paths.sort();
-    Ok(paths)
-}
-
-pub async fn read_commits(
-    store: &dyn ObjectStore,
-    layout: &Layout,
-    tp: &TopicPartition,
-) -> Result<Vec<Commit>, SinkError> {
-    let dir = layout.manifest_dir(tp);
-    let paths = commit_paths(store.list(Some(&dir)), &dir).await?;
-    let mut out = Vec::with_capacity(paths.len());
-    for p in paths {
-        out.push(read_json(store, &p).await?);
-    }
-    Ok(out)
 }
 
 impl Sink for LakeSink {
@@ -569,8 +516,9 @@ impl Sink for LakeSink {
             .partitions
             .iter()
             .filter(|(_, st)| {
-                !st.files.is_empty()
-                    && (force || st.opened_at.is_some_and(|t| t.elapsed() >= roll_age))
+                !st.unpublished.is_empty()
+                    || (!st.files.is_empty()
+                        && (force || st.opened_at.is_some_and(|t| t.elapsed() >= roll_age)))
             })
             .map(|(tp, _)| tp.clone())
             .collect();
@@ -592,6 +540,9 @@ impl Sink for LakeSink {
     fn revoke(&mut self, partitions: &[TopicPartition]) {
         for tp in partitions {
             self.partitions.remove(tp);
+            if let Some(delta) = self.delta.as_mut() {
+                delta.forget(tp);
+            }
         }
     }
 }

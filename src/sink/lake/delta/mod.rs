@@ -1,0 +1,428 @@
+//! Delta Lake commits over the lake's files: each source table's directory
+//! (`cdc_events/table=<…>/`) is a Delta table partitioned by `date`.
+//!
+//! The manifest stays the lake's checkpoint; the Delta log is what other engines read. After a
+//! manifest commit lands, one Delta commit per table it touched adds its files, carries a
+//! `metaData` action when they bring new columns, and records a `txn` action for the
+//! topic-partition (app id `cdc-lake/<topic>/<partition>`, version = the commit's next offset).
+//! A table whose txn version for the partition is already at or past that offset has the files:
+//! the commit is skipped, so a republish after a crash adds nothing twice. On assignment, the
+//! manifest commits a table has not recorded yet are republished ([`DeltaLog::republish`]).
+//!
+//! Commits are put-if-absent on `_delta_log/<version>.json` (object_store's create mode, which
+//! S3 serves as `If-None-Match: *`); a concurrent writer's commit is checked for conflicts and
+//! the commit retried. Snapshots are loaded without their file lists, so the pod's memory does
+//! not grow with a table's file count; checkpoints and log cleanup run every
+//! `lake.delta.checkpoint_interval` commits.
+
+pub mod stats;
+pub mod types;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use arrow::datatypes::{DataType as ArrowType, Field, Schema as ArrowSchema};
+use deltalake_core::kernel::engine::arrow_conversion::{TryFromArrow, TryFromKernel};
+use deltalake_core::kernel::transaction::{CommitBuilder, CommitProperties, TransactionError};
+use deltalake_core::kernel::{
+    contains_timestampntz, new_metadata, Action, MetadataExt, Protocol, StructType, Transaction,
+};
+use deltalake_core::logstore::{default_logstore, LogStoreRef, StorageConfig};
+use deltalake_core::protocol::{DeltaOperation, SaveMode};
+use deltalake_core::{DeltaTable, DeltaTableConfig, DeltaTableError};
+use object_store::local::LocalFileSystem;
+use object_store::prefix::PrefixStore;
+use object_store::ObjectStore;
+use url::Url;
+
+use self::stats::{DeltaFile, DATE_COLUMN};
+use crate::config::{DeltaConfig, LakeConfig};
+use crate::domain::TopicPartition;
+use crate::sink::SinkError;
+
+/// How often one table commit is tried when other writers keep winning the version race.
+const MAX_ATTEMPTS: usize = 8;
+
+/// The Delta app id of a topic-partition's `txn` actions.
+pub fn app_id(tp: &TopicPartition) -> String {
+    format!("cdc-lake/{}/{}", tp.topic, tp.partition)
+}
+
+/// One table's log, as this pod last saw it.
+struct Table {
+    delta: DeltaTable,
+    /// Partitions whose txn version in this snapshot is known to be this pod's own: their
+    /// versions were read from the log after loading, or set by this pod's commits since.
+    known_apps: HashSet<String>,
+}
+
+/// The Delta logs of the lake's tables.
+pub struct DeltaLog {
+    /// The store deltalake addresses by full URL path: the bucket for S3, the filesystem root
+    /// for a local lake.
+    root_store: Arc<dyn ObjectStore>,
+    /// URL of `cdc_events/` (with a trailing slash).
+    events_url: Url,
+    cfg: DeltaConfig,
+    tables: HashMap<String, Table>,
+}
+
+fn delta_err(table: &str) -> impl FnOnce(DeltaTableError) -> SinkError + '_ {
+    move |source| SinkError::Delta {
+        table: table.to_string(),
+        source: Box::new(source),
+    }
+}
+
+impl DeltaLog {
+    /// The Delta logs of `cfg`'s lake in its own store: `s3://<bucket>/<prefix>/` or the
+    /// local root's `file://` URL.
+    pub fn open(cfg: &LakeConfig, lake_store: Arc<dyn ObjectStore>) -> Result<Self, SinkError> {
+        let bad = |reason: String| SinkError::Mapping {
+            target: "lake",
+            reason,
+        };
+        match &cfg.s3 {
+            Some(s3) => Self::new(
+                cfg,
+                lake_store,
+                Url::parse(&format!("s3://{}/", s3.bucket)).map_err(|e| bad(e.to_string()))?,
+            ),
+            None => {
+                let root = std::fs::canonicalize(&cfg.root).unwrap_or_else(|_| cfg.root.clone());
+                let url = Url::from_directory_path(&root)
+                    .map_err(|()| bad(format!("lake.root {} is not absolute", root.display())))?;
+                Self::new(cfg, Arc::new(LocalFileSystem::new()), url)
+            }
+        }
+    }
+
+    /// The Delta logs of a lake in `root_store` at `root_url` (whose path is the store's
+    /// object path of the lake's root, before `cfg.prefix`). Any store works with a
+    /// `memory:///` URL (tests over wrapped stores).
+    pub fn new(
+        cfg: &LakeConfig,
+        root_store: Arc<dyn ObjectStore>,
+        root_url: Url,
+    ) -> Result<Self, SinkError> {
+        let mut events_url = root_url;
+        {
+            let mut segments = events_url
+                .path_segments_mut()
+                .map_err(|()| SinkError::Mapping {
+                    target: "lake",
+                    reason: "the lake URL cannot have a path".into(),
+                })?;
+            segments.pop_if_empty();
+            for part in cfg.prefix.split('/').filter(|p| !p.is_empty()) {
+                segments.push(part);
+            }
+            segments.push("cdc_events");
+            segments.push("");
+        }
+        Ok(Self {
+            root_store,
+            events_url,
+            cfg: cfg.delta.clone(),
+            tables: HashMap::new(),
+        })
+    }
+
+    /// The URL of a table's root (`table_dir` as the layout names it, escapes included).
+    pub fn table_url(&self, table_dir: &str) -> Url {
+        let mut url = self.events_url.clone();
+        {
+            let mut segments = url.path_segments_mut().expect("checked in new");
+            segments.pop_if_empty();
+            for part in table_dir.split('/') {
+                segments.push(part);
+            }
+            segments.push("");
+        }
+        url
+    }
+
+    fn log_store(&self, url: &Url) -> LogStoreRef {
+        let prefix = object_store::path::Path::from_url_path(url.path())
+            .unwrap_or_else(|_| object_store::path::Path::from(url.path()));
+        let prefixed: Arc<dyn ObjectStore> =
+            Arc::new(PrefixStore::new(self.root_store.clone(), prefix));
+        default_logstore(
+            prefixed,
+            self.root_store.clone(),
+            url,
+            &StorageConfig::default(),
+        )
+    }
+
+    /// The table, loaded (without its file list) if this pod has not seen it yet; its state is
+    /// None while the table does not exist.
+    async fn table(&mut self, table_dir: &str) -> Result<&mut Table, SinkError> {
+        if !self.tables.contains_key(table_dir) {
+            let url = self.table_url(table_dir);
+            let log_store = self.log_store(&url);
+            let mut delta = DeltaTable::new(
+                log_store.clone(),
+                DeltaTableConfig {
+                    require_files: false,
+                    ..Default::default()
+                },
+            );
+            if log_store
+                .is_delta_table_location()
+                .await
+                .map_err(delta_err(table_dir))?
+            {
+                delta.load().await.map_err(delta_err(table_dir))?;
+            }
+            self.tables.insert(
+                table_dir.to_string(),
+                Table {
+                    delta,
+                    known_apps: HashSet::new(),
+                },
+            );
+        }
+        Ok(self.tables.get_mut(table_dir).expect("inserted above"))
+    }
+
+    /// The last offset range end this table recorded for `tp`, read from the log.
+    pub async fn recorded(
+        &mut self,
+        table_dir: &str,
+        tp: &TopicPartition,
+    ) -> Result<Option<i64>, SinkError> {
+        let app = app_id(tp);
+        let table = self.table(table_dir).await?;
+        let Some(state) = table.delta.state.as_ref() else {
+            return Ok(None);
+        };
+        let log_store = table.delta.log_store();
+        let version = state
+            .transaction_version(log_store.as_ref(), &app)
+            .await
+            .map_err(delta_err(table_dir))?;
+        table.known_apps.insert(app);
+        Ok(version)
+    }
+
+    /// Forgets what this pod knew of `tp`'s txn versions (on a revoke: another owner may commit
+    /// for it next).
+    pub fn forget(&mut self, tp: &TopicPartition) {
+        let app = app_id(tp);
+        for t in self.tables.values_mut() {
+            t.known_apps.remove(&app);
+        }
+    }
+
+    /// Records one manifest commit of `tp` (offsets up to `next_offset`): for every table, its
+    /// files, in one Delta commit, unless the table already recorded the range.
+    pub async fn publish(
+        &mut self,
+        tp: &TopicPartition,
+        next_offset: i64,
+        files: Vec<(String, String, DeltaFile)>,
+    ) -> Result<(), SinkError> {
+        let mut by_table: BTreeMap<String, (String, Vec<DeltaFile>)> = BTreeMap::new();
+        for (table_dir, table_name, file) in files {
+            by_table
+                .entry(table_dir)
+                .or_insert_with(|| (table_name, Vec::new()))
+                .1
+                .push(file);
+        }
+        for (table_dir, (table_name, files)) in by_table {
+            self.publish_table(&table_dir, &table_name, tp, next_offset, &files)
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn publish_table(
+        &mut self,
+        table_dir: &str,
+        table_name: &str,
+        tp: &TopicPartition,
+        next_offset: i64,
+        files: &[DeltaFile],
+    ) -> Result<(), SinkError> {
+        let app = app_id(tp);
+        let checkpoint_interval = self.cfg.checkpoint_interval;
+        let retention = self.cfg.log_retention.0;
+        for attempt in 1..=MAX_ATTEMPTS {
+            let table = self.table(table_dir).await?;
+            let unknown = !table.known_apps.contains(&app) && table.delta.state.is_some();
+            if unknown {
+                if let Some(v) = self.recorded(table_dir, tp).await? {
+                    if v >= next_offset {
+                        tracing::debug!(%tp, table = table_dir, next_offset, "Delta already has this lake commit");
+                        return Ok(());
+                    }
+                }
+            }
+            let table = self.tables.get_mut(table_dir).expect("loaded above");
+            let (actions, operation) = commit_actions(
+                &table.delta,
+                table_name,
+                &app,
+                next_offset,
+                files,
+                checkpoint_interval,
+                retention,
+            )
+            .map_err(delta_err(table_dir))?;
+            let properties = CommitProperties::default()
+                .with_create_checkpoint(false)
+                .with_cleanup_expired_logs(Some(false));
+            let snapshot = table.delta.state.as_ref();
+            let result = CommitBuilder::from(properties)
+                .with_actions(actions)
+                .with_max_retries(MAX_ATTEMPTS)
+                .build(snapshot.map(|s| s as _), table.delta.log_store(), operation)
+                .await;
+            match result {
+                Ok(done) => {
+                    let version = done.version;
+                    if table.delta.state.is_some() {
+                        table.delta.state = Some(done.snapshot);
+                    } else {
+                        // Created: load it as every other table is held (without files).
+                        self.tables.remove(table_dir);
+                        self.table(table_dir).await?;
+                    }
+                    let table = self.tables.get_mut(table_dir).expect("loaded above");
+                    table.known_apps.insert(app.clone());
+                    if (version + 1) % checkpoint_interval as i64 == 0 {
+                        checkpoint(&table.delta, table_dir).await;
+                    }
+                    tracing::debug!(%tp, table = table_dir, version, files = files.len(), "Delta commit");
+                    return Ok(());
+                }
+                Err(DeltaTableError::Transaction {
+                    source: TransactionError::CommitConflict(conflict),
+                }) if attempt < MAX_ATTEMPTS => {
+                    // Another writer changed what this commit read (the schema, or this very
+                    // partition's txn after a rebalance): reload and decide again.
+                    tracing::info!(%tp, table = table_dir, %conflict, "Delta commit conflict; reloading the table");
+                    self.tables.remove(table_dir);
+                }
+                Err(e) => {
+                    self.tables.remove(table_dir);
+                    return Err(delta_err(table_dir)(e));
+                }
+            }
+        }
+        unreachable!("the last attempt returns")
+    }
+}
+
+/// A checkpoint of the table at its current version, then the cleanup of expired commits.
+/// Both only make the log smaller: a failure is logged and the next interval tries again.
+async fn checkpoint(table: &DeltaTable, table_dir: &str) {
+    if let Err(e) = deltalake_core::checkpoints::create_checkpoint(table, None).await {
+        tracing::warn!(table = table_dir, error = %e, "Delta checkpoint failed; the next one will retry");
+        return;
+    }
+    match deltalake_core::checkpoints::cleanup_metadata(table, None).await {
+        Ok(n) if n > 0 => tracing::debug!(
+            table = table_dir,
+            removed = n,
+            "expired Delta log entries removed"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(table = table_dir, error = %e, "Delta log cleanup failed"),
+    }
+}
+
+/// The actions and operation of one table commit: `add` per file, `txn` for the partition, and
+/// `protocol` plus `metaData` when the table is new or the files bring columns it lacks.
+fn commit_actions(
+    table: &DeltaTable,
+    table_name: &str,
+    app: &str,
+    next_offset: i64,
+    files: &[DeltaFile],
+    checkpoint_interval: u64,
+    retention: std::time::Duration,
+) -> Result<(Vec<Action>, DeltaOperation), DeltaTableError> {
+    let current: Option<ArrowSchema> = match table.state.as_ref() {
+        Some(state) => Some(ArrowSchema::try_from_kernel(state.schema().as_ref())?),
+        None => None,
+    };
+    let mut merged = current.clone().unwrap_or_else(|| {
+        ArrowSchema::new(vec![Field::new(DATE_COLUMN, ArrowType::Date32, true)])
+    });
+    for f in files {
+        merged = types::merge_schema(&merged, &f.schema, table_name);
+    }
+    let mut actions = Vec::new();
+    let changed = current.as_ref() != Some(&merged);
+    let schema = StructType::try_from_arrow(&merged)?;
+    let needs_ntz = contains_timestampntz(schema.fields());
+    let operation = match table.state.as_ref() {
+        None => {
+            let protocol = protocol(needs_ntz)?;
+            let metadata = new_metadata(
+                &schema,
+                [DATE_COLUMN],
+                [
+                    (
+                        "delta.checkpointInterval".to_string(),
+                        checkpoint_interval.to_string(),
+                    ),
+                    (
+                        "delta.logRetentionDuration".to_string(),
+                        format!("interval {} seconds", retention.as_secs()),
+                    ),
+                ],
+            )?
+            .with_name(table_name.to_string())?;
+            actions.push(Action::Protocol(protocol.clone()));
+            actions.push(Action::Metadata(metadata.clone()));
+            DeltaOperation::Create {
+                mode: SaveMode::ErrorIfExists,
+                location: table.table_url().clone(),
+                protocol,
+                metadata,
+            }
+        }
+        Some(state) => {
+            if changed {
+                let has_ntz_feature = serde_json::to_value(state.protocol())?
+                    .get("readerFeatures")
+                    .and_then(|f| f.as_array())
+                    .is_some_and(|f| f.iter().any(|f| f == "timestampNtz"));
+                if needs_ntz && !has_ntz_feature {
+                    actions.push(Action::Protocol(protocol(true)?));
+                }
+                actions.push(Action::Metadata(
+                    state.metadata().clone().with_schema(&schema)?,
+                ));
+            }
+            DeltaOperation::Write {
+                mode: SaveMode::Append,
+                partition_by: Some(vec![DATE_COLUMN.to_string()]),
+                predicate: None,
+            }
+        }
+    };
+    actions.extend(files.iter().map(|f| Action::Add(f.add.clone())));
+    actions.push(Action::Txn(Transaction {
+        app_id: app.to_string(),
+        version: next_offset,
+        last_updated: Some(chrono::Utc::now().timestamp_millis()),
+    }));
+    Ok((actions, operation))
+}
+
+/// Reader 1 / writer 2, or reader 3 / writer 7 with the `timestampNtz` feature when a column
+/// is a timestamp without time zone (Debezium's `Timestamp`, `MicroTimestamp`).
+fn protocol(timestamp_ntz: bool) -> Result<Protocol, DeltaTableError> {
+    let value = if timestamp_ntz {
+        serde_json::json!({"minReaderVersion": 3, "minWriterVersion": 7,
+            "readerFeatures": ["timestampNtz"], "writerFeatures": ["timestampNtz"]})
+    } else {
+        serde_json::json!({"minReaderVersion": 1, "minWriterVersion": 2})
+    };
+    Ok(serde_json::from_value(value)?)
+}

@@ -1,0 +1,107 @@
+//! The lake's Delta side: each manifest commit's Delta commit, in order, and the republish of
+//! what a table's log lacks when a partition is assigned.
+
+use std::collections::HashMap;
+
+use super::delta::stats::DeltaFile;
+use super::manifest::{self, Commit, FileEntry};
+use super::store::store_err;
+use super::LakeSink;
+use crate::domain::TopicPartition;
+use crate::sink::SinkError;
+
+/// The Delta side of one manifest commit: its files, per table directory and source table.
+pub(super) struct Unpublished {
+    pub(super) next_offset: i64,
+    pub(super) files: Vec<(String, String, DeltaFile)>,
+}
+
+impl LakeSink {
+    /// Delta commits for the manifest commits of `tp` that a table has not recorded: a crash
+    /// came between the two, or the lake had no Delta logs yet. Commits are checked newest
+    /// first and the scan stops at one every table has; Delta commits land in offset order,
+    /// so the older ones are recorded too.
+    pub(super) async fn republish(
+        &mut self,
+        tp: &TopicPartition,
+        commits: &[Commit],
+    ) -> Result<(), SinkError> {
+        let Some(delta) = self.delta.as_mut() else {
+            return Ok(());
+        };
+        delta.forget(tp);
+        let mut recorded: HashMap<String, Option<i64>> = HashMap::new();
+        let mut missing: Vec<(&Commit, Vec<&FileEntry>)> = Vec::new();
+        for c in commits.iter().rev() {
+            let mut files = Vec::new();
+            for f in &c.files {
+                let (dir, _) =
+                    self.layout
+                        .table_part(&f.path)
+                        .ok_or_else(|| SinkError::Manifest {
+                            path: f.path.clone(),
+                            reason: "a file outside cdc_events/<table>/date=<date>/".into(),
+                        })?;
+                let r = match recorded.get(&dir) {
+                    Some(r) => *r,
+                    None => {
+                        let r = delta.recorded(&dir, tp).await?;
+                        recorded.insert(dir, r);
+                        r
+                    }
+                };
+                if r.is_none_or(|v| v < c.next_offset) {
+                    files.push(f);
+                }
+            }
+            if files.is_empty() {
+                break;
+            }
+            missing.push((c, files));
+        }
+        for (c, entries) in missing.into_iter().rev() {
+            let mut files = Vec::with_capacity(entries.len());
+            for f in entries {
+                let path = manifest::stored_path(&f.path);
+                let bytes = self
+                    .store
+                    .get(&path)
+                    .await
+                    .map_err(store_err(&path))?
+                    .bytes()
+                    .await
+                    .map_err(store_err(&path))?;
+                let (dir, relative) = self.layout.table_part(&f.path).expect("checked above");
+                let file =
+                    DeltaFile::from_parquet(&relative, &f.date, &bytes).map_err(|reason| {
+                        SinkError::Manifest {
+                            path: f.path.clone(),
+                            reason,
+                        }
+                    })?;
+                files.push((dir, f.table.clone(), file));
+            }
+            tracing::info!(%tp, next_offset = c.next_offset, files = files.len(), "republishing a lake commit to Delta");
+            let delta = self.delta.as_mut().expect("checked above");
+            delta.publish(tp, c.next_offset, files).await?;
+        }
+        Ok(())
+    }
+
+    /// Lands the Delta commits of `tp`'s manifest commits that have none yet, in order.
+    pub(super) async fn publish_backlog(&mut self, tp: &TopicPartition) -> Result<(), SinkError> {
+        let (Some(delta), Some(st)) = (self.delta.as_mut(), self.partitions.get_mut(tp)) else {
+            return Ok(());
+        };
+        while let Some(next) = st.unpublished.pop_front() {
+            if let Err(e) = delta
+                .publish(tp, next.next_offset, next.files.clone())
+                .await
+            {
+                st.unpublished.push_front(next);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+}
