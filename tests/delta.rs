@@ -87,6 +87,22 @@ fn with_added_column(records: &[Fixture], offset_base: &[i64; 4]) -> Vec<Fixture
         .collect()
 }
 
+/// Runs a pod until the raw log holds `total` records, then stops it (which drains the lake).
+async fn run_until_stored(
+    cfg: &cdc_lake::config::Config,
+    client: &tokio_postgres::Client,
+    total: usize,
+) {
+    let pod = Pod::start(cfg.clone());
+    wait_until(
+        &format!("{total} records in the raw log"),
+        Duration::from_secs(90),
+        || async { count(client, "SELECT count(*) FROM cdc_raw.cdc_events").await >= total as i64 },
+    )
+    .await;
+    pod.stop().await;
+}
+
 async fn run(lake: LakeTarget) {
     let prefix = unique("dlt").replace('_', "-");
     let (first, _) = order_stream(&prefix, 300);
@@ -102,17 +118,8 @@ async fn run(lake: LakeTarget) {
     let cfg = config(&db, &prefix, &lake, &extra);
     let client = pg(&db).await;
 
-    let pod = Pod::start(cfg.clone());
-    wait_until(
-        "the first run in the raw log",
-        Duration::from_secs(90),
-        || async {
-            count(&client, "SELECT count(*) FROM cdc_raw.cdc_events").await >= first.len() as i64
-        },
-    )
-    .await;
     // A stop drains every buffer: the manifest and the Delta log hold the whole first run.
-    pod.stop().await;
+    run_until_stored(&cfg, &client, first.len()).await;
     let v1 = delta_read(&lake, &[]);
     assert_eq!(
         coords_of(&v1),
@@ -143,15 +150,7 @@ async fn run(lake: LakeTarget) {
         expected(&second),
         "the second run's offsets"
     );
-    let pod = Pod::start(cfg.clone());
-    let total = (first.len() + second.len()) as i64;
-    wait_until(
-        "the second run in the raw log",
-        Duration::from_secs(90),
-        || async { count(&client, "SELECT count(*) FROM cdc_raw.cdc_events").await >= total },
-    )
-    .await;
-    pod.stop().await;
+    run_until_stored(&cfg, &client, first.len() + second.len()).await;
 
     let all: Vec<Fixture> = first.iter().chain(&second).cloned().collect();
     let apps: Vec<String> = (0..4)
@@ -207,6 +206,38 @@ async fn run(lake: LakeTarget) {
         .unwrap()
         .iter()
         .any(|c| c == "note"));
+
+    // A third run sends `total` as text (a type change in schemaless JSON): its files keep it
+    // as `total__string`, so every file still fits the table and the whole table reads.
+    let mut next2 = next;
+    for r in &second {
+        next2[r.partition as usize] = next2[r.partition as usize].max(r.offset + 1);
+    }
+    let third: Vec<Fixture> = with_added_column(&first, &next2)
+        .into_iter()
+        .map(|mut r| {
+            let value = r.value.take().unwrap();
+            r.value = Some(value.replace(r#""total":12.5"#, r#""total":"12.50 EUR""#));
+            r
+        })
+        .collect();
+    produce(&third).await;
+    run_until_stored(&cfg, &client, first.len() + second.len() + third.len()).await;
+    let all: Vec<Fixture> = all.into_iter().chain(third.iter().cloned()).collect();
+    let latest = delta_read(&lake, &[]);
+    assert_eq!(
+        coords_of(&latest),
+        expected(&all),
+        "each offset once after the type change"
+    );
+    let after_columns = latest["after_columns"].as_array().unwrap();
+    assert!(
+        after_columns.iter().any(|c| c == "total")
+            && after_columns.iter().any(|c| c == "total__string"),
+        "{after_columns:?}"
+    );
+    let notes = latest["notes"].as_object().unwrap();
+    assert_eq!(notes.len(), all.len(), "every row's after image read");
 
     // The pyarrow reader of the files agrees, and no Delta entry names a missing or unlisted
     // file (LakeTarget::check asserts those); every manifest file is in the snapshot.

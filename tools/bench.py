@@ -206,6 +206,13 @@ def check_counts(result, n):
     return ok, counts
 
 
+def delta_rows(lake):
+    """Rows of every Delta table of a lake, through the Delta log (the deltalake package)."""
+    out = subprocess.run([sys.executable, os.path.join(REPO, "tests", "lake_check.py"), "--dir", lake],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out).get("delta", {}).get("rows", 0)
+
+
 def copy_ceiling(binary, result, n):
     """psql \\copy of the same raw rows into an identical table (same migrations)."""
     src = result["dsn"]
@@ -361,7 +368,13 @@ def main():
     runs = {}
     for sinks in [("raw", "lake", "state"), ("raw",), ("state",), ("lake",)]:
         runs["+".join(sinks)] = run_ingest(a.bin, a.broker, topic, a.events, sinks)
+    # The lake alone again, as Delta tables: what the Delta commits cost, read back through the
+    # Delta log (every event once).
+    runs["lake_delta"] = run_ingest(a.bin, a.broker, topic, a.events, ("lake",),
+                                    {"CDC_LAKE__LAKE__TABLE_FORMAT": "delta"})
     ok, counts = check_counts(runs["raw+lake+state"], a.events)
+    counts["lake_delta_rows"] = delta_rows(runs["lake_delta"]["lake"])
+    ok = ok and counts["lake_delta_rows"] == a.events
     report["counts"] = counts
     if a.registry:
         avro_topic = f"bench-avro-{uuid.uuid4().hex[:6]}.public.orders"
@@ -391,6 +404,7 @@ def main():
     report["ratios"] = {
         "all_sinks_vs_peer": round(runs["raw+lake+state"]["events_per_s"] / peer, 1),
         "raw_only_vs_copy_ceiling": round(runs["raw"]["events_per_s"] / ceiling, 3),
+        "lake_delta_vs_parquet": round(runs["lake_delta"]["events_per_s"] / runs["lake"]["events_per_s"], 2),
     }
     if "avro" in runs:
         report["ratios"]["avro_vs_json_all_sinks"] = round(
@@ -435,6 +449,8 @@ def render_md(r):
         f"| cdc-lake raw log alone | {i['raw']['events_per_s']:,} events/s | {r['ratios']['raw_only_vs_copy_ceiling']:.0%} of COPY ceiling |",
         f"| cdc-lake mirror alone | {i['state']['events_per_s']:,} events/s | |",
         f"| cdc-lake lake alone | {i['lake']['events_per_s']:,} events/s | |",
+        f"| cdc-lake lake alone, Delta tables | {i['lake_delta']['events_per_s']:,} events/s, peak RSS {i['lake_delta']['peak_rss_mb']} MB | "
+        f"{r['ratios']['lake_delta_vs_parquet']}× plain Parquet |",
         f"| COPY ceiling (psql \\copy of the same rows) | {r['copy_ceiling']['rows_per_s']:,} rows/s | |",
         f"| cdc-replay --rebuild from the raw log | {r['replay']['raw']['events_per_s']:,} events/s | {r['replay']['raw']['events_per_s'] / r['peer']['events_per_s']:.1f}× peer ingest |",
         f"| cdc-replay --rebuild from the lake | {r['replay']['lake']['events_per_s']:,} events/s | |",

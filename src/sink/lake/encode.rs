@@ -246,19 +246,33 @@ pub fn encode_parquet(events: &[Arc<ChangeEvent>], schema: &RowSchema) -> Result
     write_parquet(&batch, metadata)
 }
 
-/// One lake file; with `delta`, its columns in the types a Delta table holds
-/// ([`super::delta::types`]).
+/// What a lake file is written for.
+#[derive(Debug, Clone, Copy)]
+pub enum FileFor<'a> {
+    /// The plain Parquet lake: the lake's own types.
+    Parquet,
+    /// A Delta table (with its current schema, once it has one): Delta's types, and a column
+    /// the table types differently under a name of its own ([`super::delta::types`]).
+    Delta(Option<&'a Schema>),
+}
+
+/// One lake file.
 pub fn encode_file(
     events: &[Arc<ChangeEvent>],
     schema: &RowSchema,
-    delta: bool,
+    file_for: FileFor<'_>,
 ) -> Result<Vec<u8>, String> {
     let (batch, metadata) = record_batch(events, schema)?;
-    if delta {
-        let batch = super::delta::types::to_delta(&batch).map_err(|e| e.to_string())?;
-        write_parquet(&batch, metadata)
-    } else {
-        write_parquet(&batch, metadata)
+    match file_for {
+        FileFor::Parquet => write_parquet(&batch, metadata),
+        FileFor::Delta(table) => {
+            let mut batch = super::delta::types::to_delta(&batch).map_err(|e| e.to_string())?;
+            if let Some(table) = table {
+                batch = super::delta::types::rename_conflicts(batch, table)
+                    .map_err(|e| e.to_string())?;
+            }
+            write_parquet(&batch, metadata)
+        }
     }
 }
 

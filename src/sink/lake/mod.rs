@@ -22,6 +22,7 @@ use object_store::{ObjectStore, PutMode, PutOptions, PutPayload};
 
 use self::delta::stats::DeltaFile;
 use self::delta::DeltaLog;
+use self::encode::FileFor;
 use self::manifest::{Commit, FileEntry, Layout, Pending};
 use self::publish::Unpublished;
 use self::store::{commit_paths, read_json, store_err};
@@ -238,6 +239,18 @@ impl LakeSink {
                 theirs,
             });
         }
+        // New files fit their Delta tables' current schemas.
+        let table_schemas = match self.delta.as_mut() {
+            Some(delta) => {
+                let dirs: Vec<String> = self.partitions[tp]
+                    .files
+                    .keys()
+                    .map(|k| k.0.clone())
+                    .collect();
+                delta.table_schemas(dirs.iter().map(String::as_str)).await?
+            }
+            None => HashMap::new(),
+        };
         let st = self.partitions.get_mut(tp).expect("present above");
         let next_offset = st.seen_next.expect("set when the first record arrived");
         let files = std::mem::take(&mut st.files);
@@ -264,8 +277,14 @@ impl LakeSink {
                 .map_err(store_err(&pending_path))?;
             let delta = self.delta.is_some();
             let layout = &self.layout;
+            let table_schemas = &table_schemas;
             let uploads = paths.iter().map(|(path, (dir, date), f)| {
                 let store = self.store.clone();
+                let file_for = if delta {
+                    FileFor::Delta(table_schemas.get(dir).map(|s| s.as_ref()))
+                } else {
+                    FileFor::Parquet
+                };
                 // The source table as the raw log names it (`source_table`), which prune and
                 // replay match against; the directory is only where the file lives.
                 let table = f.events[0].table.to_string();
@@ -275,7 +294,7 @@ impl LakeSink {
                         reason,
                     };
                     let bytes = bytes::Bytes::from(
-                        encode::encode_file(&f.events, &f.schema, delta).map_err(encode_err)?,
+                        encode::encode_file(&f.events, &f.schema, file_for).map_err(encode_err)?,
                     );
                     let delta_file = if delta {
                         let (_, relative) = layout.table_part(path.as_ref()).expect("a data file");

@@ -186,6 +186,24 @@ impl DeltaLog {
         Ok(self.tables.get_mut(table_dir).expect("inserted above"))
     }
 
+    /// The current schema of each table (None for a table that does not exist yet), loading
+    /// the tables this pod has not seen: new files are written to fit it.
+    pub async fn table_schemas<'a>(
+        &mut self,
+        table_dirs: impl IntoIterator<Item = &'a str>,
+    ) -> Result<HashMap<String, Arc<ArrowSchema>>, SinkError> {
+        let mut out = HashMap::new();
+        for dir in table_dirs {
+            let table = self.table(dir).await?;
+            if let Some(state) = table.delta.state.as_ref() {
+                let schema = ArrowSchema::try_from_kernel(state.schema().as_ref())
+                    .map_err(|e| delta_err(dir)(e.into()))?;
+                out.insert(dir.to_string(), Arc::new(schema));
+            }
+        }
+        Ok(out)
+    }
+
     /// The last offset range end this table recorded for `tp`, read from the log.
     pub async fn recorded(
         &mut self,

@@ -126,6 +126,76 @@ fn convert(array: &ArrayRef) -> Result<ArrayRef, ArrowError> {
     }
 }
 
+/// A file for a Delta table whose `before`/`after` has a column the table already types
+/// differently (a source `ALTER COLUMN … TYPE`, or an inferred type that changed): the file
+/// stores it as `<name>__<new type>` (`price__string`), a column of its own, so the table's
+/// schema stays one every file fits. The values stay exact, and `envelope` is unchanged.
+pub fn rename_conflicts(batch: RecordBatch, table: &Schema) -> Result<RecordBatch, ArrowError> {
+    let schema = batch.schema();
+    let mut fields: Vec<FieldRef> = schema.fields().iter().cloned().collect();
+    let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
+    let mut renamed = false;
+    for (i, field) in schema.fields().iter().enumerate() {
+        let (DataType::Struct(file_row), Ok(table_field)) =
+            (field.data_type(), table.field_with_name(field.name()))
+        else {
+            continue;
+        };
+        let DataType::Struct(table_row) = table_field.data_type() else {
+            continue;
+        };
+        let row: Fields = file_row
+            .iter()
+            .map(|f| match table_row.find(f.name()) {
+                Some((_, t)) if t.data_type() != f.data_type() => {
+                    renamed = true;
+                    let name = format!("{}__{}", f.name(), type_name(f.data_type()));
+                    Arc::new(f.as_ref().clone().with_name(name))
+                }
+                _ => f.clone(),
+            })
+            .collect();
+        if row != *file_row {
+            let s = columns[i].as_struct();
+            columns[i] = Arc::new(StructArray::try_new(
+                row.clone(),
+                s.columns().to_vec(),
+                s.nulls().cloned(),
+            )?);
+            fields[i] = Arc::new(field.as_ref().clone().with_data_type(DataType::Struct(row)));
+        }
+    }
+    if !renamed {
+        return Ok(batch);
+    }
+    RecordBatch::try_new(
+        Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone())),
+        columns,
+    )
+}
+
+/// Delta's name of a type, as a column name suffix.
+fn type_name(ty: &DataType) -> String {
+    match ty {
+        DataType::Boolean => "boolean".into(),
+        DataType::Int8 => "byte".into(),
+        DataType::Int16 => "short".into(),
+        DataType::Int32 => "integer".into(),
+        DataType::Int64 => "long".into(),
+        DataType::Float32 => "float".into(),
+        DataType::Float64 => "double".into(),
+        DataType::Utf8 => "string".into(),
+        DataType::Binary => "binary".into(),
+        DataType::Date32 => "date".into(),
+        DataType::Timestamp(_, Some(_)) => "timestamp".into(),
+        DataType::Timestamp(_, None) => "timestamp_ntz".into(),
+        DataType::Decimal128(p, s) => format!("decimal_{p}_{s}"),
+        DataType::List(item) => format!("array_{}", type_name(item.data_type())),
+        DataType::Struct(_) => "struct".into(),
+        other => other.to_string().to_lowercase(),
+    }
+}
+
 /// `table` with the columns of `file` it lacks added (inside `before`/`after` too), in the
 /// table's order and then the file's. A column the file types differently keeps the table's
 /// type; the conflict is logged with the table and the column (values stay exact in the file
@@ -273,6 +343,46 @@ mod tests {
             true,
         )]);
         assert_eq!(merge_schema(&merged, &other, "t"), merged);
+    }
+
+    #[test]
+    fn a_column_whose_type_changed_gets_a_column_of_its_own() {
+        let row = |cols: Vec<(&str, ArrayRef)>| {
+            StructArray::from(
+                cols.into_iter()
+                    .map(|(n, a)| (Arc::new(Field::new(n, a.data_type().clone(), true)), a))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let file = one_column(
+            "after",
+            Arc::new(row(vec![
+                ("id", Arc::new(Int64Array::from(vec![1])) as ArrayRef),
+                ("total", Arc::new(StringArray::from(vec!["12.50 EUR"]))),
+            ])),
+        );
+        let table = Schema::new(vec![Field::new(
+            "after",
+            DataType::Struct(Fields::from(vec![
+                Field::new("id", DataType::Int64, true),
+                Field::new("total", DataType::Float64, true),
+            ])),
+            true,
+        )]);
+        let out = rename_conflicts(file, &table).unwrap();
+        let after = out.column(0).as_struct();
+        let names: Vec<&str> = after.fields().iter().map(|f| f.name().as_str()).collect();
+        assert_eq!(names, ["id", "total__string"]);
+        let total = after
+            .column(1)
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .unwrap();
+        assert_eq!(total.value(0), "12.50 EUR");
+        // The merged table then has both, and a file that fits is left alone.
+        let merged = merge_schema(&table, &out.schema(), "t");
+        let again = rename_conflicts(out.clone(), &merged).unwrap();
+        assert_eq!(again.schema(), out.schema());
     }
 
     #[test]
