@@ -123,7 +123,8 @@ pub fn init_logging() {
 fn log_directives(rust_log: Option<&str>) -> String {
     let base = rust_log
         .filter(|s| !s.trim().is_empty())
-        .unwrap_or("info,rdkafka=warn,tokio_postgres=warn");
+        // deltalake logs every commit at info; the lake's own debug line says the same.
+        .unwrap_or("info,rdkafka=warn,tokio_postgres=warn,deltalake_core=warn");
     if base.contains("tokio_postgres") {
         base.to_string()
     } else {

@@ -146,6 +146,14 @@ def main():
         local = sys.argv[1] == "--dir"
         report["delta"] = delta_report(
             delta_roots, set(data), listed, local, None if local else delta_options)
+        # Tables whose directory the lake had to escape get no Delta log yet
+        # (DeltaLog::covers): their coordinates, so a checker can account for every offset.
+        uncovered = []
+        for p in sorted(listed):
+            if "%" in p.split("/cdc_events/")[1].split("/date=")[0] and p in data:
+                t = pq.read_table(p, filesystem=fs, columns=["kafka_topic", "kafka_partition", "kafka_offset"])
+                uncovered += [[r["kafka_topic"], r["kafka_partition"], r["kafka_offset"]] for r in t.to_pylist()]
+        report["delta"]["uncovered_coords"] = uncovered
     print(json.dumps(finite(report), allow_nan=False))
     sys.stdout.flush()
     # deltalake's runtime aborts at interpreter exit ("terminate called without an active

@@ -50,8 +50,8 @@ TOOLS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TOOLS)
 PG_BASE = os.environ.get("FAULTS_PG", "postgres://postgres@127.0.0.1:5432")
 RUN = os.environ.get("CDC_LAKE_RUN", "/tmp/cdc-lake-run")
-# The lake as Delta tables too (not yet in the default run: the data-fault storm's column names
-# are not all valid Delta column names).
+# The lake as Delta tables too (not yet in the default run; tables with escaped directory names
+# get no Delta log, see DeltaLog::covers, and are checked through the manifest only).
 DELTA = os.environ.get("CDC_LAKE_FAULTS_DELTA") == "1"
 PARTITIONS = 4
 
@@ -470,7 +470,7 @@ def check(args, dsn, topic, prefix, delivered, watch, storm):
         # current snapshot, the snapshot's files exactly the manifest's, and no log entry naming
         # a missing file.
         "delta_each_offset_once": not DELTA or (delta.get("duplicates") == 0
-        and {(c[1], c[2]) for c in delta.get("coords", []) if c[0] == topic} == lake_set),
+        and {(c[1], c[2]) for c in delta.get("coords", []) + delta.get("uncovered_coords", []) if c[0] == topic} == lake_set),
         "delta_files_equal_manifest": not DELTA or (bool(delta) and not delta["unlisted"] and not delta["unpublished"]),
         "delta_no_missing_files": not DELTA or (bool(delta) and not delta["missing"]),
         "mirror_equals_reference_model": not (mirror_missing or mirror_extra or mirror_wrong),

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 
 use super::delta::stats::DeltaFile;
+use super::delta::DeltaLog;
 use super::manifest::{self, Commit, FileEntry};
 use super::store::store_err;
 use super::LakeSink;
@@ -42,6 +43,9 @@ impl LakeSink {
                             path: f.path.clone(),
                             reason: "a file outside cdc_events/<table>/date=<date>/".into(),
                         })?;
+                if !DeltaLog::covers(&dir) {
+                    continue;
+                }
                 let r = match recorded.get(&dir) {
                     Some(r) => *r,
                     None => {
