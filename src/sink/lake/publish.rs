@@ -35,6 +35,9 @@ impl LakeSink {
         let mut missing: Vec<(&Commit, Vec<&FileEntry>)> = Vec::new();
         for c in commits.iter().rev() {
             let mut files = Vec::new();
+            // A commit with no file of a Delta table (only skips, or only escaped-name tables)
+            // says nothing about what the logs hold: the scan goes on past it.
+            let mut covered = 0;
             for f in &c.files {
                 let (dir, _) =
                     self.layout
@@ -46,6 +49,7 @@ impl LakeSink {
                 if !DeltaLog::covers(&dir) {
                     continue;
                 }
+                covered += 1;
                 let r = match recorded.get(&dir) {
                     Some(r) => *r,
                     None => {
@@ -57,6 +61,9 @@ impl LakeSink {
                 if r.is_none_or(|v| v < c.next_offset) {
                     files.push(f);
                 }
+            }
+            if covered == 0 {
+                continue;
             }
             if files.is_empty() {
                 break;
