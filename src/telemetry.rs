@@ -223,7 +223,7 @@ mod tests {
         );
         assert_eq!(
             log_directives(None),
-            "info,rdkafka=warn,tokio_postgres=warn"
+            "info,rdkafka=warn,tokio_postgres=warn,deltalake_core=warn"
         );
     }
 }
