@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use super::delta::stats::DeltaFile;
 use super::delta::DeltaLog;
 use super::manifest::{self, Commit, FileEntry};
-use super::store::store_err;
+use super::store::read_bytes;
 use super::LakeSink;
 use crate::domain::TopicPartition;
 use crate::sink::SinkError;
@@ -74,14 +74,7 @@ impl LakeSink {
             let mut files = Vec::with_capacity(entries.len());
             for f in entries {
                 let path = manifest::stored_path(&f.path);
-                let bytes = self
-                    .store
-                    .get(&path)
-                    .await
-                    .map_err(store_err(&path))?
-                    .bytes()
-                    .await
-                    .map_err(store_err(&path))?;
+                let bytes = read_bytes(&*self.store, &path).await?;
                 let (dir, relative) = self.layout.table_part(&f.path).expect("checked above");
                 let file =
                     DeltaFile::from_parquet(&relative, &f.date, &bytes).map_err(|reason| {

@@ -73,17 +73,25 @@ pub(super) fn store_err(path: &Path) -> impl FnOnce(object_store::Error) -> Sink
     }
 }
 
-pub(super) async fn read_json<T: serde::de::DeserializeOwned>(
+/// The whole object at `path`.
+pub(super) async fn read_bytes(
     store: &dyn ObjectStore,
     path: &Path,
-) -> Result<T, SinkError> {
-    let bytes = store
+) -> Result<bytes::Bytes, SinkError> {
+    store
         .get(path)
         .await
         .map_err(store_err(path))?
         .bytes()
         .await
-        .map_err(store_err(path))?;
+        .map_err(store_err(path))
+}
+
+pub(super) async fn read_json<T: serde::de::DeserializeOwned>(
+    store: &dyn ObjectStore,
+    path: &Path,
+) -> Result<T, SinkError> {
+    let bytes = read_bytes(store, path).await?;
     serde_json::from_slice(&bytes).map_err(|e| SinkError::Manifest {
         path: path.to_string(),
         reason: e.to_string(),
