@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use crate::config::Config;
 
+use crate::compact::CompactError;
 use crate::ingest::IngestError;
 use crate::rejects::RejectsError;
 use crate::replay::ReplayError;
@@ -21,6 +22,8 @@ pub enum CommandError {
     Replay(#[from] ReplayError),
     #[error(transparent)]
     Rejects(#[from] RejectsError),
+    #[error(transparent)]
+    Compact(#[from] CompactError),
 }
 
 impl CommandError {
@@ -28,7 +31,8 @@ impl CommandError {
     pub fn exit_code(&self) -> ExitCode {
         match self {
             CommandError::Replay(ReplayError::BadArguments(_))
-            | CommandError::Rejects(RejectsError::BadArguments(_)) => ExitCode::from(2),
+            | CommandError::Rejects(RejectsError::BadArguments(_))
+            | CommandError::Compact(CompactError::BadArguments(_)) => ExitCode::from(2),
             _ => ExitCode::FAILURE,
         }
     }

@@ -20,6 +20,7 @@
 
 pub mod batch;
 pub mod cli;
+pub mod compact;
 pub mod config;
 pub mod db;
 pub mod domain;

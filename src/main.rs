@@ -58,6 +58,20 @@ enum Command {
         #[command(subcommand)]
         action: cdc_lake::rejects::RejectsAction,
     },
+    /// Lake maintenance.
+    Lake {
+        #[command(subcommand)]
+        action: LakeAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum LakeAction {
+    /// Merge each table's small files (per date and topic-partition, consecutive offsets) into
+    /// files of about --target-size, swap them in the manifest and the Delta logs, and delete
+    /// files replaced longer ago than the retention. Safe to kill at any point: the next run
+    /// finishes or undoes what the last one left. One compaction per lake at a time.
+    Compact(cdc_lake::compact::CompactArgs),
 }
 
 fn main() -> ExitCode {
@@ -74,6 +88,9 @@ async fn run(command: Command, config: Config) -> Result<ExitCode, CommandError>
         Command::Verify(args) => Ok(replay::cli_verify(&config, &args).await?),
         Command::PruneRaw(args) => Ok(replay::cli_prune(&config, &args).await?),
         Command::Rejects { action } => Ok(cdc_lake::rejects::cli(&config, &action).await?),
+        Command::Lake {
+            action: LakeAction::Compact(args),
+        } => Ok(cdc_lake::compact::cli_compact(&config, &args).await?),
         Command::CheckConfig => {
             print!("{}", config.redacted());
             Ok(ExitCode::SUCCESS)

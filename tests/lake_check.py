@@ -1,9 +1,12 @@
 """Independent reader for the cdc-lake lake, used by the integration tests.
 
 Lists every object under the lake (as an analyst's glob would see it), reads each Parquet file
-with pyarrow, and checks it against the manifest. Prints one JSON object:
-  files, rows, coords ([topic, partition, offset] per row), duplicates, unlisted (objects the
-  manifest does not list), missing (listed but absent), zero_byte, manifest_rows, pending,
+with pyarrow, and checks it against the manifest (commits, with the compaction records applied).
+Files a compaction replaced and that wait for their retention are left out of the read and
+reported as `retired`. Prints one JSON object:
+  files, rows, coords ([topic, partition, offset] per row), duplicates, unlisted (objects no
+  commit or compaction wrote), missing (current files that are absent), retired, compactions,
+  zero_byte, manifest_rows (rows of the current files), pending,
   status_counts (after.status where present), sample (the newest after image per table),
   types (per table, the Arrow type of each `after` field), state (per table directory, the
   rows a fold of its changes leaves: the newest `after` per Kafka key, deletes removing it).
@@ -11,7 +14,7 @@ with pyarrow, and checks it against the manifest. Prints one JSON object:
 With Delta tables in the lake, `delta` reads each one with the `deltalake` package (a second
 independent reader, through the Delta log only): tables, files, rows, coords, duplicates
 (offsets twice in a snapshot), missing (log entries whose file is absent), unlisted (snapshot
-files the manifest does not list), unpublished (manifest files of a Delta table its snapshot
+files no commit or compaction wrote), unpublished (current files of a Delta table its snapshot
 lacks), and per table its version and txn versions.
 
 Usage: lake_check.py --dir PATH | --s3 ENDPOINT BUCKET PREFIX
@@ -19,6 +22,7 @@ Usage: lake_check.py --dir PATH | --s3 ENDPOINT BUCKET PREFIX
 import collections
 import json
 import os
+import re
 import sys
 
 import pyarrow.fs as pafs
@@ -57,7 +61,9 @@ def main():
     # Delta checkpoints are Parquet too; a glob over the data skips `_delta_log/`.
     data = {p: s for p, s in objects.items() if p.endswith(".parquet") and "/_delta_log/" not in p}
     manifests = [p for p in objects if "/_manifest/" in p and p.endswith(".json")]
-    listed, manifest_rows, pending = set(), 0, 0
+    # listed: every file a commit or a compaction wrote; current: what holds the rows after
+    # the compactions (`_compactions/<topic>/<partition>/<sequence>.json`, applied in order).
+    listed, current, pending = set(), {}, 0
     for m in manifests:
         if m.endswith("_pending.json"):
             pending += 1
@@ -66,14 +72,29 @@ def main():
             commit = json.loads(f.read())
         for entry in commit["files"]:
             listed.add(f"{store_root}/{entry['path']}")
-            manifest_rows += entry["rows"]
+            current[f"{store_root}/{entry['path']}"] = entry
+    compactions = sorted(p for p in objects if "/_compactions/" in p
+                         and re.search(r"/[0-9]{20}\.json$", p))
+    for c in compactions:
+        with fs.open_input_stream(c) as f:
+            record = json.loads(f.read())
+        for r in record["replacements"]:
+            for old in r["replaces"]:
+                current.pop(f"{store_root}/{old['path']}")
+            new = f"{store_root}/{r['file']['path']}"
+            current[new] = r["file"]
+            listed.add(new)
+    manifest_rows = sum(e["rows"] for e in current.values())
+    # Replaced files a compaction keeps until its retention ends: a plain glob sees their rows
+    # twice; the glob read below leaves them out and reports them.
+    retired = sorted(p for p in data if p in listed and p not in current)
     coords, seen, dups = [], collections.Counter(), 0
     status = collections.Counter()
     sample = {}
     types = {}  # table -> after field -> Arrow type, from the first file that has the field
     changes = collections.defaultdict(list)  # table directory -> (partition, offset, key, op, after)
     rows = 0
-    for path in sorted(data):
+    for path in sorted(set(data) - set(retired)):
         t = pq.read_table(path, filesystem=fs)
         rows += t.num_rows
         for rec in t.select(["kafka_topic", "kafka_partition", "kafka_offset"]).to_pylist():
@@ -132,7 +153,9 @@ def main():
         "coords": coords,
         "duplicates": dups,
         "unlisted": sorted(p for p in data if p not in listed),
-        "missing": sorted(p for p in listed if p not in data),
+        "missing": sorted(p for p in current if p not in data),
+        "retired": retired,
+        "compactions": len(compactions),
         "zero_byte": sum(1 for s in data.values() if s == 0),
         "manifest_rows": manifest_rows,
         "pending": pending,
@@ -145,11 +168,11 @@ def main():
     if delta_roots:
         local = sys.argv[1] == "--dir"
         report["delta"] = delta_report(
-            delta_roots, set(data), listed, local, None if local else delta_options)
+            delta_roots, set(data), listed, set(current), local, None if local else delta_options)
         # Tables whose directory the lake had to escape get no Delta log yet
         # (DeltaLog::covers): their coordinates, so a checker can account for every offset.
         uncovered = []
-        for p in sorted(listed):
+        for p in sorted(current):
             if "%" in p.split("/cdc_events/")[1].split("/date=")[0] and p in data:
                 t = pq.read_table(p, filesystem=fs, columns=["kafka_topic", "kafka_partition", "kafka_offset"])
                 uncovered += [[r["kafka_topic"], r["kafka_partition"], r["kafka_offset"]] for r in t.to_pylist()]
@@ -161,7 +184,7 @@ def main():
     os._exit(0)
 
 
-def delta_report(roots, data, listed, local, options):
+def delta_report(roots, data, listed, current, local, options):
     from deltalake import DeltaTable
 
     out = {"tables": {}, "files": 0, "rows": 0, "coords": [], "duplicates": 0, "missing": [],
@@ -175,7 +198,7 @@ def delta_report(roots, data, listed, local, options):
         out["missing"] += [f for f in files if f not in data]
         out["unlisted"] += [f for f in files if f not in listed]
         out["unpublished"] += sorted(
-            p for p in listed if p.startswith(root + "/") and p not in set(files))
+            p for p in current if p.startswith(root + "/") and p not in set(files))
         t = dt.to_pyarrow_table(columns=["kafka_topic", "kafka_partition", "kafka_offset"])
         out["rows"] += t.num_rows
         for rec in t.to_pylist():

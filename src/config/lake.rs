@@ -34,6 +34,40 @@ pub struct LakeConfig {
     /// Hive-partitioned files and the manifest only.
     pub table_format: TableFormat,
     pub delta: DeltaConfig,
+    pub compaction: CompactionConfig,
+}
+
+/// `[lake.compaction]`: what `cdc-lake lake compact` does by default.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CompactionConfig {
+    /// A compacted file holds up to about this many bytes of the files it merges.
+    pub target_size: ByteSize,
+    /// Replaced files are deleted this long after their compaction. Until then a plain glob
+    /// over the files sees their rows twice; Delta readers and cdc-lake never do, and time
+    /// travel to a version before the compaction works. Unset: 7 days with Delta tables (as
+    /// Delta's own VACUUM keeps), 1 hour without (only readers already running need them).
+    pub retention: Option<HumanDuration>,
+}
+
+impl Default for CompactionConfig {
+    fn default() -> Self {
+        Self {
+            target_size: ByteSize(256 << 20),
+            retention: None,
+        }
+    }
+}
+
+impl LakeConfig {
+    /// How long replaced files stay after a compaction ([`CompactionConfig::retention`]).
+    pub fn compaction_retention(&self) -> Duration {
+        match (self.compaction.retention, self.table_format) {
+            (Some(r), _) => r.0,
+            (None, TableFormat::Delta) => Duration::from_secs(7 * 24 * 3600),
+            (None, TableFormat::Parquet) => Duration::from_secs(3600),
+        }
+    }
 }
 
 /// What readers other than cdc-lake see of the lake (see [`LakeConfig::table_format`]).
@@ -90,6 +124,7 @@ impl Default for LakeConfig {
             layout: LakeLayout::Table,
             table_format: TableFormat::default(),
             delta: DeltaConfig::default(),
+            compaction: CompactionConfig::default(),
         }
     }
 }

@@ -71,6 +71,20 @@ impl From<HumanDuration> for String {
     }
 }
 
+impl std::str::FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        parse_size(s).map(ByteSize)
+    }
+}
+
+impl std::str::FromStr for HumanDuration {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        parse_duration(s).map(HumanDuration)
+    }
+}
+
 fn split_unit(s: &str) -> (&str, &str) {
     let s = s.trim();
     let idx = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());

@@ -13,8 +13,8 @@ use chrono::{DateTime, Utc};
 
 use crate::config::Config;
 use crate::domain::TopicPartition;
+use crate::sink::lake::compaction::read_partition;
 use crate::sink::lake::manifest::{FileEntry, Layout};
-use crate::sink::lake::read_commits;
 
 /// What prune-raw deleted (or would delete) per partition.
 #[derive(Debug, Default)]
@@ -44,35 +44,40 @@ async fn proven_range(
     layout: &Layout,
     tp: &TopicPartition,
 ) -> ReplayResult<Option<Proof>> {
-    let commits = read_commits(store, layout, tp)
+    let partition = read_partition(store, layout, tp)
         .await
         .with_context(|| format!("reading the lake manifest of {tp}"))?;
-    let Some(first) = commits.first() else {
+    let Some(first) = partition.commits.first() else {
         return Ok(None);
     };
     let (start, mut next) = (first.first_offset, first.first_offset);
-    let mut files = Vec::new();
-    for c in &commits {
+    for c in &partition.commits {
         if c.first_offset != next {
             // A gap: only the run before it is proven.
             break;
         }
-        for f in &c.files {
-            let meta = store
-                .head(&crate::sink::lake::manifest::stored_path(&f.path))
-                .await
-                .with_context(|| {
-                    format!("{tp}: manifest lists {} but it is not in the lake", f.path)
-                })?;
-            if meta.size != f.bytes {
-                return Err(ReplayError::Corrupt(format!(
-                    "{tp}: lake file {} has {} bytes, the manifest says {}; not pruning",
-                    f.path, meta.size, f.bytes
-                )));
-            }
-        }
         next = c.next_offset;
-        files.extend(c.files.iter().cloned());
+    }
+    // The files that hold the run's rows now (compactions applied): a compacted file lies
+    // inside the commits it replaced files of.
+    let files: Vec<FileEntry> = partition
+        .files
+        .into_iter()
+        .filter(|f| f.min_offset >= start && f.max_offset < next)
+        .collect();
+    for f in &files {
+        let meta = store
+            .head(&crate::sink::lake::manifest::stored_path(&f.path))
+            .await
+            .with_context(|| {
+                format!("{tp}: manifest lists {} but it is not in the lake", f.path)
+            })?;
+        if meta.size != f.bytes {
+            return Err(ReplayError::Corrupt(format!(
+                "{tp}: lake file {} has {} bytes, the manifest says {}; not pruning",
+                f.path, meta.size, f.bytes
+            )));
+        }
     }
     Ok(Some(Proof {
         range: (start, next),

@@ -12,7 +12,6 @@ use std::sync::Arc;
 use super::error::{Context, ReplayError, ReplayResult};
 use bytes::Bytes;
 use futures::{pin_mut, TryStreamExt};
-use object_store::path::Path;
 use object_store::ObjectStore;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ProjectionMask;
@@ -28,9 +27,9 @@ use crate::envelope::avro::json_converter_envelope;
 use crate::envelope::{
     json, parse_source, ChangeEvent, Column, Decoded, Decoder, Op, RowSchema, ValueForm,
 };
+use crate::sink::lake::compaction::{ranges_with_files, read_partition};
 use crate::sink::lake::encode::{AVRO_CONNECT_SCHEMAS, AVRO_SCHEMA_ID};
 use crate::sink::lake::manifest::{Commit, Layout};
-use crate::sink::lake::read_commits;
 
 /// What a selection covers, known before anything is written.
 #[derive(Debug, Default, Clone)]
@@ -266,42 +265,17 @@ pub async fn read_raw(client: Client, sel: Selection) -> ReplayResult<Chunks> {
 // ---------------------------------------------------------------------------------------------
 // Lake
 
-/// Every partition that has a manifest, from the `_manifest/<topic>/<partition>/` layout.
+/// The topic-partitions the lake's manifest has commits for.
 pub async fn lake_partitions(
     store: &dyn ObjectStore,
     prefix: &str,
 ) -> ReplayResult<Vec<TopicPartition>> {
-    let prefix = prefix.trim_matches('/');
-    let root = if prefix.is_empty() {
-        Path::from("_manifest")
-    } else {
-        Path::from(format!("{prefix}/_manifest"))
-    };
-    let mut out = Vec::new();
-    let topics = store
-        .list_with_delimiter(Some(&root))
-        .await
-        .with_context(|| format!("listing {root}"))?;
-    for topic_dir in topics.common_prefixes {
-        let Some(topic) = topic_dir.filename().map(str::to_string) else {
-            continue;
-        };
-        let parts = store
-            .list_with_delimiter(Some(&topic_dir))
-            .await
-            .with_context(|| format!("listing {topic_dir}"))?;
-        for p in parts.common_prefixes {
-            if let Some(n) = p.filename().and_then(|f| f.parse::<i32>().ok()) {
-                out.push(TopicPartition::new(topic.clone(), n));
-            }
-        }
-    }
-    out.sort();
-    Ok(out)
+    Ok(crate::sink::lake::lake_partitions(store, prefix).await?)
 }
 
-/// Manifest commits of the selection, per partition in offset order, with the files that hold
-/// selected offsets.
+/// Offset ranges of the selection, per partition in offset order, with the current files
+/// (compactions applied) that hold selected offsets: manifest commits, joined where a
+/// compacted file spans several.
 pub async fn lake_commits(
     store: &dyn ObjectStore,
     layout: &Layout,
@@ -315,10 +289,10 @@ pub async fn lake_commits(
         {
             continue;
         }
-        for mut c in read_commits(store, layout, &tp)
+        let partition = read_partition(store, layout, &tp)
             .await
-            .with_context(|| format!("reading the lake manifest of {tp}"))?
-        {
+            .with_context(|| format!("reading the lake manifest of {tp}"))?;
+        for mut c in ranges_with_files(&partition.commits, &partition.files) {
             c.files.retain(|f| {
                 f.max_offset >= sel.from_offset && sel.to_offset.is_none_or(|to| f.min_offset <= to)
             });

@@ -303,25 +303,7 @@ pub fn config(
         ("CDC_LAKE__HTTP__LISTEN".into(), "".into()),
         ("CDC_LAKE__LAKE__ROLL_AGE".into(), "1s".into()),
     ];
-    match lake {
-        LakeTarget::Local(dir) => {
-            env.push(("CDC_LAKE__LAKE__ROOT".into(), dir.display().to_string()))
-        }
-        LakeTarget::S3 {
-            prefix,
-            secret_file,
-        } => {
-            env.push(("CDC_LAKE__LAKE__PREFIX".into(), prefix.clone()));
-            env.push(("CDC_LAKE__LAKE__S3__BUCKET".into(), "cdc-lake".into()));
-            env.push(("CDC_LAKE__LAKE__S3__ENDPOINT".into(), s3_endpoint()));
-            env.push(("CDC_LAKE__LAKE__S3__ALLOW_HTTP".into(), "true".into()));
-            env.push(("CDC_LAKE__LAKE__S3__ACCESS_KEY_ID".into(), "testing".into()));
-            env.push((
-                "CDC_LAKE__LAKE__S3__SECRET_ACCESS_KEY_FILE".into(),
-                secret_file.display().to_string(),
-            ));
-        }
-    }
+    env.extend(lake.env());
     // The demo's analytics and replica targets live in shared databases: a test that wants a
     // target configures its own (tests/analytics.rs).
     env.push(("CDC_LAKE__TARGETS".into(), "{}".into()));
@@ -374,6 +356,29 @@ impl LakeTarget {
         LakeTarget::S3 {
             prefix: unique(name),
             secret_file,
+        }
+    }
+
+    /// The config environment that points cdc-lake at this lake.
+    pub fn env(&self) -> Vec<(String, String)> {
+        match self {
+            LakeTarget::Local(dir) => {
+                vec![("CDC_LAKE__LAKE__ROOT".into(), dir.display().to_string())]
+            }
+            LakeTarget::S3 {
+                prefix,
+                secret_file,
+            } => vec![
+                ("CDC_LAKE__LAKE__PREFIX".into(), prefix.clone()),
+                ("CDC_LAKE__LAKE__S3__BUCKET".into(), "cdc-lake".into()),
+                ("CDC_LAKE__LAKE__S3__ENDPOINT".into(), s3_endpoint()),
+                ("CDC_LAKE__LAKE__S3__ALLOW_HTTP".into(), "true".into()),
+                ("CDC_LAKE__LAKE__S3__ACCESS_KEY_ID".into(), "testing".into()),
+                (
+                    "CDC_LAKE__LAKE__S3__SECRET_ACCESS_KEY_FILE".into(),
+                    secret_file.display().to_string(),
+                ),
+            ],
         }
     }
 

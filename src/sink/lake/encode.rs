@@ -448,16 +448,21 @@ pub fn record_batch(
     Ok((batch, metadata))
 }
 
+/// How every lake file is written (compacted files too).
+pub fn writer_properties(metadata: Option<Vec<KeyValue>>) -> WriterProperties {
+    WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .set_created_by(format!("cdc-lake {}", env!("CARGO_PKG_VERSION")))
+        .set_key_value_metadata(metadata)
+        .build()
+}
+
 /// One Parquet object of `batch`.
 pub fn write_parquet(
     batch: &RecordBatch,
     metadata: Option<Vec<KeyValue>>,
 ) -> Result<Vec<u8>, String> {
-    let props = WriterProperties::builder()
-        .set_compression(Compression::SNAPPY)
-        .set_created_by(format!("cdc-lake {}", env!("CARGO_PKG_VERSION")))
-        .set_key_value_metadata(metadata)
-        .build();
+    let props = writer_properties(metadata);
     let mut buf = Vec::new();
     let mut writer =
         ArrowWriter::try_new(&mut buf, batch.schema(), Some(props)).map_err(|e| e.to_string())?;

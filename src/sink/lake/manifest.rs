@@ -112,6 +112,58 @@ impl Layout {
         Some((dir.to_string(), format!("{date}/{name}")))
     }
 
+    /// A compacted file under `table_dir`: named by the first and last offset it holds, so it
+    /// never shares a name with the files it replaces.
+    pub fn compacted_file(
+        &self,
+        table_dir: &str,
+        date: &str,
+        tp: &TopicPartition,
+        offsets: (i64, i64),
+    ) -> Path {
+        stored_path(&format!(
+            "{}cdc_events/{table_dir}/date={date}/{}+{}+{}-{}.parquet",
+            self.prefix,
+            lake_path_segment(&tp.topic),
+            tp.partition,
+            offsets.0,
+            offsets.1
+        ))
+    }
+
+    /// A partition's compaction records (`<sequence, 20 digits>.json`), apart from its commits
+    /// so that a reader of commits never mistakes one for the other.
+    pub fn compactions_dir(&self, tp: &TopicPartition) -> Path {
+        stored_path(&format!(
+            "{}_compactions/{}/{}",
+            self.prefix,
+            lake_path_segment(&tp.topic),
+            tp.partition
+        ))
+    }
+
+    pub fn compaction(&self, tp: &TopicPartition, sequence: u64) -> Path {
+        self.compactions_dir(tp)
+            .child(format!("{sequence:020}.json"))
+    }
+
+    /// The objects a compaction is uploading before its record lands.
+    pub fn compaction_pending(&self, tp: &TopicPartition, sequence: u64) -> Path {
+        self.compactions_dir(tp)
+            .child(format!("{sequence:020}.pending.json"))
+    }
+
+    /// Written when a compaction's replaced files are deleted (after the retention).
+    pub fn compaction_vacuumed(&self, tp: &TopicPartition, sequence: u64) -> Path {
+        self.compactions_dir(tp)
+            .child(format!("{sequence:020}.vacuumed"))
+    }
+
+    /// The lease of the one compaction running on the lake.
+    pub fn compaction_lock(&self) -> Path {
+        stored_path(&format!("{}_compactions/_lock.json", self.prefix))
+    }
+
     pub fn manifest_dir(&self, tp: &TopicPartition) -> Path {
         stored_path(&format!(
             "{}_manifest/{}/{}",
@@ -174,6 +226,15 @@ mod tests {
         assert_eq!(
             l.commit(&tp, 17).as_ref(),
             "team/_manifest/ecom.public.books/2/00000000000000000017.json"
+        );
+        assert_eq!(
+            l.compacted_file("table=public.books", "2024-03-02", &tp, (17, 90))
+                .as_ref(),
+            "team/cdc_events/table=public.books/date=2024-03-02/ecom.public.books+2+17-90.parquet"
+        );
+        assert_eq!(
+            l.compaction(&tp, 3).as_ref(),
+            "team/_compactions/ecom.public.books/2/00000000000000000003.json"
         );
         let root = Layout::new("");
         assert_eq!(

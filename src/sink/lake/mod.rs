@@ -6,6 +6,7 @@
 //! `_pending.json`. File names are deterministic (`<topic>+<partition>+<first offset>`), so a
 //! retry after a crash rewrites the same objects instead of adding copies.
 
+pub mod compaction;
 pub mod delta;
 pub mod encode;
 pub mod manifest;
@@ -25,8 +26,10 @@ use self::delta::DeltaLog;
 use self::encode::FileFor;
 use self::manifest::{Commit, FileEntry, Layout, Pending};
 use self::publish::Unpublished;
-use self::store::{commit_paths, read_json, store_err};
-pub use self::store::{open_store, read_commits};
+use self::store::commit_paths;
+pub use self::store::{
+    lake_partitions, open_store, read_bytes, read_commits, read_json, store_err,
+};
 use super::{Ack, Offsets, Sink, SinkError, WriteStats};
 use crate::batch::Batch;
 use crate::config::{LakeConfig, TableFormat};

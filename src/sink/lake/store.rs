@@ -66,7 +66,7 @@ pub fn open_store(cfg: &LakeConfig) -> Result<(Arc<dyn ObjectStore>, String), Si
     }
 }
 
-pub(super) fn store_err(path: &Path) -> impl FnOnce(object_store::Error) -> SinkError + '_ {
+pub fn store_err(path: &Path) -> impl FnOnce(object_store::Error) -> SinkError + '_ {
     move |source| SinkError::ObjectStore {
         path: path.to_string(),
         source,
@@ -74,10 +74,7 @@ pub(super) fn store_err(path: &Path) -> impl FnOnce(object_store::Error) -> Sink
 }
 
 /// The whole object at `path`.
-pub(super) async fn read_bytes(
-    store: &dyn ObjectStore,
-    path: &Path,
-) -> Result<bytes::Bytes, SinkError> {
+pub async fn read_bytes(store: &dyn ObjectStore, path: &Path) -> Result<bytes::Bytes, SinkError> {
     store
         .get(path)
         .await
@@ -87,7 +84,7 @@ pub(super) async fn read_bytes(
         .map_err(store_err(path))
 }
 
-pub(super) async fn read_json<T: serde::de::DeserializeOwned>(
+pub async fn read_json<T: serde::de::DeserializeOwned>(
     store: &dyn ObjectStore,
     path: &Path,
 ) -> Result<T, SinkError> {
@@ -131,5 +128,39 @@ pub async fn read_commits(
     for p in paths {
         out.push(read_json(store, &p).await?);
     }
+    Ok(out)
+}
+
+/// The topic-partitions the manifest has a directory for (`_manifest/<topic>/<partition>/`).
+pub async fn lake_partitions(
+    store: &dyn ObjectStore,
+    prefix: &str,
+) -> Result<Vec<TopicPartition>, SinkError> {
+    let prefix = prefix.trim_matches('/');
+    let root = if prefix.is_empty() {
+        Path::from("_manifest")
+    } else {
+        Path::from(format!("{prefix}/_manifest"))
+    };
+    let mut out = Vec::new();
+    let topics = store
+        .list_with_delimiter(Some(&root))
+        .await
+        .map_err(store_err(&root))?;
+    for topic_dir in topics.common_prefixes {
+        let Some(topic) = topic_dir.filename().map(str::to_string) else {
+            continue;
+        };
+        let parts = store
+            .list_with_delimiter(Some(&topic_dir))
+            .await
+            .map_err(store_err(&topic_dir))?;
+        for p in parts.common_prefixes {
+            if let Some(n) = p.filename().and_then(|f| f.parse::<i32>().ok()) {
+                out.push(TopicPartition::new(topic.clone(), n));
+            }
+        }
+    }
+    out.sort();
     Ok(out)
 }

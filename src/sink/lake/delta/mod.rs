@@ -15,8 +15,11 @@
 //! not grow with a table's file count; checkpoints and log cleanup run every
 //! `lake.delta.checkpoint_interval` commits.
 
+mod replace;
 pub mod stats;
 pub mod types;
+
+pub use replace::{compaction_app_id, Replaced};
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -210,7 +213,15 @@ impl DeltaLog {
         table_dir: &str,
         tp: &TopicPartition,
     ) -> Result<Option<i64>, SinkError> {
-        let app = app_id(tp);
+        self.recorded_app(table_dir, app_id(tp)).await
+    }
+
+    /// The txn version of `app` in the table's log.
+    async fn recorded_app(
+        &mut self,
+        table_dir: &str,
+        app: String,
+    ) -> Result<Option<i64>, SinkError> {
         let table = self.table(table_dir).await?;
         let Some(state) = table.delta.state.as_ref() else {
             return Ok(None);
