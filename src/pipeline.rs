@@ -168,13 +168,15 @@ impl<C: Committer> Pipeline<C> {
                 ev = events.recv() => match ev {
                     None => break,
                     Some(SourceEvent::Records(records)) => {
+                        // The poll thread hands over chunks of at least 100 records: a batch
+                        // closes inside one at its limits, so `batch.max_records` holds.
                         for r in records {
                             if self.owned.contains(&r.coords().topic_partition()) {
                                 self.batcher.push(r);
                             }
-                        }
-                        if self.batcher.is_full() {
-                            self.write_batch().await;
+                            if self.batcher.is_full() {
+                                self.write_batch().await;
+                            }
                         }
                     }
                     Some(SourceEvent::Assigned { partitions, reply }) => {

@@ -61,9 +61,9 @@ def main():
     # Delta checkpoints are Parquet too; a glob over the data skips `_delta_log/`.
     data = {p: s for p, s in objects.items() if p.endswith(".parquet") and "/_delta_log/" not in p}
     manifests = [p for p in objects if "/_manifest/" in p and p.endswith(".json")]
-    # listed: every file a commit or a compaction wrote; current: what holds the rows after
+    # listed: every file a commit or a compaction wrote; current_files: what holds the rows after
     # the compactions (`_compactions/<topic>/<partition>/<sequence>.json`, applied in order).
-    listed, current, pending = set(), {}, 0
+    listed, current_files, pending = set(), {}, 0
     for m in manifests:
         if m.endswith("_pending.json"):
             pending += 1
@@ -72,7 +72,7 @@ def main():
             commit = json.loads(f.read())
         for entry in commit["files"]:
             listed.add(f"{store_root}/{entry['path']}")
-            current[f"{store_root}/{entry['path']}"] = entry
+            current_files[f"{store_root}/{entry['path']}"] = entry
     compactions = sorted(p for p in objects if "/_compactions/" in p
                          and re.search(r"/[0-9]{20}\.json$", p))
     for c in compactions:
@@ -80,14 +80,14 @@ def main():
             record = json.loads(f.read())
         for r in record["replacements"]:
             for old in r["replaces"]:
-                current.pop(f"{store_root}/{old['path']}")
+                current_files.pop(f"{store_root}/{old['path']}")
             new = f"{store_root}/{r['file']['path']}"
-            current[new] = r["file"]
+            current_files[new] = r["file"]
             listed.add(new)
-    manifest_rows = sum(e["rows"] for e in current.values())
+    manifest_rows = sum(e["rows"] for e in current_files.values())
     # Replaced files a compaction keeps until its retention ends: a plain glob sees their rows
     # twice; the glob read below leaves them out and reports them.
-    retired = sorted(p for p in data if p in listed and p not in current)
+    retired = sorted(p for p in data if p in listed and p not in current_files)
     coords, seen, dups = [], collections.Counter(), 0
     status = collections.Counter()
     sample = {}
@@ -133,7 +133,7 @@ def main():
     dups = sum(n - 1 for n in seen.values() if n > 1)
     state = {}
     for directory, rows_of in changes.items():
-        current = {}
+        folded = {}
         # One partition per key: Kafka order within the partition is the change order.
         for _, _, key, op, after in sorted(rows_of, key=lambda r: (r[0], r[1])):
             if key is None or op not in ("c", "u", "r", "d"):
@@ -143,17 +143,18 @@ def main():
                 k = k["payload"]
             k = json.dumps(k, sort_keys=True)
             if op == "d":
-                current.pop(k, None)
+                folded.pop(k, None)
             else:
-                current[k] = finite(json.loads(json.dumps(after, default=str)))
-        state[directory] = current
+                folded[k] = finite(json.loads(json.dumps(after, default=str)))
+        state[directory] = folded
     report = {
         "files": len(data),
+        "current_files": sum(1 for p in current_files if p in data),
         "rows": rows,
         "coords": coords,
         "duplicates": dups,
         "unlisted": sorted(p for p in data if p not in listed),
-        "missing": sorted(p for p in current if p not in data),
+        "missing": sorted(p for p in current_files if p not in data),
         "retired": retired,
         "compactions": len(compactions),
         "zero_byte": sum(1 for s in data.values() if s == 0),
@@ -168,11 +169,11 @@ def main():
     if delta_roots:
         local = sys.argv[1] == "--dir"
         report["delta"] = delta_report(
-            delta_roots, set(data), listed, set(current), local, None if local else delta_options)
+            delta_roots, set(data), listed, set(current_files), local, None if local else delta_options)
         # Tables whose directory the lake had to escape get no Delta log yet
         # (DeltaLog::covers): their coordinates, so a checker can account for every offset.
         uncovered = []
-        for p in sorted(current):
+        for p in sorted(current_files):
             if "%" in p.split("/cdc_events/")[1].split("/date=")[0] and p in data:
                 t = pq.read_table(p, filesystem=fs, columns=["kafka_topic", "kafka_partition", "kafka_offset"])
                 uncovered += [[r["kafka_topic"], r["kafka_partition"], r["kafka_offset"]] for r in t.to_pylist()]
@@ -184,7 +185,7 @@ def main():
     os._exit(0)
 
 
-def delta_report(roots, data, listed, current, local, options):
+def delta_report(roots, data, listed, current_files, local, options):
     from deltalake import DeltaTable
 
     out = {"tables": {}, "files": 0, "rows": 0, "coords": [], "duplicates": 0, "missing": [],
@@ -198,7 +199,7 @@ def delta_report(roots, data, listed, current, local, options):
         out["missing"] += [f for f in files if f not in data]
         out["unlisted"] += [f for f in files if f not in listed]
         out["unpublished"] += sorted(
-            p for p in current if p.startswith(root + "/") and p not in set(files))
+            p for p in current_files if p.startswith(root + "/") and p not in set(files))
         t = dt.to_pyarrow_table(columns=["kafka_topic", "kafka_partition", "kafka_offset"])
         out["rows"] += t.num_rows
         for rec in t.to_pylist():

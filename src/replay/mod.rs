@@ -36,8 +36,8 @@ pub struct ReplayArgs {
     /// Only this partition.
     #[arg(long, value_name = "P")]
     pub partition: Option<i32>,
-    /// Rebuild state as it was at this point: a timestamp (RFC 3339, or UTC
-    /// "YYYY-MM-DD HH:MM:SS") or a source LSN (0/16B3748).
+    /// Rebuild state as it was at this point: a timestamp (RFC 3339, UTC
+    /// "YYYY-MM-DD HH:MM:SS", or a UTC date, meaning its midnight) or a source LSN (0/16B3748).
     #[arg(long, value_name = "TIMESTAMP|LSN")]
     pub until: Option<Until>,
     /// The target to write: "processed" ([state]) or a [targets.<name>] from the config.
@@ -87,8 +87,8 @@ pub struct VerifyArgs {
 /// `cdc-lake prune-raw` arguments.
 #[derive(Debug, Clone, clap::Args)]
 pub struct PruneArgs {
-    /// Delete rows whose source commit time is before this (RFC 3339, or UTC
-    /// "YYYY-MM-DD HH:MM:SS").
+    /// Delete rows whose source commit time is before this (RFC 3339, UTC
+    /// "YYYY-MM-DD HH:MM:SS", or a UTC date "YYYY-MM-DD", which means its midnight).
     #[arg(long, value_name = "TIMESTAMP")]
     pub before: String,
     /// Count what would be deleted; delete nothing.

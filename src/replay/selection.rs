@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use chrono::{DateTime, NaiveDateTime, Utc};
+use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, Utc};
 
 use super::error::{ReplayError, ReplayResult};
 use crate::envelope::Decoded;
@@ -38,8 +38,12 @@ impl std::str::FromStr for Until {
                 return Ok(Until::Time(t.and_utc()));
             }
         }
+        // A date alone is its first instant, UTC: the lake's `date=` partitions are UTC days.
+        if let Ok(d) = NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+            return Ok(Until::Time(d.and_time(NaiveTime::MIN).and_utc()));
+        }
         Err(format!(
-            "{s:?} is neither a timestamp (2026-11-21T09:30:00Z, or UTC 2026-11-21 09:30:00) nor an LSN (0/16B3748 or a number)"
+            "{s:?} is neither a timestamp (2026-11-21T09:30:00Z, UTC 2026-11-21 09:30:00, or a UTC date 2026-11-21) nor an LSN (0/16B3748 or a number)"
         ))
     }
 }
@@ -168,5 +172,24 @@ impl fmt::Display for SourceKind {
             SourceKind::Raw => "raw log",
             SourceKind::Lake => "lake",
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn until_reads_lsns_timestamps_and_dates() {
+        let at = |s: &str| match s.parse::<Until>().unwrap() {
+            Until::Time(t) => t.to_rfc3339(),
+            Until::Lsn(l) => l.to_string(),
+        };
+        assert_eq!(at("0/16B3748"), "23803720");
+        assert_eq!(at("23803720"), "23803720");
+        assert_eq!(at("2026-11-21T09:30:00+01:00"), "2026-11-21T08:30:00+00:00");
+        assert_eq!(at("2026-11-21 09:30:00"), "2026-11-21T09:30:00+00:00");
+        assert_eq!(at("2026-11-21"), "2026-11-21T00:00:00+00:00");
+        assert!("2026-13-01".parse::<Until>().is_err());
     }
 }

@@ -48,6 +48,32 @@ pub type Chunks = mpsc::Receiver<ReplayResult<Vec<Decoded>>>;
 
 const CHUNK: usize = 5_000;
 
+/// Runs a reader task. A reader that panics ends its stream with an error: a closed channel
+/// alone reads as "nothing more to replay", which would turn a crash into a silent short replay.
+fn spawn_reader<F>(tx: mpsc::Sender<ReplayResult<Vec<Decoded>>>, reader: F)
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let task = tokio::spawn(reader);
+    tokio::spawn(async move {
+        if let Err(e) = task.await {
+            let reason = match e.try_into_panic() {
+                Ok(panic) => panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "a panic".into()),
+                Err(e) => e.to_string(),
+            };
+            let _ = tx
+                .send(Err(ReplayError::Corrupt(format!(
+                    "the replay reader stopped: {reason}"
+                ))))
+                .await;
+        }
+    });
+}
+
 /// `schema.table` as stored in the raw log and the manifest.
 fn table_id(s: &str) -> TableId {
     match s.split_once('.') {
@@ -219,7 +245,7 @@ fn raw_change(
 pub async fn read_raw(client: Client, sel: Selection) -> ReplayResult<Chunks> {
     let schemas = row_schemas(&client).await?;
     let (tx, rx) = mpsc::channel(2);
-    tokio::spawn(async move {
+    spawn_reader(tx.clone(), async move {
         let result = async {
             let (filter, params) = raw_filter(&sel);
             let sql = format!(
@@ -336,8 +362,8 @@ const LAKE_COLUMNS: &[&str] = &[
 
 /// Decodes one Parquet file's records with the live decoder.
 fn decode_file(bytes: Bytes, decoder: &mut Decoder, path: &str) -> ReplayResult<Vec<Decoded>> {
-    use arrow::array::{Array, AsArray};
-    use arrow::datatypes::{Int32Type, Int64Type, TimestampMillisecondType};
+    use arrow::array::Array;
+    use arrow::datatypes::{Int32Type, Int64Type};
 
     let builder = ParquetRecordBatchReaderBuilder::try_new(bytes)
         .with_context(|| format!("{path} is not a readable Parquet file"))?;
@@ -373,17 +399,19 @@ fn decode_file(bytes: Bytes, decoder: &mut Decoder, path: &str) -> ReplayResult<
                 .column_by_name(name)
                 .with_context(|| format!("{path} has no column {name}"))
         };
-        let topic = col("kafka_topic")?.as_string::<i32>().clone();
-        let partition = col("kafka_partition")?.as_primitive::<Int32Type>().clone();
-        let offset = col("kafka_offset")?.as_primitive::<Int64Type>().clone();
-        let ts = col("kafka_timestamp")?
-            .as_primitive::<TimestampMillisecondType>()
-            .clone();
-        let key = col("kafka_key")?.as_string::<i32>().clone();
-        let envelope = col("envelope")?.as_string::<i32>().clone();
+        let topic = strings(col("kafka_topic")?, "kafka_topic", path)?;
+        let partition = primitives::<Int32Type>(col("kafka_partition")?, "kafka_partition", path)?;
+        let offset = primitives::<Int64Type>(col("kafka_offset")?, "kafka_offset", path)?;
+        let ts = timestamps_ms(col("kafka_timestamp")?, path)?;
+        let key = strings(col("kafka_key")?, "kafka_key", path)?;
+        let envelope = strings(col("envelope")?, "envelope", path)?;
         let schema_ids = match avro_schemas.is_empty() {
             true => None,
-            false => Some(col(AVRO_SCHEMA_ID)?.as_primitive::<Int64Type>().clone()),
+            false => Some(primitives::<Int64Type>(
+                col(AVRO_SCHEMA_ID)?,
+                AVRO_SCHEMA_ID,
+                path,
+            )?),
         };
         for i in 0..batch.num_rows() {
             let coords = KafkaCoordinates {
@@ -409,6 +437,55 @@ fn decode_file(bytes: Bytes, decoder: &mut Decoder, path: &str) -> ReplayResult<
         }
     }
     Ok(out)
+}
+
+fn strings<'a>(
+    array: &'a arrow::array::ArrayRef,
+    name: &str,
+    path: &str,
+) -> ReplayResult<&'a arrow::array::StringArray> {
+    use arrow::array::AsArray;
+    array
+        .as_string_opt::<i32>()
+        .with_context(|| format!("{path}: column {name} is {}, not Utf8", array.data_type()))
+}
+
+fn primitives<'a, T: arrow::datatypes::ArrowPrimitiveType>(
+    array: &'a arrow::array::ArrayRef,
+    name: &str,
+    path: &str,
+) -> ReplayResult<&'a arrow::array::PrimitiveArray<T>> {
+    use arrow::array::AsArray;
+    array.as_primitive_opt::<T>().with_context(|| {
+        format!(
+            "{path}: column {name} is {}, not {}",
+            array.data_type(),
+            T::DATA_TYPE
+        )
+    })
+}
+
+/// `kafka_timestamp` in milliseconds. Parquet-format lakes store milliseconds; Delta tables
+/// hold only microseconds, so a Delta-format lake stores the same instants as microseconds.
+fn timestamps_ms(
+    array: &arrow::array::ArrayRef,
+    path: &str,
+) -> ReplayResult<arrow::array::TimestampMillisecondArray> {
+    use arrow::array::AsArray;
+    use arrow::datatypes::{DataType, TimeUnit, TimestampMillisecondType};
+    match array.data_type() {
+        DataType::Timestamp(TimeUnit::Millisecond, _) => {
+            Ok(array.as_primitive::<TimestampMillisecondType>().clone())
+        }
+        DataType::Timestamp(_, _) => {
+            let ms = arrow::compute::cast(array, &DataType::Timestamp(TimeUnit::Millisecond, None))
+                .with_context(|| format!("{path}: converting kafka_timestamp to milliseconds"))?;
+            Ok(ms.as_primitive::<TimestampMillisecondType>().clone())
+        }
+        other => Err(ReplayError::Corrupt(format!(
+            "{path}: column kafka_timestamp is {other}, not a timestamp"
+        ))),
+    }
 }
 
 /// The Connect schema of each writer schema id a lake file's Avro rows name (from the file's
@@ -443,7 +520,7 @@ fn avro_connect_schemas<T>(
 /// Streams the selected commits' records, commit by commit in offset order.
 pub fn read_lake(store: Arc<dyn ObjectStore>, commits: Vec<Commit>, sel: Selection) -> Chunks {
     let (tx, rx) = mpsc::channel(2);
-    tokio::spawn(async move {
+    spawn_reader(tx.clone(), async move {
         let mut decoder = Decoder::new();
         for commit in commits {
             let result = async {

@@ -17,7 +17,10 @@
 
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, AsArray, ListArray, StructArray, TimestampMicrosecondArray};
+use arrow::array::{
+    new_null_array, Array, ArrayRef, AsArray, ListArray, StructArray, TimestampMicrosecondArray,
+};
+use arrow::buffer::NullBuffer;
 use arrow::compute::cast;
 use arrow::datatypes::{
     DataType, Field, FieldRef, Fields, Schema, TimeUnit, TimestampMillisecondType,
@@ -130,11 +133,16 @@ fn convert(array: &ArrayRef) -> Result<ArrayRef, ArrowError> {
 /// differently (a source `ALTER COLUMN … TYPE`, or an inferred type that changed): the file
 /// stores it as `<name>__<new type>` (`price__string`), a column of its own, so the table's
 /// schema stays one every file fits. The values stay exact, and `envelope` is unchanged.
+///
+/// A column with no value in the file (schemaless JSON types a null as text, as in a delete's
+/// `before`) has no type of its own: it takes the table's type, so a delete neither adds a
+/// `__string` column nor gives its file a shape that compaction cannot merge with its
+/// neighbours.
 pub fn rename_conflicts(batch: RecordBatch, table: &Schema) -> Result<RecordBatch, ArrowError> {
     let schema = batch.schema();
     let mut fields: Vec<FieldRef> = schema.fields().iter().cloned().collect();
     let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
-    let mut renamed = false;
+    let mut changed = false;
     for (i, field) in schema.fields().iter().enumerate() {
         let (DataType::Struct(file_row), Ok(table_field)) =
             (field.data_type(), table.field_with_name(field.name()))
@@ -144,11 +152,18 @@ pub fn rename_conflicts(batch: RecordBatch, table: &Schema) -> Result<RecordBatc
         let DataType::Struct(table_row) = table_field.data_type() else {
             continue;
         };
+        let s = columns[i].as_struct();
+        let mut children = s.columns().to_vec();
         let row: Fields = file_row
             .iter()
-            .map(|f| match table_row.find(f.name()) {
+            .zip(&mut children)
+            .map(|(f, child)| match table_row.find(f.name()) {
                 Some((_, t)) if t.data_type() != f.data_type() => {
-                    renamed = true;
+                    changed = true;
+                    if holds_no_value(s.nulls(), child) {
+                        *child = new_null_array(t.data_type(), child.len());
+                        return Arc::new(f.as_ref().clone().with_data_type(t.data_type().clone()));
+                    }
                     let name = format!("{}__{}", f.name(), type_name(f.data_type()));
                     Arc::new(f.as_ref().clone().with_name(name))
                 }
@@ -156,22 +171,32 @@ pub fn rename_conflicts(batch: RecordBatch, table: &Schema) -> Result<RecordBatc
             })
             .collect();
         if row != *file_row {
-            let s = columns[i].as_struct();
             columns[i] = Arc::new(StructArray::try_new(
                 row.clone(),
-                s.columns().to_vec(),
+                children,
                 s.nulls().cloned(),
             )?);
             fields[i] = Arc::new(field.as_ref().clone().with_data_type(DataType::Struct(row)));
         }
     }
-    if !renamed {
+    if !changed {
         return Ok(batch);
     }
     RecordBatch::try_new(
         Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone())),
         columns,
     )
+}
+
+/// Whether every row of a struct's `child` is null, or in a null struct.
+fn holds_no_value(parent: Option<&NullBuffer>, child: &ArrayRef) -> bool {
+    match (parent, child.logical_nulls()) {
+        (_, Some(c)) if c.null_count() == c.len() => true,
+        (Some(p), Some(c)) => p.iter().zip(c.iter()).all(|(p, c)| !p || !c),
+        (Some(p), None) => p.null_count() == p.len(),
+        (None, Some(_)) => false,
+        (None, None) => child.is_empty(),
+    }
 }
 
 /// Delta's name of a type, as a column name suffix.
@@ -383,6 +408,44 @@ mod tests {
         let merged = merge_schema(&table, &out.schema(), "t");
         let again = rename_conflicts(out.clone(), &merged).unwrap();
         assert_eq!(again.schema(), out.schema());
+    }
+
+    #[test]
+    fn a_column_without_values_takes_the_tables_type() {
+        // A schemaless delete: `before` has the key and nulls, which JSON inference types as text.
+        let before = StructArray::from(vec![
+            (
+                Arc::new(Field::new("id", DataType::Int64, true)),
+                Arc::new(Int64Array::from(vec![7])) as ArrayRef,
+            ),
+            (
+                Arc::new(Field::new("total", DataType::Utf8, true)),
+                Arc::new(StringArray::from(vec![None::<&str>])) as ArrayRef,
+            ),
+        ]);
+        let table = Schema::new(vec![Field::new(
+            "before",
+            DataType::Struct(Fields::from(vec![
+                Field::new("id", DataType::Int64, true),
+                Field::new("total", DataType::Float64, true),
+            ])),
+            true,
+        )]);
+        let out = rename_conflicts(one_column("before", Arc::new(before)), &table).unwrap();
+        assert_eq!(
+            out.schema().as_ref(),
+            &table,
+            "the table's shape, no total__string"
+        );
+        assert!(out.column(0).as_struct().column(1).is_null(0));
+        assert_eq!(
+            out.column(0)
+                .as_struct()
+                .column(0)
+                .as_primitive::<arrow::datatypes::Int64Type>()
+                .value(0),
+            7
+        );
     }
 
     #[test]
