@@ -303,11 +303,10 @@ def latency(binary, broker, rate, seconds):
     return res
 
 
-def backlog(binary, broker, n, profile_dir=None):
-    topic = f"bench-backlog-{uuid.uuid4().hex[:6]}.public.orders"
-    produce_orders(broker, topic, n)
+def backlog(binary, broker, topic, n, profile_dir=None, extra=None):
+    """All sinks on a backlog of `n` events already in `topic`: throughput and peak RSS."""
     dsn = fresh_db("backlog")
-    pod = Pod(binary, broker, topic, dsn)
+    pod = Pod(binary, broker, topic, dsn, extra=extra)
     perf = None
     if profile_dir:
         perf = subprocess.Popen(["perf", "record", "-F", "199", "-g", "-o", os.path.join(profile_dir, "perf.data"),
@@ -318,7 +317,7 @@ def backlog(binary, broker, n, profile_dir=None):
         perf.wait(timeout=60)
     peak = pod.stop()
     res = {"events": n, "seconds": round(t1 - t0, 2), "events_per_s": round(n / (t1 - t0)), "peak_rss_mb": round(peak / 1024, 1)}
-    log(f"backlog of {n}: {res['events_per_s']} events/s, peak RSS {res['peak_rss_mb']} MB")
+    log(f"backlog of {n}{' ' + str(extra) if extra else ''}: {res['events_per_s']} events/s, peak RSS {res['peak_rss_mb']} MB")
     return res
 
 
@@ -395,7 +394,13 @@ def main():
     report["decode"] = decode_alone(a.bin, 1 if a.smoke else 3)
     report["latency"] = latency(a.bin, a.broker, a.latency_rate, a.latency_seconds)
     if a.backlog:
-        report["backlog"] = backlog(a.bin, a.broker, a.backlog, out_dir if a.profile else None)
+        backlog_topic = f"bench-backlog-{uuid.uuid4().hex[:6]}.public.orders"
+        produce_orders(a.broker, backlog_topic, a.backlog)
+        report["backlog"] = backlog(a.bin, a.broker, backlog_topic, a.backlog, out_dir if a.profile else None)
+        # The same backlog with the lake as Delta tables: the Delta log's snapshot must not grow
+        # the pod's memory with the commits (kafka-delta-ingest#227).
+        report["backlog_delta"] = backlog(a.bin, a.broker, backlog_topic, a.backlog,
+                                          extra={"CDC_LAKE__LAKE__TABLE_FORMAT": "delta"})
         if a.profile:
             report["hot_spots"] = hot_spots(out_dir)
 
@@ -466,6 +471,10 @@ def render_md(r):
     if "backlog" in r:
         b = r["backlog"]
         lines.append(f"| peak RSS, {b['events']:,}-event backlog | {b['peak_rss_mb']} MB ({b['events_per_s']:,} events/s) | |")
+    if "backlog_delta" in r:
+        b = r["backlog_delta"]
+        lines.append(f"| peak RSS, {b['events']:,}-event backlog, Delta tables | {b['peak_rss_mb']} MB ({b['events_per_s']:,} events/s) | "
+                     f"{round(b['peak_rss_mb'] / r['backlog']['peak_rss_mb'], 2)}× plain Parquet |")
     lines += ["", f"Throughput runs: {i['raw']['events']:,} events each. Counts check: {'ok' if r['counts_ok'] else 'FAILED'} {r['counts']}."]
     if r.get("hot_spots"):
         lines += ["", "## Hot spots (perf, backlog run, self time)", "", "| % | symbol |", "|---|---|"]

@@ -8,7 +8,8 @@ pipeline, then checks every sink against the broker's records:
   - mirror: cdc_processed.orders equals a reference model folded from the broker's records;
   - checkpoints: sampled every 0.3 s, never move backwards.
 
-Faults, in order: kill -9 of the pod at random moments (--kills); pg_terminate_backend of the
+Faults, in order: kill -9 of the pod at random moments (--kills), while `cdc-lake lake compact`
+runs beside it over and over, most runs SIGKILLed at a random moment; pg_terminate_backend of the
 pod's connections; a restart of the sink PostgreSQL; a broker outage; the S3 API server
 unresponsive (SIGSTOP) for --s3-outage seconds while readiness and the raw sink are watched;
 a second pod joining the group then one pod killed; a poison storm of 1000 malformed records in
@@ -17,7 +18,8 @@ internal ones, a widened key, 1,700 columns, an unindexable key, NUL in values a
 timestamps outside PostgreSQL's range, a 64-byte column name, path-unsafe table names),
 interleaved with good records on every partition, then SIGTERM and kill -9 while the raw sink
 is failing on one record; SIGTERM under load (must exit within 10 s); with --backlog, a fresh
-pod on a backlog of N events (peak RSS, group stability).
+pod on a backlog of N events (peak RSS, group stability). After the last fault one compaction
+runs to the end (retention 0 s), so the checks read a compacted, vacuumed lake.
 
 After a kill -9 the replacement pod joins a fresh consumer group under the same checkpoint name
 (kafka.checkpoint_name): it resumes from the sinks' checkpoints and never waits for the dead
@@ -328,6 +330,61 @@ class CheckpointWatch(threading.Thread):
             self.stop.wait(0.3)
 
 
+class Compactions(threading.Thread):
+    """`cdc-lake lake compact` beside the streaming pod, run after run, most of them killed
+    with SIGKILL at a random moment: a dead compaction must leave the lake as it was (every
+    reader sees each offset once), and the next run finishes or undoes what it left. Retention
+    0 s, so vacuums run while readers read."""
+
+    COMMAND = ["lake", "compact", "--before", "2100-01-01", "--retention", "0s", "--target-size", "1MiB"]
+
+    def __init__(self, args, env):
+        super().__init__(daemon=True)
+        self.bin, self.env = args.bin, env
+        self.logpath = os.path.join(args.out_dir, "compactions.log")
+        self.rng = random.Random(11)
+        self.stop = threading.Event()
+        # Held for the length of a run: pause() returns once no compaction is running.
+        self.running, self.paused = threading.Lock(), False
+        self.runs, self.killed, self.failed = 0, 0, []
+
+    def pause(self):
+        """No compaction while the S3 API server is down (it would fail, as it should)."""
+        with self.running:
+            self.paused = True
+
+    def resume(self):
+        self.paused = False
+
+    def once(self, kill_after=None):
+        """One run, SIGKILLed after `kill_after` seconds if still running. Its exit code, or None if killed."""
+        with open(self.logpath, "a") as logf:
+            logf.write(f"--- run {self.runs + 1} (kill after {kill_after})\n")
+            logf.flush()
+            p = subprocess.Popen([self.bin, *self.COMMAND], env=self.env, stdout=logf, stderr=logf)
+            try:
+                rc = p.wait(timeout=kill_after if kill_after is not None else 300)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+                if kill_after is None:
+                    rc = "timed out after 300 s"
+                else:
+                    self.killed += 1
+                    rc = None
+        self.runs += 1
+        if rc not in (0, None):
+            self.failed.append({"run": self.runs, "exit": rc})
+        return rc
+
+    def run(self):
+        while not self.stop.is_set():
+            with self.running:
+                if not self.paused:
+                    self.once(self.rng.uniform(0.05, 1.5) if self.rng.random() < 0.7 else None)
+            self.stop.wait(self.rng.uniform(0.2, 1.5))
+
+
 def sink_cluster():
     """(version, name) of the Debian PostgreSQL cluster on the sink's port (5432)."""
     port = os.environ.get("FAULTS_PG_PORT", "5432")
@@ -440,8 +497,8 @@ def check(args, dsn, topic, prefix, delivered, watch, storm):
     in_mirrors = set()
     for table in sorted({r["table"] for r in storm.values() if r["state"] == "stored"}):
         # The documented mirror name of a public table (docs/naming.md): `.` and `\` escaped by `\`.
-        mirror = table.replace("\\", "\\\\").replace(".", "\\.")
-        quoted = '"' + mirror.replace('"', '""') + '"'
+        mirror_name = table.replace("\\", "\\\\").replace(".", "\\.")
+        quoted = '"' + mirror_name.replace('"', '""') + '"'
         in_mirrors |= {(p, o) for p, o in query(dsn, f"SELECT cdc_kafka_partition, cdc_kafka_offset FROM cdc_processed.{quoted}")}
     storm_raw_wrong = [list(c) for c, r in storm.items() if (c in raw_stage) != r["raw_rejected"] or (c in raw_set) == r["raw_rejected"]]
     storm_state_wrong = [list(c) for c, r in storm.items()
@@ -479,6 +536,7 @@ def check(args, dsn, topic, prefix, delivered, watch, storm):
     figures = {
         "records_delivered": delivered, "records_in_broker": len(records), "raw_rows": len(raw), "rejects": len(rejects), "poison": len(poison),
         "lost": len(lost), "duplicated": raw_dups + lake["duplicates"], "lake_rows": lake["rows"], "lake_files": lake["files"],
+        "lake_current_files": lake["current_files"], "lake_compactions": lake["compactions"], "lake_retired": len(lake["retired"]),
         "delta_rows": delta.get("rows"), "delta_files": delta.get("files"), "delta_tables": len(delta.get("tables", {})),
         "mirror_rows": len(mirror), "model_rows": len(model), "mirror_missing": len(mirror_missing),
         "mirror_extra": len(mirror_extra), "mirror_wrong": len(mirror_wrong), "manifest_gaps": gaps[:10],
@@ -571,7 +629,10 @@ def main():
     watch.start()
     rng = random.Random(5)
 
-    # 1. kill -9 at random moments (inside COPYs, uploads, between write and commit).
+    # 1. kill -9 at random moments (inside COPYs, uploads, between write and commit), while
+    # compactions beside the pod are killed at random moments too.
+    compactions = Compactions(args, env)
+    compactions.start()
     for k in range(args.kills):
         pod.wait_writing()
         time.sleep(rng.uniform(0.1, 2.0))
@@ -609,6 +670,7 @@ def main():
     time.sleep(3)
     moto = int(open(args.moto_pid).read())
     raw_before = query(dsn, "SELECT coalesce(sum(next_offset), 0) FROM cdc_lake.checkpoints WHERE sink = 'raw'")[0][0]
+    compactions.pause()
     os.kill(moto, signal.SIGSTOP)
     saw_not_ready, t_out = False, time.time()
     while time.time() - t_out < args.s3_outage:
@@ -617,6 +679,7 @@ def main():
         time.sleep(0.5)
     raw_during = query(dsn, "SELECT coalesce(sum(next_offset), 0) FROM cdc_lake.checkpoints WHERE sink = 'raw'")[0][0]
     os.kill(moto, signal.SIGCONT)
+    compactions.resume()
     ready_again = False
     for _ in range(120):
         if pod.ready():
@@ -732,10 +795,19 @@ def main():
         if done.get("raw") == total and done.get("state") == total:
             break
         time.sleep(1)
+    compactions.stop.set()
+    compactions.join()
+    fault("compactions beside the pod, from the first kill to the drain", runs=compactions.runs,
+          killed=compactions.killed, failed=compactions.failed[:5])
     time.sleep(4)  # the lake's roll age
     took_final = pod.sigterm()
     watch.stop.set()
     watch.join()
+    # Compactions to the end: the first undoes or finishes what the killed ones left and merges
+    # what the stream wrote since; the second vacuums what the first replaced (a run vacuums
+    # before it merges). The checks below read the compacted, vacuumed lake.
+    final_compaction = [compactions.once(), compactions.once()]
+    fault("two compactions to the end", exits=final_compaction)
 
     checks, figures = check(args, dsn, topic, prefix, stream.delivered, watch, storm)
     storm_fault = next(f for f in faults if f["kind"] == "data-fault storm")
@@ -747,6 +819,10 @@ def main():
     checks["sigterm_exit_within_10s"] = sigterm_ok
     checks["not_ready_during_s3_outage_then_ready"] = s3["not_ready_seen"] and s3["ready_again"]
     checks["postgresql_restarted_and_pod_resumed"] = not failures
+    # A compaction not killed finishes, whatever the pod and the killed runs are doing.
+    checks["compactions_not_killed_succeed"] = not compactions.failed and final_compaction == [0, 0]
+    checks["compactions_ran_and_were_killed"] = compactions.killed > 0 and figures["lake_compactions"] > 0
+    checks["vacuum_deleted_every_replaced_file"] = figures["lake_retired"] == 0
     figures["failures"] = failures
     figures["tansu_join_retries"] = join_retries
     figures["peak_rss_mb"] = round(max(pod.peak_kb, pod_b.peak_kb) / 1024, 1)
