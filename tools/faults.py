@@ -617,6 +617,9 @@ def main():
         failures.append("the pod never resumed after a restart")
 
     def fault(kind, **kw):
+        # The pod's peak RSS so far, per fault: where the run's peak comes from.
+        pod.sample_rss()
+        kw["peak_rss_mb_so_far"] = round(pod.peak_kb / 1024, 1)
         faults.append({"kind": kind, "at": round(time.time() - t0, 1), **kw})
         log(f"fault {len(faults)}: {kind} {kw if kw else ''}")
 
