@@ -474,9 +474,6 @@ fn timestamps_ms(
     use arrow::array::AsArray;
     use arrow::datatypes::{DataType, TimeUnit, TimestampMillisecondType};
     match array.data_type() {
-        DataType::Timestamp(TimeUnit::Millisecond, _) => {
-            Ok(array.as_primitive::<TimestampMillisecondType>().clone())
-        }
         DataType::Timestamp(_, _) => {
             let ms = arrow::compute::cast(array, &DataType::Timestamp(TimeUnit::Millisecond, None))
                 .with_context(|| format!("{path}: converting kafka_timestamp to milliseconds"))?;

@@ -190,12 +190,10 @@ pub fn rename_conflicts(batch: RecordBatch, table: &Schema) -> Result<RecordBatc
 
 /// Whether every row of a struct's `child` is null, or in a null struct.
 fn holds_no_value(parent: Option<&NullBuffer>, child: &ArrayRef) -> bool {
-    match (parent, child.logical_nulls()) {
-        (_, Some(c)) if c.null_count() == c.len() => true,
-        (Some(p), Some(c)) => p.iter().zip(c.iter()).all(|(p, c)| !p || !c),
-        (Some(p), None) => p.null_count() == p.len(),
-        (None, Some(_)) => false,
-        (None, None) => child.is_empty(),
+    // A row has a value only where both the struct and the child are valid.
+    match NullBuffer::union(parent, child.logical_nulls().as_ref()) {
+        Some(valid) => valid.null_count() == valid.len(),
+        None => child.is_empty(),
     }
 }
 
