@@ -217,6 +217,7 @@ pub async fn run(
             stop.store(true, Ordering::SeqCst);
         });
     }
+    let compaction = crate::compact::schedule::spawn(&config, &shutdown);
     readiness.set(true, "consumer started");
     tracing::info!(group = %config.kafka.group_id, topics = ?config.kafka.topics, "ingest running");
 
@@ -234,6 +235,9 @@ pub async fn run(
     closing.store(true, Ordering::SeqCst);
     leave_group(poll_thread, consumer).await;
     shutdown.cancel();
+    if let Some(task) = compaction {
+        crate::compact::schedule::finish(task, deadline).await;
+    }
     if let Some(h) = http {
         let _ = tokio::time::timeout(Duration::from_secs(2), h).await;
     }

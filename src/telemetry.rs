@@ -21,6 +21,8 @@ pub struct Metrics {
     pub lag: IntGaugeVec,
     pub committed: IntGaugeVec,
     pub ready: IntGauge,
+    pub compaction_runs: IntCounterVec,
+    pub compaction_files: IntCounterVec,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -86,6 +88,22 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         ready: register_int_gauge_with_registry!(
             "cdc_lake_ready",
             "1 while every sink is reachable and the consumer is running",
+            r
+        )
+        .expect("metric registers"),
+        compaction_runs: register_int_counter_vec_with_registry!(
+            "cdc_lake_compaction_runs_total",
+            "In-pod lake compaction runs ([lake.compaction] every), per outcome: ok, busy \
+             (another compactor held the lease), failed, stopped (shutdown)",
+            &["outcome"],
+            r
+        )
+        .expect("metric registers"),
+        compaction_files: register_int_counter_vec_with_registry!(
+            "cdc_lake_compaction_files_total",
+            "Lake files handled by in-pod compaction, per action: replaced (merged into \
+             compacted files), written (compacted files), vacuumed (deleted after the retention)",
+            &["action"],
             r
         )
         .expect("metric registers"),

@@ -2,6 +2,7 @@
 //! steps, read by independent readers: the `deltalake` Python package through the Delta log,
 //! pyarrow over the files and the manifest (tests/lake_check.py), and `cdc-replay --source lake`
 //! into the mirror, compared with a fold of the records produced. Local lake and S3 (moto).
+//! Then the pod's own compaction policy (`[lake.compaction] every`), beside ingest.
 
 mod common;
 
@@ -11,6 +12,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use cdc_lake::replay::{self, SourceKind};
+use cdc_lake::telemetry::METRICS;
 use common::*;
 use serde_json::Value;
 
@@ -270,4 +272,92 @@ fn compaction_of_a_thousand_small_files_on_a_local_lake_survives_kills() {
 #[test]
 fn compaction_on_s3_survives_kills() {
     run_test(run(LakeTarget::s3("compact-s3"), 60));
+}
+
+/// In-pod compaction runs that ended with `outcome`. Only this test's pod compacts in this
+/// process (the tests above run `lake compact` as a child process).
+fn pod_compactions(outcome: &str) -> u64 {
+    METRICS.compaction_runs.with_label_values(&[outcome]).get()
+}
+
+/// The pod compacts its own lake while it writes one file per record: runs beside ingest merge
+/// the files (dated by the envelopes' source time, days ago), and once everything is committed and two more runs ended (one to
+/// merge what is left, one to vacuum what it replaced), each partition is one file, no replaced
+/// file is left, and every reader sees each offset once.
+async fn pod_compacts_its_lake(lake: LakeTarget) {
+    let prefix = unique("podcmp").replace('_', "-");
+    let (records, fold) = order_stream(&prefix, 150);
+    produce(&records).await;
+    let db = fresh_db("pod_compaction").await;
+    let extra = [
+        ("CDC_LAKE__BATCH__MAX_RECORDS", "1"),
+        ("CDC_LAKE__LAKE__ROLL_ROWS", "1"),
+        ("CDC_LAKE__LAKE__TABLE_FORMAT", "delta"),
+        ("CDC_LAKE__LAKE__COMPACTION__EVERY", "1s"),
+        ("CDC_LAKE__LAKE__COMPACTION__RETENTION", "0s"),
+    ];
+    let cfg = config(&db, &prefix, &lake, &extra);
+    let client = pg(&db).await;
+    let mut ends: BTreeMap<i32, i64> = BTreeMap::new();
+    for r in &records {
+        *ends.entry(r.partition).or_default() += 1;
+    }
+    let topic = records[0].topic.clone();
+    let pod = Pod::start(cfg.clone());
+    // The pod's own signal that every sink holds every record: its committed offsets.
+    wait_until(
+        "the pod to commit every partition's end",
+        Duration::from_secs(240),
+        || async {
+            ends.iter().all(|(p, end)| {
+                METRICS
+                    .committed
+                    .with_label_values(&[topic.as_str(), &p.to_string()])
+                    .get()
+                    == *end
+            })
+        },
+    )
+    .await;
+    assert!(
+        METRICS
+            .compaction_files
+            .with_label_values(&["replaced"])
+            .get()
+            > 0,
+        "runs beside ingest merged files before it caught up"
+    );
+    // A run in flight may have started before the last commit: two whole runs after it.
+    let ok_at_commit = pod_compactions("ok");
+    wait_until(
+        "three more in-pod compaction runs",
+        Duration::from_secs(180),
+        || async { pod_compactions("ok") >= ok_at_commit + 3 },
+    )
+    .await;
+    pod.stop().await;
+    assert_eq!(pod_compactions("failed"), 0, "no in-pod run failed");
+
+    let expected: BTreeSet<(String, i32, i64)> = records
+        .iter()
+        .map(|r| (r.topic.clone(), r.partition, r.offset))
+        .collect();
+    let compacted = read(&lake, &expected);
+    assert_eq!(compacted.orphans, 0, "no upload without its record");
+    assert_eq!(
+        (compacted.files, compacted.delta_files),
+        (ends.len() as u64, ends.len() as u64),
+        "one file per partition, in the manifest and in Delta"
+    );
+    assert_eq!(compacted.retired, 0, "every replaced file vacuumed");
+    assert_eq!(
+        replayed(&cfg, &client).await,
+        fold,
+        "replay from the compacted lake"
+    );
+}
+
+#[test]
+fn the_pod_compacts_its_own_lake_beside_ingest() {
+    run_test(pod_compacts_its_lake(LakeTarget::local("compact-pod")));
 }

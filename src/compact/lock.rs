@@ -1,10 +1,12 @@
 //! One compaction at a time per lake: a lease object, `_compactions/_lock.json`, created
 //! put-if-absent. Two compactors at once could both clean up the other's uploads, so the
 //! second one is refused. A lease left by a process that died is taken over: at once when it
-//! was held on this host by a process that no longer runs (a `kill -9`), else once it has not
-//! been renewed for [`LEASE`].
+//! was held on this host by a process that no longer runs (a `kill -9`), or by this process's
+//! pid but not by this process (a restarted container, whose process is pid 1 again), else
+//! once it has not been renewed for [`LEASE`].
 
-use std::sync::Arc;
+use std::collections::BTreeSet;
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use object_store::path::Path;
@@ -37,9 +39,22 @@ fn host_name() -> String {
         .unwrap_or_default()
 }
 
-fn stale(holder: &Holder) -> bool {
-    let same_host_and_gone = holder.host == host_name()
-        && !std::path::Path::new(&format!("/proc/{}", holder.pid)).exists();
+/// The leases this process holds (a `CompactionLock` alive), by path.
+static HELD: LazyLock<Mutex<BTreeSet<String>>> = LazyLock::new(Default::default);
+
+fn held_here(path: &Path) -> bool {
+    HELD.lock()
+        .expect("never poisoned: no panic while held")
+        .contains(path.as_ref())
+}
+
+fn stale(holder: &Holder, path: &Path) -> bool {
+    let holder_gone = if holder.pid == std::process::id() {
+        !held_here(path)
+    } else {
+        !std::path::Path::new(&format!("/proc/{}", holder.pid)).exists()
+    };
+    let same_host_and_gone = holder.host == host_name() && holder_gone;
     let expired = chrono::DateTime::parse_from_rfc3339(&holder.renewed_at)
         .map(|t| {
             chrono::Utc::now()
@@ -72,10 +87,15 @@ impl CompactionLock {
                 ..Default::default()
             };
             match lock.store.put_opts(&lock.path, lock.body(), create).await {
-                Ok(_) => return Ok(lock),
+                Ok(_) => {
+                    HELD.lock()
+                        .expect("never poisoned")
+                        .insert(lock.path.to_string());
+                    return Ok(lock);
+                }
                 Err(object_store::Error::AlreadyExists { .. }) => {
                     let theirs: Holder = read_json(&*lock.store, &lock.path).await?;
-                    if !stale(&theirs) {
+                    if !stale(&theirs, &lock.path) {
                         return Err(CompactError::Busy(format!(
                             "another compaction holds {} (host {}, pid {}, started {}, renewed {}); \
                              it is taken over once the holder is gone or {} s pass without renewal",
@@ -115,11 +135,21 @@ impl CompactionLock {
         Ok(())
     }
 
+    /// Deletes the lease. A lease dropped without this (its run aborted) stays in the store
+    /// until taken over as a dead holder's.
     pub async fn release(self) -> Result<(), CompactError> {
         self.store
             .delete(&self.path)
             .await
             .map_err(store_err(&self.path))?;
         Ok(())
+    }
+}
+
+impl Drop for CompactionLock {
+    fn drop(&mut self) {
+        HELD.lock()
+            .expect("never poisoned")
+            .remove(self.path.as_ref());
     }
 }

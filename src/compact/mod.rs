@@ -12,17 +12,21 @@
 //!    compaction record create-only ([`crate::sink::lake::compaction`]), then one Delta commit
 //!    per table swaps the files (`remove` + `add`).
 //!
-//! A lease ([`lock`]) keeps it to one compaction per lake at a time.
+//! A lease ([`lock`]) keeps it to one compaction per lake at a time. The pod can run it on a
+//! timer ([`schedule`], `[lake.compaction] every`).
 
 mod lock;
 mod maintain;
 pub mod merge;
 mod partition;
 pub mod plan;
+pub mod schedule;
 
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{ByteSize, Config, HumanDuration, TableFormat};
 use crate::domain::TopicPartition;
@@ -62,6 +66,9 @@ pub struct Options {
     pub eligibility: plan::Eligibility,
     pub retention: Duration,
     pub dry_run: bool,
+    /// Cancelled: the run stops before its next partition and releases the lease (the pod's
+    /// shutdown). What it finished stays; a partition is never left half done.
+    pub stop: CancellationToken,
 }
 
 impl Options {
@@ -97,6 +104,7 @@ impl Options {
                 .retention
                 .map_or_else(|| config.lake.compaction_retention(), |r| r.0),
             dry_run: args.dry_run,
+            stop: CancellationToken::new(),
         })
     }
 }
@@ -168,6 +176,9 @@ pub async fn compact(
     let mut reports = Vec::new();
     let result = async {
         for tp in &partitions {
+            if options.stop.is_cancelled() {
+                break;
+            }
             let report = compactor.partition(tp).await?;
             progress(&report);
             reports.push(report);

@@ -37,7 +37,8 @@ pub struct LakeConfig {
     pub compaction: CompactionConfig,
 }
 
-/// `[lake.compaction]`: what `cdc-lake lake compact` does by default.
+/// `[lake.compaction]`: what `cdc-lake lake compact` does by default, and whether the pod
+/// compacts on its own.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CompactionConfig {
@@ -48,6 +49,15 @@ pub struct CompactionConfig {
     /// travel to a version before the compaction works. Unset: 7 days with Delta tables (as
     /// Delta's own VACUUM keeps), 1 hour without (only readers already running need them).
     pub retention: Option<HumanDuration>,
+    /// The pod compacts the lake itself: once at start-up, then this long after each run ends,
+    /// beside ingest (a compaction never blocks it). Unset: only `cdc-lake lake compact` does.
+    /// Several pods on one lake take turns through the compaction lease.
+    pub every: Option<HumanDuration>,
+    /// With `every`: the pod compacts today's date (UTC) too, whose files it is still writing.
+    /// Fewer files during the day, at the cost of rewrites: a compacted file below the target
+    /// size is merged again with the small files written after it. Default: dates before
+    /// today only, each compacted once.
+    pub include_today: bool,
 }
 
 impl Default for CompactionConfig {
@@ -55,6 +65,8 @@ impl Default for CompactionConfig {
         Self {
             target_size: ByteSize(256 << 20),
             retention: None,
+            every: None,
+            include_today: false,
         }
     }
 }

@@ -326,6 +326,15 @@ impl Config {
                 );
             }
         }
+        if self.lake.compaction.every.is_some_and(|e| e.0.is_zero()) {
+            return bad(
+                "lake.compaction.every must be above 0 (leave it unset for no in-pod compaction)"
+                    .into(),
+            );
+        }
+        if self.lake.compaction.every.is_some() && !self.lake.enabled {
+            return bad("lake.compaction.every is set but the lake is disabled".into());
+        }
         if self.lake.delta.checkpoint_interval == 0 {
             return bad("lake.delta.checkpoint_interval must be above 0".into());
         }

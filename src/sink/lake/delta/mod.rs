@@ -11,8 +11,9 @@
 //!
 //! Commits are put-if-absent on `_delta_log/<version>.json` (object_store's create mode, which
 //! S3 serves as `If-None-Match: *`); a concurrent writer's commit is checked for conflicts and
-//! the commit retried. Snapshots are loaded without their file lists, so the pod's memory does
-//! not grow with a table's file count; checkpoints and log cleanup run every
+//! the commit retried. Snapshots are loaded without their file lists and reloaded before the
+//! files committed since gather ([`SNAPSHOT_STATS_BUDGET`]), so the pod's memory does not grow
+//! with a table's file count; checkpoints and log cleanup run every
 //! `lake.delta.checkpoint_interval` commits.
 
 mod replace;
@@ -57,7 +58,19 @@ struct Table {
     /// Partitions whose txn version in this snapshot is known to be this pod's own: their
     /// versions were read from the log after loading, or set by this pod's commits since.
     known_apps: HashSet<String>,
+    /// Commits this pod made since it loaded the table (see [`SNAPSHOT_STATS_BUDGET`]).
+    commits_since_load: usize,
 }
+
+/// How much file metadata a table's snapshot may gather before it is loaded afresh, in
+/// commits × columns. A table is loaded without its file list, but deltalake's post-commit
+/// snapshot (`EagerSnapshot::update`) keeps every file committed since the load, with its
+/// statistics parsed per column: held for the life of the pod, that grows without bound (as
+/// kafka-delta-ingest#227 saw), fastest for wide tables. So a table is reloaded after each
+/// checkpoint (cheap then: the checkpoint and no commits) and once its commits since the load
+/// times its columns pass this: every 100 commits of a 100-column table, every 5 of a
+/// 2,000-column one.
+const SNAPSHOT_STATS_BUDGET: usize = 10_000;
 
 /// The Delta logs of the lake's tables.
 pub struct DeltaLog {
@@ -183,10 +196,32 @@ impl DeltaLog {
                 Table {
                     delta,
                     known_apps: HashSet::new(),
+                    commits_since_load: 0,
                 },
             );
         }
         Ok(self.tables.get_mut(table_dir).expect("inserted above"))
+    }
+
+    /// How many files the table's snapshot holds in memory (those committed since its load).
+    #[cfg(test)]
+    fn files_held(&self, table_dir: &str) -> usize {
+        self.tables
+            .get(table_dir)
+            .and_then(|t| t.delta.state.as_ref())
+            .map_or(0, |s| s.log_data().num_files())
+    }
+
+    /// Loads a table afresh, without the files its snapshot gathered since the last load
+    /// ([`SNAPSHOT_STATS_BUDGET`]). What this pod knows of its own txn versions still holds.
+    async fn reload(&mut self, table_dir: &str) -> Result<(), SinkError> {
+        let known_apps = self
+            .tables
+            .remove(table_dir)
+            .map(|t| t.known_apps)
+            .unwrap_or_default();
+        self.table(table_dir).await?.known_apps = known_apps;
+        Ok(())
     }
 
     /// The current schema of each table (None for a table that does not exist yet), loading
@@ -337,8 +372,18 @@ impl DeltaLog {
                     }
                     let table = self.tables.get_mut(table_dir).expect("loaded above");
                     table.known_apps.insert(app.clone());
-                    if (version + 1) % checkpoint_interval as i64 == 0 {
+                    table.commits_since_load += 1;
+                    let checkpointed = (version + 1) % checkpoint_interval as i64 == 0;
+                    if checkpointed {
                         checkpoint(&table.delta, table_dir).await;
+                    }
+                    let columns = table
+                        .delta
+                        .state
+                        .as_ref()
+                        .map_or(0, |s| s.schema().fields().len());
+                    if checkpointed || table.commits_since_load * columns >= SNAPSHOT_STATS_BUDGET {
+                        self.reload(table_dir).await?;
                     }
                     tracing::debug!(%tp, table = table_dir, version, files = files.len(), "Delta commit");
                     return Ok(());
@@ -461,6 +506,9 @@ fn commit_actions(
     }));
     Ok((actions, operation))
 }
+
+#[cfg(test)]
+mod tests;
 
 /// Reader 1 / writer 2, or reader 3 / writer 7 with the `timestampNtz` feature when a column
 /// is a timestamp without time zone (Debezium's `Timestamp`, `MicroTimestamp`).
