@@ -71,61 +71,79 @@ async fn texts(c: &Client, sql: &str) -> Vec<String> {
         .collect()
 }
 
+/// The lake as Delta tables (the default): integers past 38 digits are exact text, as Delta
+/// holds no decimal256.
 #[test]
 fn integers_of_any_size_keep_every_digit() {
-    run_test(async {
-        let prefix = unique("bigint").replace('_', "-");
-        let topic = format!("{prefix}.public.numbers");
-        let keys_topic = format!("{prefix}.public.big_keys");
-        let records = vec![
-            // A small first value makes the mirror column bigint; the next one widens it.
-            record(
-                &topic,
-                r#"{"id":1}"#,
-                envelope(&prefix, "numbers", r#"{"id":1,"n":5,"f":1.5}"#, 100),
-            ),
-            record(
-                &topic,
-                r#"{"id":2}"#,
-                envelope(
-                    &prefix,
-                    "numbers",
-                    &format!(r#"{{"id":2,"n":{BIG},"f":-1e300}}"#),
-                    101,
-                ),
-            ),
-            record(
-                &keys_topic,
-                &format!(r#"{{"k":{BIG}}}"#),
-                envelope(
-                    &prefix,
-                    "big_keys",
-                    &format!(r#"{{"k":{BIG},"v":"first","h":{HUGE}}}"#),
-                    102,
-                ),
-            ),
-            record(
-                &keys_topic,
-                &format!(r#"{{"k":{BIG_NEXT}}}"#),
-                envelope(
-                    &prefix,
-                    "big_keys",
-                    &format!(r#"{{"k":{BIG_NEXT},"v":"second","h":-{HUGE}}}"#),
-                    103,
-                ),
-            ),
-        ];
-        produce(&records).await;
-        let db = fresh_db("bigint").await;
-        let lake = LakeTarget::local("bigint");
-        let pod = Pod::start(config(&db, &prefix, &lake, &[]));
-        let sink = pg(&db).await;
-        wait_checkpointed(&sink, &topic, 2).await;
-        wait_checkpointed(&sink, &keys_topic, 2).await;
-        pod.stop().await;
+    run_test(integers_keep_every_digit("delta", "string"));
+}
 
-        // Raw log: the digits as sent, as jsonb numbers.
-        assert_eq!(
+/// The plain Parquet lake: decimal256 for integers up to 76 digits, exact text beyond.
+#[test]
+fn integers_of_any_size_keep_every_digit_in_the_plain_parquet_lake() {
+    run_test(integers_keep_every_digit("parquet", "decimal256(76, 0)"));
+}
+
+/// Runs the pod with `lake.table_format = format`; `wide_lake_type` is the lake's type of the
+/// integers that pass `bigint` but fit 76 digits.
+async fn integers_keep_every_digit(format: &str, wide_lake_type: &str) {
+    let prefix = unique("bigint").replace('_', "-");
+    let topic = format!("{prefix}.public.numbers");
+    let keys_topic = format!("{prefix}.public.big_keys");
+    let records = vec![
+        // A small first value makes the mirror column bigint; the next one widens it.
+        record(
+            &topic,
+            r#"{"id":1}"#,
+            envelope(&prefix, "numbers", r#"{"id":1,"n":5,"f":1.5}"#, 100),
+        ),
+        record(
+            &topic,
+            r#"{"id":2}"#,
+            envelope(
+                &prefix,
+                "numbers",
+                &format!(r#"{{"id":2,"n":{BIG},"f":-1e300}}"#),
+                101,
+            ),
+        ),
+        record(
+            &keys_topic,
+            &format!(r#"{{"k":{BIG}}}"#),
+            envelope(
+                &prefix,
+                "big_keys",
+                &format!(r#"{{"k":{BIG},"v":"first","h":{HUGE}}}"#),
+                102,
+            ),
+        ),
+        record(
+            &keys_topic,
+            &format!(r#"{{"k":{BIG_NEXT}}}"#),
+            envelope(
+                &prefix,
+                "big_keys",
+                &format!(r#"{{"k":{BIG_NEXT},"v":"second","h":-{HUGE}}}"#),
+                103,
+            ),
+        ),
+    ];
+    produce(&records).await;
+    let db = fresh_db("bigint").await;
+    let lake = LakeTarget::local("bigint");
+    let pod = Pod::start(config(
+        &db,
+        &prefix,
+        &lake,
+        &[("CDC_LAKE__LAKE__TABLE_FORMAT", format)],
+    ));
+    let sink = pg(&db).await;
+    wait_checkpointed(&sink, &topic, 2).await;
+    wait_checkpointed(&sink, &keys_topic, 2).await;
+    pod.stop().await;
+
+    // Raw log: the digits as sent, as jsonb numbers.
+    assert_eq!(
             texts(
                 &sink,
                 "SELECT (after_data->'n')::text || ' ' || jsonb_typeof(after_data->'n')
@@ -134,7 +152,7 @@ fn integers_of_any_size_keep_every_digit() {
             .await,
             vec!["5 number".to_string(), format!("{BIG} number")]
         );
-        assert_eq!(
+    assert_eq!(
             texts(
                 &sink,
                 "SELECT (after_data->'h')::text FROM cdc_raw.cdc_events WHERE source_table = 'public.big_keys' ORDER BY kafka_offset"
@@ -143,60 +161,59 @@ fn integers_of_any_size_keep_every_digit() {
             vec![HUGE.to_string(), format!("-{HUGE}")]
         );
 
-        // Mirror: numeric where bigint cannot hold the value (widened), floats stay floats.
-        assert_eq!(
-            column_type(&sink, "cdc_processed.numbers", "n").await,
-            "numeric"
-        );
-        assert_eq!(
-            column_type(&sink, "cdc_processed.numbers", "f").await,
-            "double precision"
-        );
-        assert_eq!(
+    // Mirror: numeric where bigint cannot hold the value (widened), floats stay floats.
+    assert_eq!(
+        column_type(&sink, "cdc_processed.numbers", "n").await,
+        "numeric"
+    );
+    assert_eq!(
+        column_type(&sink, "cdc_processed.numbers", "f").await,
+        "double precision"
+    );
+    assert_eq!(
             texts(&sink, "SELECT n::text || ' ' || (f = -1e300 OR f = 1.5)::text FROM cdc_processed.numbers ORDER BY id").await,
             vec!["5 true".to_string(), format!("{BIG} true")]
         );
-        assert_eq!(
-            column_type(&sink, "cdc_processed.big_keys", "k").await,
-            "numeric"
-        );
-        assert_eq!(
-            column_type(&sink, "cdc_processed.big_keys", "h").await,
-            "numeric"
-        );
-        assert_eq!(
-            texts(
-                &sink,
-                "SELECT k::text || ' ' || v || ' ' || h::text FROM cdc_processed.big_keys ORDER BY k"
-            )
-            .await,
-            vec![
-                format!("{BIG} first {HUGE}"),
-                format!("{BIG_NEXT} second -{HUGE}")
-            ],
-            "keys that differ in the last digit are two rows"
-        );
+    assert_eq!(
+        column_type(&sink, "cdc_processed.big_keys", "k").await,
+        "numeric"
+    );
+    assert_eq!(
+        column_type(&sink, "cdc_processed.big_keys", "h").await,
+        "numeric"
+    );
+    assert_eq!(
+        texts(
+            &sink,
+            "SELECT k::text || ' ' || v || ' ' || h::text FROM cdc_processed.big_keys ORDER BY k"
+        )
+        .await,
+        vec![
+            format!("{BIG} first {HUGE}"),
+            format!("{BIG_NEXT} second -{HUGE}")
+        ],
+        "keys that differ in the last digit are two rows"
+    );
 
-        // Lake: decimal256 for integers up to 76 digits, exact text beyond.
-        let report = lake.check();
-        let types = &report["types"];
-        assert_eq!(types["public.numbers"]["n"], "decimal256(76, 0)");
-        assert_eq!(types["public.numbers"]["f"], "double");
-        assert_eq!(types["public.big_keys"]["k"], "decimal256(76, 0)");
-        assert_eq!(types["public.big_keys"]["h"], "string");
-        let keys: Vec<String> = report["state"]["table=public.big_keys"]
-            .as_object()
-            .unwrap()
-            .values()
-            .map(|a| format!("{} {}", a["k"].as_str().unwrap(), a["h"].as_str().unwrap()))
-            .collect();
-        let mut keys = keys;
-        keys.sort();
-        assert_eq!(
-            keys,
-            vec![format!("{BIG} {HUGE}"), format!("{BIG_NEXT} -{HUGE}")]
-        );
-    });
+    // Lake: the wide integers in `wide_lake_type`, exact text past 76 digits.
+    let report = lake.check();
+    let types = &report["types"];
+    assert_eq!(types["public.numbers"]["n"], wide_lake_type, "{format}");
+    assert_eq!(types["public.numbers"]["f"], "double");
+    assert_eq!(types["public.big_keys"]["k"], wide_lake_type, "{format}");
+    assert_eq!(types["public.big_keys"]["h"], "string");
+    let keys: Vec<String> = report["state"]["table=public.big_keys"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|a| format!("{} {}", a["k"].as_str().unwrap(), a["h"].as_str().unwrap()))
+        .collect();
+    let mut keys = keys;
+    keys.sort();
+    assert_eq!(
+        keys,
+        vec![format!("{BIG} {HUGE}"), format!("{BIG_NEXT} -{HUGE}")]
+    );
 }
 
 fn nested(depth: usize) -> String {

@@ -279,7 +279,9 @@ def placeholders(envelope):
 def lake_rows(fs, root, fmt):
     out = {}
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
-    files = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+    # Data files only: a Delta table's checkpoints are Parquet files too, under _delta_log/.
+    files = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")
+                   and "/_delta_log/" not in i.path)
     for table, (key, cols) in TABLES.items():
         events = []
         for path in files:
@@ -307,6 +309,12 @@ def lake_rows(fs, root, fmt):
                 elif pa.types.is_date32(f.type):
                     arr = arr.view(pa.int32())
                 fields[f.name] = (f.type, arr.to_pylist())
+            # A Delta table's file stores a column whose type changed (schemaless "NaN" after
+            # numbers) as `<name>__<Delta type>`, a column of its own (lake/README.md).
+            for name in list(fields):
+                base = name.rsplit("__", 1)[0]
+                if base != name and base in cols and base not in fields:
+                    fields[base] = fields[name]
             key_after = fields[key][1] if key in fields else [None] * t.num_rows
             key_before = pc.struct_field(before, [before.type.get_field_index(key)]).to_pylist() \
                 if before.type.get_field_index(key) >= 0 else [None] * t.num_rows

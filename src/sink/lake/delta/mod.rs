@@ -47,6 +47,29 @@ use crate::sink::SinkError;
 /// How often one table commit is tried when other writers keep winning the version race.
 const MAX_ATTEMPTS: usize = 8;
 
+/// Whether a failed commit only lost the version race to other writers: deltalake found a
+/// conflict, or its own retries (`with_max_retries`) ran out while a writer kept committing
+/// (a compaction's swap beside a pod that commits every few milliseconds). The table is then
+/// reloaded and the commit decided again after [`back_off`].
+fn lost_the_race(e: &DeltaTableError) -> bool {
+    matches!(
+        e,
+        DeltaTableError::Transaction {
+            source: TransactionError::CommitConflict(_) | TransactionError::MaxCommitAttempts(_),
+        }
+    )
+}
+
+/// A growing pause with jitter before attempt `attempt + 1`, so that two writers racing for
+/// versions do not keep colliding.
+async fn back_off(attempt: usize) {
+    let jitter = u64::from(std::process::id() ^ chrono::Utc::now().timestamp_subsec_nanos()) % 20;
+    tokio::time::sleep(std::time::Duration::from_millis(
+        20 * attempt as u64 + jitter,
+    ))
+    .await;
+}
+
 /// The Delta app id of a topic-partition's `txn` actions.
 pub fn app_id(tp: &TopicPartition) -> String {
     format!("cdc-lake/{}/{}", tp.topic, tp.partition)
@@ -388,13 +411,12 @@ impl DeltaLog {
                     tracing::debug!(%tp, table = table_dir, version, files = files.len(), "Delta commit");
                     return Ok(());
                 }
-                Err(DeltaTableError::Transaction {
-                    source: TransactionError::CommitConflict(conflict),
-                }) if attempt < MAX_ATTEMPTS => {
+                Err(e) if attempt < MAX_ATTEMPTS && lost_the_race(&e) => {
                     // Another writer changed what this commit read (the schema, or this very
                     // partition's txn after a rebalance): reload and decide again.
-                    tracing::info!(%tp, table = table_dir, %conflict, "Delta commit conflict; reloading the table");
+                    tracing::info!(%tp, table = table_dir, error = %e, "Delta commit conflict; reloading the table");
                     self.tables.remove(table_dir);
+                    back_off(attempt).await;
                 }
                 Err(e) => {
                     self.tables.remove(table_dir);

@@ -4,13 +4,12 @@
 
 use std::collections::HashMap;
 
-use deltalake_core::kernel::transaction::{CommitBuilder, CommitProperties, TransactionError};
+use deltalake_core::kernel::transaction::{CommitBuilder, CommitProperties};
 use deltalake_core::kernel::{Action, Remove, Transaction};
 use deltalake_core::protocol::DeltaOperation;
-use deltalake_core::DeltaTableError;
 
 use super::stats::{DeltaFile, DATE_COLUMN};
-use super::{checkpoint, delta_err, DeltaLog, MAX_ATTEMPTS};
+use super::{back_off, checkpoint, delta_err, lost_the_race, DeltaLog, MAX_ATTEMPTS};
 use crate::domain::TopicPartition;
 use crate::sink::lake::manifest::FileEntry;
 use crate::sink::SinkError;
@@ -126,11 +125,10 @@ impl DeltaLog {
                     tracing::debug!(%tp, table = table_dir, version = done.version, sequence, "Delta compaction commit");
                     return Ok(true);
                 }
-                Err(DeltaTableError::Transaction {
-                    source: TransactionError::CommitConflict(conflict),
-                }) if attempt < MAX_ATTEMPTS => {
-                    tracing::info!(%tp, table = table_dir, %conflict, "Delta compaction conflict; reloading the table");
+                Err(e) if attempt < MAX_ATTEMPTS && lost_the_race(&e) => {
+                    tracing::info!(%tp, table = table_dir, error = %e, "Delta compaction conflict; reloading the table");
                     self.tables.remove(table_dir);
+                    back_off(attempt).await;
                 }
                 Err(e) => {
                     self.tables.remove(table_dir);
