@@ -71,7 +71,7 @@ async fn texts(c: &Client, sql: &str) -> Vec<String> {
         .collect()
 }
 
-/// The lake as Delta tables: integers past 38 digits are exact text, as Delta
+/// The lake as Delta tables (the default): integers past 38 digits are exact text, as Delta
 /// holds no decimal256.
 #[test]
 fn integers_of_any_size_keep_every_digit() {

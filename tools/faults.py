@@ -52,10 +52,10 @@ TOOLS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TOOLS)
 PG_BASE = os.environ.get("FAULTS_PG", "postgres://postgres@127.0.0.1:5432")
 RUN = os.environ.get("CDC_LAKE_RUN", "/tmp/cdc-lake-run")
-# The lake as Delta tables too (not yet in the default run; tables with escaped directory names
-# get no Delta log, see DeltaLog::covers, and are checked through the manifest only).
-# The lake's format: the plain layout (the default); CDC_LAKE_FAULTS_FORMAT=delta for Delta tables.
-DELTA = os.environ.get("CDC_LAKE_FAULTS_FORMAT", "parquet") == "delta"
+# The lake's default format, Delta tables; CDC_LAKE_FAULTS_FORMAT=parquet runs the plain layout.
+# Tables with escaped directory names get no Delta log (DeltaLog::covers) and are checked
+# through the manifest only.
+DELTA = os.environ.get("CDC_LAKE_FAULTS_FORMAT", "delta") == "delta"
 PARTITIONS = 4
 
 
@@ -523,7 +523,7 @@ def check(args, dsn, topic, prefix, delivered, watch, storm):
         "lake_no_zero_byte_objects": lake["zero_byte"] == 0,
         "lake_no_pending_upload": lake["pending"] == 0,
         "lake_manifest_ranges_contiguous": not gaps,
-        # With Delta tables (CDC_LAKE_FAULTS_FORMAT=delta), through the Delta log (read by the
+        # With Delta tables (the default; not with CDC_LAKE_FAULTS_FORMAT=parquet), through the Delta log (read by the
         # deltalake package) after the final SIGTERM: every offset in exactly one file of the
         # current snapshot, the snapshot's files exactly the manifest's, and no log entry naming
         # a missing file.

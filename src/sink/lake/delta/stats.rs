@@ -121,11 +121,14 @@ fn statistics(meta: &ParquetMetaData, schema: &arrow::datatypes::Schema) -> Valu
     })
 }
 
-/// Delta's statistics form of a microsecond timestamp (ISO 8601; `Z` for UTC ones). Values a
-/// calendar cannot show (the lake's ±infinity) get no statistic text; they stay exact in the
-/// file.
+/// Delta's statistics form of a microsecond timestamp (ISO 8601; `Z` for UTC ones). Only years
+/// 1 to 9999 have one: Delta readers parse four-digit years only (delta-kernel refused the
+/// whole log, and with it every later commit, over `-5953-10-25T…`), and a calendar cannot show
+/// the lake's ±infinity. Such a file gets no min/max for that column; its values stay exact.
 fn timestamp_text(micros: i64, ty: &DataType) -> Value {
-    let Some(t) = chrono::DateTime::from_timestamp_micros(micros) else {
+    let Some(t) = chrono::DateTime::from_timestamp_micros(micros)
+        .filter(|t| (1..=9999).contains(&chrono::Datelike::year(t)))
+    else {
         return Value::Null;
     };
     let utc = matches!(ty, DataType::Timestamp(_, Some(_)));

@@ -2,8 +2,8 @@
 
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, Int64Array};
-use arrow::datatypes::{DataType, Field, Schema};
+use arrow::array::{ArrayRef, Int64Array, TimestampMicrosecondArray};
+use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use arrow::record_batch::RecordBatch;
 use bytes::Bytes;
 use object_store::memory::InMemory;
@@ -23,9 +23,13 @@ fn wide_file(columns: usize, name: &str) -> DeltaFile {
     let arrays: Vec<ArrayRef> = (0..columns)
         .map(|i| Arc::new(Int64Array::from(vec![i as i64])) as ArrayRef)
         .collect();
-    let batch = RecordBatch::try_new(schema.clone(), arrays).unwrap();
+    parquet_file(RecordBatch::try_new(schema, arrays).unwrap(), name)
+}
+
+/// `batch` as a Parquet file of the table, with the `add` the lake would commit for it.
+fn parquet_file(batch: RecordBatch, name: &str) -> DeltaFile {
     let mut buf = Vec::new();
-    let mut writer = ArrowWriter::try_new(&mut buf, schema, None).unwrap();
+    let mut writer = ArrowWriter::try_new(&mut buf, batch.schema(), None).unwrap();
     writer.write(&batch).unwrap();
     writer.close().unwrap();
     DeltaFile::from_parquet(
@@ -34,6 +38,56 @@ fn wide_file(columns: usize, name: &str) -> DeltaFile {
         &Bytes::from(buf),
     )
     .unwrap()
+}
+
+fn tp() -> TopicPartition {
+    TopicPartition {
+        topic: "t".into(),
+        partition: 0,
+    }
+}
+
+/// Kafka timestamps come from producers: a record stamped in year -5953 or 12000 is stored
+/// like any other. Its file's statistics must still be ones deltalake reads back, or the
+/// table's log stops taking commits (the poison-record test stalled the lake sink this way).
+/// deltalake is the oracle: it parses every `add`'s statistics when it commits and loads.
+#[tokio::test]
+async fn timestamps_outside_four_digit_years_keep_the_log_readable() {
+    let cfg = LakeConfig::default();
+    let store = Arc::new(InMemory::new());
+    let url = url::Url::parse("memory:///").unwrap();
+    let mut log = DeltaLog::new(&cfg, store.clone(), url.clone()).unwrap();
+    let dir = "table=public.stamps";
+    let schema = Arc::new(Schema::new(vec![Field::new(
+        "kafka_timestamp",
+        DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+        true,
+    )]));
+    let ms: [i64; 4] = [
+        -250_000_000_000_000,
+        1_764_547_200_000,
+        320_000_000_000_000,
+        -62_135_596_800_001,
+    ];
+    for (i, stamp) in ms.iter().enumerate() {
+        let column = TimestampMicrosecondArray::from(vec![*stamp * 1000, 1_764_547_200_000_000])
+            .with_timezone("UTC");
+        let batch = RecordBatch::try_new(schema.clone(), vec![Arc::new(column)]).unwrap();
+        let file = parquet_file(batch, &format!("t+0+{i}.parquet"));
+        log.publish(
+            &tp(),
+            i as i64 + 1,
+            vec![(dir.into(), "public.stamps".into(), file)],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("commit {i} ({stamp} ms): {e}"));
+    }
+    let mut fresh = DeltaLog::new(&cfg, store, url).unwrap();
+    assert_eq!(
+        fresh.recorded(dir, &tp()).await.unwrap(),
+        Some(ms.len() as i64),
+        "every commit landed and the log loads again"
+    );
 }
 
 /// deltalake's post-commit snapshot keeps every file committed since the table was loaded;
@@ -45,10 +99,7 @@ async fn a_wide_tables_snapshot_holds_a_bounded_number_of_files() {
     let cfg = LakeConfig::default();
     let store = Arc::new(InMemory::new());
     let mut log = DeltaLog::new(&cfg, store, url::Url::parse("memory:///").unwrap()).unwrap();
-    let tp = TopicPartition {
-        topic: "t".into(),
-        partition: 0,
-    };
+    let tp = tp();
     let dir = "table=public.wide";
     let most = SNAPSHOT_STATS_BUDGET.div_ceil(columns);
     let mut peak = 0;
