@@ -6,13 +6,15 @@ use std::sync::{Arc, LazyLock};
 
 use prometheus::{
     register_histogram_vec_with_registry, register_int_counter_vec_with_registry,
-    register_int_gauge_vec_with_registry, register_int_gauge_with_registry, Encoder, HistogramVec,
-    IntCounterVec, IntGauge, IntGaugeVec, Registry, TextEncoder,
+    register_int_counter_with_registry, register_int_gauge_vec_with_registry,
+    register_int_gauge_with_registry, Encoder, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Registry, TextEncoder,
 };
 
 pub struct Metrics {
     pub registry: Registry,
     pub consumed: IntCounterVec,
+    pub fetch_pauses: IntCounter,
     pub written: IntCounterVec,
     pub skipped: IntCounterVec,
     pub rejected: IntCounterVec,
@@ -32,6 +34,14 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "cdc_lake_records_consumed_total",
             "Kafka records received, per topic",
             &["topic"],
+            r
+        )
+        .expect("metric registers"),
+        fetch_pauses: register_int_counter_with_registry!(
+            "cdc_lake_fetch_pauses_total",
+            "Times fetching was paused because the pipeline took no records for a second (a \
+             slow or failing sink); each pause drops librdkafka's prefetched records, which are \
+             fetched again on resume",
             r
         )
         .expect("metric registers"),

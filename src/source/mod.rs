@@ -341,6 +341,9 @@ fn set_paused(consumer: &KafkaConsumer, paused: &mut bool, want: bool, refresh: 
     if *paused == want && !refresh {
         return;
     }
+    if want && !*paused {
+        METRICS.fetch_pauses.inc();
+    }
     if let Ok(assignment) = consumer.assignment() {
         let _ = if want {
             consumer.pause(&assignment)
@@ -350,6 +353,15 @@ fn set_paused(consumer: &KafkaConsumer, paused: &mut bool, want: bool, refresh: 
     }
     *paused = want;
 }
+
+/// How long the poll thread waits for the pipeline to take a chunk before it pauses fetching.
+/// Pausing purges librdkafka's queue of prefetched records, which are fetched again on resume:
+/// pausing whenever the pipeline was busy with a batch stalled it about 0.4 s per pause on a
+/// backlog (docs/performance.md). The wait delays a rebalance callback by at most this, far
+/// below `max.poll.interval.ms`.
+const PAUSE_AFTER: Duration = Duration::from_secs(1);
+/// How often a waiting poll thread offers its chunk again.
+const HAND_OVER_RETRY: Duration = Duration::from_millis(1);
 
 /// The polling loop. Returns when `stop` is set or the pipeline has gone away.
 pub fn run_poll_loop(
@@ -375,16 +387,27 @@ pub fn run_poll_loop(
         }
         waiting.retry(&mut decoder, &mut chunk, &readiness);
         let mut pipeline_busy = false;
-        // Hand over what we have; if the pipeline is busy, pause fetching but keep polling so
-        // rebalances and the group session are still served.
+        // Hand over what we have. A pipeline busy with its batch is waited for; one busy for
+        // longer (a sink retrying through an outage) gets fetching paused, while polling goes
+        // on so rebalances and the group session are still served.
         if !chunk.is_empty() {
-            match events.try_send(SourceEvent::Records(std::mem::take(&mut chunk))) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(SourceEvent::Records(back))) => {
-                    chunk = back;
-                    pipeline_busy = true;
+            let full_since = Instant::now();
+            loop {
+                match events.try_send(SourceEvent::Records(std::mem::take(&mut chunk))) {
+                    Ok(()) => break,
+                    Err(mpsc::error::TrySendError::Full(SourceEvent::Records(back))) => {
+                        chunk = back;
+                        if paused
+                            || full_since.elapsed() >= PAUSE_AFTER
+                            || stop.load(Ordering::SeqCst)
+                        {
+                            pipeline_busy = true;
+                            break;
+                        }
+                        std::thread::sleep(HAND_OVER_RETRY);
+                    }
+                    Err(_) => return,
                 }
-                Err(_) => return,
             }
         }
         set_paused(
