@@ -39,9 +39,9 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         .expect("metric registers"),
         fetch_pauses: register_int_counter_with_registry!(
             "cdc_lake_fetch_pauses_total",
-            "Times fetching was paused because the pipeline took no records for a second (a \
-             slow or failing sink); each pause drops librdkafka's prefetched records, which are \
-             fetched again on resume",
+            "Times fetching was paused: the pipeline took no records for a second (a slow or \
+             failing sink), or records wait for the schema registry; each pause drops \
+             librdkafka's prefetched records, which are fetched again on resume",
             r
         )
         .expect("metric registers"),
