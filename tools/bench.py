@@ -5,7 +5,13 @@ Measures, in one run on this machine:
   - cdc-lake ingest with raw log + lake + mirror, and each sink alone;
   - the COPY ceiling: psql \\copy of the same raw rows into an identical table;
   - latency: produce-to-visible in cdc_processed at a fixed offered rate;
-  - memory: peak RSS on a large backlog, and RSS at steady state.
+  - memory: peak RSS on a large backlog, and RSS at steady state;
+  - ceilings: the broker read ceiling (a bare librdkafka consumer draining the topic) and the
+    Parquet encode ceiling (arrow-rs writing the lake's rows from memory);
+  - how cost grows with row width, value size, tables and partitions, and replay time against
+    log size (tools/bench_scaling.py), as a table and a PNG plot;
+  - with --peers flink, the seeds' Flink SQL job on the same workload (tools/bench_flink.py).
+Every figure is reported as a ratio to its ceiling, its peer or its target (TARGETS).
 The stream is tools/peers/gen_orders.py's: schemaless order envelopes, 70% c, 25% u, 5% d.
 """
 import argparse
@@ -24,6 +30,9 @@ import uuid
 
 import psycopg2
 from confluent_kafka import Producer
+
+import bench_flink
+import bench_scaling
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TOOLS)
@@ -184,15 +193,34 @@ def avro_settings(registry):
 PLAIN_PARQUET = {"CDC_LAKE__LAKE__TABLE_FORMAT": "parquet"}
 
 
-def run_ingest(binary, broker, topic, n, sinks, extra=None):
+def run_ingest(binary, broker, topic, n, sinks, extra=None, profile=None):
+    """One pod on `topic` until it has committed `n` records; `profile` names a perf.data file
+    to record the run into."""
     dsn = fresh_db("_".join(sinks))
     pod = Pod(binary, broker, topic, dsn, sinks, extra)
+    perf = perf_attach(pod.proc.pid, profile)
     t0, t1 = pod.wait_committed(topic, n)
+    perf_detach(perf)
     peak = pod.stop()
     result = {"sinks": list(sinks), "events": n, "seconds": round(t1 - t0, 3),
               "events_per_s": round(n / (t1 - t0)), "peak_rss_mb": round(peak / 1024, 1), "dsn": dsn, "lake": pod.lake}
+    if profile:
+        result["hot_spots"] = hot_spots(profile)
     log(f"cdc-lake {'+'.join(sinks)}: {result['events_per_s']} events/s ({n} in {result['seconds']}s), peak RSS {result['peak_rss_mb']} MB")
     return result
+
+
+def perf_attach(pid, path):
+    if not path:
+        return None
+    return subprocess.Popen(["perf", "record", "-F", "199", "-g", "-o", path, "-p", str(pid)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def perf_detach(perf):
+    if perf:
+        perf.send_signal(signal.SIGINT)
+        perf.wait(timeout=60)
 
 
 def check_counts(result, n):
@@ -231,6 +259,31 @@ def copy_ceiling(binary, result, n):
     rate = round(n / secs)
     log(f"COPY ceiling: {rate} rows/s ({n} rows in {secs:.2f}s)")
     return {"rows": n, "seconds": round(secs, 3), "rows_per_s": rate}
+
+
+def example(binary, name):
+    return os.path.join(os.path.dirname(binary), "examples", name)
+
+
+def broker_read_ceiling(binary, broker, topic, n):
+    """A bare librdkafka consumer draining the topic (examples/broker_read_ceiling)."""
+    out = subprocess.run([example(binary, "broker_read_ceiling"), broker, topic, str(n)],
+                         check=True, capture_output=True, text=True, timeout=900).stdout
+    r = json.loads(out)
+    r = {"records": r["records"], "seconds": round(r["seconds"], 3), "records_per_s": round(r["records_per_s"]),
+         "mb_per_s": round(r["bytes"] / max(r["seconds"], 1e-9) / 1e6, 1)}
+    log(f"broker read ceiling: {r['records_per_s']} records/s ({r['mb_per_s']} MB/s)")
+    return r
+
+
+def parquet_encode_ceiling(binary, lake, seconds):
+    """arrow-rs writing the rows of a finished lake from memory (examples/parquet_encode_ceiling)."""
+    out = subprocess.run([example(binary, "parquet_encode_ceiling"), lake, str(seconds)],
+                         check=True, capture_output=True, text=True, timeout=900).stdout
+    r = json.loads(out)
+    r = {"rows": r["rows"], "files": r["files"], "seconds": round(r["seconds"], 3), "rows_per_s": round(r["rows_per_s"])}
+    log(f"Parquet encode ceiling: {r['rows_per_s']} rows/s ({r['files']} files of the lake-alone run)")
+    return r
 
 
 def replay(binary, result, n, source):
@@ -307,26 +360,23 @@ def latency(binary, broker, rate, seconds):
     return res
 
 
-def backlog(binary, broker, topic, n, profile_dir=None, extra=None):
+def backlog(binary, broker, topic, n, profile=None, extra=None):
     """All sinks on a backlog of `n` events already in `topic`: throughput and peak RSS."""
     dsn = fresh_db("backlog")
     pod = Pod(binary, broker, topic, dsn, extra=extra)
-    perf = None
-    if profile_dir:
-        perf = subprocess.Popen(["perf", "record", "-F", "199", "-g", "-o", os.path.join(profile_dir, "perf.data"),
-                                 "-p", str(pod.proc.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    perf = perf_attach(pod.proc.pid, profile)
     t0, t1 = pod.wait_committed(topic, n)
-    if perf:
-        perf.send_signal(signal.SIGINT)
-        perf.wait(timeout=60)
+    perf_detach(perf)
     peak = pod.stop()
     res = {"events": n, "seconds": round(t1 - t0, 2), "events_per_s": round(n / (t1 - t0)), "peak_rss_mb": round(peak / 1024, 1)}
+    if profile:
+        res["hot_spots"] = hot_spots(profile)
     log(f"backlog of {n}{' ' + str(extra) if extra else ''}: {res['events_per_s']} events/s, peak RSS {res['peak_rss_mb']} MB")
     return res
 
 
-def hot_spots(profile_dir, top=15):
-    data = os.path.join(profile_dir, "perf.data")
+def hot_spots(data, top=15):
+    """The top self-time symbols of a perf.data file."""
     if not os.path.exists(data):
         return []
     out = subprocess.run(["perf", "report", "-i", data, "--stdio", "--no-children", "--sort", "symbol",
@@ -345,16 +395,23 @@ def main():
     ap.add_argument("--bin", required=True, help="the cdc-lake binary")
     ap.add_argument("--events", type=int, default=500_000, help="events for the throughput runs")
     ap.add_argument("--peer-events", type=int, default=20_000, help="events for the peer (it runs ~1k/s)")
-    ap.add_argument("--latency-rate", type=int, default=5000)
+    ap.add_argument("--latency-rate", type=int, default=10_000, help="offered events/s for the latency run")
     ap.add_argument("--latency-seconds", type=int, default=20)
     ap.add_argument("--backlog", type=int, default=1_000_000, help="events for the memory run (0 skips)")
-    ap.add_argument("--profile", action="store_true", help="perf-record the backlog run and list hot spots")
+    ap.add_argument("--profile", action="store_true",
+                    help="perf-record each single-sink run and the backlog run, and list their hot spots")
     ap.add_argument("--smoke", action="store_true", help="small run for CI: completes and counts match")
     ap.add_argument("--registry", help="Schema Registry URL: adds the all-sinks run on the same workload in Avro")
+    ap.add_argument("--peers", default="python", choices=["python", "flink"],
+                    help="python: the seeds' consumer only (default); flink: also the seeds' Flink SQL job "
+                         "(installs PyFlink on first use, about a minute)")
+    ap.add_argument("--scaling-events", type=int, default=20_000,
+                    help="events per point of the scaling curves (0 skips them)")
     ap.add_argument("--out", default=os.path.join(REPO, "results"))
     a = ap.parse_args()
     if a.smoke:
         a.events, a.peer_events, a.latency_rate, a.latency_seconds, a.backlog = 5000, 500, 500, 3, 0
+        a.scaling_events = min(a.scaling_events, 1000)
 
     drop_bench_dbs()
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -369,11 +426,15 @@ def main():
     log(f"peer: {report['peer']['events_per_s']} events/s")
 
     runs = {}
+    def profile(name):
+        return os.path.join(out_dir, f"perf-{name}.data") if a.profile else None
+
     for sinks in [("raw", "lake", "state"), ("raw",), ("state",)]:
-        runs["+".join(sinks)] = run_ingest(a.bin, a.broker, topic, a.events, sinks)
+        runs["+".join(sinks)] = run_ingest(a.bin, a.broker, topic, a.events, sinks,
+                                           profile=profile(sinks[0]) if len(sinks) == 1 else None)
     # The lake alone as plain Parquet and as Delta tables (the default): what the Delta commits
     # cost, read back through the Delta log (every event once).
-    runs["lake"] = run_ingest(a.bin, a.broker, topic, a.events, ("lake",), PLAIN_PARQUET)
+    runs["lake"] = run_ingest(a.bin, a.broker, topic, a.events, ("lake",), PLAIN_PARQUET, profile=profile("lake"))
     runs["lake_delta"] = run_ingest(a.bin, a.broker, topic, a.events, ("lake",),
                                     {"CDC_LAKE__LAKE__TABLE_FORMAT": "delta"})
     ok, counts = check_counts(runs["raw+lake+state"], a.events)
@@ -388,10 +449,30 @@ def main():
         avro_ok, report["avro_counts"] = check_counts(runs["avro"], a.events)
         ok = ok and avro_ok
         counts = {"json": counts, "avro": report["avro_counts"]}
-    report["counts_ok"] = ok
     report["copy_ceiling"] = copy_ceiling(a.bin, runs["raw+lake+state"], a.events)
+    report["broker_read_ceiling"] = broker_read_ceiling(a.bin, a.broker, topic, a.events)
+    report["parquet_encode_ceiling"] = parquet_encode_ceiling(a.bin, runs["lake"]["lake"], 1 if a.smoke else 3)
+    if a.peers == "flink":
+        flink_topic = f"bench-flink-{uuid.uuid4().hex[:6]}.public.orders"
+        subprocess.run([sys.executable, os.path.join(TOOLS, "peers", "gen_orders.py"), a.broker, flink_topic,
+                        str(a.events), "full"], check=True, capture_output=True)
+        report["flink"] = bench_flink.run(sys.modules[__name__], a.broker, flink_topic, a.events)
+        runs["state_flink_topic"] = run_ingest(a.bin, a.broker, flink_topic, a.events, ("state",))
+        runs["all_flink_topic"] = run_ingest(a.bin, a.broker, flink_topic, a.events, ("raw", "lake", "state"))
+        # Both mirrors against the fold of the topic's records the Flink oracle made.
+        for name in ("state_flink_topic", "all_flink_topic"):
+            rows = query1(runs[name]["dsn"], "SELECT count(*) FROM cdc_processed.orders")
+            runs[name]["rows_match"] = rows == report["flink"]["rows_expected"]
+            ok = ok and runs[name]["rows_match"]
+        ok = ok and report["flink"]["rows_match"]
     report["replay"] = {src: replay(a.bin, runs["raw+lake+state"], a.events, src) for src in ("raw", "lake")}
     ok = ok and all(r["rows_match"] for r in report["replay"].values())
+    if a.scaling_events:
+        report["scaling"] = bench_scaling.run(sys.modules[__name__], a.bin, a.broker, a.scaling_events,
+                                              runs["raw+lake+state"])
+        bench_scaling.plot(report["scaling"], os.path.join(out_dir, "scaling.png"))
+        ok = ok and report["scaling"]["counts_ok"]
+    report["counts_ok"] = ok
     for r in runs.values():
         r.pop("dsn")
         r.pop("lake")
@@ -401,25 +482,15 @@ def main():
     if a.backlog:
         backlog_topic = f"bench-backlog-{uuid.uuid4().hex[:6]}.public.orders"
         produce_orders(a.broker, backlog_topic, a.backlog)
-        report["backlog"] = backlog(a.bin, a.broker, backlog_topic, a.backlog, out_dir if a.profile else None,
+        report["backlog"] = backlog(a.bin, a.broker, backlog_topic, a.backlog, profile("backlog"),
                                     extra=PLAIN_PARQUET)
         # The same backlog with the lake as Delta tables: the Delta log's snapshot must not grow
         # the pod's memory with the commits (kafka-delta-ingest#227).
         report["backlog_delta"] = backlog(a.bin, a.broker, backlog_topic, a.backlog,
                                           extra={"CDC_LAKE__LAKE__TABLE_FORMAT": "delta"})
-        if a.profile:
-            report["hot_spots"] = hot_spots(out_dir)
 
-    peer = report["peer"]["events_per_s"]
-    ceiling = report["copy_ceiling"]["rows_per_s"]
-    report["ratios"] = {
-        "all_sinks_vs_peer": round(runs["raw+lake+state"]["events_per_s"] / peer, 1),
-        "raw_only_vs_copy_ceiling": round(runs["raw"]["events_per_s"] / ceiling, 3),
-        "lake_delta_vs_parquet": round(runs["lake_delta"]["events_per_s"] / runs["lake"]["events_per_s"], 2),
-    }
-    if "avro" in runs:
-        report["ratios"]["avro_vs_json_all_sinks"] = round(
-            runs["avro"]["events_per_s"] / runs["raw+lake+state"]["events_per_s"], 2)
+    report["ratios"] = ratios(report)
+    report["targets"] = targets(report)
     with open(os.path.join(out_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
     with open(os.path.join(out_dir, "report.md"), "w") as f:
@@ -434,11 +505,54 @@ def main():
 def decode_alone(binary, seconds):
     """Decoding alone, per wire format, on the same real Debezium changes (the committed zoo
     captures): examples/decode_throughput."""
-    example = os.path.join(os.path.dirname(binary), "examples", "decode_throughput")
-    out = subprocess.run([example, str(seconds)], check=True, capture_output=True, text=True).stdout
+    out = subprocess.run([example(binary, "decode_throughput"), str(seconds)], check=True, capture_output=True, text=True).stdout
     rates = json.loads(out)
     log("decoding alone: " + ", ".join(f"{k} {v['changes_per_s']:,.0f} changes/s" for k, v in rates.items()))
     return rates
+
+
+def ratios(r):
+    """Every headline figure against its peer or ceiling."""
+    i = r["ingest"]
+    all_sinks = i["raw+lake+state"]["events_per_s"]
+    out = {
+        "all_sinks_vs_peer": round(all_sinks / r["peer"]["events_per_s"], 1),
+        "all_sinks_vs_broker_read_ceiling": round(all_sinks / r["broker_read_ceiling"]["records_per_s"], 3),
+        "raw_only_vs_copy_ceiling": round(i["raw"]["events_per_s"] / r["copy_ceiling"]["rows_per_s"], 3),
+        "lake_vs_parquet_encode_ceiling": round(i["lake"]["events_per_s"] / r["parquet_encode_ceiling"]["rows_per_s"], 3),
+        "lake_vs_broker_read_ceiling": round(i["lake"]["events_per_s"] / r["broker_read_ceiling"]["records_per_s"], 3),
+        "lake_delta_vs_parquet": round(i["lake_delta"]["events_per_s"] / i["lake"]["events_per_s"], 2),
+    }
+    if "avro" in i:
+        out["avro_vs_json_all_sinks"] = round(i["avro"]["events_per_s"] / all_sinks, 2)
+    if "flink" in r:
+        out["mirror_vs_flink"] = round(i["state_flink_topic"]["events_per_s"] / r["flink"]["events_per_s"], 2)
+        out["all_sinks_vs_flink"] = round(i["all_flink_topic"]["events_per_s"] / r["flink"]["events_per_s"], 2)
+    return out
+
+
+# Issue 17's targets: (name, measure, target, higher is better).
+def targets(r):
+    i = r["ingest"]
+    rows = [
+        ("all three sinks", i["raw+lake+state"]["events_per_s"], 50_000, "events/s"),
+        ("raw log alone, share of the COPY ceiling", r["ratios"]["raw_only_vs_copy_ceiling"], 0.8, "ratio"),
+        ("mirror alone", i["state"]["events_per_s"], 60_000, "events/s"),
+        ("lake alone (Parquet)", i["lake"]["events_per_s"], 150_000, "events/s"),
+        ("replay from the raw log", r["replay"]["raw"]["events_per_s"], 100_000, "events/s"),
+        ("replay from the lake", r["replay"]["lake"]["events_per_s"], 100_000, "events/s"),
+        (f"p99 produce-to-visible at {r['latency']['offered_per_s']:,}/s", r["latency"]["p99_ms"], 150, "ms, at most"),
+    ]
+    if "backlog" in r:
+        rows.append((f"peak RSS, {r['backlog']['events']:,}-event backlog, all sinks", r["backlog"]["peak_rss_mb"], 200,
+                     "MB, at most"))
+    out = []
+    for name, value, target, unit in rows:
+        at_most = unit.endswith("at most")
+        met = value <= target if at_most else value >= target
+        out.append({"target": name, "value": value, "goal": target, "unit": unit, "met": met,
+                    "share_of_goal": round(value / target, 2)})
+    return out
 
 
 def render_md(r):
@@ -451,18 +565,31 @@ def render_md(r):
         "| measure | result | ratio |",
         "|---|---|---|",
         f"| peer (seed_consumer.py, {r['peer']['events']} events) | {r['peer']['events_per_s']:,} events/s | 1.0× |",
-        f"| cdc-lake raw + lake + mirror | {i['raw+lake+state']['events_per_s']:,} events/s | {r['ratios']['all_sinks_vs_peer']}× peer |",
+        f"| cdc-lake raw + lake + mirror | {i['raw+lake+state']['events_per_s']:,} events/s | {r['ratios']['all_sinks_vs_peer']}× peer, "
+        f"{r['ratios']['all_sinks_vs_broker_read_ceiling']:.0%} of the broker read ceiling |",
     ]
+    if "flink" in r:
+        f = r["flink"]
+        lines += [
+            f"| peer: the seeds' Flink SQL job, max-rows={f['max_rows']} ({f['events']:,} events, REPLICA IDENTITY FULL topic) | "
+            f"{f['events_per_s']:,} events/s after a {f['job_start_s']} s job start | 1.0× |",
+            f"| cdc-lake mirror alone, the same topic | {i['state_flink_topic']['events_per_s']:,} events/s | {r['ratios']['mirror_vs_flink']}× Flink |",
+            f"| cdc-lake raw + lake + mirror, the same topic | {i['all_flink_topic']['events_per_s']:,} events/s | {r['ratios']['all_sinks_vs_flink']}× Flink |",
+        ]
     if "avro" in i:
         lines.append(f"| cdc-lake raw + lake + mirror, Avro with the registry | {i['avro']['events_per_s']:,} events/s | "
                      f"{r['ratios']['avro_vs_json_all_sinks']}× the JSON run |")
     lines += [
         f"| cdc-lake raw log alone | {i['raw']['events_per_s']:,} events/s | {r['ratios']['raw_only_vs_copy_ceiling']:.0%} of COPY ceiling |",
         f"| cdc-lake mirror alone | {i['state']['events_per_s']:,} events/s | |",
-        f"| cdc-lake lake alone | {i['lake']['events_per_s']:,} events/s | |",
+        f"| cdc-lake lake alone | {i['lake']['events_per_s']:,} events/s | {r['ratios']['lake_vs_parquet_encode_ceiling']:.0%} of the Parquet encode ceiling, "
+        f"{r['ratios']['lake_vs_broker_read_ceiling']:.0%} of the broker read ceiling |",
         f"| cdc-lake lake alone, Delta tables | {i['lake_delta']['events_per_s']:,} events/s, peak RSS {i['lake_delta']['peak_rss_mb']} MB | "
         f"{r['ratios']['lake_delta_vs_parquet']}× plain Parquet |",
         f"| COPY ceiling (psql \\copy of the same rows) | {r['copy_ceiling']['rows_per_s']:,} rows/s | |",
+        f"| broker read ceiling (bare librdkafka consumer, same topic) | {r['broker_read_ceiling']['records_per_s']:,} records/s "
+        f"({r['broker_read_ceiling']['mb_per_s']} MB/s) | |",
+        f"| Parquet encode ceiling (arrow-rs, the lake-alone run's rows from memory) | {r['parquet_encode_ceiling']['rows_per_s']:,} rows/s | |",
         f"| cdc-replay --rebuild from the raw log | {r['replay']['raw']['events_per_s']:,} events/s | {r['replay']['raw']['events_per_s'] / r['peer']['events_per_s']:.1f}× peer ingest |",
         f"| cdc-replay --rebuild from the lake | {r['replay']['lake']['events_per_s']:,} events/s | |",
         f"| latency at {r['latency']['offered_per_s']:,}/s: p50 / p99 / max | {r['latency']['p50_ms']} / {r['latency']['p99_ms']} / {r['latency']['max_ms']} ms | |",
@@ -482,9 +609,18 @@ def render_md(r):
         lines.append(f"| peak RSS, {b['events']:,}-event backlog, Delta tables | {b['peak_rss_mb']} MB ({b['events_per_s']:,} events/s) | "
                      f"{round(b['peak_rss_mb'] / r['backlog']['peak_rss_mb'], 2)}× plain Parquet |")
     lines += ["", f"Throughput runs: {i['raw']['events']:,} events each. Counts check: {'ok' if r['counts_ok'] else 'FAILED'} {r['counts']}."]
-    if r.get("hot_spots"):
-        lines += ["", "## Hot spots (perf, backlog run, self time)", "", "| % | symbol |", "|---|---|"]
-        lines += [f"| {h['percent']} | `{h['symbol']}` |" for h in r["hot_spots"]]
+    lines += ["", "## Targets (issue 17)", "", "| target | measured | goal | share of goal | |", "|---|---|---|---|---|"]
+    lines += [f"| {t['target']} | {t['value']:,} | {t['goal']:,} {t['unit']} | {t['share_of_goal']}× | {'met' if t['met'] else 'missed'} |"
+              for t in r["targets"]]
+    if "scaling" in r:
+        lines.append(bench_scaling.render_md(r["scaling"]))
+        lines.append("![how cost grows](scaling.png)")
+    profiled = [(f"{name} alone", run) for name, run in (("raw log", i["raw"]), ("mirror", i["state"]), ("lake", i["lake"]))]
+    profiled.append(("backlog, all sinks", r.get("backlog", {})))
+    for name, run in profiled:
+        if run.get("hot_spots"):
+            lines += ["", f"## Hot spots: {name} (perf, self time)", "", "| % | symbol |", "|---|---|"]
+            lines += [f"| {h['percent']} | `{h['symbol']}` |" for h in run["hot_spots"]]
     return "\n".join(lines) + "\n"
 
 

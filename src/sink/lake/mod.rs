@@ -216,9 +216,8 @@ impl LakeSink {
     }
 
     /// Uploads a partition's buffered files and commits them in the manifest.
+    /// With Delta tables, the commit's Delta side is queued for [`Self::publish_backlogs`].
     async fn commit_partition(&mut self, tp: &TopicPartition) -> Result<(), SinkError> {
-        // Delta commits land in manifest order.
-        self.publish_backlog(tp).await?;
         let Some(first_offset) = self
             .partitions
             .get(tp)
@@ -380,7 +379,6 @@ impl LakeSink {
                         next_offset,
                         files: delta_files.into_iter().flatten().collect(),
                     });
-                    self.publish_backlog(tp).await?;
                 }
                 Ok(())
             }
@@ -526,6 +524,7 @@ impl Sink for LakeSink {
             let Some(tp) = biggest else { break };
             self.commit_partition(&tp).await?;
         }
+        self.publish_backlogs().await?;
         Ok(Ack {
             durable: self.acks(ranges.into_keys()),
             stats,
@@ -538,15 +537,15 @@ impl Sink for LakeSink {
             .partitions
             .iter()
             .filter(|(_, st)| {
-                !st.unpublished.is_empty()
-                    || (!st.files.is_empty()
-                        && (force || st.opened_at.is_some_and(|t| t.elapsed() >= roll_age)))
+                !st.files.is_empty()
+                    && (force || st.opened_at.is_some_and(|t| t.elapsed() >= roll_age))
             })
             .map(|(tp, _)| tp.clone())
             .collect();
         for tp in &due {
             self.commit_partition(tp).await?;
         }
+        self.publish_backlogs().await?;
         Ok(Ack {
             durable: self.acks(
                 self.partitions

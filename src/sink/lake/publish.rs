@@ -1,10 +1,10 @@
 //! The lake's Delta side: each manifest commit's Delta commit, in order, and the republish of
 //! what a table's log lacks when a partition is assigned.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use super::delta::stats::DeltaFile;
-use super::delta::DeltaLog;
+use super::delta::{DeltaLog, TableFile};
 use super::manifest::{self, Commit, FileEntry};
 use super::store::read_bytes;
 use super::LakeSink;
@@ -14,7 +14,7 @@ use crate::sink::SinkError;
 /// The Delta side of one manifest commit: its files, per table directory and source table.
 pub(super) struct Unpublished {
     pub(super) next_offset: i64,
-    pub(super) files: Vec<(String, String, DeltaFile)>,
+    pub(super) files: Vec<TableFile>,
 }
 
 impl LakeSink {
@@ -92,19 +92,40 @@ impl LakeSink {
         Ok(())
     }
 
-    /// Lands the Delta commits of `tp`'s manifest commits that have none yet, in order.
-    pub(super) async fn publish_backlog(&mut self, tp: &TopicPartition) -> Result<(), SinkError> {
-        let (Some(delta), Some(st)) = (self.delta.as_mut(), self.partitions.get_mut(tp)) else {
+    /// Lands the Delta commits of every partition's manifest commits that have none yet: one
+    /// Delta commit per table for all of them, so a flush that rolls many partitions writes
+    /// each table's log once. On failure every partition keeps its queue, oldest first, and
+    /// the next write or flush tries again; a table that took its commit before the failure
+    /// skips those partitions then (their txn versions).
+    pub(super) async fn publish_backlogs(&mut self) -> Result<(), SinkError> {
+        if self.delta.is_none() {
             return Ok(());
-        };
-        while let Some(next) = st.unpublished.pop_front() {
-            if let Err(e) = delta
-                .publish(tp, next.next_offset, next.files.clone())
-                .await
-            {
-                st.unpublished.push_front(next);
-                return Err(e);
+        }
+        let queued: Vec<(TopicPartition, VecDeque<Unpublished>)> = self
+            .partitions
+            .iter_mut()
+            .filter(|(_, st)| !st.unpublished.is_empty())
+            .map(|(tp, st)| (tp.clone(), std::mem::take(&mut st.unpublished)))
+            .collect();
+        if queued.is_empty() {
+            return Ok(());
+        }
+        let commits = queued
+            .iter()
+            .flat_map(|(tp, q)| {
+                q.iter()
+                    .map(|u| (tp.clone(), u.next_offset, u.files.clone()))
+            })
+            .collect();
+        let delta = self.delta.as_mut().expect("checked above");
+        if let Err(e) = delta.publish_many(commits).await {
+            for (tp, mut q) in queued {
+                if let Some(st) = self.partitions.get_mut(&tp) {
+                    q.extend(std::mem::take(&mut st.unpublished));
+                    st.unpublished = q;
+                }
             }
+            return Err(e);
         }
         Ok(())
     }

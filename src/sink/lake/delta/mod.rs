@@ -1,10 +1,13 @@
 //! Delta Lake commits over the lake's files: each source table's directory
 //! (`cdc_events/table=<…>/`) is a Delta table partitioned by `date`.
 //!
-//! The manifest stays the lake's checkpoint; the Delta log is what other engines read. After a
-//! manifest commit lands, one Delta commit per table it touched adds its files, carries a
-//! `metaData` action when they bring new columns, and records a `txn` action for the
-//! topic-partition (app id `cdc-lake/<topic>/<partition>`, version = the commit's next offset).
+//! The manifest stays the lake's checkpoint; the Delta log is what other engines read. After
+//! the manifest commits of a write or a flush land (one per topic-partition that rolled), one
+//! Delta commit per table they touched adds their files, carries a `metaData` action when they
+//! bring new columns, and records a `txn` action for each topic-partition (app id
+//! `cdc-lake/<topic>/<partition>`, version = the partition's next offset after its files).
+//! Gathering the partitions into one Delta commit per table keeps the number of Delta commits
+//! (each a log write and a snapshot update) independent of the partition count.
 //! A table whose txn version for the partition is already at or past that offset has the files:
 //! the commit is skipped, so a republish after a crash adds nothing twice. On assignment, the
 //! manifest commits a table has not recorded yet are republished ([`DeltaLog::republish`]).
@@ -16,30 +19,27 @@
 //! with a table's file count; checkpoints and log cleanup run every
 //! `lake.delta.checkpoint_interval` commits.
 
+mod commit;
 mod replace;
 pub mod stats;
 pub mod types;
 
+pub use commit::{ManifestCommit, TableFile};
 pub use replace::{compaction_app_id, Replaced};
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 
-use arrow::datatypes::{DataType as ArrowType, Field, Schema as ArrowSchema};
-use deltalake_core::kernel::engine::arrow_conversion::{TryFromArrow, TryFromKernel};
-use deltalake_core::kernel::transaction::{CommitBuilder, CommitProperties, TransactionError};
-use deltalake_core::kernel::{
-    contains_timestampntz, new_metadata, Action, MetadataExt, Protocol, StructType, Transaction,
-};
+use arrow::datatypes::Schema as ArrowSchema;
+use deltalake_core::kernel::engine::arrow_conversion::TryFromKernel;
+use deltalake_core::kernel::transaction::TransactionError;
 use deltalake_core::logstore::{default_logstore, LogStoreRef, StorageConfig};
-use deltalake_core::protocol::{DeltaOperation, SaveMode};
 use deltalake_core::{DeltaTable, DeltaTableConfig, DeltaTableError};
 use object_store::local::LocalFileSystem;
 use object_store::prefix::PrefixStore;
 use object_store::ObjectStore;
 use url::Url;
 
-use self::stats::{DeltaFile, DATE_COLUMN};
 use crate::config::{DeltaConfig, LakeConfig};
 use crate::domain::TopicPartition;
 use crate::sink::SinkError;
@@ -78,9 +78,10 @@ pub fn app_id(tp: &TopicPartition) -> String {
 /// One table's log, as this pod last saw it.
 struct Table {
     delta: DeltaTable,
-    /// Partitions whose txn version in this snapshot is known to be this pod's own: their
-    /// versions were read from the log after loading, or set by this pod's commits since.
-    known_apps: HashSet<String>,
+    /// The txn versions known to be current for this snapshot, per app: read from the log after
+    /// loading, or set by this pod's own commits since (a partition's app is this pod's own
+    /// while it owns the partition).
+    known_apps: HashMap<String, Option<i64>>,
     /// Commits this pod made since it loaded the table (see [`SNAPSHOT_STATS_BUDGET`]).
     commits_since_load: usize,
 }
@@ -218,7 +219,7 @@ impl DeltaLog {
                 table_dir.to_string(),
                 Table {
                     delta,
-                    known_apps: HashSet::new(),
+                    known_apps: HashMap::new(),
                     commits_since_load: 0,
                 },
             );
@@ -265,16 +266,33 @@ impl DeltaLog {
         Ok(out)
     }
 
-    /// The last offset range end this table recorded for `tp`, read from the log.
+    /// The last offset range end this table recorded for `tp`: what this pod knows of its own
+    /// partition (read once from the log, then set by its commits), else read from the log.
     pub async fn recorded(
         &mut self,
         table_dir: &str,
         tp: &TopicPartition,
     ) -> Result<Option<i64>, SinkError> {
-        self.recorded_app(table_dir, app_id(tp)).await
+        let app = app_id(tp);
+        if let Some(known) = self
+            .tables
+            .get(table_dir)
+            .and_then(|t| t.known_apps.get(&app))
+        {
+            return Ok(*known);
+        }
+        let version = self.recorded_app(table_dir, app.clone()).await?;
+        let table = self
+            .tables
+            .get_mut(table_dir)
+            .expect("loaded by recorded_app");
+        if table.delta.state.is_some() {
+            table.known_apps.insert(app, version);
+        }
+        Ok(version)
     }
 
-    /// The txn version of `app` in the table's log.
+    /// The txn version of `app` in the table's log (None while the table does not exist).
     async fn recorded_app(
         &mut self,
         table_dir: &str,
@@ -285,12 +303,10 @@ impl DeltaLog {
             return Ok(None);
         };
         let log_store = table.delta.log_store();
-        let version = state
+        state
             .transaction_version(log_store.as_ref(), &app)
             .await
-            .map_err(delta_err(table_dir))?;
-        table.known_apps.insert(app);
-        Ok(version)
+            .map_err(delta_err(table_dir))
     }
 
     /// Forgets what this pod knew of `tp`'s txn versions (on a revoke: another owner may commit
@@ -309,122 +325,6 @@ impl DeltaLog {
     /// files stay in the manifest and the plain-Parquet layout.
     pub fn covers(table_dir: &str) -> bool {
         !table_dir.contains('%')
-    }
-
-    /// Records one manifest commit of `tp` (offsets up to `next_offset`): for every table, its
-    /// files, in one Delta commit, unless the table already recorded the range.
-    pub async fn publish(
-        &mut self,
-        tp: &TopicPartition,
-        next_offset: i64,
-        files: Vec<(String, String, DeltaFile)>,
-    ) -> Result<(), SinkError> {
-        let mut by_table: BTreeMap<String, (String, Vec<DeltaFile>)> = BTreeMap::new();
-        for (table_dir, table_name, file) in files {
-            if !Self::covers(&table_dir) {
-                tracing::debug!(
-                    table = table_dir,
-                    "no Delta log for an escaped table directory"
-                );
-                continue;
-            }
-            by_table
-                .entry(table_dir)
-                .or_insert_with(|| (table_name, Vec::new()))
-                .1
-                .push(file);
-        }
-        for (table_dir, (table_name, files)) in by_table {
-            self.publish_table(&table_dir, &table_name, tp, next_offset, &files)
-                .await?;
-        }
-        Ok(())
-    }
-
-    async fn publish_table(
-        &mut self,
-        table_dir: &str,
-        table_name: &str,
-        tp: &TopicPartition,
-        next_offset: i64,
-        files: &[DeltaFile],
-    ) -> Result<(), SinkError> {
-        let app = app_id(tp);
-        let checkpoint_interval = self.cfg.checkpoint_interval;
-        let retention = self.cfg.log_retention.0;
-        for attempt in 1..=MAX_ATTEMPTS {
-            let table = self.table(table_dir).await?;
-            let unknown = !table.known_apps.contains(&app) && table.delta.state.is_some();
-            if unknown {
-                if let Some(v) = self.recorded(table_dir, tp).await? {
-                    if v >= next_offset {
-                        tracing::debug!(%tp, table = table_dir, next_offset, "Delta already has this lake commit");
-                        return Ok(());
-                    }
-                }
-            }
-            let table = self.tables.get_mut(table_dir).expect("loaded above");
-            let (actions, operation) = commit_actions(
-                &table.delta,
-                table_name,
-                &app,
-                next_offset,
-                files,
-                checkpoint_interval,
-                retention,
-            )
-            .map_err(delta_err(table_dir))?;
-            let properties = CommitProperties::default()
-                .with_create_checkpoint(false)
-                .with_cleanup_expired_logs(Some(false));
-            let snapshot = table.delta.state.as_ref();
-            let result = CommitBuilder::from(properties)
-                .with_actions(actions)
-                .with_max_retries(MAX_ATTEMPTS)
-                .build(snapshot.map(|s| s as _), table.delta.log_store(), operation)
-                .await;
-            match result {
-                Ok(done) => {
-                    let version = done.version;
-                    if table.delta.state.is_some() {
-                        table.delta.state = Some(done.snapshot);
-                    } else {
-                        // Created: load it as every other table is held (without files).
-                        self.tables.remove(table_dir);
-                        self.table(table_dir).await?;
-                    }
-                    let table = self.tables.get_mut(table_dir).expect("loaded above");
-                    table.known_apps.insert(app.clone());
-                    table.commits_since_load += 1;
-                    let checkpointed = (version + 1) % checkpoint_interval as i64 == 0;
-                    if checkpointed {
-                        checkpoint(&table.delta, table_dir).await;
-                    }
-                    let columns = table
-                        .delta
-                        .state
-                        .as_ref()
-                        .map_or(0, |s| s.schema().fields().len());
-                    if checkpointed || table.commits_since_load * columns >= SNAPSHOT_STATS_BUDGET {
-                        self.reload(table_dir).await?;
-                    }
-                    tracing::debug!(%tp, table = table_dir, version, files = files.len(), "Delta commit");
-                    return Ok(());
-                }
-                Err(e) if attempt < MAX_ATTEMPTS && lost_the_race(&e) => {
-                    // Another writer changed what this commit read (the schema, or this very
-                    // partition's txn after a rebalance): reload and decide again.
-                    tracing::info!(%tp, table = table_dir, error = %e, "Delta commit conflict; reloading the table");
-                    self.tables.remove(table_dir);
-                    back_off(attempt).await;
-                }
-                Err(e) => {
-                    self.tables.remove(table_dir);
-                    return Err(delta_err(table_dir)(e));
-                }
-            }
-        }
-        unreachable!("the last attempt returns")
     }
 }
 
@@ -446,100 +346,5 @@ async fn checkpoint(table: &DeltaTable, table_dir: &str) {
     }
 }
 
-/// The actions and operation of one table commit: `add` per file, `txn` for the partition, and
-/// `protocol` plus `metaData` when the table is new or the files bring columns it lacks.
-fn commit_actions(
-    table: &DeltaTable,
-    table_name: &str,
-    app: &str,
-    next_offset: i64,
-    files: &[DeltaFile],
-    checkpoint_interval: u64,
-    retention: std::time::Duration,
-) -> Result<(Vec<Action>, DeltaOperation), DeltaTableError> {
-    let current: Option<ArrowSchema> = match table.state.as_ref() {
-        Some(state) => Some(ArrowSchema::try_from_kernel(state.schema().as_ref())?),
-        None => None,
-    };
-    let mut merged = current.clone().unwrap_or_else(|| {
-        // Text, not a Delta date: event dates outside years 1 to 9999 (timestamps beyond
-        // PostgreSQL's range) are valid partition values then for every reader.
-        ArrowSchema::new(vec![Field::new(DATE_COLUMN, ArrowType::Utf8, true)])
-    });
-    for f in files {
-        merged = types::merge_schema(&merged, &f.schema, table_name);
-    }
-    let mut actions = Vec::new();
-    let changed = current.as_ref() != Some(&merged);
-    let schema = StructType::try_from_arrow(&merged)?;
-    let needs_ntz = contains_timestampntz(schema.fields());
-    let operation = match table.state.as_ref() {
-        None => {
-            let protocol = protocol(needs_ntz)?;
-            let metadata = new_metadata(
-                &schema,
-                [DATE_COLUMN],
-                [
-                    (
-                        "delta.checkpointInterval".to_string(),
-                        checkpoint_interval.to_string(),
-                    ),
-                    (
-                        "delta.logRetentionDuration".to_string(),
-                        format!("interval {} seconds", retention.as_secs()),
-                    ),
-                ],
-            )?
-            .with_name(table_name.to_string())?;
-            actions.push(Action::Protocol(protocol.clone()));
-            actions.push(Action::Metadata(metadata.clone()));
-            DeltaOperation::Create {
-                mode: SaveMode::ErrorIfExists,
-                location: table.table_url().clone(),
-                protocol,
-                metadata,
-            }
-        }
-        Some(state) => {
-            if changed {
-                let has_ntz_feature = serde_json::to_value(state.protocol())?
-                    .get("readerFeatures")
-                    .and_then(|f| f.as_array())
-                    .is_some_and(|f| f.iter().any(|f| f == "timestampNtz"));
-                if needs_ntz && !has_ntz_feature {
-                    actions.push(Action::Protocol(protocol(true)?));
-                }
-                actions.push(Action::Metadata(
-                    state.metadata().clone().with_schema(&schema)?,
-                ));
-            }
-            DeltaOperation::Write {
-                mode: SaveMode::Append,
-                partition_by: Some(vec![DATE_COLUMN.to_string()]),
-                predicate: None,
-            }
-        }
-    };
-    actions.extend(files.iter().map(|f| Action::Add(f.add.clone())));
-    actions.push(Action::Txn(Transaction {
-        app_id: app.to_string(),
-        version: next_offset,
-        last_updated: Some(chrono::Utc::now().timestamp_millis()),
-    }));
-    Ok((actions, operation))
-}
-
 #[cfg(test)]
 mod tests;
-
-/// Reader 1 / writer 2, or reader 3 / writer 7 with the `timestampNtz` feature when a column
-/// is a timestamp without time zone (Debezium's `Timestamp`, `MicroTimestamp`).
-fn protocol(timestamp_ntz: bool) -> Result<Protocol, DeltaTableError> {
-    let value = if timestamp_ntz {
-        serde_json::json!({"minReaderVersion": 3, "minWriterVersion": 7,
-            "readerFeatures": ["timestampNtz"], "writerFeatures": ["timestampNtz"]})
-    } else {
-        serde_json::json!({"minReaderVersion": 1, "minWriterVersion": 2})
-    };
-    Ok(serde_json::from_value(value)?)
-}
