@@ -33,7 +33,7 @@ pub use self::store::{
 use super::{Ack, Offsets, Sink, SinkError, WriteStats};
 use crate::batch::Batch;
 use crate::config::{LakeConfig, TableFormat};
-use crate::domain::TopicPartition;
+use crate::domain::{TableId, TopicPartition};
 use crate::envelope::{ChangeEvent, Decoded, RowSchema};
 
 pub const NAME: &str = "lake";
@@ -82,6 +82,16 @@ pub struct LakeSink {
 }
 
 /// UTC date of epoch milliseconds.
+/// What a change's file key is made of: server, database, table, and [`day_of`].
+type FileSource<'a> = (Option<&'a str>, Option<&'a str>, &'a TableId, Option<i64>);
+
+/// The UTC day of `ms` as [`date_of`] names it (None where it says 1970-01-01 for want of a
+/// date), without formatting it.
+fn day_of(ms: Option<i64>) -> Option<i64> {
+    ms.filter(|ms| chrono::DateTime::from_timestamp_millis(*ms).is_some())
+        .map(|ms| ms.div_euclid(86_400_000))
+}
+
 fn date_of(ms: Option<i64>) -> String {
     ms.and_then(chrono::DateTime::from_timestamp_millis)
         .unwrap_or_default()
@@ -439,6 +449,7 @@ impl Sink for LakeSink {
                 }
             }
         }
+        let mut last_file: Option<(FileSource, (String, String))> = None;
         for r in &batch.records {
             let coords = r.coords();
             let tp = coords.topic_partition();
@@ -465,20 +476,36 @@ impl Sink for LakeSink {
             };
             // Any name is a valid path once encoded (Layout): every change lands in a file.
             let source = (
-                e.source.name.as_deref().unwrap_or(""),
-                e.source.db.as_deref().unwrap_or(""),
+                e.source.name.as_deref(),
+                e.source.db.as_deref(),
+                &e.table,
+                day_of(e.event_time_ms()),
             );
-            let dir = manifest::table_dir(self.cfg.layout, source, &e.table);
-            let key = (dir, date_of(e.event_time_ms()));
+            // Consecutive changes mostly share a table and a day: their file key is built once.
+            let key = match &last_file {
+                Some((last, key)) if *last == source => key.clone(),
+                _ => {
+                    let (server, db) = (source.0.unwrap_or(""), source.1.unwrap_or(""));
+                    let dir = manifest::table_dir(self.cfg.layout, (server, db), &e.table);
+                    let key = (dir, date_of(e.event_time_ms()));
+                    last_file = Some((source, key.clone()));
+                    key
+                }
+            };
             let declared = e.schema.declared.then(|| e.schema.clone());
-            let needs_roll = st
-                .files
-                .get(&key)
-                .is_some_and(|f| match (&f.declared, &declared) {
-                    (Some(a), Some(b)) => !Arc::ptr_eq(a, b) && a != b,
-                    (None, None) => f.schema.conflicts(&e.schema),
-                    _ => true,
-                });
+            let needs_roll = st.files.get(&key).is_some_and(|f| {
+                // The file already took the previous change's schema.
+                let same_as_last = f
+                    .events
+                    .last()
+                    .is_some_and(|last| Arc::ptr_eq(&last.schema, &e.schema));
+                !same_as_last
+                    && match (&f.declared, &declared) {
+                        (Some(a), Some(b)) => !Arc::ptr_eq(a, b) && a != b,
+                        (None, None) => f.schema.conflicts(&e.schema),
+                        _ => true,
+                    }
+            });
             if needs_roll {
                 // A schema change (declared, or an inferred type that cannot widen) starts a
                 // new file: commit what we have first.

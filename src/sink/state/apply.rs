@@ -2,6 +2,7 @@
 //! with bisection down to the changes that fail, each reject with the table and column.
 
 use std::borrow::Cow;
+use std::collections::HashSet;
 
 use postgres_types::{Json, ToSql};
 use serde_json::Value;
@@ -102,8 +103,14 @@ impl StateSink {
             return Ok(());
         }
         let mut usable: Vec<&ChangeEvent> = Vec::with_capacity(events.len());
+        let mut usable_columns = HashSet::new();
+        let unusable_mirror_name = self.unusable_mirror_name(dest);
         for e in events {
-            match self.unusable_names(dest, e) {
+            let unusable = match &unusable_mirror_name {
+                Some(reason) => Some(reason.clone()),
+                None => self.unusable_columns(dest, e, &mut usable_columns),
+            };
+            match unusable {
                 None => usable.push(*e),
                 Some(reason) => self.reject_one(tx, e, &reason, stats).await?,
             }
@@ -173,19 +180,33 @@ impl StateSink {
         Ok(mismatched)
     }
 
+    /// Why no mirror can be named for this table (too long, NUL), or None. Mapped tables have
+    /// their names from the mapping.
+    fn unusable_mirror_name(&self, dest: &Dest) -> Option<String> {
+        let table = &dest.table;
+        if self.mapped_tables.contains_key(table) {
+            return None;
+        }
+        quote_ident(&dest.name)
+            .err()
+            .map(|reason| format!("{table} cannot be mirrored: the mirror name {reason}"))
+    }
+
     /// Why no mirror can take this change's column names (too long, NUL, a metadata column's
-    /// name), or None. Mapped tables have their columns from the mapping.
-    pub(super) fn unusable_names(&self, dest: &Dest, e: &ChangeEvent) -> Option<String> {
+    /// name), or None. Mapped tables have their columns from the mapping. `usable_columns`
+    /// holds the names already found usable for this table, so that a set of changes checks
+    /// each distinct name once.
+    fn unusable_columns<'e>(
+        &self,
+        dest: &Dest,
+        e: &'e ChangeEvent,
+        usable_columns: &mut HashSet<&'e str>,
+    ) -> Option<String> {
         let table = &dest.table;
         if self.mapped_tables.contains_key(table) {
             return None;
         }
         let name = &dest.name;
-        if let Err(reason) = quote_ident(name) {
-            return Some(format!(
-                "{table} cannot be mirrored: the mirror name {reason}"
-            ));
-        }
         let key = e.key.as_ref().and_then(Value::as_object);
         let columns = key
             .into_iter()
@@ -193,6 +214,9 @@ impl StateSink {
             .chain(e.after.as_ref())
             .flat_map(|m| m.keys());
         for c in columns {
+            if usable_columns.contains(c.as_str()) {
+                continue;
+            }
             if let Err(reason) = quote_ident(c) {
                 return Some(format!(
                     "cannot apply to {}.{name} (source {table}): source column {reason}",
@@ -205,6 +229,7 @@ impl StateSink {
                     self.schema
                 ));
             }
+            usable_columns.insert(c.as_str());
         }
         None
     }

@@ -308,19 +308,29 @@ impl StateSink {
             }
             // Changes per destination table, in Kafka order.
             // Names depend on (server, database, table) only: computed once per batch for each.
-            let mut dests: HashMap<(&str, &str, &TableId), Dest> = HashMap::new();
+            let mut dests: HashMap<SourceTable, Dest> = HashMap::new();
             let mut by_dest: BTreeMap<Dest, Vec<&ChangeEvent>> = BTreeMap::new();
+            // Consecutive changes mostly share a table: a run of them is named and grouped once.
+            let mut runs: Vec<(SourceTable, Vec<&ChangeEvent>)> = Vec::new();
             for e in changes {
                 let source = (
                     e.source.name.as_deref().unwrap_or(""),
                     e.source.db.as_deref().unwrap_or(""),
                     &e.table,
                 );
-                let dest = dests.entry(source).or_insert_with(|| self.dest_of(e));
+                match runs.last_mut() {
+                    Some((current, events)) if *current == source => events.push(e),
+                    _ => runs.push((source, vec![e])),
+                }
+            }
+            for (source, events) in runs {
+                let dest = dests
+                    .entry(source)
+                    .or_insert_with(|| self.dest_of(events[0]));
                 match by_dest.get_mut(dest) {
-                    Some(events) => events.push(e),
+                    Some(all) => all.extend(events),
                     None => {
-                        by_dest.insert(dest.clone(), vec![e]);
+                        by_dest.insert(dest.clone(), events);
                     }
                 }
             }
@@ -348,6 +358,9 @@ impl StateSink {
         result
     }
 }
+
+/// A change's table as its source names it: server (`source.name`), database, table.
+type SourceTable<'a> = (&'a str, &'a str, &'a TableId);
 
 /// Records a change the mirror cannot take, with the reason, in the same transaction.
 async fn reject(

@@ -159,6 +159,16 @@ pub(super) fn carry_unchanged_toast(
     rows: &mut [Cow<Map<String, Value>>],
     fill_deletes: bool,
 ) {
+    // Only placeholders and filled deletes carry anything: most sets have neither, and then
+    // no key needs rendering.
+    let has_placeholder = |e: &&ChangeEvent| {
+        e.after
+            .as_ref()
+            .is_some_and(|a| a.values().any(|v| v.as_str() == Some(UNAVAILABLE_VALUE)))
+    };
+    if !fill_deletes && !events.iter().any(has_placeholder) {
+        return;
+    }
     let mut latest: HashMap<String, usize> = HashMap::new();
     for (i, e) in events.iter().enumerate() {
         let key = e.key.as_ref().map(Value::to_string).unwrap_or_default();
