@@ -8,6 +8,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
+use super::schema::InferredSchemas;
 use super::{json, ChangeEvent, Decoded, Op, Reject, RowSchema, SkipReason, SourceInfo, ValueForm};
 use crate::domain::{KafkaCoordinates, Position, TableId};
 
@@ -79,34 +80,12 @@ struct WireSource {
 #[derive(Default)]
 pub struct Decoder {
     schemas: HashMap<u64, Arc<RowSchema>>,
-    inferred: Vec<Arc<RowSchema>>,
+    inferred: InferredSchemas,
 }
-
-/// How many distinct inferred schemas a decoder keeps for sharing. Changes of one table
-/// mostly have one shape; a few dozen covers tables interleaved in a batch.
-const INFERRED_SCHEMAS_KEPT: usize = 32;
 
 impl Decoder {
     pub fn new() -> Self {
         Self::default()
-    }
-
-    /// One shared schema per inferred shape: the sinks compare schemas by pointer first, so
-    /// changes of one shape skip the per-change schema merges and conflict checks (a tenth of
-    /// the mirror's and the lake's time when every change had a schema of its own).
-    fn share_inferred(&mut self, schema: RowSchema) -> Arc<RowSchema> {
-        if let Some(i) = self.inferred.iter().position(|s| **s == schema) {
-            let shared = self.inferred[i].clone();
-            if i > 0 {
-                // Most recently used first: the next change is most likely of the same shape.
-                self.inferred[..=i].rotate_right(1);
-            }
-            return shared;
-        }
-        let shared = Arc::new(schema);
-        self.inferred.insert(0, shared.clone());
-        self.inferred.truncate(INFERRED_SCHEMAS_KEPT);
-        shared
     }
 
     pub fn decode(
@@ -224,7 +203,8 @@ impl Decoder {
         }
 
         let inferred = |d: &mut Self| {
-            d.share_inferred(RowSchema::infer_change(before.as_ref(), after.as_ref()))
+            d.inferred
+                .share(RowSchema::infer_change(before.as_ref(), after.as_ref()))
         };
         let row_schema = match types {
             // A message's Connect schema has no row struct; its block is typed by inference.
@@ -467,34 +447,6 @@ mod tests {
             Decoded::Reject(r) => r.reason,
             other => panic!("expected a reject, got {other:?}"),
         }
-    }
-
-    /// Schemaless changes of one shape share one schema (the sinks skip their per-change
-    /// schema work by pointer); another shape or another type gets its own.
-    #[test]
-    fn schemaless_changes_of_one_shape_share_a_schema() {
-        let mut decoder = Decoder::new();
-        let envelope = |after: &str| {
-            format!(
-                r#"{{"before":null,"after":{after},"source":{{"name":"p","db":"d","schema":"public","table":"t","lsn":1}},"op":"c","ts_ms":2}}"#
-            )
-        };
-        let mut schema = |offset: i64, after: &str| match decoder.decode(
-            coords(offset),
-            None,
-            Some(envelope(after).as_bytes()),
-        ) {
-            Decoded::Change(e) => e.schema.clone(),
-            other => panic!("expected a change, got {other:?}"),
-        };
-        let a = schema(0, r#"{"id":1,"v":"x"}"#);
-        let b = schema(1, r#"{"id":2,"v":"y"}"#);
-        let other_type = schema(2, r#"{"id":3,"v":1.5}"#);
-        let other_shape = schema(3, r#"{"id":4}"#);
-        let again = schema(4, r#"{"id":5,"v":"z"}"#);
-        assert!(Arc::ptr_eq(&a, &b) && Arc::ptr_eq(&a, &again));
-        assert!(!Arc::ptr_eq(&a, &other_type) && *a != *other_type);
-        assert!(!Arc::ptr_eq(&a, &other_shape) && *a != *other_shape);
     }
 
     #[test]

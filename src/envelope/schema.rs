@@ -337,6 +337,34 @@ fn warn_unknown_type(ty: &str, column: Option<&str>) {
     }
 }
 
+/// How many distinct inferred schemas a decoder keeps for sharing. Changes of one table
+/// mostly have one shape; a few dozen covers tables interleaved in a batch.
+const INFERRED_SCHEMAS_KEPT: usize = 32;
+
+/// The schemas a decoder inferred last, most recently used first, so that schemaless changes
+/// of one shape share one schema: the sinks compare schemas by pointer first and then skip
+/// their per-change schema merges and conflict checks (a tenth of the mirror's and the lake's
+/// time when every change had a schema of its own).
+#[derive(Debug, Default)]
+pub struct InferredSchemas {
+    recent: Vec<std::sync::Arc<RowSchema>>,
+}
+
+impl InferredSchemas {
+    /// The shared schema equal to `schema`, or `schema` made the shared one.
+    pub fn share(&mut self, schema: RowSchema) -> std::sync::Arc<RowSchema> {
+        if let Some(i) = self.recent.iter().position(|s| **s == schema) {
+            // Most recently used first: the next change is most likely of the same shape.
+            self.recent[..=i].rotate_right(1);
+            return self.recent[0].clone();
+        }
+        let shared = std::sync::Arc::new(schema);
+        self.recent.insert(0, shared.clone());
+        self.recent.truncate(INFERRED_SCHEMAS_KEPT);
+        shared
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -443,5 +471,21 @@ mod tests {
             !a.merge(&b),
             "merging the same schema twice changes nothing"
         );
+    }
+
+    /// Changes of one shape share one schema; another type or another shape gets its own,
+    /// and a shape seen before is found again among the last ones.
+    #[test]
+    fn inferred_schemas_of_one_shape_are_shared() {
+        let row = |v: serde_json::Value| RowSchema::infer(v.as_object().unwrap());
+        let mut shared = InferredSchemas::default();
+        let a = shared.share(row(serde_json::json!({"id": 1, "v": "x"})));
+        let b = shared.share(row(serde_json::json!({"id": 2, "v": "y"})));
+        let other_type = shared.share(row(serde_json::json!({"id": 3, "v": 1.5})));
+        let other_shape = shared.share(row(serde_json::json!({"id": 4})));
+        let again = shared.share(row(serde_json::json!({"id": 5, "v": "z"})));
+        assert!(std::sync::Arc::ptr_eq(&a, &b) && std::sync::Arc::ptr_eq(&a, &again));
+        assert!(!std::sync::Arc::ptr_eq(&a, &other_type) && *a != *other_type);
+        assert!(!std::sync::Arc::ptr_eq(&a, &other_shape) && *a != *other_shape);
     }
 }
