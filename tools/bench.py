@@ -571,7 +571,8 @@ def render_md(r):
     if "flink" in r:
         f = r["flink"]
         lines += [
-            f"| peer: the seeds' Flink SQL job, max-rows={f['max_rows']} ({f['events']:,} events, REPLICA IDENTITY FULL topic) | "
+            f"| peer: the seeds' Flink SQL job, max-rows={f['max_rows']} ({f['events']:,} events, REPLICA IDENTITY FULL topic), "
+            f"best of {len(f['rounds_events_per_s'])} rounds ({' / '.join(f'{x:,}' for x in f['rounds_events_per_s'])}) | "
             f"{f['events_per_s']:,} events/s after a {f['job_start_s']} s job start | 1.0× |",
             f"| cdc-lake mirror alone, the same topic | {i['state_flink_topic']['events_per_s']:,} events/s | {r['ratios']['mirror_vs_flink']}× Flink |",
             f"| cdc-lake raw + lake + mirror, the same topic | {i['all_flink_topic']['events_per_s']:,} events/s | {r['ratios']['all_sinks_vs_flink']}× Flink |",

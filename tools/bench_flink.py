@@ -28,13 +28,23 @@ def ensure_installed(log):
                     "shigawire-apache-flink-libraries", "psycopg2-binary"], check=True)
 
 
-def run(bench, broker, topic, n):
-    """Flink on `topic` (n events of the full-before-image workload) into a fresh database."""
+def run(bench, broker, topic, n, rounds=2):
+    """The Flink job `rounds` times on `topic`; the fastest round is the peer's figure (its
+    rate has varied 7.5k-57k events/s between rounds on the same topic), every round is kept."""
     ensure_installed(bench.log)
+    alive = expected_rows(bench, broker, topic, n)
+    results = [run_once(bench, broker, topic, n, alive) for _ in range(rounds)]
+    best = max(results, key=lambda r: r["events_per_s"])
+    return {**best, "rows_match": all(r["rows_match"] for r in results),
+            "rounds_events_per_s": [r["events_per_s"] for r in results]}
+
+
+def run_once(bench, broker, topic, n, alive):
+    """Flink on `topic` (n events of the full-before-image workload) into a fresh database, until
+    its table holds the `alive` rows of the fold of the topic."""
     dsn = bench.fresh_db("flink")
     db = dsn.rsplit("/", 1)[1]
     jdbc = f"jdbc:postgresql://127.0.0.1:5432/{db}?user=postgres&stringtype=unspecified"
-    alive = expected_rows(bench, broker, topic, n)
     t0 = time.time()
     out = subprocess.run([PY, os.path.join(TOOLS, "peers", "flink_seed003.py"), broker, topic, jdbc, str(MAX_ROWS),
                           str(alive), dsn], capture_output=True, text=True, timeout=1200)
