@@ -81,7 +81,6 @@ pub struct LakeSink {
     delta: Option<DeltaLog>,
 }
 
-/// UTC date of epoch milliseconds.
 /// What a change's file key is made of: server, database, table, and [`day_of`].
 type FileSource<'a> = (Option<&'a str>, Option<&'a str>, &'a TableId, Option<i64>);
 
@@ -92,6 +91,7 @@ fn day_of(ms: Option<i64>) -> Option<i64> {
         .map(|ms| ms.div_euclid(86_400_000))
 }
 
+/// UTC date of epoch milliseconds.
 fn date_of(ms: Option<i64>) -> String {
     ms.and_then(chrono::DateTime::from_timestamp_millis)
         .unwrap_or_default()

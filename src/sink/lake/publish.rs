@@ -1,5 +1,6 @@
-//! The lake's Delta side: each manifest commit's Delta commit, in order, and the republish of
-//! what a table's log lacks when a partition is assigned.
+//! The lake's Delta side: the Delta commits of the manifest commits a write or flush made
+//! (queued per partition in manifest order, published together, one commit per table), and
+//! the republish of what a table's log lacks when a partition is assigned.
 
 use std::collections::{HashMap, VecDeque};
 
