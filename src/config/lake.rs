@@ -30,7 +30,8 @@ pub struct LakeConfig {
     /// several connectors whose tables share names.
     pub layout: LakeLayout,
     /// `delta` (default): every source table's directory is also a Delta Lake table (a
-    /// `_delta_log/` beside its `date=` directories, one commit per manifest commit).
+    /// `_delta_log/` beside its `date=` directories, one commit per table for the manifest
+    /// commits of each write or flush).
     /// `parquet`: the Hive-partitioned files and the manifest only.
     pub table_format: TableFormat,
     pub delta: DeltaConfig,
