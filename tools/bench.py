@@ -286,13 +286,19 @@ def parquet_encode_ceiling(binary, lake, seconds):
     return r
 
 
+def replay_env(result, schema):
+    """The environment of `cdc-lake replay --target bench` over a finished run's raw log and lake,
+    rebuilding into `schema` (a replay-only target, not applied live)."""
+    return {**os.environ, "CDC_LAKE__POSTGRES__URL": result["dsn"], "CDC_LAKE__LAKE__ROOT": result["lake"],
+            "CDC_LAKE__KAFKA__BROKERS": "unused:9092", "CDC_LAKE__TARGETS": "{}",
+            "CDC_LAKE__TARGETS__BENCH__SCHEMA": schema, "CDC_LAKE__TARGETS__BENCH__ENABLED": "false",
+            "RUST_LOG": "warn"}
+
+
 def replay(binary, result, n, source):
     """cdc-lake replay --rebuild of the all-sinks run into a replay-only target, from the raw log
     or the lake; checks the rebuilt mirror has the live mirror's rows."""
-    env = {**os.environ, "CDC_LAKE__POSTGRES__URL": result["dsn"], "CDC_LAKE__LAKE__ROOT": result["lake"],
-           "CDC_LAKE__KAFKA__BROKERS": "unused:9092", "CDC_LAKE__TARGETS": "{}",
-           "CDC_LAKE__TARGETS__BENCH__SCHEMA": f"replay_{source}", "CDC_LAKE__TARGETS__BENCH__ENABLED": "false",
-           "RUST_LOG": "warn"}
+    env = replay_env(result, f"replay_{source}")
     t0 = time.time()
     out = subprocess.run([binary, "replay", "--target", "bench", "--rebuild", "--source", source],
                          env=env, capture_output=True, text=True, timeout=1800)

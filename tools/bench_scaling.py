@@ -13,7 +13,6 @@ Each point reports events/s, MB/s of record values and the pod's peak RSS, and i
 event once in the raw log and each mirror holding one row per key.
 """
 import json
-import os
 import random
 import re
 import subprocess
@@ -136,11 +135,7 @@ def replay_curve(bench, binary, result, n):
     sizes = sorted({max(n // 10, 1), max(n // 4, 1), max(n // 2, 1), n})
     out = []
     for size in sizes:
-        schema = f"replay_scale_{size}"
-        env = {**os.environ, "CDC_LAKE__POSTGRES__URL": result["dsn"], "CDC_LAKE__LAKE__ROOT": result["lake"],
-               "CDC_LAKE__KAFKA__BROKERS": "unused:9092", "CDC_LAKE__TARGETS": "{}",
-               "CDC_LAKE__TARGETS__BENCH__SCHEMA": schema, "CDC_LAKE__TARGETS__BENCH__ENABLED": "false",
-               "RUST_LOG": "warn"}
+        env = bench.replay_env(result, f"replay_scale_{size}")
         t0 = time.time()
         run = subprocess.run([binary, "replay", "--target", "bench", "--rebuild", "--source", "raw",
                               "--to-offset", str(size - 1)], env=env, capture_output=True, text=True, timeout=1800)

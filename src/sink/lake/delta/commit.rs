@@ -12,10 +12,7 @@ use deltalake_core::{DeltaTable, DeltaTableError};
 use std::collections::BTreeMap;
 
 use super::stats::{DeltaFile, DATE_COLUMN};
-use super::{
-    app_id, back_off, checkpoint, delta_err, lost_the_race, types, DeltaLog, MAX_ATTEMPTS,
-    SNAPSHOT_STATS_BUDGET,
-};
+use super::{app_id, checkpoint, delta_err, types, DeltaLog, MAX_ATTEMPTS, SNAPSHOT_STATS_BUDGET};
 use crate::domain::TopicPartition;
 use crate::sink::SinkError;
 
@@ -170,16 +167,11 @@ impl DeltaLog {
                     );
                     return Ok(());
                 }
-                Err(e) if attempt < MAX_ATTEMPTS && lost_the_race(&e) => {
-                    // Another writer changed what this commit read (the schema, or a
-                    // partition's txn after a rebalance): reload and decide again.
-                    tracing::info!(table = table_dir, error = %e, "Delta commit conflict; reloading the table");
-                    self.tables.remove(table_dir);
-                    back_off(attempt).await;
-                }
+                // Another writer changed what this commit read (the schema, or a partition's
+                // txn after a rebalance): reload and decide again.
                 Err(e) => {
-                    self.tables.remove(table_dir);
-                    return Err(delta_err(table_dir)(e));
+                    self.after_failed_commit(table_dir, attempt, e, "Delta commit")
+                        .await?
                 }
             }
         }

@@ -318,6 +318,26 @@ impl DeltaLog {
         }
     }
 
+    /// After a failed commit to a table: the table is forgotten (the next attempt loads it
+    /// afresh). A commit that only lost the version race to another writer gets Ok, after
+    /// [`back_off`], to be decided and tried again while attempts remain; any other error is
+    /// returned, naming the table.
+    async fn after_failed_commit(
+        &mut self,
+        table_dir: &str,
+        attempt: usize,
+        e: DeltaTableError,
+        what: &str,
+    ) -> Result<(), SinkError> {
+        self.tables.remove(table_dir);
+        if attempt < MAX_ATTEMPTS && lost_the_race(&e) {
+            tracing::info!(table = table_dir, error = %e, "{what} conflict; reloading the table");
+            back_off(attempt).await;
+            return Ok(());
+        }
+        Err(delta_err(table_dir)(e))
+    }
+
     /// Whether a table directory gets a Delta log. Not yet for names the lake had to escape
     /// (`%XX` in the directory: `/`, `\`, a leading dot, …): delta-kernel 0.19 resolves the
     /// objects it lists under such a root one escape level short (found by the fault suite's

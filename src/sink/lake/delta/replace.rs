@@ -9,7 +9,7 @@ use deltalake_core::kernel::{Action, Remove, Transaction};
 use deltalake_core::protocol::DeltaOperation;
 
 use super::stats::{DeltaFile, DATE_COLUMN};
-use super::{back_off, checkpoint, delta_err, lost_the_race, DeltaLog, MAX_ATTEMPTS};
+use super::{checkpoint, DeltaLog, MAX_ATTEMPTS};
 use crate::domain::TopicPartition;
 use crate::sink::lake::manifest::FileEntry;
 use crate::sink::SinkError;
@@ -125,14 +125,10 @@ impl DeltaLog {
                     tracing::debug!(%tp, table = table_dir, version = done.version, sequence, "Delta compaction commit");
                     return Ok(true);
                 }
-                Err(e) if attempt < MAX_ATTEMPTS && lost_the_race(&e) => {
-                    tracing::info!(%tp, table = table_dir, error = %e, "Delta compaction conflict; reloading the table");
-                    self.tables.remove(table_dir);
-                    back_off(attempt).await;
-                }
                 Err(e) => {
-                    self.tables.remove(table_dir);
-                    return Err(delta_err(table_dir)(e));
+                    let what = format!("Delta compaction of {tp}");
+                    self.after_failed_commit(table_dir, attempt, e, &what)
+                        .await?
                 }
             }
         }
