@@ -12,6 +12,7 @@ use crate::compact::CompactError;
 use crate::ingest::IngestError;
 use crate::rejects::RejectsError;
 use crate::replay::ReplayError;
+use crate::route::cli::RoutesCliError;
 
 /// Why a command failed.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +25,8 @@ pub enum CommandError {
     Rejects(#[from] RejectsError),
     #[error(transparent)]
     Compact(#[from] CompactError),
+    #[error(transparent)]
+    Routes(#[from] RoutesCliError),
 }
 
 impl CommandError {
@@ -32,7 +35,8 @@ impl CommandError {
         match self {
             CommandError::Replay(ReplayError::BadArguments(_))
             | CommandError::Rejects(RejectsError::BadArguments(_))
-            | CommandError::Compact(CompactError::BadArguments(_)) => ExitCode::from(2),
+            | CommandError::Compact(CompactError::BadArguments(_))
+            | CommandError::Routes(RoutesCliError::BadArguments(_)) => ExitCode::from(2),
             _ => ExitCode::FAILURE,
         }
     }

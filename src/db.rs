@@ -84,6 +84,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0009_avro_records",
         sql: include_str!("../sql/0009_avro_records.sql"),
     },
+    Migration {
+        version: 10,
+        name: "0010_routes",
+        sql: include_str!("../sql/0010_routes.sql"),
+    },
 ];
 
 /// `host:port/db` of a URL, for error messages: never the credentials.

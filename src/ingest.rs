@@ -13,6 +13,7 @@ use crate::db::{ConnectError, DbError};
 use crate::pipeline::{AnySink, Pipeline, Readiness, UnfinishedSinks};
 use crate::sink::lake::LakeSink;
 use crate::sink::raw::RawSink;
+use crate::sink::route::RouteSink;
 use crate::sink::state::StateSink;
 use crate::sink::SinkError;
 use crate::source::{KafkaConsumer, RecordDecoder};
@@ -43,6 +44,9 @@ pub enum IngestError {
     PollThread(std::io::Error),
     #[error(transparent)]
     Unfinished(#[from] UnfinishedSinks),
+    /// `routes.yaml` has mistakes (each with file, line and filter).
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Routes(Vec<crate::route::RouteError>),
 }
 
 /// Builds the enabled sinks, in a fixed order: raw, lake, then each state target.
@@ -67,6 +71,18 @@ pub fn build_sinks(config: &Config) -> Result<Vec<AnySink>, IngestError> {
                 consumer.clone(),
             )));
         }
+    }
+    if config.routes.enabled() {
+        let routes = crate::route::Routes::load(std::path::Path::new(&config.routes.file))
+            .map_err(IngestError::Routes)?;
+        tracing::info!(file = %config.routes.file, filters = routes.filters.len(), "route sink");
+        sinks.push(AnySink::Route(RouteSink::new(
+            Arc::new(routes),
+            &config.kafka,
+            &config.routes,
+            config.postgres.clone(),
+            consumer,
+        )?));
     }
     Ok(sinks)
 }

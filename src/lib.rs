@@ -31,6 +31,7 @@ pub mod naming;
 pub mod pipeline;
 pub mod rejects;
 pub mod replay;
+pub mod route;
 pub mod sink;
 pub mod source;
 pub mod telemetry;

@@ -58,6 +58,12 @@ enum Command {
         #[command(subcommand)]
         action: cdc_lake::rejects::RejectsAction,
     },
+    /// Filter definitions for routing to consumer topics (routes.yaml): check, test against
+    /// a sample, print as Flink SQL. See docs/routing.md.
+    Routes {
+        #[command(subcommand)]
+        action: cdc_lake::route::cli::RoutesAction,
+    },
     /// Lake maintenance.
     Lake {
         #[command(subcommand)]
@@ -88,6 +94,7 @@ async fn run(command: Command, config: Config) -> Result<ExitCode, CommandError>
         Command::Verify(args) => Ok(replay::cli_verify(&config, &args).await?),
         Command::PruneRaw(args) => Ok(replay::cli_prune(&config, &args).await?),
         Command::Rejects { action } => Ok(cdc_lake::rejects::cli(&config, &action).await?),
+        Command::Routes { action } => Ok(cdc_lake::route::cli::cli(&config, &action)?),
         Command::Lake {
             action: LakeAction::Compact(args),
         } => Ok(cdc_lake::compact::cli_compact(&config, &args).await?),

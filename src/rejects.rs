@@ -62,7 +62,7 @@ fn postgres(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> Rejects
 /// Which rejects a command works on.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct RejectFilter {
-    /// Only this stage: decode, raw, state or state:<target>.
+    /// Only this stage: decode, raw, state, state:<target> or route:<filter>.
     #[arg(long)]
     pub stage: Option<String>,
     /// Only rejects whose reason contains this text.
@@ -76,9 +76,12 @@ pub struct RejectFilter {
 impl RejectFilter {
     fn validate(&self) -> Result<(), RejectsError> {
         if let Some(s) = &self.stage {
-            if !matches!(s.as_str(), "decode" | "raw" | "state") && !s.starts_with("state:") {
+            if !matches!(s.as_str(), "decode" | "raw" | "state")
+                && !s.starts_with("state:")
+                && !s.starts_with("route:")
+            {
                 return Err(RejectsError::BadArguments(format!(
-                    "--stage is decode, raw, state or state:<target>, not {s:?}"
+                    "--stage is decode, raw, state, state:<target> or route:<filter>, not {s:?}"
                 )));
             }
         }

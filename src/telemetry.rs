@@ -25,6 +25,11 @@ pub struct Metrics {
     pub ready: IntGauge,
     pub compaction_runs: IntCounterVec,
     pub compaction_files: IntCounterVec,
+    /// Per filter id: changes its condition held for, records acknowledged in its topic, and
+    /// changes it could not be evaluated on (rejected at the route stage).
+    pub route_matched: IntCounterVec,
+    pub route_routed: IntCounterVec,
+    pub route_errors: IntCounterVec,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -71,6 +76,28 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "Time for a sink to make one batch durable",
             &["sink"],
             vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],
+            r
+        )
+        .expect("metric registers"),
+        route_matched: register_int_counter_vec_with_registry!(
+            "cdc_lake_route_matched_total",
+            "Changes a filter's condition held for (at or after the route checkpoint), per filter",
+            &["filter"],
+            r
+        )
+        .expect("metric registers"),
+        route_routed: register_int_counter_vec_with_registry!(
+            "cdc_lake_route_routed_total",
+            "Records acknowledged in a filter's output topic, per filter",
+            &["filter"],
+            r
+        )
+        .expect("metric registers"),
+        route_errors: register_int_counter_vec_with_registry!(
+            "cdc_lake_route_errors_total",
+            "Changes a filter could not be evaluated on (type mismatch, unknown column), sent to \
+             cdc_raw.cdc_rejects with stage route:<filter>, per filter",
+            &["filter"],
             r
         )
         .expect("metric registers"),

@@ -32,6 +32,7 @@ import psycopg2
 from confluent_kafka import Producer
 
 import bench_flink
+import bench_routing
 import bench_scaling
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
@@ -446,6 +447,11 @@ def main():
     ok, counts = check_counts(runs["raw+lake+state"], a.events)
     counts["lake_delta_rows"] = delta_rows(runs["lake_delta"]["lake"])
     ok = ok and counts["lake_delta_rows"] == a.events
+    # Issue 18: the all-sinks run with ten filters routing to ten topics.
+    runs["raw+lake+state+route"] = bench_routing.run(sys.modules[__name__], a.bin, a.broker, topic, a.events,
+                                                     out_dir, runs["raw+lake+state"])
+    counts["routing"] = runs["raw+lake+state+route"]["filters"]
+    ok = ok and runs["raw+lake+state+route"]["counts_ok"]
     report["counts"] = counts
     if a.registry:
         avro_topic = f"bench-avro-{uuid.uuid4().hex[:6]}.public.orders"
@@ -528,6 +534,7 @@ def ratios(r):
         "lake_vs_parquet_encode_ceiling": round(i["lake"]["events_per_s"] / r["parquet_encode_ceiling"]["rows_per_s"], 3),
         "lake_vs_broker_read_ceiling": round(i["lake"]["events_per_s"] / r["broker_read_ceiling"]["records_per_s"], 3),
         "lake_delta_vs_parquet": round(i["lake_delta"]["events_per_s"] / i["lake"]["events_per_s"], 2),
+        "all_sinks_with_10_routes_vs_without": i["raw+lake+state+route"]["vs_without_routing"],
     }
     if "avro" in i:
         out["avro_vs_json_all_sinks"] = round(i["avro"]["events_per_s"] / all_sinks, 2)
@@ -616,6 +623,8 @@ def render_md(r):
         lines.append(f"| peak RSS, {b['events']:,}-event backlog, Delta tables | {b['peak_rss_mb']} MB ({b['events_per_s']:,} events/s) | "
                      f"{round(b['peak_rss_mb'] / r['backlog']['peak_rss_mb'], 2)}× plain Parquet |")
     lines += ["", f"Throughput runs: {i['raw']['events']:,} events each. Counts check: {'ok' if r['counts_ok'] else 'FAILED'} {r['counts']}."]
+    if "raw+lake+state+route" in i:
+        lines += bench_routing.render(r)
     lines += ["", "## Targets (issue 17)", "", "| target | measured | goal | share of goal | |", "|---|---|---|---|---|"]
     lines += [f"| {t['target']} | {t['value']:,} | {t['goal']:,} {t['unit']} | {t['share_of_goal']}× | {'met' if t['met'] else 'missed'} |"
               for t in r["targets"]]

@@ -37,6 +37,7 @@ mod kafka;
 mod lake;
 mod mapping;
 mod registry;
+mod routes;
 mod state;
 mod units;
 
@@ -44,6 +45,7 @@ pub use kafka::*;
 pub use lake::*;
 pub use mapping::*;
 pub use registry::*;
+pub use routes::*;
 pub use state::*;
 pub use units::*;
 
@@ -65,6 +67,9 @@ pub struct Config {
     /// More current-state targets besides `[state]`, by name (e.g. a replica database).
     #[serde(default)]
     pub targets: BTreeMap<String, TargetConfig>,
+    /// Routing to consumer topics (off unless `routes.file` is set).
+    #[serde(default)]
+    pub routes: RoutesConfig,
     #[serde(default)]
     pub http: HttpConfig,
     #[serde(default)]

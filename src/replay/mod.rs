@@ -40,7 +40,8 @@ pub struct ReplayArgs {
     /// "YYYY-MM-DD HH:MM:SS", or a UTC date, meaning its midnight) or a source LSN (0/16B3748).
     #[arg(long, value_name = "TIMESTAMP|LSN")]
     pub until: Option<Until>,
-    /// The target to write: "processed" ([state]) or a [targets.<name>] from the config.
+    /// The target to write: "processed" ([state]), a [targets.<name>] from the config, or
+    /// route:<filter id> to route the filter's history into its topic (docs/routing.md).
     #[arg(long, default_value = crate::config::PROCESSED_TARGET)]
     pub target: String,
     /// Read from the raw log or from the lake.
@@ -101,6 +102,11 @@ pub async fn cli_replay(
     config: &Config,
     args: &ReplayArgs,
 ) -> ReplayResult<std::process::ExitCode> {
+    if let Some(filter) = crate::sink::route::backfill::route_target(&args.target) {
+        let summary = crate::sink::route::backfill::run(config, args, filter).await?;
+        print!("{summary}");
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
     let summary = run(config, args).await?;
     print!("{summary}");
     for d in &summary.changes {

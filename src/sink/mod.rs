@@ -21,6 +21,7 @@ pub mod lake;
 pub mod mapping;
 pub mod memory;
 pub mod raw;
+pub mod route;
 pub mod state;
 
 use std::collections::HashMap;
@@ -40,6 +41,13 @@ pub enum SinkError {
         context: String,
         #[source]
         source: tokio_postgres::Error,
+    },
+    #[error("{sink}: Kafka error while {context}: {source}")]
+    Kafka {
+        sink: &'static str,
+        context: String,
+        #[source]
+        source: rdkafka::error::KafkaError,
     },
     #[error("lake: object store error at {path}: {source}")]
     ObjectStore {
@@ -131,7 +139,9 @@ impl SinkError {
             SinkError::Postgres { source, .. } => {
                 classify_sqlstate(source.code().map(|c| c.code()))
             }
-            SinkError::ObjectStore { .. } | SinkError::Delta { .. } => ErrorClass::Transient,
+            SinkError::ObjectStore { .. } | SinkError::Delta { .. } | SinkError::Kafka { .. } => {
+                ErrorClass::Transient
+            }
             SinkError::Encode { .. } | SinkError::Value { .. } => ErrorClass::BadData,
             SinkError::Mapping { .. } => ErrorClass::Fatal,
             // A corrupt manifest needs an operator, but the pod keeps retrying (and stays not
@@ -299,6 +309,7 @@ pub enum AnySink {
     Raw(raw::RawSink),
     Lake(lake::LakeSink),
     State(state::StateSink),
+    Route(route::RouteSink),
     Memory(memory::MemorySink),
 }
 
@@ -308,6 +319,7 @@ macro_rules! each_sink {
             AnySink::Raw($s) => $body,
             AnySink::Lake($s) => $body,
             AnySink::State($s) => $body,
+            AnySink::Route($s) => $body,
             AnySink::Memory($s) => $body,
         }
     };

@@ -795,3 +795,60 @@ pub fn order_stream(prefix: &str, orders: usize) -> (Vec<Fixture>, BTreeMap<Stri
     }
     (records, last)
 }
+
+/// Every record a route wrote to `topic` (all partitions), read by a consumer of its own: the
+/// values found per source coordinates (from the headers); more than one is a duplicate.
+pub fn read_routed(topic: &str) -> BTreeMap<(String, i32, i64), Vec<serde_json::Value>> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::error::KafkaError;
+    use rdkafka::message::Headers;
+    use rdkafka::Message;
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", broker())
+        .set("group.id", unique("route-oracle"))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    let mut open = BTreeSet::new();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in md.topics()[0].partitions() {
+        open.insert(p.id());
+        tpl.add_partition_offset(topic, p.id(), rdkafka::Offset::Beginning)
+            .unwrap();
+    }
+    let mut out: BTreeMap<(String, i32, i64), Vec<serde_json::Value>> = BTreeMap::new();
+    consumer.assign(&tpl).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // To each partition's end as the broker says it (EOF): the dev broker's high watermark can
+    // be short of the last batch's end.
+    while !open.is_empty() {
+        assert!(Instant::now() < deadline, "output read stalled: {open:?}");
+        let m = match consumer.poll(Duration::from_millis(200)) {
+            None => continue,
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                open.remove(&p);
+                continue;
+            }
+            Some(m) => m.unwrap(),
+        };
+        let headers = m.headers().expect("routed records carry headers");
+        let header = |name: &str| {
+            let h = headers.iter().find(|h| h.key == name).unwrap();
+            String::from_utf8(h.value.unwrap().to_vec()).unwrap()
+        };
+        let value: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+        out.entry((
+            header("cdc.source.topic"),
+            header("cdc.source.partition").parse().unwrap(),
+            header("cdc.source.offset").parse().unwrap(),
+        ))
+        .or_default()
+        .push(value);
+    }
+    out
+}

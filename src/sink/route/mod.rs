@@ -1,0 +1,565 @@
+//! The route sink: changes that match a filter of `routes.yaml` go to the filter's Kafka topic,
+//! with the contract of the other sinks (no loss, no duplicate).
+//!
+//! How (docs/routing.md):
+//! - The checkpoint per source partition is a row of `cdc_lake.checkpoints`, locked for the
+//!   whole batch: the batch's records are produced and **acknowledged while the lock is held**,
+//!   then the checkpoint advances and commits. A second writer of the same partition (a pod
+//!   that lost it in a rebalance but has not noticed, a paused zombie) waits on the lock, then
+//!   sees the advanced checkpoint and skips. This is the fence the dev broker's transactions
+//!   do not give (ENVIRONMENT.md: tansu does not fence zombie producers).
+//! - Every routed record carries its source coordinates and filter id in headers. A crash
+//!   between the produce and the commit leaves records in the output that the checkpoint does
+//!   not cover; the next owner reads each output partition from the watermark stored with the
+//!   checkpoint (`cdc_lake.route_progress`) to its end and does not route those again.
+//! - A source partition's changes go to the same partition number of the output topic (modulo
+//!   its partition count), so the order of a key's changes is kept.
+
+pub mod backfill;
+mod topics;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use chrono::Utc;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+use tokio_postgres::{Client, Transaction};
+
+pub(crate) use topics::{client_config, OutputTopics};
+
+use super::{checkpoint, Ack, Offsets, Sink, SinkError, WriteStats};
+use crate::batch::Batch;
+use crate::config::{KafkaConfig, PostgresConfig, RoutesConfig};
+use crate::domain::TopicPartition;
+use crate::envelope::{ChangeEvent, Decoded};
+use crate::route::condition::SourceFields;
+use crate::route::{output, Filter, Routes, Verdict};
+use crate::telemetry::METRICS;
+
+pub const NAME: &str = "route";
+
+fn pg_err(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> SinkError {
+    let context = context.into();
+    move |source| SinkError::Postgres {
+        sink: NAME,
+        context,
+        source,
+    }
+}
+
+/// A filter's progress on one source partition (`cdc_lake.route_progress`).
+#[derive(Debug, Clone)]
+struct Progress {
+    output_partition: i32,
+    output_watermark: i64,
+    live_from: i64,
+}
+
+pub struct RouteSink {
+    routes: Arc<Routes>,
+    pg: PostgresConfig,
+    consumer: String,
+    client: Option<Client>,
+    producer: FutureProducer,
+    outputs: Arc<Mutex<OutputTopics>>,
+    /// Per source partition: the checkpoint this sink committed last. While it equals the
+    /// stored one, no other writer has been there since, and nothing of an unfinished batch
+    /// can be in the outputs. Otherwise the outputs' tails are read first.
+    committed: HashMap<TopicPartition, i64>,
+    /// (filter, source partition) pairs whose progress row is known to exist.
+    ensured: HashSet<(usize, TopicPartition)>,
+}
+
+impl RouteSink {
+    pub fn new(
+        routes: Arc<Routes>,
+        kafka: &KafkaConfig,
+        config: &RoutesConfig,
+        pg: PostgresConfig,
+        consumer: impl Into<String>,
+    ) -> Result<Self, SinkError> {
+        let producer = client_config(kafka)
+            .set("client.id", "cdc-lake-route")
+            .set("acks", "all")
+            // Retries keep a partition's order: the records of a key stay in source order.
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "5")
+            .create()
+            .map_err(topics::kafka_err("creating the route producer"))?;
+        Ok(Self {
+            routes,
+            pg,
+            consumer: consumer.into(),
+            client: None,
+            producer,
+            outputs: Arc::new(Mutex::new(OutputTopics::new(kafka, config)?)),
+            committed: HashMap::new(),
+            ensured: HashSet::new(),
+        })
+    }
+
+    async fn client(&mut self) -> Result<&mut Client, SinkError> {
+        if self.client.as_ref().is_none_or(Client::is_closed) {
+            self.client = Some(super::connect(&self.pg, NAME).await?);
+        }
+        Ok(self.client.as_mut().expect("connected above"))
+    }
+
+    /// Runs blocking librdkafka calls on the output topics off the async threads.
+    async fn with_outputs<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut OutputTopics) -> Result<T, SinkError> + Send + 'static,
+    ) -> Result<T, SinkError> {
+        let outputs = self.outputs.clone();
+        tokio::task::spawn_blocking(move || f(&mut outputs.lock().expect("not poisoned")))
+            .await
+            .expect("output topic calls do not panic")
+    }
+
+    /// Creates the missing progress rows of `tps` (committed before anything is produced, so
+    /// that a crash in the first batch still leaves a watermark below its records): the output
+    /// topic made sure of, its current end as the watermark, and the live route starting at
+    /// the route checkpoint.
+    async fn ensure_progress(&mut self, tps: &[TopicPartition]) -> Result<(), SinkError> {
+        let mut missing: Vec<(usize, TopicPartition)> = Vec::new();
+        for tp in tps {
+            for (i, f) in self.routes.filters.iter().enumerate() {
+                if f.may_read_topic(&tp.topic) && !self.ensured.contains(&(i, tp.clone())) {
+                    missing.push((i, tp.clone()));
+                }
+            }
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let plan: Vec<(String, TopicPartition)> = missing
+            .iter()
+            .map(|(i, tp)| (self.routes.filters[*i].topic.clone(), tp.clone()))
+            .collect();
+        // Output partition and current end of each.
+        let ends = self
+            .with_outputs(move |o| {
+                plan.into_iter()
+                    .map(|(topic, tp)| {
+                        let source = o.source_partitions(&tp.topic)?;
+                        let n = o.ensure(&topic, source)?;
+                        let partition = tp.partition % n;
+                        Ok((
+                            topic.clone(),
+                            partition,
+                            o.high_watermark(&topic, partition)?,
+                        ))
+                    })
+                    .collect::<Result<Vec<_>, SinkError>>()
+            })
+            .await?;
+        let consumer = self.consumer.clone();
+        let client = self.client().await?;
+        let stored = checkpoint::load(&*client, NAME, &consumer, tps).await?;
+        for ((i, tp), (topic, partition, end)) in missing.iter().zip(&ends) {
+            let filter = &self.routes.filters[*i];
+            let live_from = stored.get(tp).copied().unwrap_or(0);
+            self.client
+                .as_ref()
+                .expect("connected above")
+                .execute(
+                    "INSERT INTO cdc_lake.route_progress
+                         (consumer, filter_id, kafka_topic, kafka_partition, output_topic,
+                          output_partition, output_watermark, live_from, backfill_watermark)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $7)
+                     ON CONFLICT DO NOTHING",
+                    &[
+                        &consumer,
+                        &filter.id,
+                        &tp.topic,
+                        &tp.partition,
+                        topic,
+                        partition,
+                        end,
+                        &live_from,
+                    ],
+                )
+                .await
+                .map_err(pg_err(format!(
+                    "creating the progress of filter {}",
+                    filter.id
+                )))?;
+        }
+        self.ensured.extend(missing);
+        Ok(())
+    }
+
+    async fn write_inner(&mut self, batch: &Batch) -> Result<Ack, SinkError> {
+        let ranges = batch.ranges();
+        let tps: Vec<TopicPartition> = ranges.keys().cloned().collect();
+        self.ensure_progress(&tps).await?;
+        let consumer = self.consumer.clone();
+        let routes = self.routes.clone();
+        let client = self.client.as_mut().expect("connected by ensure_progress");
+        let tx = client.transaction().await.map_err(pg_err("beginning"))?;
+        let stored = checkpoint::lock(&tx, NAME, &consumer, &tps).await?;
+        let next = checkpoint::after_batch(NAME, &ranges, &stored)?;
+        let progress = load_progress(&tx, &consumer, &tps).await?;
+
+        // Partitions another writer (or an unfinished batch of ours) may have routed past the
+        // stored checkpoint: what their outputs already hold.
+        let unsure: Vec<TopicPartition> = tps
+            .iter()
+            .filter(|tp| self.committed.get(*tp) != Some(&stored.get(*tp).copied().unwrap_or(0)))
+            .cloned()
+            .collect();
+        let mut present: HashSet<(String, TopicPartition, i64)> = HashSet::new();
+        if !unsure.is_empty() {
+            let reads: Vec<(String, String, i32, i64, TopicPartition)> = progress
+                .iter()
+                .filter(|((_, tp), _)| unsure.contains(tp))
+                .map(|((filter, tp), p)| {
+                    let topic = routes
+                        .get(filter)
+                        .map(|f| f.topic.clone())
+                        .unwrap_or_default();
+                    (
+                        filter.clone(),
+                        topic,
+                        p.output_partition,
+                        p.output_watermark,
+                        tp.clone(),
+                    )
+                })
+                .filter(|(_, topic, ..)| !topic.is_empty())
+                .collect();
+            let found = {
+                let outputs = self.outputs.clone();
+                tokio::task::spawn_blocking(move || {
+                    let o = outputs.lock().expect("not poisoned");
+                    let mut found = Vec::new();
+                    for (_, topic, partition, from, tp) in reads {
+                        for r in o.routed_since(&topic, partition, from, &tp)? {
+                            found.push((r.filter, tp.clone(), r.offset));
+                        }
+                    }
+                    Ok::<_, SinkError>(found)
+                })
+                .await
+                .expect("output reads do not panic")?
+            };
+            if !found.is_empty() {
+                tracing::info!(
+                    records = found.len(),
+                    "route: records of an unfinished batch are already in the output topics; not routing them again"
+                );
+            }
+            present.extend(found);
+        }
+
+        let mut stats = WriteStats::default();
+        let filtered_at = Utc::now();
+        let mut sends: Vec<Outgoing> = Vec::new();
+        let mut rejects: Vec<(&ChangeEvent, String, String)> = Vec::new();
+        for r in &batch.records {
+            let c = r.coords();
+            let tp = c.topic_partition();
+            if c.offset < stored.get(&tp).copied().unwrap_or(0) {
+                stats.already_stored += 1;
+                continue;
+            }
+            let e = match r {
+                Decoded::Change(e) => e,
+                Decoded::Reject(_) => {
+                    *stats.ignored.entry("rejected").or_default() += 1;
+                    continue;
+                }
+                Decoded::Skip(_, reason) => {
+                    *stats.ignored.entry(reason.as_str()).or_default() += 1;
+                    continue;
+                }
+            };
+            let source = SourceFields::default();
+            let mut routed_any = false;
+            for f in &routes.filters {
+                match f.verdict(e, &source) {
+                    Verdict::Skipped => {}
+                    Verdict::Error(reason) => {
+                        METRICS.route_errors.with_label_values(&[&f.id]).inc();
+                        rejects.push((e, format!("route:{}", f.id), reason));
+                    }
+                    Verdict::Routed => {
+                        let Some(p) = progress.get(&(f.id.clone(), tp.clone())) else {
+                            continue;
+                        };
+                        if c.offset < p.live_from {
+                            // Before the live route took this filter up: the backfill's.
+                            continue;
+                        }
+                        METRICS.route_matched.with_label_values(&[&f.id]).inc();
+                        routed_any = true;
+                        if present.contains(&(f.id.clone(), tp.clone(), c.offset)) {
+                            continue;
+                        }
+                        match output::value(f, e, filtered_at) {
+                            Ok(value) => sends.push(Outgoing::new(f, e, p.output_partition, value)),
+                            Err(reason) => {
+                                METRICS.route_errors.with_label_values(&[&f.id]).inc();
+                                rejects.push((e, format!("route:{}", f.id), reason));
+                            }
+                        }
+                    }
+                }
+            }
+            if routed_any {
+                stats.written += 1;
+            } else {
+                *stats.ignored.entry("not_routed").or_default() += 1;
+            }
+        }
+
+        let produced = produce(&self.producer, &sends).await;
+        let produced = match produced {
+            Ok(p) => p,
+            Err(e) => {
+                // Some records may have landed: read the tails before the retry.
+                for tp in &tps {
+                    self.committed.remove(tp);
+                }
+                return Err(e);
+            }
+        };
+        // The new watermark of each (filter, source partition) that produced: one past the
+        // last acknowledged offset.
+        let mut watermarks: HashMap<(String, TopicPartition), i64> = HashMap::new();
+        for (s, offset) in sends.iter().zip(produced) {
+            let w = watermarks
+                .entry((s.filter.clone(), s.source.clone()))
+                .or_insert(0);
+            *w = (*w).max(offset + 1);
+            METRICS.route_routed.with_label_values(&[&s.filter]).inc();
+        }
+        advance_watermarks(&tx, &consumer, &watermarks).await?;
+        for (e, stage, reason) in &rejects {
+            record_reject(&tx, e, stage, reason).await?;
+        }
+        if !rejects.is_empty() {
+            *stats.ignored.entry("rejected_by_route").or_default() += rejects.len() as u64;
+            tracing::warn!(
+                rejected = rejects.len(),
+                "changes a filter could not be evaluated on went to cdc_raw.cdc_rejects (stage route:<filter>)"
+            );
+        }
+        checkpoint::advance(&tx, NAME, &consumer, &next).await?;
+        tx.commit().await.map_err(pg_err("committing"))?;
+        self.committed
+            .extend(next.iter().map(|(tp, o)| (tp.clone(), *o)));
+        Ok(Ack {
+            durable: next.into_iter().collect(),
+            stats,
+        })
+    }
+}
+
+impl Filter {
+    /// Whether the filter can take changes of this topic (tables are known per change only).
+    fn may_read_topic(&self, topic: &str) -> bool {
+        self.topics.is_empty() || self.topics.iter().any(|p| p.matches(topic))
+    }
+}
+
+/// One record to produce.
+struct Outgoing {
+    filter: String,
+    topic: String,
+    partition: i32,
+    source: TopicPartition,
+    key: Option<Vec<u8>>,
+    value: Vec<u8>,
+    headers: [(&'static str, String); 4],
+}
+
+impl Outgoing {
+    fn new(f: &Filter, e: &ChangeEvent, partition: i32, value: Vec<u8>) -> Self {
+        Self {
+            filter: f.id.clone(),
+            topic: f.topic.clone(),
+            partition,
+            source: e.coords.topic_partition(),
+            key: output::key(e).map(<[u8]>::to_vec),
+            value,
+            headers: output::headers(e, &f.id),
+        }
+    }
+}
+
+/// Produces every record and waits for all acknowledgements; returns each record's offset.
+async fn produce(producer: &FutureProducer, sends: &[Outgoing]) -> Result<Vec<i64>, SinkError> {
+    let futures = sends.iter().map(|s| {
+        let mut headers = OwnedHeaders::new_with_capacity(s.headers.len());
+        for (k, v) in &s.headers {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            });
+        }
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&s.topic)
+            .partition(s.partition)
+            .payload(&s.value[..])
+            .headers(headers);
+        if let Some(k) = &s.key {
+            record = record.key(&k[..]);
+        }
+        producer.send(record, Timeout::Never)
+    });
+    let results = futures::future::join_all(futures).await;
+    results
+        .into_iter()
+        .zip(sends)
+        .map(|(r, s)| match r {
+            Ok(delivery) => Ok(delivery.offset),
+            Err((source, _)) => Err(SinkError::Kafka {
+                sink: NAME,
+                context: format!("producing to {}[{}]", s.topic, s.partition),
+                source,
+            }),
+        })
+        .collect()
+}
+
+async fn load_progress(
+    tx: &Transaction<'_>,
+    consumer: &str,
+    tps: &[TopicPartition],
+) -> Result<HashMap<(String, TopicPartition), Progress>, SinkError> {
+    let (topics, partitions): (Vec<&str>, Vec<i32>) = tps
+        .iter()
+        .map(|tp| (tp.topic.as_str(), tp.partition))
+        .unzip();
+    let rows = tx
+        .query(
+            "SELECT p.filter_id, p.kafka_topic, p.kafka_partition, p.output_partition,
+                    p.output_watermark, p.live_from
+               FROM cdc_lake.route_progress p
+               JOIN unnest($2::text[], $3::int[]) AS w(t, n)
+                 ON p.kafka_topic = w.t AND p.kafka_partition = w.n
+              WHERE p.consumer = $1",
+            &[&consumer, &topics, &partitions],
+        )
+        .await
+        .map_err(pg_err("reading route progress"))?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            (
+                (
+                    r.get(0),
+                    TopicPartition::new(r.get::<_, String>(1), r.get(2)),
+                ),
+                Progress {
+                    output_partition: r.get(3),
+                    output_watermark: r.get(4),
+                    live_from: r.get(5),
+                },
+            )
+        })
+        .collect())
+}
+
+async fn advance_watermarks(
+    tx: &Transaction<'_>,
+    consumer: &str,
+    watermarks: &HashMap<(String, TopicPartition), i64>,
+) -> Result<(), SinkError> {
+    if watermarks.is_empty() {
+        return Ok(());
+    }
+    let mut filters = Vec::new();
+    let mut topics = Vec::new();
+    let mut partitions = Vec::new();
+    let mut marks = Vec::new();
+    for ((f, tp), w) in watermarks {
+        filters.push(f.as_str());
+        topics.push(tp.topic.as_str());
+        partitions.push(tp.partition);
+        marks.push(*w);
+    }
+    tx.execute(
+        "UPDATE cdc_lake.route_progress p
+            SET output_watermark = GREATEST(p.output_watermark, w.m), updated_at = now()
+           FROM unnest($2::text[], $3::text[], $4::int[], $5::bigint[]) AS w(f, t, n, m)
+          WHERE p.consumer = $1 AND p.filter_id = w.f AND p.kafka_topic = w.t AND p.kafka_partition = w.n",
+        &[&consumer, &filters, &topics, &partitions, &marks],
+    )
+    .await
+    .map_err(pg_err("advancing route watermarks"))?;
+    Ok(())
+}
+
+async fn record_reject(
+    tx: &Transaction<'_>,
+    e: &ChangeEvent,
+    stage: &str,
+    reason: &str,
+) -> Result<(), SinkError> {
+    tx.execute(
+        "INSERT INTO cdc_raw.cdc_rejects
+             (kafka_topic, kafka_partition, kafka_offset, kafka_timestamp, raw_key, raw_value, stage, reason)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+         ON CONFLICT DO NOTHING",
+        &[
+            &e.coords.topic,
+            &e.coords.partition,
+            &e.coords.offset,
+            &crate::db::pg_timestamp(e.coords.timestamp_ms),
+            &e.received_key(),
+            &e.received_value(),
+            &stage,
+            &crate::db::pg_text(reason).as_ref(),
+        ],
+    )
+    .await
+    .map_err(pg_err("recording a route reject"))?;
+    Ok(())
+}
+
+impl Sink for RouteSink {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    async fn checkpoints(&mut self, partitions: &[TopicPartition]) -> Result<Offsets, SinkError> {
+        // A new assignment: whatever this sink knew of these partitions may be stale.
+        for tp in partitions {
+            self.committed.remove(tp);
+        }
+        self.ensure_progress(partitions).await?;
+        let consumer = self.consumer.clone();
+        let client = self.client().await?;
+        checkpoint::load(&*client, NAME, &consumer, partitions).await
+    }
+
+    async fn write(&mut self, batch: &Batch) -> Result<Ack, SinkError> {
+        if batch.is_empty() {
+            return Ok(Ack::default());
+        }
+        let result = self.write_inner(batch).await;
+        if result.is_err() {
+            for tp in batch.ranges().keys() {
+                self.committed.remove(tp);
+            }
+            if result.as_ref().is_err_and(SinkError::needs_reconnect) {
+                self.client = None;
+            }
+        }
+        result
+    }
+
+    async fn flush(&mut self, _force: bool) -> Result<Ack, SinkError> {
+        // Every write is acknowledged and committed; nothing is buffered.
+        Ok(Ack::default())
+    }
+
+    fn revoke(&mut self, partitions: &[TopicPartition]) {
+        for tp in partitions {
+            self.committed.remove(tp);
+        }
+    }
+}
