@@ -5,6 +5,7 @@
 mod common;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use cdc_lake::batch::Batch;
 use cdc_lake::domain::{KafkaCoordinates, TopicPartition};
@@ -202,5 +203,137 @@ fn a_missing_output_topic_is_an_error_when_configured() {
             .unwrap_err();
         assert!(err.to_string().contains(&output), "{err}");
         assert_eq!(err.class(), cdc_lake::sink::ErrorClass::Fatal);
+    });
+}
+
+/// A filter added to a running deployment gets its history from the raw log (`cdc-replay
+/// --target route:<id>`, run while the pod routes live, and run twice), and its live changes
+/// from the pod: together every matching change once.
+#[test]
+fn backfill_and_the_live_route_give_a_new_filter_each_change_once() {
+    run_test(async {
+        let prefix = unique("bkf").replace('_', "-");
+        let (records, _) = order_stream(&prefix, 300);
+        let topics: std::collections::BTreeSet<String> =
+            records.iter().map(|r| r.topic.clone()).collect();
+        create_topics(&topics, 4).await;
+        let (first, rest) = records.split_at(400);
+        produce(first).await;
+
+        let db = sink_db("route_backfill").await;
+        let sink = pg(&db).await;
+        let confirmed = format!("{prefix}-confirmed");
+        let shipped = format!("{prefix}-shipped-or-gone");
+        let one = format!(
+            "filters:\n  - id: confirmed\n    consumer: a\n    topic: {confirmed}\n    when: {{field: after.status, equals: CONFIRMED}}\n"
+        );
+        let two = format!(
+            "{one}  - id: shipped-or-gone\n    consumer: b\n    topic: {shipped}\n    output: after\n    when: {{or: [{{field: after.status, equals: SHIPPED}}, {{field: op, equals: d}}]}}\n"
+        );
+        let routes_path = std::env::temp_dir().join(format!("{prefix}-routes.yaml"));
+        std::fs::write(&routes_path, &one).unwrap();
+        let routes_file = routes_path.to_str().unwrap().to_string();
+        let cfg = config(
+            &db,
+            &prefix,
+            &LakeTarget::local("route-backfill"),
+            &[
+                ("CDC_LAKE__ROUTES__FILE", routes_file.as_str()),
+                ("CDC_LAKE__BATCH__MAX_RECORDS", "50"),
+            ],
+        );
+        let routed_all = |n: usize| {
+            let sink = &sink;
+            async move {
+                count(sink, "SELECT count(*) FROM cdc_raw.cdc_events").await == n as i64
+                    && count(
+                        sink,
+                        "SELECT count(*) FROM cdc_raw.cdc_events e WHERE NOT EXISTS (
+                            SELECT 1 FROM cdc_lake.checkpoints c WHERE c.sink = 'route'
+                               AND c.kafka_topic = e.kafka_topic AND c.kafka_partition = e.kafka_partition
+                               AND c.next_offset > e.kafka_offset)",
+                    )
+                    .await
+                        == 0
+            }
+        };
+        let pod = Pod::start(cfg.clone());
+        wait_until("the first part routed", Duration::from_secs(90), || {
+            routed_all(first.len())
+        })
+        .await;
+        pod.stop().await;
+
+        // The new filter, live from the route's checkpoint on; the rest of the stream arrives.
+        std::fs::write(&routes_path, &two).unwrap();
+        let pod = Pod::start(cfg.clone());
+        produce(rest).await;
+        // The backfill runs while the pod routes the new changes, then once more.
+        let config_path = std::env::temp_dir().join(format!("{prefix}.toml"));
+        std::fs::write(&config_path, toml::to_string(&cfg).unwrap()).unwrap();
+        let backfill = || {
+            let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_cdc-replay"));
+            cmd.args([
+                "--config",
+                config_path.to_str().unwrap(),
+                "--target",
+                "route:shipped-or-gone",
+                "--from-offset",
+                "0",
+            ]);
+            let out = output_within(cmd, Duration::from_secs(120));
+            let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+            assert!(
+                out.status.success(),
+                "{stdout}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            stdout
+        };
+        let first_run = backfill();
+        assert!(
+            first_run.contains(" routed") && !first_run.contains(" 0 routed"),
+            "the first backfill routes the history: {first_run}"
+        );
+        wait_until("the whole stream routed", Duration::from_secs(90), || {
+            routed_all(records.len())
+        })
+        .await;
+        let second_run = backfill();
+        assert!(
+            second_run.contains(" 0 routed"),
+            "a second backfill routes nothing: {second_run}"
+        );
+        pod.stop().await;
+
+        for (topic, condition) in [
+            (&confirmed, "after_data->>'status' = 'CONFIRMED'"),
+            (
+                &shipped,
+                "after_data->>'status' = 'SHIPPED' OR operation = 'd'",
+            ),
+        ] {
+            let want: Vec<(String, i32, i64)> = sink
+                .query(
+                    &format!(
+                        "SELECT kafka_topic, kafka_partition, kafka_offset FROM cdc_raw.cdc_events
+                          WHERE {condition} ORDER BY 1, 2, 3"
+                    ),
+                    &[],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2)))
+                .collect();
+            let got = read_routed(topic);
+            assert!(
+                got.values().all(|v| v.len() == 1),
+                "{topic}: a change routed twice"
+            );
+            let got: Vec<(String, i32, i64)> = got.keys().cloned().collect();
+            assert!(!want.is_empty());
+            assert_eq!(got, want, "{topic}");
+        }
     });
 }

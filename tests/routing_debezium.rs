@@ -224,8 +224,16 @@ fn three_filters_route_real_changes_once_across_a_rebalance_and_a_kill() {
             async move { count(sink, sql).await }
         };
 
-        // Pod A alone: the snapshot and a first round.
+        // Pod A alone: the snapshot (three books), then a first round of streamed changes.
         let pod_a = PodProcess::start(&cfg, 19311);
+        wait_until(
+            "the snapshot in the raw log (is Debezium running? tools/up --debezium)",
+            Duration::from_secs(180),
+            || async {
+                raw("SELECT count(*) FROM cdc_raw.cdc_events WHERE operation = 'r'").await == 3
+            },
+        )
+        .await;
         traffic(&src, 1).await;
         wait_until(
             "pod A routes the first round",
@@ -236,21 +244,34 @@ fn three_filters_route_real_changes_once_across_a_rebalance_and_a_kill() {
         )
         .await;
 
-        // Pod B joins the group: a rebalance while traffic flows. It must get partitions.
+        // Pod B joins the group: a rebalance while traffic flows. Rounds go on until B has
+        // consumed changes of its own (its /metrics), so B really took partitions over.
         let pod_b = PodProcess::start(&cfg, 19312);
-        traffic(&src, 2).await;
+        let round = std::cell::Cell::new(2);
         wait_until(
             "pod B consumes after the rebalance",
-            Duration::from_secs(120),
-            || async { pod_b.consumed() > 0 },
+            Duration::from_secs(180),
+            || async {
+                if pod_b.consumed() > 0 {
+                    return true;
+                }
+                traffic(&src, round.get()).await;
+                round.set(round.get() + 1);
+                false
+            },
         )
         .await;
-        traffic(&src, 3).await;
+        let deletes_so_far = i64::from(round.get() - 1) * 9;
         wait_until(
-            "round 3 in the raw log",
+            "B's rounds in the raw log",
             Duration::from_secs(120),
             || async {
-                raw("SELECT count(*) FROM cdc_raw.cdc_events WHERE operation = 'd'").await >= 27
+                count(
+                    &sink,
+                    "SELECT count(*) FROM cdc_raw.cdc_events WHERE operation = 'd'",
+                )
+                .await
+                    >= deletes_so_far
             },
         )
         .await;
@@ -259,16 +280,24 @@ fn three_filters_route_real_changes_once_across_a_rebalance_and_a_kill() {
 
         // A is killed with SIGKILL while a round streams in; C replaces it in a new group under
         // the same checkpoint name (the broker's bookkeeping of the dead member plays no part).
+        let (next, after) = (round.get(), round.get() + 1);
         let rounds = tokio::spawn({
             let src = pg(&format!("{}/{stem}", source_base())).await;
             async move {
-                traffic(&src, 4).await;
-                traffic(&src, 5).await;
+                traffic(&src, next).await;
+                traffic(&src, after).await;
             }
         });
-        wait_until("round 4 is streaming", Duration::from_secs(120), || async {
-            raw("SELECT count(*) FROM cdc_raw.cdc_events WHERE (after_data->>'id')::int BETWEEN 401 AND 460").await >= 20
-        })
+        let streaming = format!(
+            "SELECT count(*) FROM cdc_raw.cdc_events WHERE (after_data->>'id')::int BETWEEN {} AND {}",
+            next * 100 + 1,
+            next * 100 + 60
+        );
+        wait_until(
+            "the next round is streaming",
+            Duration::from_secs(120),
+            || async { count(&sink, &streaming).await >= 20 },
+        )
         .await;
         pod_a.kill_9();
         rounds.await.unwrap();

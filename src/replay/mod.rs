@@ -10,6 +10,7 @@ mod progress;
 pub mod prune;
 mod reader;
 mod rebuild;
+pub mod route;
 mod selection;
 pub mod source;
 
@@ -102,8 +103,8 @@ pub async fn cli_replay(
     config: &Config,
     args: &ReplayArgs,
 ) -> ReplayResult<std::process::ExitCode> {
-    if let Some(filter) = crate::sink::route::backfill::route_target(&args.target) {
-        let summary = crate::sink::route::backfill::run(config, args, filter).await?;
+    if let Some(filter) = route::route_target(&args.target) {
+        let summary = route::run(config, args, filter).await?;
         print!("{summary}");
         return Ok(std::process::ExitCode::SUCCESS);
     }

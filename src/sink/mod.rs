@@ -47,7 +47,7 @@ pub enum SinkError {
         sink: &'static str,
         context: String,
         #[source]
-        source: rdkafka::error::KafkaError,
+        source: Box<rdkafka::error::KafkaError>,
     },
     #[error("lake: object store error at {path}: {source}")]
     ObjectStore {

@@ -15,7 +15,6 @@
 //! - A source partition's changes go to the same partition number of the output topic (modulo
 //!   its partition count), so the order of a key's changes is kept.
 
-pub mod backfill;
 mod topics;
 
 use std::collections::{HashMap, HashSet};
@@ -366,7 +365,7 @@ impl Filter {
 }
 
 /// One record to produce.
-struct Outgoing {
+pub(crate) struct Outgoing {
     filter: String,
     topic: String,
     partition: i32,
@@ -377,7 +376,7 @@ struct Outgoing {
 }
 
 impl Outgoing {
-    fn new(f: &Filter, e: &ChangeEvent, partition: i32, value: Vec<u8>) -> Self {
+    pub(crate) fn new(f: &Filter, e: &ChangeEvent, partition: i32, value: Vec<u8>) -> Self {
         Self {
             filter: f.id.clone(),
             topic: f.topic.clone(),
@@ -391,7 +390,10 @@ impl Outgoing {
 }
 
 /// Produces every record and waits for all acknowledgements; returns each record's offset.
-async fn produce(producer: &FutureProducer, sends: &[Outgoing]) -> Result<Vec<i64>, SinkError> {
+pub(crate) async fn produce(
+    producer: &FutureProducer,
+    sends: &[Outgoing],
+) -> Result<Vec<i64>, SinkError> {
     let futures = sends.iter().map(|s| {
         let mut headers = OwnedHeaders::new_with_capacity(s.headers.len());
         for (k, v) in &s.headers {
@@ -418,7 +420,7 @@ async fn produce(producer: &FutureProducer, sends: &[Outgoing]) -> Result<Vec<i6
             Err((source, _)) => Err(SinkError::Kafka {
                 sink: NAME,
                 context: format!("producing to {}[{}]", s.topic, s.partition),
-                source,
+                source: Box::new(source),
             }),
         })
         .collect()

@@ -7,11 +7,11 @@ use std::time::Duration;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Headers;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-use rdkafka::Message;
+use rdkafka::{ClientContext, Message};
 
 use super::NAME;
 use crate::config::{KafkaConfig, MissingTopic, RoutesConfig};
@@ -26,7 +26,7 @@ pub(super) fn kafka_err(context: impl Into<String>) -> impl FnOnce(KafkaError) -
     move |source| SinkError::Kafka {
         sink: NAME,
         context,
-        source,
+        source: Box::new(source),
     }
 }
 
@@ -42,6 +42,24 @@ pub(crate) fn client_config(kafka: &KafkaConfig) -> ClientConfig {
     }
     cc
 }
+
+/// The context of a tail reader: reaching a partition's end is how its read ends, not an error
+/// for the log.
+struct TailReader;
+
+impl ClientContext for TailReader {
+    fn error(&self, error: KafkaError, reason: &str) {
+        let end = matches!(
+            error,
+            KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF)
+        );
+        if !end {
+            tracing::warn!(%error, reason, "route: reading an output topic");
+        }
+    }
+}
+
+impl ConsumerContext for TailReader {}
 
 /// Metadata, watermarks and tail reads for output topics (one client, used from a blocking
 /// thread: librdkafka's calls here block).
@@ -69,12 +87,13 @@ impl OutputTopics {
         let mut cc = client_config(kafka);
         cc.set("group.id", format!("{}-route-reader", kafka.group_id))
             .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "true")
             .set("auto.offset.reset", "earliest");
+        let reader = cc
+            .create()
+            .map_err(kafka_err("creating the output reader"))?;
+        cc.set("enable.partition.eof", "true");
         Ok(Self {
-            reader: cc
-                .create()
-                .map_err(kafka_err("creating the output reader"))?,
+            reader,
             scan_config: cc,
             admin: client_config(kafka)
                 .create()
@@ -143,7 +162,7 @@ impl OutputTopics {
                     return Err(SinkError::Kafka {
                         sink: NAME,
                         context: format!("creating output topic {topic}"),
-                        source: KafkaError::AdminOp(code),
+                        source: Box::new(KafkaError::AdminOp(code)),
                     })
                 }
             }
@@ -185,9 +204,9 @@ impl OutputTopics {
         let mut found = Vec::new();
         // A consumer of its own per read, so no event of an earlier read is taken for this
         // one's end.
-        let reader: BaseConsumer = self
+        let reader: BaseConsumer<TailReader> = self
             .scan_config
-            .create()
+            .create_with_context(TailReader)
             .map_err(err("creating a reader for"))?;
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(topic, partition, Offset::Offset(start))
@@ -206,7 +225,7 @@ impl OutputTopics {
                     context: format!(
                         "reading {topic}[{partition}] from {start} past {high}: stalled at {next}"
                     ),
-                    source: KafkaError::PartitionEOF(partition),
+                    source: Box::new(KafkaError::PartitionEOF(partition)),
                 });
             }
             match reader.poll(Duration::from_millis(500)) {

@@ -13,15 +13,15 @@ use std::time::Instant;
 
 use chrono::Utc;
 
-use super::topics::OutputTopics;
-use super::{client_config, produce, Outgoing, NAME};
+use super::error::Context;
+use super::{Reader, ReplayArgs, ReplayError, ReplayResult, Selection};
 use crate::config::Config;
 use crate::domain::TopicPartition;
 use crate::envelope::Decoded;
-use crate::replay::{Reader, ReplayArgs, ReplayError, ReplayResult, Selection};
 use crate::route::condition::SourceFields;
 use crate::route::{Routes, Verdict};
-use crate::sink::{checkpoint, SinkError};
+use crate::sink::checkpoint;
+use crate::sink::route::{client_config, produce, Outgoing, OutputTopics, NAME};
 
 /// What a backfill did.
 #[derive(Debug, Default)]
@@ -43,10 +43,6 @@ impl std::fmt::Display for BackfillSummary {
             self.read, self.routed, self.already_routed, self.left_to_live, self.errors
         )
     }
-}
-
-fn sink_err(e: SinkError) -> ReplayError {
-    ReplayError::Refused(crate::cli::error_chain(&e))
 }
 
 /// Runs the backfill of filter `filter_id` over the selection of `args`.
@@ -100,7 +96,7 @@ pub async fn run(
         .set("linger.ms", "5")
         .create()
         .map_err(|e| ReplayError::Refused(format!("cannot create the producer: {e}")))?;
-    let mut outputs = OutputTopics::new(&config.kafka, &config.routes).map_err(sink_err)?;
+    let mut outputs = OutputTopics::new(&config.kafka, &config.routes)?;
     eprintln!(
         "cdc-replay: backfilling filter {filter_id:?} into {} from the {} ({sel}), {} partition(s)",
         filter.topic,
@@ -110,19 +106,14 @@ pub async fn run(
     let started = Instant::now();
     let mut summary = BackfillSummary::default();
     for tp in plan.partitions.keys() {
-        let source_partitions = outputs.source_partitions(&tp.topic).map_err(sink_err)?;
-        let n = outputs
-            .ensure(&filter.topic, source_partitions)
-            .map_err(sink_err)?;
+        let source_partitions = outputs.source_partitions(&tp.topic)?;
+        let n = outputs.ensure(&filter.topic, source_partitions)?;
         let output_partition = tp.partition % n;
-        let end = outputs
-            .high_watermark(&filter.topic, output_partition)
-            .map_err(sink_err)?;
+        let end = outputs.high_watermark(&filter.topic, output_partition)?;
         // The live route starts this filter at its checkpoint; where it has not run, at the
         // end of what this backfill can route.
         let route_checkpoint = checkpoint::load(&client, NAME, &consumer, std::slice::from_ref(tp))
-            .await
-            .map_err(sink_err)?
+            .await?
             .get(tp)
             .copied()
             .unwrap_or(0);
@@ -137,7 +128,7 @@ pub async fn run(
                 &[&consumer, &filter.id, &tp.topic, &tp.partition, &filter.topic, &output_partition, &end, &route_checkpoint.max(covered)],
             )
             .await
-            .map_err(|e| ReplayError::Refused(format!("creating the progress of {tp}: {e}")))?;
+            .context(format!("creating the route progress of {tp}"))?;
         let row = client
             .query_one(
                 "SELECT live_from, backfill_next FROM cdc_lake.route_progress
@@ -145,7 +136,7 @@ pub async fn run(
                 &[&consumer, &filter.id, &tp.topic, &tp.partition],
             )
             .await
-            .map_err(|e| ReplayError::Refused(format!("reading the progress of {tp}: {e}")))?;
+            .context(format!("reading the route progress of {tp}"))?;
         let (live_from, done): (i64, i64) = (row.get(0), row.get(1));
         let from = sel.from_offset.max(done);
         let to = sel
@@ -199,7 +190,7 @@ pub async fn run(
                     &[&consumer, &filter.id, &tp.topic, &tp.partition, &live_from],
                 )
                 .await
-                .map_err(|e| ReplayError::Refused(format!("recording the backfill of {tp}: {e}")))?;
+                .context(format!("recording the backfill of {tp}"))?;
         }
     }
     Ok(summary)
@@ -219,13 +210,8 @@ async fn backfill_chunk(
     chunk: &[Decoded],
     summary: &mut BackfillSummary,
 ) -> ReplayResult<()> {
-    let refused = |what: &'static str| {
-        move |e: tokio_postgres::Error| ReplayError::Refused(format!("{what}: {e}"))
-    };
-    let tx = client.transaction().await.map_err(refused("beginning"))?;
-    checkpoint::lock(&tx, NAME, consumer, std::slice::from_ref(tp))
-        .await
-        .map_err(sink_err)?;
+    let tx = client.transaction().await.context("beginning")?;
+    checkpoint::lock(&tx, NAME, consumer, std::slice::from_ref(tp)).await?;
     let watermark: i64 = tx
         .query_one(
             "SELECT backfill_watermark FROM cdc_lake.route_progress
@@ -233,12 +219,11 @@ async fn backfill_chunk(
             &[&consumer, &filter.id, &tp.topic, &tp.partition],
         )
         .await
-        .map_err(refused("reading the backfill watermark"))?
+        .context("reading the backfill watermark")?
         .get(0);
     // A run that crashed before its commit may have left records above the watermark.
     let present: HashSet<i64> = outputs
-        .routed_since(&filter.topic, output_partition, watermark, tp)
-        .map_err(sink_err)?
+        .routed_since(&filter.topic, output_partition, watermark, tp)?
         .into_iter()
         .filter(|r| r.filter == filter.id)
         .map(|r| r.offset)
@@ -265,7 +250,7 @@ async fn backfill_chunk(
             },
         }
     }
-    let offsets = produce(producer, &sends).await.map_err(sink_err)?;
+    let offsets = produce(producer, &sends).await?;
     summary.routed += offsets.len() as u64;
     let new_watermark = offsets.iter().max().map_or(watermark, |o| o + 1);
     if let Some(last) = last {
@@ -277,11 +262,9 @@ async fn backfill_chunk(
             &[&consumer, &filter.id, &tp.topic, &tp.partition, &(last + 1), &new_watermark],
         )
         .await
-        .map_err(refused("recording backfill progress"))?;
+        .context("recording backfill progress")?;
     }
-    tx.commit()
-        .await
-        .map_err(refused("committing backfill progress"))?;
+    tx.commit().await.context("committing backfill progress")?;
     Ok(())
 }
 
