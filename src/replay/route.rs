@@ -94,6 +94,7 @@ pub async fn run(
         .set("acks", "all")
         .set("enable.idempotence", "true")
         .set("linger.ms", "5")
+        .set("message.timeout.ms", "30000")
         .create()
         .map_err(|e| ReplayError::Refused(format!("cannot create the producer: {e}")))?;
     let mut outputs = OutputTopics::new(&config.kafka, &config.routes)?;
@@ -245,7 +246,7 @@ async fn backfill_chunk(
             Verdict::Error(_) => summary.errors += 1,
             Verdict::Routed if present.contains(&c.offset) => summary.already_routed += 1,
             Verdict::Routed => match crate::route::output::value(filter, e, filtered_at) {
-                Ok(value) => sends.push(Outgoing::new(filter, e, output_partition, value)),
+                Ok(value) => sends.push(Outgoing::new(0, filter, e, output_partition, value)),
                 Err(_) => summary.errors += 1,
             },
         }

@@ -457,3 +457,21 @@ fn flink_sql_says_the_same_condition() {
         "{sql}"
     );
 }
+
+/// The examples in docs/routing.md are valid filter files (the docs match the code).
+#[test]
+fn the_documented_examples_are_valid() {
+    let doc =
+        std::fs::read_to_string(format!("{}/docs/routing.md", env!("CARGO_MANIFEST_DIR"))).unwrap();
+    let blocks: Vec<&str> = doc
+        .split("```yaml\n")
+        .skip(1)
+        .map(|b| b.split("```").next().unwrap())
+        .collect();
+    assert!(!blocks.is_empty());
+    for block in blocks {
+        let routes =
+            Routes::parse("docs/routing.md", block).unwrap_or_else(|e| panic!("{e:?}\n{block}"));
+        assert!(!routes.filters.is_empty());
+    }
+}

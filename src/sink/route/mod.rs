@@ -15,17 +15,19 @@
 //! - A source partition's changes go to the same partition number of the output topic (modulo
 //!   its partition count), so the order of a key's changes is kept.
 
+mod produce;
+mod progress;
 mod topics;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use chrono::Utc;
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::util::Timeout;
+use rdkafka::producer::FutureProducer;
 use tokio_postgres::{Client, Transaction};
 
+pub(crate) use produce::{produce, Outgoing};
+use progress::{advance_watermarks, load_progress, Progress};
 pub(crate) use topics::{client_config, OutputTopics};
 
 use super::{checkpoint, Ack, Offsets, Sink, SinkError, WriteStats};
@@ -36,6 +38,7 @@ use crate::envelope::{ChangeEvent, Decoded};
 use crate::route::condition::SourceFields;
 use crate::route::{output, Filter, Routes, Verdict};
 use crate::telemetry::METRICS;
+use prometheus::IntCounter;
 
 pub const NAME: &str = "route";
 
@@ -46,14 +49,6 @@ fn pg_err(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> S
         context,
         source,
     }
-}
-
-/// A filter's progress on one source partition (`cdc_lake.route_progress`).
-#[derive(Debug, Clone)]
-struct Progress {
-    output_partition: i32,
-    output_watermark: i64,
-    live_from: i64,
 }
 
 pub struct RouteSink {
@@ -69,6 +64,15 @@ pub struct RouteSink {
     committed: HashMap<TopicPartition, i64>,
     /// (filter, source partition) pairs whose progress row is known to exist.
     ensured: HashSet<(usize, TopicPartition)>,
+    /// Each filter's counters, by its position in the file.
+    metrics: Vec<FilterMetrics>,
+}
+
+/// One filter's metrics (`cdc_lake_route_*_total{filter}`), looked up once.
+struct FilterMetrics {
+    matched: IntCounter,
+    routed: IntCounter,
+    errors: IntCounter,
 }
 
 impl RouteSink {
@@ -85,10 +89,12 @@ impl RouteSink {
             // Retries keep a partition's order: the records of a key stay in source order.
             .set("enable.idempotence", "true")
             .set("linger.ms", "5")
+            // A broker that does not acknowledge within this fails the batch (retried, pod
+            // not ready) instead of holding the checkpoint lock for librdkafka's 5 minutes.
+            .set("message.timeout.ms", "30000")
             .create()
             .map_err(topics::kafka_err("creating the route producer"))?;
         Ok(Self {
-            routes,
             pg,
             consumer: consumer.into(),
             client: None,
@@ -96,6 +102,16 @@ impl RouteSink {
             outputs: Arc::new(Mutex::new(OutputTopics::new(kafka, config)?)),
             committed: HashMap::new(),
             ensured: HashSet::new(),
+            metrics: routes
+                .filters
+                .iter()
+                .map(|f| FilterMetrics {
+                    matched: METRICS.route_matched.with_label_values(&[&f.id]),
+                    routed: METRICS.route_routed.with_label_values(&[&f.id]),
+                    errors: METRICS.route_errors.with_label_values(&[&f.id]),
+                })
+                .collect(),
+            routes,
         })
     }
 
@@ -253,14 +269,27 @@ impl RouteSink {
             present.extend(found);
         }
 
+        // Per source partition, each filter's progress by the filter's index.
+        let mut by_filter: HashMap<&TopicPartition, Vec<Option<&Progress>>> = HashMap::new();
+        for ((id, tp), p) in &progress {
+            if let Some(i) = routes.filters.iter().position(|f| &f.id == id) {
+                by_filter
+                    .entry(tp)
+                    .or_insert_with(|| vec![None; routes.filters.len()])[i] = Some(p);
+            }
+        }
         let mut stats = WriteStats::default();
         let filtered_at = Utc::now();
         let mut sends: Vec<Outgoing> = Vec::new();
         let mut rejects: Vec<(&ChangeEvent, String, String)> = Vec::new();
         for r in &batch.records {
             let c = r.coords();
-            let tp = c.topic_partition();
-            if c.offset < stored.get(&tp).copied().unwrap_or(0) {
+            let Some((tp, per_filter)) = by_filter.get_key_value(&c.topic_partition()) else {
+                // No filter can take this topic: not routed.
+                *stats.ignored.entry("not_routed").or_default() += 1;
+                continue;
+            };
+            if c.offset < stored.get(*tp).copied().unwrap_or(0) {
                 stats.already_stored += 1;
                 continue;
             }
@@ -275,32 +304,37 @@ impl RouteSink {
                     continue;
                 }
             };
+            // The `source` block is parsed only if a condition reads it, once per change.
             let source = SourceFields::default();
+            let mut rendered = output::Rendered::new(e);
             let mut routed_any = false;
-            for f in &routes.filters {
+            for (i, f) in routes.filters.iter().enumerate() {
+                let counters = &self.metrics[i];
                 match f.verdict(e, &source) {
                     Verdict::Skipped => {}
                     Verdict::Error(reason) => {
-                        METRICS.route_errors.with_label_values(&[&f.id]).inc();
+                        counters.errors.inc();
                         rejects.push((e, format!("route:{}", f.id), reason));
                     }
                     Verdict::Routed => {
-                        let Some(p) = progress.get(&(f.id.clone(), tp.clone())) else {
-                            continue;
-                        };
+                        let Some(p) = per_filter[i] else { continue };
                         if c.offset < p.live_from {
                             // Before the live route took this filter up: the backfill's.
                             continue;
                         }
-                        METRICS.route_matched.with_label_values(&[&f.id]).inc();
+                        counters.matched.inc();
                         routed_any = true;
-                        if present.contains(&(f.id.clone(), tp.clone(), c.offset)) {
+                        if !present.is_empty()
+                            && present.contains(&(f.id.clone(), (*tp).clone(), c.offset))
+                        {
                             continue;
                         }
-                        match output::value(f, e, filtered_at) {
-                            Ok(value) => sends.push(Outgoing::new(f, e, p.output_partition, value)),
+                        match rendered.value(f, filtered_at) {
+                            Ok(value) => {
+                                sends.push(Outgoing::new(i, f, e, p.output_partition, value))
+                            }
                             Err(reason) => {
-                                METRICS.route_errors.with_label_values(&[&f.id]).inc();
+                                counters.errors.inc();
                                 rejects.push((e, format!("route:{}", f.id), reason));
                             }
                         }
@@ -328,12 +362,15 @@ impl RouteSink {
         // The new watermark of each (filter, source partition) that produced: one past the
         // last acknowledged offset.
         let mut watermarks: HashMap<(String, TopicPartition), i64> = HashMap::new();
+        let mut routed = vec![0u64; routes.filters.len()];
         for (s, offset) in sends.iter().zip(produced) {
-            let w = watermarks
-                .entry((s.filter.clone(), s.source.clone()))
-                .or_insert(0);
+            let key = (s.filter.id.clone(), s.event.coords.topic_partition());
+            let w = watermarks.entry(key).or_insert(0);
             *w = (*w).max(offset + 1);
-            METRICS.route_routed.with_label_values(&[&s.filter]).inc();
+            routed[s.index] += 1;
+        }
+        for (counters, n) in self.metrics.iter().zip(routed) {
+            counters.routed.inc_by(n);
         }
         advance_watermarks(&tx, &consumer, &watermarks).await?;
         for (e, stage, reason) in &rejects {
@@ -362,137 +399,6 @@ impl Filter {
     fn may_read_topic(&self, topic: &str) -> bool {
         self.topics.is_empty() || self.topics.iter().any(|p| p.matches(topic))
     }
-}
-
-/// One record to produce.
-pub(crate) struct Outgoing {
-    filter: String,
-    topic: String,
-    partition: i32,
-    source: TopicPartition,
-    key: Option<Vec<u8>>,
-    value: Vec<u8>,
-    headers: [(&'static str, String); 4],
-}
-
-impl Outgoing {
-    pub(crate) fn new(f: &Filter, e: &ChangeEvent, partition: i32, value: Vec<u8>) -> Self {
-        Self {
-            filter: f.id.clone(),
-            topic: f.topic.clone(),
-            partition,
-            source: e.coords.topic_partition(),
-            key: output::key(e).map(<[u8]>::to_vec),
-            value,
-            headers: output::headers(e, &f.id),
-        }
-    }
-}
-
-/// Produces every record and waits for all acknowledgements; returns each record's offset.
-pub(crate) async fn produce(
-    producer: &FutureProducer,
-    sends: &[Outgoing],
-) -> Result<Vec<i64>, SinkError> {
-    let futures = sends.iter().map(|s| {
-        let mut headers = OwnedHeaders::new_with_capacity(s.headers.len());
-        for (k, v) in &s.headers {
-            headers = headers.insert(Header {
-                key: k,
-                value: Some(v.as_bytes()),
-            });
-        }
-        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&s.topic)
-            .partition(s.partition)
-            .payload(&s.value[..])
-            .headers(headers);
-        if let Some(k) = &s.key {
-            record = record.key(&k[..]);
-        }
-        producer.send(record, Timeout::Never)
-    });
-    let results = futures::future::join_all(futures).await;
-    results
-        .into_iter()
-        .zip(sends)
-        .map(|(r, s)| match r {
-            Ok(delivery) => Ok(delivery.offset),
-            Err((source, _)) => Err(SinkError::Kafka {
-                sink: NAME,
-                context: format!("producing to {}[{}]", s.topic, s.partition),
-                source: Box::new(source),
-            }),
-        })
-        .collect()
-}
-
-async fn load_progress(
-    tx: &Transaction<'_>,
-    consumer: &str,
-    tps: &[TopicPartition],
-) -> Result<HashMap<(String, TopicPartition), Progress>, SinkError> {
-    let (topics, partitions): (Vec<&str>, Vec<i32>) = tps
-        .iter()
-        .map(|tp| (tp.topic.as_str(), tp.partition))
-        .unzip();
-    let rows = tx
-        .query(
-            "SELECT p.filter_id, p.kafka_topic, p.kafka_partition, p.output_partition,
-                    p.output_watermark, p.live_from
-               FROM cdc_lake.route_progress p
-               JOIN unnest($2::text[], $3::int[]) AS w(t, n)
-                 ON p.kafka_topic = w.t AND p.kafka_partition = w.n
-              WHERE p.consumer = $1",
-            &[&consumer, &topics, &partitions],
-        )
-        .await
-        .map_err(pg_err("reading route progress"))?;
-    Ok(rows
-        .iter()
-        .map(|r| {
-            (
-                (
-                    r.get(0),
-                    TopicPartition::new(r.get::<_, String>(1), r.get(2)),
-                ),
-                Progress {
-                    output_partition: r.get(3),
-                    output_watermark: r.get(4),
-                    live_from: r.get(5),
-                },
-            )
-        })
-        .collect())
-}
-
-async fn advance_watermarks(
-    tx: &Transaction<'_>,
-    consumer: &str,
-    watermarks: &HashMap<(String, TopicPartition), i64>,
-) -> Result<(), SinkError> {
-    if watermarks.is_empty() {
-        return Ok(());
-    }
-    let mut filters = Vec::new();
-    let mut topics = Vec::new();
-    let mut partitions = Vec::new();
-    let mut marks = Vec::new();
-    for ((f, tp), w) in watermarks {
-        filters.push(f.as_str());
-        topics.push(tp.topic.as_str());
-        partitions.push(tp.partition);
-        marks.push(*w);
-    }
-    tx.execute(
-        "UPDATE cdc_lake.route_progress p
-            SET output_watermark = GREATEST(p.output_watermark, w.m), updated_at = now()
-           FROM unnest($2::text[], $3::text[], $4::int[], $5::bigint[]) AS w(f, t, n, m)
-          WHERE p.consumer = $1 AND p.filter_id = w.f AND p.kafka_topic = w.t AND p.kafka_partition = w.n",
-        &[&consumer, &filters, &topics, &partitions, &marks],
-    )
-    .await
-    .map_err(pg_err("advancing route watermarks"))?;
-    Ok(())
 }
 
 async fn record_reject(

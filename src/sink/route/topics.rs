@@ -91,7 +91,10 @@ impl OutputTopics {
         let reader = cc
             .create()
             .map_err(kafka_err("creating the output reader"))?;
-        cc.set("enable.partition.eof", "true");
+        // A tail read ends at the partition's end: the broker must answer an empty fetch at
+        // once, not hold it for librdkafka's 500 ms default (one wait per partition read).
+        cc.set("enable.partition.eof", "true")
+            .set("fetch.wait.max.ms", "10");
         Ok(Self {
             reader,
             scan_config: cc,

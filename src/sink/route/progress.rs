@@ -1,0 +1,87 @@
+//! `cdc_lake.route_progress`: each filter's output partition, watermark and live start per
+//! source partition, read and advanced inside the route sink's transaction.
+
+use std::collections::HashMap;
+
+use tokio_postgres::Transaction;
+
+use super::pg_err;
+use crate::domain::TopicPartition;
+use crate::sink::SinkError;
+
+/// A filter's progress on one source partition (`cdc_lake.route_progress`).
+#[derive(Debug, Clone)]
+pub(super) struct Progress {
+    pub output_partition: i32,
+    pub output_watermark: i64,
+    pub live_from: i64,
+}
+
+pub(super) async fn load_progress(
+    tx: &Transaction<'_>,
+    consumer: &str,
+    tps: &[TopicPartition],
+) -> Result<HashMap<(String, TopicPartition), Progress>, SinkError> {
+    let (topics, partitions): (Vec<&str>, Vec<i32>) = tps
+        .iter()
+        .map(|tp| (tp.topic.as_str(), tp.partition))
+        .unzip();
+    let rows = tx
+        .query(
+            "SELECT p.filter_id, p.kafka_topic, p.kafka_partition, p.output_partition,
+                    p.output_watermark, p.live_from
+               FROM cdc_lake.route_progress p
+               JOIN unnest($2::text[], $3::int[]) AS w(t, n)
+                 ON p.kafka_topic = w.t AND p.kafka_partition = w.n
+              WHERE p.consumer = $1",
+            &[&consumer, &topics, &partitions],
+        )
+        .await
+        .map_err(pg_err("reading route progress"))?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            (
+                (
+                    r.get(0),
+                    TopicPartition::new(r.get::<_, String>(1), r.get(2)),
+                ),
+                Progress {
+                    output_partition: r.get(3),
+                    output_watermark: r.get(4),
+                    live_from: r.get(5),
+                },
+            )
+        })
+        .collect())
+}
+
+pub(super) async fn advance_watermarks(
+    tx: &Transaction<'_>,
+    consumer: &str,
+    watermarks: &HashMap<(String, TopicPartition), i64>,
+) -> Result<(), SinkError> {
+    if watermarks.is_empty() {
+        return Ok(());
+    }
+    let mut filters = Vec::new();
+    let mut topics = Vec::new();
+    let mut partitions = Vec::new();
+    let mut marks = Vec::new();
+    for ((f, tp), w) in watermarks {
+        filters.push(f.as_str());
+        topics.push(tp.topic.as_str());
+        partitions.push(tp.partition);
+        marks.push(*w);
+    }
+    tx.execute(
+        "UPDATE cdc_lake.route_progress p
+            SET output_watermark = GREATEST(p.output_watermark, w.m), updated_at = now()
+           FROM unnest($2::text[], $3::text[], $4::int[], $5::bigint[]) AS w(f, t, n, m)
+          WHERE p.consumer = $1 AND p.filter_id = w.f AND p.kafka_topic = w.t AND p.kafka_partition = w.n",
+        &[&consumer, &filters, &topics, &partitions, &marks],
+    )
+    .await
+    .map_err(pg_err("advancing route watermarks"))?;
+    Ok(())
+}
