@@ -21,7 +21,7 @@ use crate::envelope::Decoded;
 use crate::route::condition::SourceFields;
 use crate::route::{Routes, Verdict};
 use crate::sink::checkpoint;
-use crate::sink::route::{client_config, produce, Outgoing, OutputTopics, NAME};
+use crate::sink::route::{produce, producer, Outgoing, OutputTopics, NAME};
 
 /// What a backfill did.
 #[derive(Debug, Default)]
@@ -89,14 +89,7 @@ pub async fn run(
     let plan = reader.plan(&sel).await?;
     let mut client = crate::db::connect(&config.postgres, "cdc-replay route").await?;
     crate::db::migrate(&mut client).await?;
-    let producer: rdkafka::producer::FutureProducer = client_config(&config.kafka)
-        .set("client.id", "cdc-replay-route")
-        .set("acks", "all")
-        .set("enable.idempotence", "true")
-        .set("linger.ms", "5")
-        .set("message.timeout.ms", "30000")
-        .create()
-        .map_err(|e| ReplayError::Refused(format!("cannot create the producer: {e}")))?;
+    let producer = producer(&config.kafka, "cdc-replay-route")?;
     let mut outputs = OutputTopics::new(&config.kafka, &config.routes)?;
     eprintln!(
         "cdc-replay: backfilling filter {filter_id:?} into {} from the {} ({sel}), {} partition(s)",

@@ -60,40 +60,58 @@ impl Literal {
     }
 }
 
+/// How a column type compares: the one place that sorts the types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Comparison {
+    Number,
+    Time,
+    Bool,
+    Structured,
+    /// Text, uuid, time of day, interval and anything schemaless: as JSON says.
+    AsJson,
+}
+
+fn comparison(ty: &ColumnType) -> Comparison {
+    use ColumnType as T;
+    match ty {
+        T::Int16
+        | T::Int32
+        | T::Int64
+        | T::Float32
+        | T::Float64
+        | T::Decimal { .. }
+        | T::VariableDecimal
+        | T::WideInteger
+        | T::HugeInteger => Comparison::Number,
+        T::Date | T::Timestamp(_) | T::TimestampTz => Comparison::Time,
+        T::Boolean => Comparison::Bool,
+        T::Json | T::Bytes | T::Array(_) => Comparison::Structured,
+        _ => Comparison::AsJson,
+    }
+}
+
 /// The operand of a column value of type `ty`, after the change's values were converted for
 /// PostgreSQL (`ChangeEvent::sql_image`: decimals as decimal text, times as ISO text).
 pub fn column_operand<'a>(ty: Option<&ColumnType>, v: &'a Value) -> Operand<'a> {
-    use ColumnType as T;
     if v.is_null() {
         return Operand::Null;
     }
-    match ty {
-        Some(
-            T::Int16
-            | T::Int32
-            | T::Int64
-            | T::Float32
-            | T::Float64
-            | T::Decimal { .. }
-            | T::VariableDecimal
-            | T::WideInteger
-            | T::HugeInteger,
-        ) => match v {
+    match ty.map_or(Comparison::AsJson, comparison) {
+        Comparison::Number => match v {
             Value::Number(n) => Operand::Number(Cow::Owned(n.to_string())),
             Value::String(s) if Decimal::parse(s).is_some() => Operand::Number(Cow::Borrowed(s)),
             // NaN and the infinities are not comparable with a decimal.
             _ => Operand::Other("non-finite number"),
         },
-        Some(T::Date | T::Timestamp(_) | T::TimestampTz) => match v.as_str().and_then(parse_time) {
+        Comparison::Time => match v.as_str().and_then(parse_time) {
             Some(t) => Operand::Time(t),
             None => Operand::Other("time out of range"),
         },
-        Some(T::Boolean) => v
+        Comparison::Bool => v
             .as_bool()
             .map_or(Operand::Other("non-boolean"), Operand::Bool),
-        Some(T::Json | T::Bytes | T::Array(_)) => Operand::Other("structured value"),
-        // Text, uuid, time of day, interval and anything schemaless: as JSON says.
-        _ => json_operand(v),
+        Comparison::Structured => Operand::Other("structured value"),
+        Comparison::AsJson => json_operand(v),
     }
 }
 
@@ -143,21 +161,12 @@ pub fn compare(a: &Operand, b: &Literal) -> Result<Option<Ordering>, TypeMismatc
 /// Whether an operand of this kind can be compared with the literal at all (checked when the
 /// column's type is known, before any change arrives).
 pub fn comparable(ty: &ColumnType, b: &Literal) -> Result<(), TypeMismatch> {
-    use ColumnType as T;
-    let sample: Operand = match ty {
-        T::Int16
-        | T::Int32
-        | T::Int64
-        | T::Float32
-        | T::Float64
-        | T::Decimal { .. }
-        | T::VariableDecimal
-        | T::WideInteger
-        | T::HugeInteger => Operand::Number("0".into()),
-        T::Date | T::Timestamp(_) | T::TimestampTz => Operand::Time(0),
-        T::Boolean => Operand::Bool(false),
-        T::Json | T::Bytes | T::Array(_) => Operand::Other("structured value"),
-        _ => Operand::Text("".into()),
+    let sample: Operand = match comparison(ty) {
+        Comparison::Number => Operand::Number("0".into()),
+        Comparison::Time => Operand::Time(0),
+        Comparison::Bool => Operand::Bool(false),
+        Comparison::Structured => Operand::Other("structured value"),
+        Comparison::AsJson => Operand::Text("".into()),
     };
     compare(&sample, b).map(|_| ())
 }

@@ -97,7 +97,12 @@ impl Filter {
                 .tables
                 .iter()
                 .any(|p| p.matches(&qualified) || p.matches(&e.table.table)))
-            && (self.topics.is_empty() || self.topics.iter().any(|p| p.matches(&e.coords.topic)))
+            && self.may_read_topic(&e.coords.topic)
+    }
+
+    /// Whether the filter can take changes of this topic (tables are known per change only).
+    pub fn may_read_topic(&self, topic: &str) -> bool {
+        self.topics.is_empty() || self.topics.iter().any(|p| p.matches(topic))
     }
 
     /// Checks the condition's columns and literals against a table's known schema: a column

@@ -29,6 +29,7 @@ use std::future::Future;
 
 use crate::batch::Batch;
 use crate::domain::TopicPartition;
+use crate::envelope::{ChangeEvent, Decoded};
 
 pub use crate::db::pg_detail;
 pub use crate::domain::Offsets;
@@ -178,6 +179,40 @@ pub(crate) async fn connect(
         })
 }
 
+/// Records a change that sink `sink` cannot take in `cdc_raw.cdc_rejects`, at `stage`, with the
+/// reason, in the sink's own transaction (so the reject and the checkpoint commit together).
+pub(crate) async fn record_reject(
+    tx: &tokio_postgres::Transaction<'_>,
+    sink: &'static str,
+    stage: &str,
+    e: &ChangeEvent,
+    reason: &str,
+) -> Result<(), SinkError> {
+    tx.execute(
+        "INSERT INTO cdc_raw.cdc_rejects
+             (kafka_topic, kafka_partition, kafka_offset, kafka_timestamp, raw_key, raw_value, stage, reason)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+         ON CONFLICT DO NOTHING",
+        &[
+            &e.coords.topic,
+            &e.coords.partition,
+            &e.coords.offset,
+            &crate::db::pg_timestamp(e.coords.timestamp_ms),
+            &e.received_key(),
+            &e.received_value(),
+            &stage,
+            &crate::db::pg_text(reason).as_ref(),
+        ],
+    )
+    .await
+    .map_err(|source| SinkError::Postgres {
+        sink,
+        context: "recording a reject".into(),
+        source,
+    })?;
+    Ok(())
+}
+
 /// Counters of what one write did, for metrics and logs.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct WriteStats {
@@ -187,6 +222,24 @@ pub struct WriteStats {
     pub already_stored: u64,
     /// Records this sink does not store (rejects, skips, ops it ignores), by reason.
     pub ignored: HashMap<&'static str, u64>,
+}
+
+impl WriteStats {
+    /// The change `r` holds, or `None` after counting a decode reject or a skip as ignored:
+    /// what every sink does with the records that are not changes.
+    pub fn change<'a>(&mut self, r: &'a Decoded) -> Option<&'a std::sync::Arc<ChangeEvent>> {
+        match r {
+            Decoded::Change(e) => Some(e),
+            Decoded::Reject(_) => {
+                *self.ignored.entry("rejected").or_default() += 1;
+                None
+            }
+            Decoded::Skip(_, reason) => {
+                *self.ignored.entry(reason.as_str()).or_default() += 1;
+                None
+            }
+        }
+    }
 }
 
 /// What a write or flush reports back.

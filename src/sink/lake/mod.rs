@@ -34,7 +34,7 @@ use super::{Ack, Offsets, Sink, SinkError, WriteStats};
 use crate::batch::Batch;
 use crate::config::{LakeConfig, TableFormat};
 use crate::domain::{TableId, TopicPartition};
-use crate::envelope::{ChangeEvent, Decoded, RowSchema};
+use crate::envelope::{ChangeEvent, RowSchema};
 
 pub const NAME: &str = "lake";
 
@@ -463,17 +463,7 @@ impl Sink for LakeSink {
             }
             st.committed_next.get_or_insert(coords.offset);
             st.seen_next = Some(st.seen_next.unwrap_or(0).max(coords.offset + 1));
-            let e = match r {
-                Decoded::Change(e) => e,
-                Decoded::Reject(_) => {
-                    *stats.ignored.entry("rejected").or_default() += 1;
-                    continue;
-                }
-                Decoded::Skip(_, reason) => {
-                    *stats.ignored.entry(reason.as_str()).or_default() += 1;
-                    continue;
-                }
-            };
+            let Some(e) = stats.change(r) else { continue };
             // Any name is a valid path once encoded (Layout): every change lands in a file.
             let source = (
                 e.source.name.as_deref(),

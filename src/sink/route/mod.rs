@@ -24,19 +24,19 @@ use std::sync::{Arc, Mutex};
 
 use chrono::Utc;
 use rdkafka::producer::FutureProducer;
-use tokio_postgres::{Client, Transaction};
+use tokio_postgres::Client;
 
-pub(crate) use produce::{produce, Outgoing};
+pub(crate) use produce::{produce, producer, Outgoing};
 use progress::{advance_watermarks, load_progress, Progress};
-pub(crate) use topics::{client_config, OutputTopics};
+pub(crate) use topics::OutputTopics;
 
 use super::{checkpoint, Ack, Offsets, Sink, SinkError, WriteStats};
 use crate::batch::Batch;
 use crate::config::{KafkaConfig, PostgresConfig, RoutesConfig};
 use crate::domain::TopicPartition;
-use crate::envelope::{ChangeEvent, Decoded};
+use crate::envelope::ChangeEvent;
 use crate::route::condition::SourceFields;
-use crate::route::{output, Filter, Routes, Verdict};
+use crate::route::{output, Routes, Verdict};
 use crate::telemetry::METRICS;
 use prometheus::IntCounter;
 
@@ -83,17 +83,7 @@ impl RouteSink {
         pg: PostgresConfig,
         consumer: impl Into<String>,
     ) -> Result<Self, SinkError> {
-        let producer = client_config(kafka)
-            .set("client.id", "cdc-lake-route")
-            .set("acks", "all")
-            // Retries keep a partition's order: the records of a key stay in source order.
-            .set("enable.idempotence", "true")
-            .set("linger.ms", "5")
-            // A broker that does not acknowledge within this fails the batch (retried, pod
-            // not ready) instead of holding the checkpoint lock for librdkafka's 5 minutes.
-            .set("message.timeout.ms", "30000")
-            .create()
-            .map_err(topics::kafka_err("creating the route producer"))?;
+        let producer = producer(kafka, "cdc-lake-route")?;
         Ok(Self {
             pg,
             consumer: consumer.into(),
@@ -293,17 +283,7 @@ impl RouteSink {
                 stats.already_stored += 1;
                 continue;
             }
-            let e = match r {
-                Decoded::Change(e) => e,
-                Decoded::Reject(_) => {
-                    *stats.ignored.entry("rejected").or_default() += 1;
-                    continue;
-                }
-                Decoded::Skip(_, reason) => {
-                    *stats.ignored.entry(reason.as_str()).or_default() += 1;
-                    continue;
-                }
-            };
+            let Some(e) = stats.change(r) else { continue };
             // The `source` block is parsed only if a condition reads it, once per change.
             let source = SourceFields::default();
             let mut rendered = output::Rendered::new(e);
@@ -374,7 +354,7 @@ impl RouteSink {
         }
         advance_watermarks(&tx, &consumer, &watermarks).await?;
         for (e, stage, reason) in &rejects {
-            record_reject(&tx, e, stage, reason).await?;
+            super::record_reject(&tx, NAME, stage, e, reason).await?;
         }
         if !rejects.is_empty() {
             *stats.ignored.entry("rejected_by_route").or_default() += rejects.len() as u64;
@@ -392,40 +372,6 @@ impl RouteSink {
             stats,
         })
     }
-}
-
-impl Filter {
-    /// Whether the filter can take changes of this topic (tables are known per change only).
-    fn may_read_topic(&self, topic: &str) -> bool {
-        self.topics.is_empty() || self.topics.iter().any(|p| p.matches(topic))
-    }
-}
-
-async fn record_reject(
-    tx: &Transaction<'_>,
-    e: &ChangeEvent,
-    stage: &str,
-    reason: &str,
-) -> Result<(), SinkError> {
-    tx.execute(
-        "INSERT INTO cdc_raw.cdc_rejects
-             (kafka_topic, kafka_partition, kafka_offset, kafka_timestamp, raw_key, raw_value, stage, reason)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-         ON CONFLICT DO NOTHING",
-        &[
-            &e.coords.topic,
-            &e.coords.partition,
-            &e.coords.offset,
-            &crate::db::pg_timestamp(e.coords.timestamp_ms),
-            &e.received_key(),
-            &e.received_value(),
-            &stage,
-            &crate::db::pg_text(reason).as_ref(),
-        ],
-    )
-    .await
-    .map_err(pg_err("recording a route reject"))?;
-    Ok(())
 }
 
 impl Sink for RouteSink {

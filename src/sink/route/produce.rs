@@ -6,10 +6,27 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
+use super::topics::{client_config, kafka_err};
 use super::NAME;
+use crate::config::KafkaConfig;
 use crate::envelope::ChangeEvent;
 use crate::route::{output, Filter};
 use crate::sink::SinkError;
+
+/// The producer of routed records (the pod's and the backfill's).
+pub(crate) fn producer(kafka: &KafkaConfig, client_id: &str) -> Result<FutureProducer, SinkError> {
+    client_config(kafka)
+        .set("client.id", client_id)
+        .set("acks", "all")
+        // Retries keep a partition's order: the records of a key stay in source order.
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        // A broker that does not acknowledge within this fails the batch (retried, pod not
+        // ready) instead of holding the checkpoint lock for librdkafka's 5 minutes.
+        .set("message.timeout.ms", "30000")
+        .create()
+        .map_err(kafka_err("creating the route producer"))
+}
 
 /// One record to produce: the change, the filter and its rendered value.
 pub(crate) struct Outgoing<'a> {

@@ -29,7 +29,7 @@ use crate::config::{
     DeleteMode, PostgresConfig, StateConfig, Target, TimePrecisionMode, PROCESSED_TARGET,
 };
 use crate::domain::{Ident, TableId, TopicPartition};
-use crate::envelope::{ChangeEvent, Decoded};
+use crate::envelope::ChangeEvent;
 use crate::naming::MirrorNaming;
 
 pub const NAME: &str = "state";
@@ -293,12 +293,8 @@ impl StateSink {
                     stats.already_stored += 1;
                     continue;
                 }
-                match r {
-                    Decoded::Change(e) => changes.push(e),
-                    Decoded::Reject(_) => *stats.ignored.entry("rejected").or_default() += 1,
-                    Decoded::Skip(_, reason) => {
-                        *stats.ignored.entry(reason.as_str()).or_default() += 1
-                    }
+                if let Some(e) = stats.change(r) {
+                    changes.push(e);
                 }
             }
             let mapped;
@@ -362,32 +358,15 @@ impl StateSink {
 /// A change's table as its source names it: server (`source.name`), database, table.
 type SourceTable<'a> = (&'a str, &'a str, &'a TableId);
 
-/// Records a change the mirror cannot take, with the reason, in the same transaction.
+/// Records a change the mirror cannot take, with the reason, in the same transaction (the
+/// sink's name is the reject's stage).
 async fn reject(
     tx: &Transaction<'_>,
     sink: &'static str,
     e: &ChangeEvent,
     reason: &str,
 ) -> Result<(), SinkError> {
-    tx.execute(
-        "INSERT INTO cdc_raw.cdc_rejects
-             (kafka_topic, kafka_partition, kafka_offset, kafka_timestamp, raw_key, raw_value, stage, reason)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-         ON CONFLICT DO NOTHING",
-        &[
-            &e.coords.topic,
-            &e.coords.partition,
-            &e.coords.offset,
-            &crate::db::pg_timestamp(e.coords.timestamp_ms),
-            &e.received_key(),
-            &e.received_value(),
-            &sink,
-            &crate::db::pg_text(reason).as_ref(),
-        ],
-    )
-    .await
-    .map_err(pg_err(sink, "recording a reject"))?;
-    Ok(())
+    super::record_reject(tx, sink, sink, e, reason).await
 }
 
 impl Sink for StateSink {
