@@ -75,6 +75,12 @@ pub fn build_sinks(config: &Config) -> Result<Vec<AnySink>, IngestError> {
     if config.routes.enabled() {
         let routes = crate::route::Routes::load(std::path::Path::new(&config.routes.file))
             .map_err(IngestError::Routes)?;
+        routes
+            .check_avro_output(
+                config.kafka.format.reads_avro(),
+                config.kafka.schema_registry.is_some(),
+            )
+            .map_err(IngestError::Routes)?;
         tracing::info!(file = %config.routes.file, filters = routes.filters.len(), "route sink");
         sinks.push(AnySink::Route(RouteSink::new(
             Arc::new(routes),

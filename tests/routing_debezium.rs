@@ -201,7 +201,7 @@ fn three_filters_route_real_changes_once_across_a_rebalance_and_a_kill() {
             .map(|t| format!("{stem}.public.{t}"))
             .collect();
         create_topics(&topics, 3).await;
-        let _connector = Connector::start(&stem, &stem, "schema", &[]);
+        let connector = Connector::start(&stem, &stem, "schema", &[]);
 
         let routes_yaml = ROUTES.replace("OUT-", &format!("{stem}-"));
         let routes_path = std::env::temp_dir().join(format!("{stem}-routes.yaml"));
@@ -366,5 +366,8 @@ fn three_filters_route_real_changes_once_across_a_rebalance_and_a_kill() {
                 });
             assert_eq!(by_filter.keys().collect::<Vec<_>>(), vec![filter]);
         }
+        // Its replication slot would hold WAL and one of the source's ten slots.
+        drop(connector);
+        drop_source_db(&stem).await;
     });
 }

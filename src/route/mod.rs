@@ -3,13 +3,14 @@
 //!
 //! - [`spec`] loads and checks the file (file, line and filter id in every message);
 //! - [`condition`] and [`operand`] evaluate a filter's condition with typed comparisons;
-//! - [`output`] renders a routed record;
+//! - [`output`] renders a routed record as JSON, [`avro`] as Avro;
 //! - [`flink_sql`] prints the equivalent Flink SQL, for teams that keep Flink;
 //! - [`cli`] is `cdc-lake routes check|test|sql`.
 //!
 //! The route sink that writes the records, with the delivery contract of the other sinks, is
 //! `sink::route`. See docs/routing.md.
 
+pub mod avro;
 pub mod cli;
 pub mod condition;
 pub mod flink_sql;
@@ -19,7 +20,7 @@ pub mod spec;
 #[cfg(test)]
 mod tests;
 
-pub use spec::{Filter, OutputShape, RouteError, Routes};
+pub use spec::{Filter, OutputFormat, OutputShape, RouteError, Routes};
 
 use crate::envelope::ChangeEvent;
 use condition::SourceFields;

@@ -13,6 +13,7 @@
 //!         - { field: after.total_amount, greaterThan: 100.00 }
 //!     topic: filtered-cancellations
 //!     output: envelope                 # or after
+//!     format: json                     # or avro (needs Avro input and a registry)
 //! ```
 
 use std::collections::HashSet;
@@ -27,7 +28,7 @@ use super::operand;
 use crate::envelope::{ChangeEvent, RowSchema};
 
 /// What a routed record's value holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OutputShape {
     /// The Debezium envelope as received (its `payload` when it came as `{schema, payload}`),
@@ -37,6 +38,18 @@ pub enum OutputShape {
     /// `delete.handling.mode=rewrite`: `after` (the `before` image for a delete), plus `__op`,
     /// `__deleted` and `filterMetadata`.
     After,
+}
+
+/// How a routed record's value is encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputFormat {
+    /// JSON text.
+    #[default]
+    Json,
+    /// Confluent-framed Avro, its schema registered under `<topic>-value`. Built from the
+    /// source record's own Avro bytes and writer schema, so it needs Avro input.
+    Avro,
 }
 
 /// A table or topic name, or a `^regex` over it.
@@ -79,6 +92,7 @@ pub struct Filter {
     pub when: Option<Condition>,
     pub topic: String,
     pub output: OutputShape,
+    pub format: OutputFormat,
     /// The line of its `id` in the file.
     pub line: usize,
 }
@@ -169,6 +183,8 @@ struct FilterYaml {
     topic: String,
     #[serde(default = "default_shape")]
     output: OutputShape,
+    #[serde(default)]
+    format: OutputFormat,
 }
 
 fn default_shape() -> OutputShape {
@@ -291,6 +307,7 @@ impl Routes {
                 when,
                 topic: f.topic,
                 output: f.output,
+                format: f.format,
                 line,
             });
         }
@@ -299,6 +316,41 @@ impl Routes {
                 path: PathBuf::from(file),
                 filters,
             })
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// Checks the `format: avro` filters against the deployment: Avro output is built from
+    /// the source's Avro records (`kafka.format` avro or auto) and registered with
+    /// `kafka.schema_registry`.
+    pub fn check_avro_output(
+        &self,
+        reads_avro: bool,
+        has_registry: bool,
+    ) -> Result<(), Vec<RouteError>> {
+        let problem = match (reads_avro, has_registry) {
+            (true, true) => return Ok(()),
+            (false, _) => {
+                "format avro is built from the source's Avro records, but kafka.format is json"
+            }
+            (true, false) => {
+                "format avro registers its schema, but kafka.schema_registry is not set"
+            }
+        };
+        let errors: Vec<RouteError> = self
+            .filters
+            .iter()
+            .filter(|f| f.format == OutputFormat::Avro)
+            .map(|f| RouteError {
+                file: self.path.display().to_string(),
+                line: f.line,
+                filter: Some(f.id.clone()),
+                message: problem.into(),
+            })
+            .collect();
+        if errors.is_empty() {
+            Ok(())
         } else {
             Err(errors)
         }

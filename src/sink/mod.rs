@@ -83,6 +83,13 @@ pub enum SinkError {
         tp: TopicPartition,
         theirs: i64,
     },
+    /// The schema registry cannot register an output schema now.
+    #[error("{sink}: {source}")]
+    Registry {
+        sink: &'static str,
+        #[source]
+        source: crate::source::registry::RegisterError,
+    },
     /// A batch does not continue from the stored checkpoint: advancing would skip records.
     #[error("{sink}: {tp} has a gap: the stored checkpoint is {stored} but the batch continues from {batch_start}; not advancing past records this sink never stored")]
     CheckpointGap {
@@ -140,9 +147,10 @@ impl SinkError {
             SinkError::Postgres { source, .. } => {
                 classify_sqlstate(source.code().map(|c| c.code()))
             }
-            SinkError::ObjectStore { .. } | SinkError::Delta { .. } | SinkError::Kafka { .. } => {
-                ErrorClass::Transient
-            }
+            SinkError::ObjectStore { .. }
+            | SinkError::Delta { .. }
+            | SinkError::Kafka { .. }
+            | SinkError::Registry { .. } => ErrorClass::Transient,
             SinkError::Encode { .. } | SinkError::Value { .. } => ErrorClass::BadData,
             SinkError::Mapping { .. } => ErrorClass::Fatal,
             // A corrupt manifest needs an operator, but the pod keeps retrying (and stays not

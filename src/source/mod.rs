@@ -199,6 +199,10 @@ pub fn create_consumer(
         // librdkafka prefetches up to 64 MiB per consumer by default; the pipeline already
         // buffers a batch, so a smaller prefetch bounds memory on a backlog without slowing it.
         .set("queued.max.messages.kbytes", "16384")
+        // A `^regex` subscription finds new topics (Debezium creates one per new table) only
+        // when librdkafka refreshes its metadata: every 5 minutes by default, so a new table's
+        // first changes would wait up to that long. One small metadata request every 10 s.
+        .set("topic.metadata.refresh.interval.ms", "10000")
         .set("client.id", "cdc-lake");
     for (k, v) in &cfg.properties {
         cc.set(k, v);

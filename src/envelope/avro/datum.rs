@@ -121,14 +121,19 @@ impl Reader<'_> {
                 Value::Object(out)
             }
             Node::Union(branches) => {
-                let i = self.long()?;
-                let branch = usize::try_from(i)
-                    .ok()
-                    .and_then(|i| branches.get(i))
-                    .ok_or_else(|| format!("union branch {i} of {}", branches.len()))?;
-                self.value(branch)?
+                let i = self.union_index(branches.len())?;
+                self.value(&branches[i])?
             }
         })
+    }
+
+    /// A union's branch index, checked against its number of branches.
+    pub(super) fn union_index(&mut self, branches: usize) -> Result<usize, String> {
+        let i = self.long()?;
+        usize::try_from(i)
+            .ok()
+            .filter(|i| *i < branches)
+            .ok_or_else(|| format!("union branch {i} of {branches}"))
     }
 
     /// Arrays and maps: blocks of items until a zero count; a negative count is followed by

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use serde_json::Value;
 
 mod datum;
+mod parts;
 mod schema;
 
 use super::decode::{ReceivedKey, RowTypes, WireEnvelope};

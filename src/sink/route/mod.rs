@@ -17,6 +17,7 @@
 
 mod produce;
 mod progress;
+mod schemas;
 mod topics;
 
 use std::collections::{HashMap, HashSet};
@@ -28,15 +29,17 @@ use tokio_postgres::Client;
 
 pub(crate) use produce::{produce, producer, Outgoing};
 use progress::{advance_watermarks, load_progress, Progress};
+use schemas::OutputSchemas;
 pub(crate) use topics::OutputTopics;
 
 use super::{checkpoint, Ack, Offsets, Sink, SinkError, WriteStats};
 use crate::batch::Batch;
 use crate::config::{KafkaConfig, PostgresConfig, RoutesConfig};
 use crate::domain::TopicPartition;
+use crate::envelope::avro::unframe;
 use crate::envelope::ChangeEvent;
 use crate::route::condition::SourceFields;
-use crate::route::{output, Routes, Verdict};
+use crate::route::{avro, output, Filter, OutputFormat, Routes, Verdict};
 use crate::telemetry::METRICS;
 use prometheus::IntCounter;
 
@@ -66,6 +69,8 @@ pub struct RouteSink {
     ensured: HashSet<(usize, TopicPartition)>,
     /// Each filter's counters, by its position in the file.
     metrics: Vec<FilterMetrics>,
+    /// The registered schemas of `format: avro` filters.
+    schemas: OutputSchemas,
 }
 
 /// One filter's metrics (`cdc_lake_route_*_total{filter}`), looked up once.
@@ -90,6 +95,7 @@ impl RouteSink {
             client: None,
             producer,
             outputs: Arc::new(Mutex::new(OutputTopics::new(kafka, config)?)),
+            schemas: OutputSchemas::new(kafka.schema_registry.as_ref())?,
             committed: HashMap::new(),
             ensured: HashSet::new(),
             metrics: routes
@@ -270,6 +276,7 @@ impl RouteSink {
         }
         let mut stats = WriteStats::default();
         let filtered_at = Utc::now();
+        self.schemas.forget_refusals();
         let mut sends: Vec<Outgoing> = Vec::new();
         let mut rejects: Vec<(&ChangeEvent, String, String)> = Vec::new();
         for r in &batch.records {
@@ -309,7 +316,13 @@ impl RouteSink {
                         {
                             continue;
                         }
-                        match rendered.value(f, filtered_at) {
+                        let value = match f.format {
+                            OutputFormat::Json => rendered.value(f, filtered_at),
+                            OutputFormat::Avro => {
+                                avro_value(&mut self.schemas, f, e, filtered_at).await?
+                            }
+                        };
+                        match value {
                             Ok(value) => {
                                 sends.push(Outgoing::new(i, f, e, p.output_partition, value))
                             }
@@ -372,6 +385,31 @@ impl RouteSink {
             stats,
         })
     }
+}
+
+/// The Avro value of `filter`'s record of `e`, built from the source record's own Avro bytes.
+/// `Ok(Err(reason))`: this change cannot be routed in Avro (it came as JSON; the registry
+/// refuses the output schema); `Err`: the registry cannot answer now.
+async fn avro_value(
+    schemas: &mut OutputSchemas,
+    filter: &Filter,
+    e: &ChangeEvent,
+    filtered_at: chrono::DateTime<Utc>,
+) -> Result<Result<Vec<u8>, String>, SinkError> {
+    let Some(record) = e.avro.as_deref() else {
+        return Ok(Err(
+            "format avro is built from the source record's Avro bytes, and this change came as JSON"
+                .into(),
+        ));
+    };
+    let writer = &record.value_schema;
+    let id = match schemas.id(&filter.topic, writer, filter.output).await? {
+        Ok(id) => id,
+        Err(reason) => return Ok(Err(reason)),
+    };
+    Ok(unframe(&record.value)
+        .map_err(|e| e.to_string())
+        .and_then(|(_, datum)| avro::value(filter, writer, datum, e.op, id, filtered_at)))
 }
 
 impl Sink for RouteSink {
