@@ -4,7 +4,8 @@
 //! AvroConverter (tools/registry/AvroDecode.java). Which changes match is worked out from the
 //! decoded source records; each routed record must equal its source record, field for field and
 //! with the same Connect types, plus `filterMetadata` (and, in the `after` shape, `__op` and
-//! `__deleted`).
+//! `__deleted`). A filter added afterwards gets the same history by backfill (`cdc-replay
+//! --target route:<id>`), from the Avro bytes the raw log keeps.
 
 mod common;
 
@@ -34,6 +35,18 @@ const ROUTES: &str = "filters:
         - { field: before.genre, equals: SciFi }
     topic: OUT-scifi-avro
     output: after
+    format: avro
+";
+
+/// Added once the live route has run: its history comes from the backfill alone.
+const HISTORY: &str = "  - id: history-avro
+    consumer: finance
+    tables: [public.orders]
+    when:
+      and:
+        - { field: after.status, equals: CANCELLED }
+        - { field: after.total, greaterThan: \"100.00\" }
+    topic: OUT-history-avro
     format: avro
 ";
 
@@ -109,6 +122,37 @@ fn split_fields(schema: &Value, n: usize) -> (Vec<Value>, Vec<Value>) {
     (fields, added)
 }
 
+/// Routed records in the envelope shape against the source records: exactly the `want` set,
+/// and each its source record, fields, types and values, plus filterMetadata.
+fn check_envelopes(
+    routed: &BTreeMap<Coords, Value>,
+    source: &BTreeMap<Coords, Value>,
+    want: &BTreeSet<&Coords>,
+    filter: &str,
+) {
+    assert_eq!(
+        &routed.keys().collect::<BTreeSet<_>>(),
+        want,
+        "{filter}: the matching changes, each once"
+    );
+    for (coords, r) in routed {
+        let source = &source[coords];
+        let (fields, _) = split_fields(&r["schema"], 1);
+        assert_eq!(
+            Value::from(fields),
+            source["schema"]["fields"],
+            "{coords:?}: the source's fields and types"
+        );
+        let mut payload = r["payload"].clone();
+        payload.as_object_mut().unwrap().remove("filterMetadata");
+        assert_eq!(
+            payload, source["payload"],
+            "{coords:?}: the source's values"
+        );
+        check_metadata(r, filter, "finance");
+    }
+}
+
 fn check_metadata(routed: &Value, filter: &str, consumer: &str) {
     let (_, added) = split_fields(&routed["schema"], 1);
     assert_eq!(added[0]["field"], "filterMetadata");
@@ -172,7 +216,7 @@ fn avro_routes_equal_their_source_records_read_with_confluents_converter() {
                 ("CDC_LAKE__LAKE__ENABLED", "false"),
             ],
         );
-        let pod = Pod::start(cfg);
+        let pod = Pod::start(cfg.clone());
         wait_until(
             "the Avro snapshot in the raw log (is Debezium running? tools/up --debezium)",
             Duration::from_secs(180),
@@ -235,27 +279,40 @@ fn avro_routes_equal_their_source_records_read_with_confluents_converter() {
             want.len()
         );
         let routed = decoded_routed(&format!("{stem}-cancellations-avro"));
-        assert_eq!(
-            routed.keys().collect::<BTreeSet<_>>(),
-            want,
-            "cancellations: the matching changes, each once"
+        check_envelopes(&routed, &orders, &want, "cancellations-avro");
+
+        // A new Avro filter gets the same history from the raw log's Avro bytes (the pod is
+        // stopped, so the backfill routes everything), and a second run routes nothing.
+        let mut routes = std::fs::read_to_string(&routes_path).unwrap();
+        routes.push_str(&HISTORY.replace("OUT-", &format!("{stem}-")));
+        std::fs::write(&routes_path, routes).unwrap();
+        let config_path = std::env::temp_dir().join(format!("{stem}.toml"));
+        std::fs::write(&config_path, toml::to_string(&cfg).unwrap()).unwrap();
+        let backfill = || {
+            let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_cdc-replay"));
+            cmd.args(["--config", config_path.to_str().unwrap()]).args([
+                "--target",
+                "route:history-avro",
+                "--from-offset",
+                "0",
+            ]);
+            let out = output_within(cmd, Duration::from_secs(120));
+            let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "{stdout}{stderr}");
+            stdout
+        };
+        let first = backfill();
+        assert!(
+            first.contains(&format!(" {} routed", want.len())),
+            "{first}"
         );
-        for (coords, r) in &routed {
-            let source = &orders[coords];
-            let (fields, _) = split_fields(&r["schema"], 1);
-            assert_eq!(
-                Value::from(fields),
-                source["schema"]["fields"],
-                "{coords:?}: the source's fields and types"
-            );
-            let mut payload = r["payload"].clone();
-            payload.as_object_mut().unwrap().remove("filterMetadata");
-            assert_eq!(
-                payload, source["payload"],
-                "{coords:?}: the source's values"
-            );
-            check_metadata(r, "cancellations-avro", "finance");
-        }
+        assert!(
+            backfill().contains(" 0 routed"),
+            "a second backfill routes nothing"
+        );
+        let history = decoded_routed(&format!("{stem}-history-avro"));
+        check_envelopes(&history, &orders, &want, "history-avro");
 
         // After shape: the row image (before for a delete), __op, __deleted, filterMetadata.
         let books = decoded_source(&format!("{stem}.public.books"));

@@ -11,6 +11,7 @@ pub mod prune;
 mod reader;
 mod rebuild;
 pub mod route;
+mod route_avro;
 mod selection;
 pub mod source;
 

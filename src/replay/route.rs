@@ -14,12 +14,13 @@ use std::time::Instant;
 use chrono::Utc;
 
 use super::error::Context;
-use super::{Reader, ReplayArgs, ReplayError, ReplayResult, Selection};
+use super::route_avro::AvroHistory;
+use super::{Reader, ReplayArgs, ReplayError, ReplayResult, Selection, SourceKind};
 use crate::config::Config;
 use crate::domain::TopicPartition;
 use crate::envelope::Decoded;
 use crate::route::condition::SourceFields;
-use crate::route::{Routes, Verdict};
+use crate::route::{OutputFormat, Routes, Verdict};
 use crate::sink::checkpoint;
 use crate::sink::route::{produce, producer, Outgoing, OutputTopics, NAME};
 
@@ -39,7 +40,7 @@ impl std::fmt::Display for BackfillSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "backfill: {} changes read, {} routed, {} already in the topic, {} left to the live route, {} could not be evaluated (cdc_raw.cdc_rejects)",
+            "backfill: {} changes read, {} routed, {} already in the topic, {} left to the live route, {} not routable (in cdc_raw.cdc_rejects)",
             self.read, self.routed, self.already_routed, self.left_to_live, self.errors
         )
     }
@@ -84,14 +85,16 @@ pub async fn run(
             "--rebuild and --dry-run apply to state targets, not to a route".into(),
         ));
     }
-    if filter.format == crate::route::OutputFormat::Avro {
-        // The raw log keeps the Avro bytes and schemas, but the replay readers do not hand
-        // them on yet; routing their JSON as Avro would be a guess.
-        return Err(ReplayError::BadArguments(format!(
-            "filter {filter_id:?} has format avro, which the backfill does not write yet; \
-             its live route does (docs/routing.md)"
-        )));
-    }
+    // Avro is routed from the bytes as received, which the raw log keeps and the lake not.
+    let mut avro = match filter.format {
+        OutputFormat::Json => None,
+        OutputFormat::Avro if args.source == SourceKind::Raw => Some(AvroHistory::new(config)?),
+        OutputFormat::Avro => {
+            return Err(ReplayError::BadArguments(format!(
+                "filter {filter_id:?} has format avro, which is routed from the Avro bytes the raw log keeps: use --source raw"
+            )))
+        }
+    };
     let consumer = config.kafka.checkpoint_name().to_string();
     let reader = Reader::open(config, args.source).await?;
     let plan = reader.plan(&sel).await?;
@@ -173,6 +176,7 @@ pub async fn run(
                 output_partition,
                 live_from,
                 &chunk,
+                avro.as_mut(),
                 &mut summary,
             )
             .await?;
@@ -210,6 +214,7 @@ async fn backfill_chunk(
     output_partition: i32,
     live_from: i64,
     chunk: &[Decoded],
+    mut avro: Option<&mut AvroHistory>,
     summary: &mut BackfillSummary,
 ) -> ReplayResult<()> {
     let tx = client.transaction().await.context("beginning")?;
@@ -231,7 +236,16 @@ async fn backfill_chunk(
         .map(|r| r.offset)
         .collect();
     let filtered_at = Utc::now();
+    let avro_bytes = match (&mut avro, chunk.first(), chunk.last()) {
+        (Some(history), Some(first), Some(last)) => {
+            history
+                .chunk(&tx, tp, first.coords().offset, last.coords().offset)
+                .await?
+        }
+        _ => Default::default(),
+    };
     let mut sends = Vec::new();
+    let mut rejects = Vec::new();
     let mut last = None;
     for d in chunk {
         let c = d.coords();
@@ -242,16 +256,34 @@ async fn backfill_chunk(
             summary.left_to_live += 1;
             continue;
         }
-        match filter.verdict(e, &SourceFields::default()) {
-            Verdict::Skipped => {}
-            Verdict::Error(_) => summary.errors += 1,
-            Verdict::Routed if present.contains(&c.offset) => summary.already_routed += 1,
-            Verdict::Routed => match crate::route::output::value(filter, e, filtered_at) {
-                Ok(value) => sends.push(Outgoing::new(0, filter, e, output_partition, value)),
-                Err(_) => summary.errors += 1,
+        let value = match filter.verdict(e, &SourceFields::default()) {
+            Verdict::Skipped => continue,
+            Verdict::Error(reason) => Err(reason),
+            Verdict::Routed if present.contains(&c.offset) => {
+                summary.already_routed += 1;
+                continue;
+            }
+            Verdict::Routed => match avro.as_deref_mut() {
+                None => crate::route::output::value(filter, e, filtered_at),
+                Some(history) => {
+                    history
+                        .value(filter, e, avro_bytes.get(&c.offset), filtered_at)
+                        .await?
+                }
             },
+        };
+        match value {
+            Ok(value) => sends.push(Outgoing::new(0, filter, e, output_partition, value)),
+            Err(reason) => rejects.push((e, reason)),
         }
     }
+    // Changes the filter cannot be evaluated on, or routed in its format: in the rejects, with
+    // the reason, committed with the chunk (a rerun starts after it).
+    let stage = format!("route:{}", filter.id);
+    for (e, reason) in &rejects {
+        crate::sink::record_reject(&tx, NAME, &stage, e, reason).await?;
+    }
+    summary.errors += rejects.len() as u64;
     let offsets = produce(producer, &sends).await?;
     summary.routed += offsets.len() as u64;
     let new_watermark = offsets.iter().max().map_or(watermark, |o| o + 1);

@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 
 use super::spec::{Filter, OutputShape};
-use crate::envelope::avro::{WriterSchema, MAGIC};
+use crate::envelope::avro::{unframe, WriterSchema, MAGIC};
 use crate::envelope::Op;
 
 /// The field every routed record gets.
@@ -77,6 +77,23 @@ pub fn output_schema(writer: &WriterSchema, shape: OutputShape) -> Result<String
     }
     fields.extend(added);
     Ok(Value::Object(record).to_string())
+}
+
+/// Why a `format: avro` filter does not route a change that arrived as JSON.
+pub const JSON_INPUT: &str =
+    "format avro is built from the source record's Avro bytes, and this change came as JSON";
+
+/// [`value`] from the source record's value as received (framed).
+pub fn value_of_record(
+    filter: &Filter,
+    writer: &WriterSchema,
+    framed: &[u8],
+    op: Op,
+    output_id: u32,
+    filtered_at: DateTime<Utc>,
+) -> Result<Vec<u8>, String> {
+    let (_, datum) = unframe(framed).map_err(|e| e.to_string())?;
+    value(filter, writer, datum, op, output_id, filtered_at)
 }
 
 /// The routed record's value: Confluent framing with the output schema's id `output_id`, then

@@ -29,14 +29,13 @@ use tokio_postgres::Client;
 
 pub(crate) use produce::{produce, producer, Outgoing};
 use progress::{advance_watermarks, load_progress, Progress};
-use schemas::OutputSchemas;
+pub(crate) use schemas::OutputSchemas;
 pub(crate) use topics::OutputTopics;
 
 use super::{checkpoint, Ack, Offsets, Sink, SinkError, WriteStats};
 use crate::batch::Batch;
 use crate::config::{KafkaConfig, PostgresConfig, RoutesConfig};
 use crate::domain::TopicPartition;
-use crate::envelope::avro::unframe;
 use crate::envelope::ChangeEvent;
 use crate::route::condition::SourceFields;
 use crate::route::{avro, output, Filter, OutputFormat, Routes, Verdict};
@@ -397,19 +396,21 @@ async fn avro_value(
     filtered_at: chrono::DateTime<Utc>,
 ) -> Result<Result<Vec<u8>, String>, SinkError> {
     let Some(record) = e.avro.as_deref() else {
-        return Ok(Err(
-            "format avro is built from the source record's Avro bytes, and this change came as JSON"
-                .into(),
-        ));
+        return Ok(Err(avro::JSON_INPUT.into()));
     };
     let writer = &record.value_schema;
     let id = match schemas.id(&filter.topic, writer, filter.output).await? {
         Ok(id) => id,
         Err(reason) => return Ok(Err(reason)),
     };
-    Ok(unframe(&record.value)
-        .map_err(|e| e.to_string())
-        .and_then(|(_, datum)| avro::value(filter, writer, datum, e.op, id, filtered_at)))
+    Ok(avro::value_of_record(
+        filter,
+        writer,
+        &record.value,
+        e.op,
+        id,
+        filtered_at,
+    ))
 }
 
 impl Sink for RouteSink {
