@@ -89,6 +89,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0010_routes",
         sql: include_str!("../sql/0010_routes.sql"),
     },
+    Migration {
+        version: 11,
+        name: "0011_route_attempts",
+        sql: include_str!("../sql/0011_route_attempts.sql"),
+    },
 ];
 
 /// `host:port/db` of a URL, for error messages: never the credentials.

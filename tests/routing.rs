@@ -158,6 +158,64 @@ fn a_crash_between_produce_and_commit_routes_nothing_twice() {
     });
 }
 
+/// The old owner of a partition has not noticed the rebalance (no revoke reached it), and its
+/// successor crashed after producing a batch, before the commit: the checkpoint is where the
+/// old owner left it, so only the successor's counted attempt tells it to read the output first.
+#[test]
+fn a_stale_owner_after_its_successors_crash_routes_nothing_twice() {
+    run_test(async {
+        let db = sink_db("route_stale").await;
+        let client = pg(&db).await;
+        let source = unique("orders").replace('_', "-");
+        let output = unique("filtered-cancellations").replace('_', "-");
+        let routes = routes(&cancellations(&output));
+        let tp = TopicPartition::new(&source, 0);
+
+        let mut old = route_sink(&routes, &db, "stale").await;
+        old.checkpoints(std::slice::from_ref(&tp)).await.unwrap();
+        old.write(&orders(&source, 0, 0..150)).await.unwrap();
+
+        let mut successor = route_sink(&routes, &db, "stale").await;
+        successor
+            .checkpoints(std::slice::from_ref(&tp))
+            .await
+            .unwrap();
+        client
+            .batch_execute(
+                "CREATE FUNCTION pg_temp_crash() RETURNS trigger LANGUAGE plpgsql AS
+                   $$ BEGIN RAISE EXCEPTION 'simulated crash before the commit'; END $$;
+                 CREATE TRIGGER crash BEFORE UPDATE ON cdc_lake.route_progress
+                   FOR EACH ROW EXECUTE FUNCTION pg_temp_crash();",
+            )
+            .await
+            .unwrap();
+        let crashed = successor.write(&orders(&source, 0, 150..300)).await;
+        assert!(crashed.is_err(), "the successor's commit was made to fail");
+        drop(successor);
+        client
+            .batch_execute("DROP TRIGGER crash ON cdc_lake.route_progress")
+            .await
+            .unwrap();
+        let stranded = read_routed(&output)
+            .keys()
+            .filter(|(_, _, o)| *o >= 150)
+            .count();
+        assert_eq!(stranded, 50, "the successor's records are in the output");
+
+        // The old owner goes on where it left off, as if nothing happened.
+        old.write(&orders(&source, 0, 150..300)).await.unwrap();
+        let got = read_routed(&output);
+        let duplicated: Vec<_> = got
+            .iter()
+            .filter(|(_, v)| v.len() > 1)
+            .map(|(k, _)| k)
+            .collect();
+        assert!(duplicated.is_empty(), "routed twice: {duplicated:?}");
+        let got_keys: Vec<(String, i32, i64)> = got.keys().cloned().collect();
+        assert_eq!(got_keys, expected(&source, 0, 0..300));
+    });
+}
+
 #[test]
 fn two_writers_of_one_partition_route_each_change_once() {
     run_test(async {

@@ -28,7 +28,7 @@ use rdkafka::producer::FutureProducer;
 use tokio_postgres::Client;
 
 pub(crate) use produce::{produce, producer, Outgoing};
-use progress::{advance_watermarks, load_progress, Progress};
+use progress::{advance_watermarks, count_attempts, load_attempts, load_progress, Progress};
 pub(crate) use schemas::OutputSchemas;
 pub(crate) use topics::OutputTopics;
 
@@ -58,18 +58,26 @@ pub struct RouteSink {
     pg: PostgresConfig,
     consumer: String,
     client: Option<Client>,
+    /// A second connection, for the attempt counts that must commit before the produce while
+    /// `client`'s transaction holds the checkpoint lock.
+    attempts_client: Option<Client>,
     producer: FutureProducer,
     outputs: Arc<Mutex<OutputTopics>>,
     /// Per source partition: the checkpoint this sink committed last. While it equals the
     /// stored one, no other writer has been there since, and nothing of an unfinished batch
     /// can be in the outputs. Otherwise the outputs' tails are read first.
     committed: HashMap<TopicPartition, i64>,
+    /// Per source partition: the attempt count (`cdc_lake.route_attempts`) as this sink left it.
+    /// A stored count that differs means another writer attempted a batch since, which may have
+    /// reached the outputs without a commit, even where the checkpoint has not moved.
+    attempts: HashMap<TopicPartition, i64>,
     /// (filter, source partition) pairs whose progress row is known to exist.
     ensured: HashSet<(usize, TopicPartition)>,
     /// Each filter's counters, by its position in the file.
     metrics: Vec<FilterMetrics>,
-    /// The registered schemas of `format: avro` filters.
-    schemas: OutputSchemas,
+    /// The registered schemas of `format: avro` filters (boxed: the registry client is large,
+    /// and most deployments route JSON).
+    schemas: Box<OutputSchemas>,
 }
 
 /// One filter's metrics (`cdc_lake_route_*_total{filter}`), looked up once.
@@ -92,10 +100,12 @@ impl RouteSink {
             pg,
             consumer: consumer.into(),
             client: None,
+            attempts_client: None,
             producer,
             outputs: Arc::new(Mutex::new(OutputTopics::new(kafka, config)?)),
-            schemas: OutputSchemas::new(kafka.schema_registry.as_ref())?,
+            schemas: Box::new(OutputSchemas::new(kafka.schema_registry.as_ref())?),
             committed: HashMap::new(),
+            attempts: HashMap::new(),
             ensured: HashSet::new(),
             metrics: routes
                 .filters
@@ -205,6 +215,9 @@ impl RouteSink {
         let ranges = batch.ranges();
         let tps: Vec<TopicPartition> = ranges.keys().cloned().collect();
         self.ensure_progress(&tps).await?;
+        if self.attempts_client.as_ref().is_none_or(Client::is_closed) {
+            self.attempts_client = Some(super::connect(&self.pg, NAME).await?);
+        }
         let consumer = self.consumer.clone();
         let routes = self.routes.clone();
         let client = self.client.as_mut().expect("connected by ensure_progress");
@@ -212,12 +225,17 @@ impl RouteSink {
         let stored = checkpoint::lock(&tx, NAME, &consumer, &tps).await?;
         let next = checkpoint::after_batch(NAME, &ranges, &stored)?;
         let progress = load_progress(&tx, &consumer, &tps).await?;
+        let stored_attempts = load_attempts(&tx, &consumer, &tps).await?;
 
         // Partitions another writer (or an unfinished batch of ours) may have routed past the
-        // stored checkpoint: what their outputs already hold.
+        // stored checkpoint: what their outputs already hold. Another writer's batch shows as
+        // a checkpoint this sink did not commit, or as an attempt it did not count.
         let unsure: Vec<TopicPartition> = tps
             .iter()
-            .filter(|tp| self.committed.get(*tp) != Some(&stored.get(*tp).copied().unwrap_or(0)))
+            .filter(|tp| {
+                self.committed.get(*tp) != Some(&stored.get(*tp).copied().unwrap_or(0))
+                    || self.attempts.get(*tp).copied().unwrap_or(0) != stored_attempts[*tp]
+            })
             .cloned()
             .collect();
         let mut present: HashSet<(String, TopicPartition, i64)> = HashSet::new();
@@ -340,6 +358,19 @@ impl RouteSink {
             }
         }
 
+        // The attempt is counted and committed before anything is produced.
+        let mut producing: Vec<TopicPartition> = sends
+            .iter()
+            .map(|s| s.event.coords.topic_partition())
+            .collect();
+        producing.sort();
+        producing.dedup();
+        let counted = if producing.is_empty() {
+            HashMap::new()
+        } else {
+            let attempts = self.attempts_client.as_ref().expect("connected above");
+            count_attempts(attempts, &consumer, &producing).await?
+        };
         let produced = produce(&self.producer, &sends).await;
         let produced = match produced {
             Ok(p) => p,
@@ -379,6 +410,12 @@ impl RouteSink {
         tx.commit().await.map_err(pg_err("committing"))?;
         self.committed
             .extend(next.iter().map(|(tp, o)| (tp.clone(), *o)));
+        // Under the lock, every other writer's attempt was accounted for (the tails read) and
+        // this commit covers it: the counts as they stand are this sink's now.
+        for (tp, n) in stored_attempts {
+            let n = counted.get(&tp).copied().unwrap_or(n);
+            self.attempts.insert(tp, n);
+        }
         Ok(Ack {
             durable: next.into_iter().collect(),
             stats,
@@ -440,6 +477,7 @@ impl Sink for RouteSink {
             }
             if result.as_ref().is_err_and(SinkError::needs_reconnect) {
                 self.client = None;
+                self.attempts_client = None;
             }
         }
         result

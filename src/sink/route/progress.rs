@@ -1,9 +1,10 @@
 //! `cdc_lake.route_progress`: each filter's output partition, watermark and live start per
-//! source partition, read and advanced inside the route sink's transaction.
+//! source partition, read and advanced inside the route sink's transaction; and
+//! `cdc_lake.route_attempts`, the count of produce attempts per source partition.
 
 use std::collections::HashMap;
 
-use tokio_postgres::Transaction;
+use tokio_postgres::{Client, Transaction};
 
 use super::pg_err;
 use crate::domain::TopicPartition;
@@ -84,4 +85,69 @@ pub(super) async fn advance_watermarks(
     .await
     .map_err(pg_err("advancing route watermarks"))?;
     Ok(())
+}
+
+/// The stored attempt count of each of `tps` (0 where none was made).
+pub(super) async fn load_attempts(
+    tx: &Transaction<'_>,
+    consumer: &str,
+    tps: &[TopicPartition],
+) -> Result<HashMap<TopicPartition, i64>, SinkError> {
+    let (topics, partitions): (Vec<&str>, Vec<i32>) = tps
+        .iter()
+        .map(|tp| (tp.topic.as_str(), tp.partition))
+        .unzip();
+    let rows = tx
+        .query(
+            "SELECT a.kafka_topic, a.kafka_partition, a.attempt
+               FROM cdc_lake.route_attempts a
+               JOIN unnest($2::text[], $3::int[]) AS w(t, n)
+                 ON a.kafka_topic = w.t AND a.kafka_partition = w.n
+              WHERE a.consumer = $1",
+            &[&consumer, &topics, &partitions],
+        )
+        .await
+        .map_err(pg_err("reading route attempts"))?;
+    let mut out: HashMap<TopicPartition, i64> = tps.iter().map(|tp| (tp.clone(), 0)).collect();
+    for r in rows {
+        out.insert(
+            TopicPartition::new(r.get::<_, String>(0), r.get(1)),
+            r.get(2),
+        );
+    }
+    Ok(out)
+}
+
+/// Counts an attempt on each of `tps` and commits it at once (`client` is not the one whose
+/// transaction holds the checkpoint lock): the count survives a crash after the produce.
+/// Returns the new counts.
+pub(super) async fn count_attempts(
+    client: &Client,
+    consumer: &str,
+    tps: &[TopicPartition],
+) -> Result<HashMap<TopicPartition, i64>, SinkError> {
+    let (topics, partitions): (Vec<&str>, Vec<i32>) = tps
+        .iter()
+        .map(|tp| (tp.topic.as_str(), tp.partition))
+        .unzip();
+    let rows = client
+        .query(
+            "INSERT INTO cdc_lake.route_attempts AS a (consumer, kafka_topic, kafka_partition, attempt)
+             SELECT $1, t, n, 1 FROM unnest($2::text[], $3::int[]) AS w(t, n)
+             ON CONFLICT (consumer, kafka_topic, kafka_partition)
+             DO UPDATE SET attempt = a.attempt + 1
+             RETURNING kafka_topic, kafka_partition, attempt",
+            &[&consumer, &topics, &partitions],
+        )
+        .await
+        .map_err(pg_err("counting a route attempt"))?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            (
+                TopicPartition::new(r.get::<_, String>(0), r.get(1)),
+                r.get(2),
+            )
+        })
+        .collect())
 }
