@@ -130,6 +130,12 @@ impl<C: Committer> Pipeline<C> {
         shutdown: CancellationToken,
     ) -> Self {
         let n = sinks.len();
+        // Each sink's counters exist from the start, at zero: a rate or an alert on them reads
+        // 0, not "no data", until the first record or error.
+        for sink in &sinks {
+            METRICS.written.with_label_values(&[sink.name()]);
+            METRICS.sink_errors.with_label_values(&[sink.name()]);
+        }
         Self {
             sinks,
             committer,

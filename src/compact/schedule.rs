@@ -27,6 +27,13 @@ pub fn spawn(config: &Config, stop: &CancellationToken) -> Option<JoinHandle<()>
         include_today = config.lake.compaction.include_today,
         "in-pod lake compaction on"
     );
+    // Every outcome and action at zero from the start (see `run_once`'s labels).
+    for outcome in ["ok", "busy", "failed"] {
+        METRICS.compaction_runs.with_label_values(&[outcome]);
+    }
+    for action in ["replaced", "written", "vacuumed"] {
+        METRICS.compaction_files.with_label_values(&[action]);
+    }
     let (config, stop) = (config.clone(), stop.clone());
     Some(tokio::spawn(async move {
         loop {
