@@ -19,8 +19,8 @@ fn pg_err<'a>(
     }
 }
 
-/// Rows of (topic, partition, next_offset).
-fn to_offsets(rows: &[tokio_postgres::Row]) -> Offsets {
+/// Rows of (topic, partition, a bigint) by topic-partition.
+pub(crate) fn to_offsets(rows: &[tokio_postgres::Row]) -> Offsets {
     rows.iter()
         .map(|r| {
             (
@@ -61,7 +61,9 @@ pub fn after_batch(
         .collect()
 }
 
-fn split(tps: &[TopicPartition]) -> (Vec<&str>, Vec<i32>) {
+/// The topics and partitions of `tps`, as the two arrays an `unnest($n::text[], $m::int[])`
+/// takes.
+pub(crate) fn split(tps: &[TopicPartition]) -> (Vec<&str>, Vec<i32>) {
     tps.iter()
         .map(|tp| (tp.topic.as_str(), tp.partition))
         .unzip()

@@ -8,6 +8,7 @@ use tokio_postgres::{Client, Transaction};
 
 use super::pg_err;
 use crate::domain::TopicPartition;
+use crate::sink::checkpoint::{split, to_offsets};
 use crate::sink::SinkError;
 
 /// A filter's progress on one source partition (`cdc_lake.route_progress`).
@@ -23,10 +24,7 @@ pub(super) async fn load_progress(
     consumer: &str,
     tps: &[TopicPartition],
 ) -> Result<HashMap<(String, TopicPartition), Progress>, SinkError> {
-    let (topics, partitions): (Vec<&str>, Vec<i32>) = tps
-        .iter()
-        .map(|tp| (tp.topic.as_str(), tp.partition))
-        .unzip();
+    let (topics, partitions) = split(tps);
     let rows = tx
         .query(
             "SELECT p.filter_id, p.kafka_topic, p.kafka_partition, p.output_partition,
@@ -93,10 +91,7 @@ pub(super) async fn load_attempts(
     consumer: &str,
     tps: &[TopicPartition],
 ) -> Result<HashMap<TopicPartition, i64>, SinkError> {
-    let (topics, partitions): (Vec<&str>, Vec<i32>) = tps
-        .iter()
-        .map(|tp| (tp.topic.as_str(), tp.partition))
-        .unzip();
+    let (topics, partitions) = split(tps);
     let rows = tx
         .query(
             "SELECT a.kafka_topic, a.kafka_partition, a.attempt
@@ -109,12 +104,7 @@ pub(super) async fn load_attempts(
         .await
         .map_err(pg_err("reading route attempts"))?;
     let mut out: HashMap<TopicPartition, i64> = tps.iter().map(|tp| (tp.clone(), 0)).collect();
-    for r in rows {
-        out.insert(
-            TopicPartition::new(r.get::<_, String>(0), r.get(1)),
-            r.get(2),
-        );
-    }
+    out.extend(to_offsets(&rows));
     Ok(out)
 }
 
@@ -126,10 +116,7 @@ pub(super) async fn count_attempts(
     consumer: &str,
     tps: &[TopicPartition],
 ) -> Result<HashMap<TopicPartition, i64>, SinkError> {
-    let (topics, partitions): (Vec<&str>, Vec<i32>) = tps
-        .iter()
-        .map(|tp| (tp.topic.as_str(), tp.partition))
-        .unzip();
+    let (topics, partitions) = split(tps);
     let rows = client
         .query(
             "INSERT INTO cdc_lake.route_attempts AS a (consumer, kafka_topic, kafka_partition, attempt)
@@ -141,13 +128,5 @@ pub(super) async fn count_attempts(
         )
         .await
         .map_err(pg_err("counting a route attempt"))?;
-    Ok(rows
-        .iter()
-        .map(|r| {
-            (
-                TopicPartition::new(r.get::<_, String>(0), r.get(1)),
-                r.get(2),
-            )
-        })
-        .collect())
+    Ok(to_offsets(&rows))
 }
