@@ -87,6 +87,27 @@ fn expected(topic: &str, partition: i32, offsets: std::ops::Range<i64>) -> Vec<(
         .collect()
 }
 
+/// From here on, the route sink's commit fails after its records reached the broker (a trigger
+/// on the progress table raises): the crash between produce and commit.
+async fn fail_route_commits(client: &tokio_postgres::Client) {
+    client
+        .batch_execute(
+            "CREATE FUNCTION pg_temp_crash() RETURNS trigger LANGUAGE plpgsql AS
+               $$ BEGIN RAISE EXCEPTION 'simulated crash before the commit'; END $$;
+             CREATE TRIGGER crash BEFORE UPDATE ON cdc_lake.route_progress
+               FOR EACH ROW EXECUTE FUNCTION pg_temp_crash();",
+        )
+        .await
+        .unwrap();
+}
+
+async fn allow_route_commits(client: &tokio_postgres::Client) {
+    client
+        .batch_execute("DROP TRIGGER crash ON cdc_lake.route_progress")
+        .await
+        .unwrap();
+}
+
 #[test]
 fn a_crash_between_produce_and_commit_routes_nothing_twice() {
     run_test(async {
@@ -103,24 +124,13 @@ fn a_crash_between_produce_and_commit_routes_nothing_twice() {
 
         // The next batch's records reach the broker, then its commit fails (a trigger on the
         // progress table raises): the crash the checkpoint does not cover.
-        client
-            .batch_execute(
-                "CREATE FUNCTION pg_temp_crash() RETURNS trigger LANGUAGE plpgsql AS
-                   $$ BEGIN RAISE EXCEPTION 'simulated crash before the commit'; END $$;
-                 CREATE TRIGGER crash BEFORE UPDATE ON cdc_lake.route_progress
-                   FOR EACH ROW EXECUTE FUNCTION pg_temp_crash();",
-            )
-            .await
-            .unwrap();
+        fail_route_commits(&client).await;
         let failed = sink.write(&orders(&source, 0, 150..300)).await;
         assert!(failed.is_err(), "the commit was made to fail");
         let before_retry = read_routed(&output);
         let stranded = before_retry.keys().filter(|(_, _, o)| *o >= 150).count();
         assert_eq!(stranded, 50, "the failed batch's records are in the output");
-        client
-            .batch_execute("DROP TRIGGER crash ON cdc_lake.route_progress")
-            .await
-            .unwrap();
+        allow_route_commits(&client).await;
 
         // A new owner (a restarted pod) and the same one retrying both redeliver the batch.
         let mut restarted = route_sink(&routes, &db, "crash").await;
@@ -180,22 +190,11 @@ fn a_stale_owner_after_its_successors_crash_routes_nothing_twice() {
             .checkpoints(std::slice::from_ref(&tp))
             .await
             .unwrap();
-        client
-            .batch_execute(
-                "CREATE FUNCTION pg_temp_crash() RETURNS trigger LANGUAGE plpgsql AS
-                   $$ BEGIN RAISE EXCEPTION 'simulated crash before the commit'; END $$;
-                 CREATE TRIGGER crash BEFORE UPDATE ON cdc_lake.route_progress
-                   FOR EACH ROW EXECUTE FUNCTION pg_temp_crash();",
-            )
-            .await
-            .unwrap();
+        fail_route_commits(&client).await;
         let crashed = successor.write(&orders(&source, 0, 150..300)).await;
         assert!(crashed.is_err(), "the successor's commit was made to fail");
         drop(successor);
-        client
-            .batch_execute("DROP TRIGGER crash ON cdc_lake.route_progress")
-            .await
-            .unwrap();
+        allow_route_commits(&client).await;
         let stranded = read_routed(&output)
             .keys()
             .filter(|(_, _, o)| *o >= 150)

@@ -249,19 +249,7 @@ fn avro_routes_equal_their_source_records_read_with_confluents_converter() {
             },
         )
         .await;
-        // The route's own checkpoint past every raw offset: the pod's signal that it is done.
-        wait_until("the route checkpoint covers the raw log", Duration::from_secs(60), || async {
-            count(
-                &sink,
-                "SELECT count(*) FROM cdc_raw.cdc_events e
-                  WHERE NOT EXISTS (SELECT 1 FROM cdc_lake.checkpoints c
-                                     WHERE c.sink = 'route' AND c.kafka_topic = e.kafka_topic
-                                       AND c.kafka_partition = e.kafka_partition AND c.next_offset > e.kafka_offset)",
-            )
-            .await
-                == 0
-        })
-        .await;
+        wait_route_covers_raw_log(&sink).await;
         let rejects = count(&sink, "SELECT count(*) FROM cdc_raw.cdc_rejects").await;
         assert_eq!(rejects, 0, "no change was rejected");
         drop(pod);

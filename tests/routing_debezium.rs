@@ -315,18 +315,7 @@ fn three_filters_route_real_changes_once_across_a_rebalance_and_a_kill() {
             },
         )
         .await;
-        // The route's own checkpoint past every raw offset: the pod's signal that it is done.
-        wait_until("the route checkpoint covers the raw log", Duration::from_secs(60), || async {
-            raw(
-                "SELECT count(*) FROM cdc_raw.cdc_events e
-                  WHERE NOT EXISTS (SELECT 1 FROM cdc_lake.checkpoints c
-                                     WHERE c.sink = 'route' AND c.kafka_topic = e.kafka_topic
-                                       AND c.kafka_partition = e.kafka_partition AND c.next_offset > e.kafka_offset)",
-            )
-            .await
-                == 0
-        })
-        .await;
+        wait_route_covers_raw_log(&sink).await;
         pod_c.terminate();
 
         let dup_raw = count(

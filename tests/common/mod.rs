@@ -831,6 +831,23 @@ pub fn order_stream(prefix: &str, orders: usize) -> (Vec<Fixture>, BTreeMap<Stri
     (records, last)
 }
 
+/// Waits until the route sink's own checkpoint is past every offset of the raw log: the pod's
+/// signal that it has routed everything the raw log holds.
+pub async fn wait_route_covers_raw_log(sink: &Client) {
+    wait_until("the route checkpoint covers the raw log", Duration::from_secs(60), || async {
+        count(
+            sink,
+            "SELECT count(*) FROM cdc_raw.cdc_events e
+              WHERE NOT EXISTS (SELECT 1 FROM cdc_lake.checkpoints c
+                                 WHERE c.sink = 'route' AND c.kafka_topic = e.kafka_topic
+                                   AND c.kafka_partition = e.kafka_partition AND c.next_offset > e.kafka_offset)",
+        )
+        .await
+            == 0
+    })
+    .await;
+}
+
 /// Every record a route wrote to `topic` (all partitions), read by a consumer of its own: the
 /// values found per source coordinates (from the headers); more than one is a duplicate.
 pub fn read_routed(topic: &str) -> BTreeMap<(String, i32, i64), Vec<serde_json::Value>> {
