@@ -357,7 +357,7 @@ impl StateSink {
                     key: Vec::new(),
                     delete_mode: self.delete_mode,
                     mapped: None,
-                    merge_sql: None,
+                    applier: None,
                     numeric: Default::default(),
                     coercions: None,
                 })

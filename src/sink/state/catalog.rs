@@ -230,7 +230,7 @@ impl StateSink {
                     key,
                     delete_mode: self.delete_mode,
                     mapped: None,
-                    merge_sql: None,
+                    applier: None,
                     numeric: Default::default(),
                     coercions: None,
                 },
@@ -265,7 +265,7 @@ impl StateSink {
                 self.name,
                 format!("adding columns to {}", mirror.qualified),
             ))?;
-            mirror.merge_sql = None;
+            mirror.applier = None;
             mirror.coercions = None;
             tracing::info!(table = %mirror.qualified, columns = added.len(), "added mirror columns");
         }
@@ -340,7 +340,7 @@ impl StateSink {
                 match altered {
                     Ok(()) => {
                         attempt.release().await?;
-                        mirror.merge_sql = None;
+                        mirror.applier = None;
                         mirror.coercions = None;
                         tracing::info!(table = %mirror.qualified, column = %column, "widened a mirror column to numeric for integers beyond 64 bits");
                     }

@@ -11,12 +11,12 @@ use tokio_postgres::{Client, Transaction};
 
 mod apply;
 mod catalog;
+mod copy_text;
 mod merge_sql;
 pub mod sources;
 mod stage;
+mod staging;
 mod target;
-
-use stage::STAGE_DDL;
 
 pub use catalog::pg_type;
 pub(crate) use catalog::PRIMARY_KEY_COLUMNS;
@@ -52,7 +52,8 @@ struct Mirror {
     delete_mode: DeleteMode,
     /// The mapping's row filter; `None` for mirrors.
     mapped: Option<MappedTable>,
-    merge_sql: Option<String>,
+    /// Its staging table and MERGE; None until first needed and after its columns change.
+    applier: Option<std::sync::Arc<stage::Applier>>,
     /// Columns known to be `numeric` already, so integers beyond 64 bits fit them.
     numeric: std::collections::BTreeSet<String>,
     /// How schemaless values convert to the mirror's column types, by column (read from the
@@ -230,11 +231,9 @@ impl StateSink {
                 reason: format!("the target schema: {e}"),
             })?;
             client
-                .batch_execute(&format!(
-                    "CREATE SCHEMA IF NOT EXISTS {schema}; {STAGE_DDL}"
-                ))
+                .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
                 .await
-                .map_err(pg_err(self.name, "creating the staging table"))?;
+                .map_err(pg_err(self.name, "creating the target schema"))?;
             if !self.prepared {
                 self.prepare_mappings(&client).await?;
                 self.prepared = true;

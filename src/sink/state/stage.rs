@@ -1,40 +1,35 @@
-//! Staging: each change's row converted for its table and copied (binary COPY) into the
-//! session's staging table, then merged.
+//! Staging: each change's row converted for its table and copied (COPY text, typed columns)
+//! into the table shape's staging table, then merged.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::sync::Arc;
 
-use postgres_types::{Json, ToSql, Type};
+use bytes::Bytes;
+use futures::SinkExt;
 use serde_json::{Map, Value};
-use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::Transaction;
 
+use super::copy_text::{push_value, NULL};
+use super::staging::StagePlan;
 use super::{merge_sql, pg_err, Dest, StateSink};
 use crate::config::DeleteMode;
 use crate::envelope::value::UNAVAILABLE_VALUE;
 use crate::envelope::{ChangeEvent, Op};
 use crate::sink::SinkError;
 
-pub(super) const STAGE_DDL: &str = "CREATE TEMP TABLE IF NOT EXISTS cdc_stage (
-    _cdc_op text NOT NULL,
-    _cdc_key jsonb NOT NULL,
-    _cdc_row jsonb NOT NULL,
-    _cdc_commit_lsn bigint NOT NULL,
-    _cdc_lsn bigint NOT NULL,
-    _cdc_partition integer NOT NULL,
-    _cdc_offset bigint NOT NULL,
-    _cdc_source_ts timestamptz
-) ON COMMIT DELETE ROWS";
-pub(super) const STAGE_TYPES: &[Type] = &[
-    Type::TEXT,
-    Type::JSONB,
-    Type::JSONB,
-    Type::INT8,
-    Type::INT8,
-    Type::INT4,
-    Type::INT8,
-    Type::TIMESTAMPTZ,
-];
+/// How one table's changes are applied: its staging table and its MERGE, built from the
+/// catalog when the table is first written in a session or its columns change.
+#[derive(Debug)]
+pub(super) struct Applier {
+    plan: StagePlan,
+    merge: String,
+    /// By staged column: whether the MERGE updates it, so a row lacking it must say so.
+    updated: Vec<bool>,
+}
+
+/// COPY data is sent in pieces of about this size.
+const COPY_CHUNK: usize = 1 << 20;
 
 impl StateSink {
     pub(super) async fn stage_and_merge(
@@ -91,60 +86,129 @@ impl StateSink {
             .get(&dest.name)
             .is_some_and(|m| m.mapped.is_some() && m.delete_mode == DeleteMode::Soft);
         carry_unchanged_toast(events, &mut rows, soft_mapped);
-        tx.batch_execute("TRUNCATE pg_temp.cdc_stage")
+
+        let applier = self.applier(tx, dest).await?;
+        let plan = &applier.plan;
+        tx.batch_execute(&format!("{}; TRUNCATE {}", plan.create, plan.table))
             .await
-            .map_err(pg_err(self.name, "clearing the staging table"))?;
+            .map_err(pg_err(self.name, "preparing the staging table"))?;
         let sink = tx
-            .copy_in("COPY pg_temp.cdc_stage FROM STDIN BINARY")
+            .copy_in(&format!("COPY {} FROM STDIN", plan.table))
             .await
             .map_err(pg_err(self.name, "starting COPY into staging"))?;
-        let writer = BinaryCopyInWriter::new(sink, STAGE_TYPES);
-        futures::pin_mut!(writer);
+        futures::pin_mut!(sink);
+        let mirror = self.mirrors.get(&dest.name).expect("ensured before");
+        let mut buf = Vec::with_capacity(COPY_CHUNK + 64 * 1024);
         for (e, row) in events.iter().zip(&rows) {
-            let key = e.key.as_ref().expect("keyless changes are filtered out");
-            let ts = crate::db::pg_timestamp(e.source.ts_ms);
-            let op = if e.op == Op::Delete { "d" } else { e.op.code() };
-            let values: [&(dyn ToSql + Sync); 8] = [
-                &op,
-                &Json(key),
-                &Json(&row),
-                &e.position.commit_lsn,
-                &e.position.change_lsn,
-                &e.coords.partition,
-                &e.coords.offset,
-                &ts,
-            ];
-            writer
-                .as_mut()
-                .write(&values)
+            staged_line(&mut buf, &applier, e, row);
+            if buf.len() >= COPY_CHUNK {
+                let chunk = Bytes::from(std::mem::replace(
+                    &mut buf,
+                    Vec::with_capacity(COPY_CHUNK + 64 * 1024),
+                ));
+                sink.send(chunk)
+                    .await
+                    .map_err(pg_err(self.name, "copying into staging"))?;
+            }
+        }
+        if !buf.is_empty() {
+            sink.send(Bytes::from(buf))
                 .await
                 .map_err(pg_err(self.name, "copying into staging"))?;
         }
-        writer
-            .finish()
+        sink.finish()
             .await
             .map_err(pg_err(self.name, "finishing COPY into staging"))?;
-
-        let mirror = self.mirrors.get_mut(&dest.name).expect("ensured before");
-        if mirror.merge_sql.is_none() {
-            let name = dest.name.clone();
-            mirror.merge_sql = Some(match &mirror.mapped {
-                None => merge_sql::mirror_merge_sql(mirror, &self.schema, &name),
-                Some(mapped) => merge_sql::mapped_merge_sql(
-                    mirror,
-                    &self.schema,
-                    &name,
-                    mapped.filter.as_deref(),
-                ),
-            });
-        }
-        let sql = mirror.merge_sql.as_deref().expect("built above");
-        tx.execute(sql, &[]).await.map_err(pg_err(
+        tx.execute(&applier.merge, &[]).await.map_err(pg_err(
             self.name,
             format!("merging into {}", mirror.qualified),
         ))?;
         Ok(())
     }
+
+    /// The table's applier, built on first use (and after its columns changed).
+    async fn applier(
+        &mut self,
+        tx: &Transaction<'_>,
+        dest: &Dest,
+    ) -> Result<Arc<Applier>, SinkError> {
+        let mirror = self.mirrors.get(&dest.name).expect("ensured before");
+        if let Some(applier) = &mirror.applier {
+            return Ok(applier.clone());
+        }
+        let plan = StagePlan::read(tx, self.name, mirror).await?;
+        let merge = match &mirror.mapped {
+            None => merge_sql::mirror_merge_sql(mirror, &plan, &self.schema, &dest.name),
+            Some(mapped) => merge_sql::mapped_merge_sql(
+                mirror,
+                &plan,
+                &self.schema,
+                &dest.name,
+                mapped.filter.as_deref(),
+            ),
+        }
+        .map_err(|reason| SinkError::Encode {
+            table: dest.table.to_string(),
+            reason: format!("cannot apply to {}: {reason}", mirror.qualified),
+        })?;
+        let updated = plan
+            .columns
+            .iter()
+            .map(|c| mirror.has_column(c.name.name()) && !mirror.key.contains(&c.name))
+            .collect();
+        let applier = Arc::new(Applier {
+            plan,
+            merge,
+            updated,
+        });
+        self.mirrors
+            .get_mut(&dest.name)
+            .expect("ensured before")
+            .applier = Some(applier.clone());
+        Ok(applier)
+    }
+}
+
+/// One change as a line of COPY text in the staging table's column order: `_cdc_op`,
+/// `_cdc_absent`, the position, the source time in ms, then the table's columns (NULL where
+/// the row lacks one).
+fn staged_line(out: &mut Vec<u8>, applier: &Applier, e: &ChangeEvent, row: &Map<String, Value>) {
+    let plan = &applier.plan;
+    use std::io::Write;
+    let op = if e.op == Op::Delete { "d" } else { e.op.code() };
+    out.extend_from_slice(op.as_bytes());
+    // Positions of the updatable columns the row lacks: the MERGE keeps their stored value.
+    out.extend_from_slice(b"\t{");
+    let mut first = true;
+    for (i, c) in plan.columns.iter().enumerate() {
+        if applier.updated[i] && !row.contains_key(c.name.name()) {
+            if !first {
+                out.push(b',');
+            }
+            first = false;
+            write!(out, "{}", i + 1).expect("writing to a Vec");
+        }
+    }
+    out.extend_from_slice(b"}");
+    write!(
+        out,
+        "\t{}\t{}\t{}\t{}\t",
+        e.position.commit_lsn, e.position.change_lsn, e.coords.partition, e.coords.offset
+    )
+    .expect("writing to a Vec");
+    // The same range the binary COPY accepted: beyond it, no source time.
+    match crate::db::pg_timestamp(e.source.ts_ms).and(e.source.ts_ms) {
+        Some(ms) => write!(out, "{ms}").expect("writing to a Vec"),
+        None => out.extend_from_slice(NULL),
+    }
+    for c in &plan.columns {
+        out.push(b'\t');
+        match row.get(c.name.name()) {
+            Some(v) => push_value(out, v, c.kind.text()),
+            None => out.extend_from_slice(NULL),
+        }
+    }
+    out.push(b'\n');
 }
 
 /// A TOAST placeholder means "unchanged since the previous image". The MERGE keeps the stored

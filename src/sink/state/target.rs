@@ -55,7 +55,7 @@ impl StateSink {
                 mapped: Some(MappedTable {
                     filter: m.filter.clone(),
                 }),
-                merge_sql: None,
+                applier: None,
                 numeric: Default::default(),
                 coercions: None,
             };
