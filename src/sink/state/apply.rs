@@ -4,6 +4,9 @@
 use std::borrow::Cow;
 use std::collections::HashSet;
 
+/// Column names already checked, hashed fast: the set is probed once per column per change.
+type NameSet<'a> = HashSet<&'a str, foldhash::fast::RandomState>;
+
 use postgres_types::{Json, ToSql};
 use serde_json::Value;
 use tokio_postgres::Transaction;
@@ -103,7 +106,7 @@ impl StateSink {
             return Ok(());
         }
         let mut usable: Vec<&ChangeEvent> = Vec::with_capacity(events.len());
-        let mut usable_columns = HashSet::new();
+        let mut usable_columns = NameSet::default();
         let unusable_mirror_name = self.unusable_mirror_name(dest);
         for e in events {
             let unusable = match &unusable_mirror_name {
@@ -200,7 +203,7 @@ impl StateSink {
         &self,
         dest: &Dest,
         e: &'e ChangeEvent,
-        usable_columns: &mut HashSet<&'e str>,
+        usable_columns: &mut NameSet<'e>,
     ) -> Option<String> {
         let table = &dest.table;
         if self.mapped_tables.contains_key(table) {

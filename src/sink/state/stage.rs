@@ -28,8 +28,9 @@ pub(super) struct Applier {
     updated: Vec<bool>,
 }
 
-/// COPY data is sent in pieces of about this size.
-const COPY_CHUNK: usize = 1 << 20;
+/// COPY data is sent in pieces of about this size: PostgreSQL parses one while the next is
+/// written, and buffers this small are reused by the allocator rather than faulted in fresh.
+const COPY_CHUNK: usize = 64 * 1024;
 
 impl StateSink {
     pub(super) async fn stage_and_merge(
@@ -98,13 +99,15 @@ impl StateSink {
             .map_err(pg_err(self.name, "starting COPY into staging"))?;
         futures::pin_mut!(sink);
         let mirror = self.mirrors.get(&dest.name).expect("ensured before");
-        let mut buf = Vec::with_capacity(COPY_CHUNK + 64 * 1024);
+        let mut buf = Vec::with_capacity(2 * COPY_CHUNK);
+        let mut layout = RowLayout::default();
+        let mut slots = Vec::new();
         for (e, row) in events.iter().zip(&rows) {
-            staged_line(&mut buf, &applier, e, row);
+            staged_line(&mut buf, &applier, &mut layout, &mut slots, e, row);
             if buf.len() >= COPY_CHUNK {
                 let chunk = Bytes::from(std::mem::replace(
                     &mut buf,
-                    Vec::with_capacity(COPY_CHUNK + 64 * 1024),
+                    Vec::with_capacity(2 * COPY_CHUNK),
                 ));
                 sink.send(chunk)
                     .await
@@ -169,19 +172,58 @@ impl StateSink {
     }
 }
 
+/// Where each of a row's columns goes in the staging table, in the row's own column order.
+/// Consecutive rows of a table nearly always list the same columns in the same order, so the
+/// layout is confirmed (one string comparison per column) instead of looked up per value.
+#[derive(Default)]
+struct RowLayout {
+    names: Vec<String>,
+    /// 0-based staging index of each row column; None for a column the table lacks.
+    positions: Vec<Option<usize>>,
+}
+
+impl RowLayout {
+    fn fit(&mut self, plan: &StagePlan, row: &Map<String, Value>) {
+        if self.names.len() == row.len() && row.keys().zip(&self.names).all(|(a, b)| a == b) {
+            return;
+        }
+        self.names = row.keys().cloned().collect();
+        self.positions = self
+            .names
+            .iter()
+            .map(|n| plan.columns.iter().position(|c| c.name.name() == n))
+            .collect();
+    }
+}
+
 /// One change as a line of COPY text in the staging table's column order: `_cdc_op`,
 /// `_cdc_absent`, the position, the source time in ms, then the table's columns (NULL where
-/// the row lacks one).
-fn staged_line(out: &mut Vec<u8>, applier: &Applier, e: &ChangeEvent, row: &Map<String, Value>) {
-    let plan = &applier.plan;
+/// the row lacks one). `slots` is scratch space, one per staged column.
+fn staged_line<'r>(
+    out: &mut Vec<u8>,
+    applier: &Applier,
+    layout: &mut RowLayout,
+    slots: &mut Vec<Option<&'r Value>>,
+    e: &ChangeEvent,
+    row: &'r Map<String, Value>,
+) {
     use std::io::Write;
+    let plan = &applier.plan;
+    layout.fit(plan, row);
+    slots.clear();
+    slots.resize(plan.columns.len(), None);
+    for (v, position) in row.values().zip(&layout.positions) {
+        if let Some(i) = position {
+            slots[*i] = Some(v);
+        }
+    }
     let op = if e.op == Op::Delete { "d" } else { e.op.code() };
     out.extend_from_slice(op.as_bytes());
     // Positions of the updatable columns the row lacks: the MERGE keeps their stored value.
     out.extend_from_slice(b"\t{");
     let mut first = true;
-    for (i, c) in plan.columns.iter().enumerate() {
-        if applier.updated[i] && !row.contains_key(c.name.name()) {
+    for (i, slot) in slots.iter().enumerate() {
+        if slot.is_none() && applier.updated[i] {
             if !first {
                 out.push(b',');
             }
@@ -201,9 +243,9 @@ fn staged_line(out: &mut Vec<u8>, applier: &Applier, e: &ChangeEvent, row: &Map<
         Some(ms) => write!(out, "{ms}").expect("writing to a Vec"),
         None => out.extend_from_slice(NULL),
     }
-    for c in &plan.columns {
+    for (slot, c) in slots.iter().zip(&plan.columns) {
         out.push(b'\t');
-        match row.get(c.name.name()) {
+        match slot {
             Some(v) => push_value(out, v, c.kind.text()),
             None => out.extend_from_slice(NULL),
         }
