@@ -99,8 +99,12 @@ impl StagePlan {
                 (false, true) => ColumnKind::Json,
                 (false, false) => ColumnKind::Scalar,
             };
+            let name = Ident::new(name).map_err(|e| SinkError::Encode {
+                table: mirror.qualified.clone(),
+                reason: format!("a column of {}: {e}", mirror.qualified),
+            })?;
             columns.push(StageColumn {
-                name: Ident::new(name).expect("a column PostgreSQL has is an identifier"),
+                name,
                 sql_type: r.get(1),
                 kind,
             });
