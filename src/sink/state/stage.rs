@@ -301,3 +301,94 @@ pub(super) fn carry_unchanged_toast(
         latest.insert(key, i);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{Ident, KafkaCoordinates};
+    use crate::envelope::{Decoded, Decoder};
+    use crate::sink::state::staging::{ColumnKind, StageColumn};
+
+    fn change(offset: i64, after: &str) -> ChangeEvent {
+        let value = format!(
+            r#"{{"before":null,"after":{after},"source":{{"name":"p","ts_ms":1700000000123,"db":"d","sequence":"[\"10\",\"12\"]","schema":"public","table":"t","txId":1,"lsn":12}},"op":"u","ts_ms":2}}"#
+        );
+        let coords = KafkaCoordinates {
+            topic: "p.public.t".into(),
+            partition: 3,
+            offset,
+            timestamp_ms: Some(1),
+        };
+        match Decoder::new().decode(coords, Some(br#"{"id":1}"#), Some(value.as_bytes())) {
+            Decoded::Change(e) => Arc::unwrap_or_clone(e),
+            other => panic!("expected a change, got {other:?}"),
+        }
+    }
+
+    fn applier(columns: &[(&str, ColumnKind)]) -> Applier {
+        let plan = StagePlan::new(
+            columns
+                .iter()
+                .map(|(name, kind)| StageColumn {
+                    name: Ident::new(*name).unwrap(),
+                    sql_type: "text".into(),
+                    kind: *kind,
+                })
+                .collect(),
+        );
+        // Every column but the key (`id`) is updated by the MERGE.
+        let updated = columns.iter().map(|(name, _)| *name != "id").collect();
+        Applier {
+            plan,
+            merge: String::new(),
+            updated,
+        }
+    }
+
+    /// The staged lines of `changes`, as COPY text.
+    fn lines(applier: &Applier, changes: &[ChangeEvent]) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut layout = RowLayout::default();
+        let mut slots = Vec::new();
+        let rows: Vec<_> = changes.iter().map(|e| e.after.clone().unwrap()).collect();
+        for (e, row) in changes.iter().zip(&rows) {
+            staged_line(&mut out, applier, &mut layout, &mut slots, e, row);
+        }
+        String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn each_value_lands_in_its_column_when_rows_change_columns_or_order() {
+        let a = applier(&[
+            ("id", ColumnKind::Scalar),
+            ("name", ColumnKind::Scalar),
+            ("doc", ColumnKind::Json),
+            ("tags", ColumnKind::ViaJsonb),
+        ]);
+        let changes = [
+            change(0, r#"{"id":1,"name":"a\tb","doc":{"k":1},"tags":["x"]}"#),
+            // Another order: the layout must follow it.
+            change(1, r#"{"tags":null,"doc":"s","name":"c","id":2}"#),
+            // Fewer columns (a TOAST placeholder, or an older schema): absent, not NULL.
+            change(2, r#"{"id":3,"doc":null}"#),
+            // A column the table lacks is left out; a number for a text column is written
+            // out as numeric prints it.
+            change(3, r#"{"id":4,"extra":5,"name":1.5e2,"doc":1e3,"tags":[]}"#),
+        ];
+        // commit lsn (the sequence's last commit), change lsn, partition; then the offset.
+        let pos = "\t10\t12\t3\t";
+        assert_eq!(
+            lines(&a, &changes),
+            [
+                format!("u\t{{}}{pos}0\t1700000000123\t1\ta\\tb\t{{\"k\":1}}\t[\"x\"]"),
+                format!("u\t{{}}{pos}1\t1700000000123\t2\tc\t\"s\"\t\\N"),
+                format!("u\t{{2,4}}{pos}2\t1700000000123\t3\t\\N\t\\N\t\\N"),
+                format!("u\t{{}}{pos}3\t1700000000123\t4\t150\t1e+3\t[]"),
+            ]
+        );
+    }
+}
