@@ -17,7 +17,8 @@ fn positions(plan: &StagePlan, columns: &[Ident]) -> Result<Vec<usize>, String> 
     columns
         .iter()
         .map(|c| {
-            plan.position(c)
+            plan.index_of(c.name())
+                .map(|i| i + 1)
                 .ok_or_else(|| format!("column {c} is not in the table"))
         })
         .collect()

@@ -188,11 +188,7 @@ impl RowLayout {
             return;
         }
         self.names = row.keys().cloned().collect();
-        self.positions = self
-            .names
-            .iter()
-            .map(|n| plan.columns.iter().position(|c| c.name.name() == n))
-            .collect();
+        self.positions = self.names.iter().map(|n| plan.index_of(n)).collect();
     }
 }
 

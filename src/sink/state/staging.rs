@@ -133,11 +133,9 @@ impl StagePlan {
         }
     }
 
-    /// The 1-based staging position of a column.
-    pub(super) fn position(&self, column: &Ident) -> Option<usize> {
-        self.columns
-            .iter()
-            .position(|c| &c.name == column)
-            .map(|i| i + 1)
+    /// The 0-based index of a column among the staged columns (its staged name is
+    /// `c<index + 1>`).
+    pub(super) fn index_of(&self, column: &str) -> Option<usize> {
+        self.columns.iter().position(|c| c.name.name() == column)
     }
 }
