@@ -138,3 +138,68 @@ fn rejects_are_counted_listed_and_reprocessed_once_fixed() {
         assert!(rejects::counts(&cfg, &bad).await.is_err());
     });
 }
+
+/// The operator's fix for a `state` reject, an `ALTER ... TYPE` on the mirror, made while the
+/// pod runs: the pod staged in the column's old type, and must notice the table changed rather
+/// than go on rejecting what the new type holds.
+#[test]
+fn a_column_type_changed_while_the_pod_runs_takes_the_next_changes() {
+    run_test(async {
+        let prefix = unique("rej-alter").replace('_', "-");
+        produce(&[order(&prefix, 0, "c", "a1", "12.5", 100)]).await;
+        let db = fresh_db("rejects_alter").await;
+        let lake = LakeTarget::local("rejects_alter");
+        let pod = Pod::start(config(&db, &prefix, &lake, &[]));
+        let client = pg(&db).await;
+        wait_until("the first change mirrored", Duration::from_secs(60), || async {
+            count(
+                &client,
+                "SELECT count(*) FROM cdc_lake.checkpoints WHERE sink = 'state' AND next_offset = 1",
+            )
+            .await
+                == 1
+        })
+        .await;
+        client
+            .batch_execute("ALTER TABLE cdc_processed.orders ALTER COLUMN total TYPE text")
+            .await
+            .unwrap();
+        produce(&[
+            order(&prefix, 1, "u", "a1", "\"twelve\"", 200),
+            order(&prefix, 2, "c", "b2", "\"three\"", 300),
+        ])
+        .await;
+        wait_until("both changes mirrored", Duration::from_secs(60), || async {
+            count(
+                &client,
+                "SELECT count(*) FROM cdc_lake.checkpoints WHERE sink = 'state' AND next_offset = 3",
+            )
+            .await
+                == 1
+        })
+        .await;
+        pod.stop().await;
+        let rows: Vec<(String, String)> = client
+            .query(
+                "SELECT id, total FROM cdc_processed.orders ORDER BY id",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        assert_eq!(
+            rows,
+            vec![
+                ("a1".to_string(), "twelve".to_string()),
+                ("b2".to_string(), "three".to_string())
+            ]
+        );
+        assert_eq!(
+            count(&client, "SELECT count(*) FROM cdc_raw.cdc_rejects").await,
+            0,
+            "nothing is rejected once the column holds text"
+        );
+    });
+}

@@ -306,6 +306,12 @@ impl Bisect {
         self.todo.pop()
     }
 
+    /// The attempt at `range` failed for a cause that has since been removed: it is tried
+    /// again whole, next.
+    pub fn retry(&mut self, range: std::ops::Range<usize>) {
+        self.todo.push(range);
+    }
+
     /// The attempt at `range` failed on bad data: its halves are tried next, or, for a single
     /// record, that record is returned as the one to reject.
     pub fn failed(&mut self, range: std::ops::Range<usize>) -> Option<usize> {
@@ -433,6 +439,17 @@ mod tests {
         let (applied, rejected, _) = isolate(7, &[0, 6]);
         assert_eq!((applied, rejected), (vec![1, 2, 3, 4, 5], vec![0, 6]));
         assert_eq!(isolate(0, &[]).2, 0);
+    }
+
+    #[test]
+    fn a_retried_range_comes_back_whole_before_the_rest() {
+        let mut b = Bisect::new(8);
+        let first = b.next_range().unwrap();
+        assert_eq!(first, 0..8);
+        b.retry(first);
+        assert_eq!(b.next_range(), Some(0..8), "tried again whole, not halved");
+        assert_eq!(b.failed(0..8), None);
+        assert_eq!(b.next_range(), Some(0..4));
     }
 
     #[test]

@@ -120,6 +120,7 @@ impl StateSink {
         }
         let mut bisect = Bisect::new(usable.len());
         let mut narrowed = false;
+        let mut reread = false;
         while let Some(range) = bisect.next_range() {
             // DDL inside a rolled-back savepoint is undone: so is what the cache learnt.
             let cached = self.mirrors.get(&dest.name).cloned();
@@ -139,6 +140,19 @@ impl StateSink {
                         Some(m) => self.mirrors.insert(dest.name.clone(), m),
                         None => self.mirrors.remove(&dest.name),
                     };
+                    // The pod stages in the column types it read when it first wrote the table.
+                    // An operator may have changed one since (the fix for a `state` reject): on
+                    // the first failure the table is read again, and if it changed, the same
+                    // changes are tried again with the new types before any is rejected.
+                    if !reread {
+                        reread = true;
+                        if self.staged_shape_is_stale(tx, dest).await? {
+                            tracing::info!(table = %table, "the table's columns changed since the pod read them; staging with the new ones");
+                            self.mirrors.remove(&dest.name);
+                            bisect.retry(range);
+                            continue;
+                        }
+                    }
                     if !narrowed {
                         narrowed = true;
                         // A conversion reason may quote the value: it goes to cdc_rejects only.

@@ -129,6 +129,24 @@ impl StateSink {
         Ok(())
     }
 
+    /// Whether the table's columns now differ from those its cached applier stages: a type
+    /// changed, or a column was renamed or dropped, by someone else while the pod ran. False
+    /// when nothing is cached (the next attempt reads the catalog anyway).
+    pub(super) async fn staged_shape_is_stale(
+        &self,
+        tx: &Transaction<'_>,
+        dest: &Dest,
+    ) -> Result<bool, SinkError> {
+        let Some(mirror) = self.mirrors.get(&dest.name) else {
+            return Ok(false);
+        };
+        let Some(applier) = &mirror.applier else {
+            return Ok(false);
+        };
+        let now = StagePlan::read(tx, self.name, mirror).await?;
+        Ok(!now.same_shape(&applier.plan))
+    }
+
     /// The table's applier, built on first use (and after its columns changed).
     async fn applier(
         &mut self,

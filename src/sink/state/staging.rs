@@ -133,9 +133,48 @@ impl StagePlan {
         }
     }
 
+    /// Whether both stage the same columns with the same types (the table name is a hash of
+    /// the types; the names are compared here).
+    pub(super) fn same_shape(&self, other: &StagePlan) -> bool {
+        self.table == other.table
+            && self.columns.len() == other.columns.len()
+            && self
+                .columns
+                .iter()
+                .zip(&other.columns)
+                .all(|(a, b)| a.name == b.name)
+    }
+
     /// The 0-based index of a column among the staged columns (its staged name is
     /// `c<index + 1>`).
     pub(super) fn index_of(&self, column: &str) -> Option<usize> {
         self.columns.iter().position(|c| c.name.name() == column)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(columns: &[(&str, &str)]) -> StagePlan {
+        StagePlan::new(
+            columns
+                .iter()
+                .map(|(name, ty)| StageColumn {
+                    name: Ident::new(*name).unwrap(),
+                    sql_type: ty.to_string(),
+                    kind: ColumnKind::Scalar,
+                })
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn a_changed_type_or_name_is_a_different_shape() {
+        let before = plan(&[("id", "text"), ("total", "double precision")]);
+        assert!(before.same_shape(&plan(&[("id", "text"), ("total", "double precision")])));
+        assert!(!before.same_shape(&plan(&[("id", "text"), ("total", "text")])));
+        assert!(!before.same_shape(&plan(&[("id", "text"), ("sum", "double precision")])));
+        assert!(!before.same_shape(&plan(&[("id", "text")])));
     }
 }
