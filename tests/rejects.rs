@@ -139,6 +139,17 @@ fn rejects_are_counted_listed_and_reprocessed_once_fixed() {
     });
 }
 
+/// Waits until the mirror's checkpoint (partition 0, where the fixtures go) reaches `next`.
+async fn state_reaches(client: &tokio_postgres::Client, next: i64, what: &str) {
+    let sql = format!(
+        "SELECT count(*) FROM cdc_lake.checkpoints WHERE sink = 'state' AND next_offset = {next}"
+    );
+    wait_until(what, Duration::from_secs(60), || async {
+        count(client, &sql).await == 1
+    })
+    .await;
+}
+
 /// The operator's fix for a `state` reject, an `ALTER ... TYPE` on the mirror, made while the
 /// pod runs: the pod staged in the column's old type, and must notice the table changed rather
 /// than go on rejecting what the new type holds.
@@ -151,15 +162,7 @@ fn a_column_type_changed_while_the_pod_runs_takes_the_next_changes() {
         let lake = LakeTarget::local("rejects_alter");
         let pod = Pod::start(config(&db, &prefix, &lake, &[]));
         let client = pg(&db).await;
-        wait_until("the first change mirrored", Duration::from_secs(60), || async {
-            count(
-                &client,
-                "SELECT count(*) FROM cdc_lake.checkpoints WHERE sink = 'state' AND next_offset = 1",
-            )
-            .await
-                == 1
-        })
-        .await;
+        state_reaches(&client, 1, "the first change mirrored").await;
         client
             .batch_execute("ALTER TABLE cdc_processed.orders ALTER COLUMN total TYPE text")
             .await
@@ -169,15 +172,7 @@ fn a_column_type_changed_while_the_pod_runs_takes_the_next_changes() {
             order(&prefix, 2, "c", "b2", "\"three\"", 300),
         ])
         .await;
-        wait_until("both changes mirrored", Duration::from_secs(60), || async {
-            count(
-                &client,
-                "SELECT count(*) FROM cdc_lake.checkpoints WHERE sink = 'state' AND next_offset = 3",
-            )
-            .await
-                == 1
-        })
-        .await;
+        state_reaches(&client, 3, "both changes mirrored").await;
         pod.stop().await;
         let rows: Vec<(String, String)> = client
             .query(

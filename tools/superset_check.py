@@ -67,6 +67,10 @@ class Source:
                            self.q(self.ecom, "SELECT id, title, author, genre, price FROM books")}
         return self._books
 
+    def title(self, book_id):
+        """The book's title, None for a book the source does not have."""
+        return self.books().get(book_id, (None,))[0]
+
     def sold_items(self):
         """(book_id, quantity, price) of items whose order is not cancelled."""
         return self.q(self.ecom, """SELECT i.book_id, i.quantity, i.price_at_purchase
@@ -95,16 +99,14 @@ def price_band(p):
 
 
 def top_books(s):
-    books = s.books()
     revenue = group_sum((b, q * p) for b, q, p in s.sold_items())
     ranked = sorted(revenue, key=lambda kv: (-kv[1], str(kv[0])))[:10]
-    return [(i + 1, books.get(b, (None,))[0], r) for i, (b, r) in enumerate(ranked)]
+    return [(i + 1, s.title(b), r) for i, (b, r) in enumerate(ranked)]
 
 
 def turnover(s):
-    books = s.books()
     sold = dict(group_sum((b, q) for b, q, _ in s.sold_items()))
-    return [(books.get(b, (None,))[0], sold.get(b, 0), q,
+    return [(s.title(b), sold.get(b, 0), q,
              None if q == 0 else round(Decimal(sold.get(b, 0)) / q, 2))
             for b, q, _ in s.inventory()]
 
@@ -135,13 +137,13 @@ CHECKS = {
         lambda s: group_sum((health(q - r), 1) for _, q, r in s.inventory())),
     "Stock available per book": (
         "SELECT title, sum(available) FROM analytics.vw_inventory_health GROUP BY title",
-        lambda s: group_sum((s.books().get(b, (None,))[0], q - r) for b, q, r in s.inventory())),
+        lambda s: group_sum((s.title(b), q - r) for b, q, r in s.inventory())),
     "Inventory turnover": (
         "SELECT title, units_sold, on_hand, turnover FROM analytics.vw_inventory_turnover",
         turnover),
     "Books lowest in stock": (
         "SELECT title, available, health FROM analytics.vw_inventory_health ORDER BY available, title LIMIT 10",
-        lambda s: sorted(((s.books().get(b, (None,))[0], q - r, health(q - r)) for b, q, r in s.inventory()),
+        lambda s: sorted(((s.title(b), q - r, health(q - r)) for b, q, r in s.inventory()),
                          key=lambda t: (t[1], t[0] is None, t[0] or ""))[:10]),
     "Revenue by author": (
         "SELECT author, sum(revenue) FROM analytics.vw_revenue_by_author GROUP BY author",
@@ -156,7 +158,7 @@ CHECKS = {
         lambda s: group_sum((price_band(b[3]), 1) for b in s.books().values() if b[3] is not None)),
     "Units sold per book": (
         "SELECT title, sum(units_sold) FROM analytics.vw_product_sales_volume GROUP BY title",
-        lambda s: group_sum((s.books().get(b, (None,))[0], q) for b, q, _ in s.sold_items())),
+        lambda s: group_sum((s.title(b), q) for b, q, _ in s.sold_items())),
 }
 ORDERED = {"Top books by revenue", "Books lowest in stock"}
 
