@@ -86,6 +86,11 @@ public class Relay {
                 }
                 for (ChangeEvent<T, T> r : records) committer.markProcessed(r);
                 committer.markBatchFinished();
+                // One line per published batch (topics and counts, never values), so a pipeline
+                // that waits on the relay can tell whether Debezium saw the changes at all.
+                java.util.Map<String, Integer> perTopic = new java.util.TreeMap<>();
+                for (ChangeEvent<T, T> r : records) perTopic.merge(r.destination(), 1, Integer::sum);
+                if (!records.isEmpty()) System.err.println(java.time.Instant.now() + " relay: published " + records.size() + " records " + perTopic);
             })
             .using((success, message, error) -> {
                 System.err.println("debezium engine stopped: success=" + success + " " + message);
