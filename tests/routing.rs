@@ -168,6 +168,48 @@ fn a_crash_between_produce_and_commit_routes_nothing_twice() {
     });
 }
 
+/// A restarted pod takes up a crashed batch in smaller batches than the crashed one (its batch
+/// boundaries need not be the same): what the crashed batch left in the output past the first
+/// of them is not routed again by the later ones, which no longer look unsure (found by the
+/// suite's routing_debezium test: one change routed twice after a SIGKILL).
+#[test]
+fn a_successor_taking_up_a_crashed_batch_in_smaller_batches_routes_nothing_twice() {
+    run_test(async {
+        let db = sink_db("route_split").await;
+        let client = pg(&db).await;
+        let source = unique("orders").replace('_', "-");
+        let output = unique("split-cancellations").replace('_', "-");
+        let routes = routes(&cancellations(&output));
+        let tp = TopicPartition::new(&source, 0);
+
+        let mut sink = route_sink(&routes, &db, "split").await;
+        sink.checkpoints(std::slice::from_ref(&tp)).await.unwrap();
+        sink.write(&orders(&source, 0, 0..150)).await.unwrap();
+        fail_route_commits(&client).await;
+        assert!(sink.write(&orders(&source, 0, 150..300)).await.is_err());
+        allow_route_commits(&client).await;
+
+        let mut restarted = route_sink(&routes, &db, "split").await;
+        restarted
+            .checkpoints(std::slice::from_ref(&tp))
+            .await
+            .unwrap();
+        for offsets in [150..200, 200..260, 260..330] {
+            restarted.write(&orders(&source, 0, offsets)).await.unwrap();
+        }
+
+        let got = read_routed(&output);
+        let duplicated: Vec<_> = got
+            .iter()
+            .filter(|(_, v)| v.len() > 1)
+            .map(|(k, _)| k)
+            .collect();
+        assert!(duplicated.is_empty(), "routed twice: {duplicated:?}");
+        let got_keys: Vec<(String, i32, i64)> = got.keys().cloned().collect();
+        assert_eq!(got_keys, expected(&source, 0, 0..330));
+    });
+}
+
 /// The old owner of a partition has not noticed the rebalance (no revoke reached it), and its
 /// successor crashed after producing a batch, before the commit: the checkpoint is where the
 /// old owner left it, so only the successor's counted attempt tells it to read the output first.

@@ -71,6 +71,12 @@ pub struct RouteSink {
     /// A stored count that differs means another writer attempted a batch since, which may have
     /// reached the outputs without a commit, even where the checkpoint has not moved.
     attempts: HashMap<TopicPartition, i64>,
+    /// Records of another writer's unfinished batch that a tail read found in the outputs
+    /// (filter, source partition, source offset), past the end of the batch that read them.
+    /// Once this sink commits that batch its partitions no longer look unsure, so its later
+    /// batches skip these by this set instead (a restarted pod's batches need not end where the
+    /// crashed one's did). Dropped as the checkpoint passes them.
+    found_ahead: HashSet<(String, TopicPartition, i64)>,
     /// (filter, source partition) pairs whose progress row is known to exist.
     ensured: HashSet<(usize, TopicPartition)>,
     /// Each filter's counters, by its position in the file.
@@ -106,6 +112,7 @@ impl RouteSink {
             schemas: Box::new(OutputSchemas::new(kafka.schema_registry.as_ref())?),
             committed: HashMap::new(),
             attempts: HashMap::new(),
+            found_ahead: HashSet::new(),
             ensured: HashSet::new(),
             metrics: routes
                 .filters
@@ -238,7 +245,7 @@ impl RouteSink {
             })
             .cloned()
             .collect();
-        let mut present: HashSet<(String, TopicPartition, i64)> = HashSet::new();
+        let mut present: HashSet<(String, TopicPartition, i64)> = self.found_ahead.clone();
         if !unsure.is_empty() {
             let reads: Vec<(String, String, i32, i64, TopicPartition)> = progress
                 .iter()
@@ -410,6 +417,8 @@ impl RouteSink {
         tx.commit().await.map_err(pg_err("committing"))?;
         self.committed
             .extend(next.iter().map(|(tp, o)| (tp.clone(), *o)));
+        present.retain(|(_, tp, offset)| next.get(tp).is_none_or(|n| offset >= n));
+        self.found_ahead = present;
         // Under the lock, every other writer's attempt was accounted for (the tails read) and
         // this commit covers it: the counts as they stand are this sink's now.
         for (tp, n) in stored_attempts {
@@ -489,6 +498,8 @@ impl Sink for RouteSink {
     }
 
     fn revoke(&mut self, partitions: &[TopicPartition]) {
+        self.found_ahead
+            .retain(|(_, tp, _)| !partitions.contains(tp));
         for tp in partitions {
             self.committed.remove(tp);
         }
