@@ -108,32 +108,79 @@ async fn allow_route_commits(client: &tokio_postgres::Client) {
         .unwrap();
 }
 
+/// The output read back (an independent consumer), after checking that it holds each change
+/// of `want` exactly once and nothing else.
+fn routed_once_each(
+    output: &str,
+    want: Vec<(String, i32, i64)>,
+) -> std::collections::BTreeMap<(String, i32, i64), Vec<serde_json::Value>> {
+    let got = read_routed(output);
+    let twice = routed_twice(&got);
+    assert!(twice.is_empty(), "routed twice: {twice:?}");
+    let got_keys: Vec<(String, i32, i64)> = got.keys().cloned().collect();
+    assert_eq!(got_keys, want);
+    got
+}
+
+/// A route sink that routed changes 0..150 of partition 0 of a new source topic, then crashed
+/// on 150..300 between the produce and the commit: its 50 matches are in the output, the
+/// checkpoint does not cover them.
+struct CrashedBatch {
+    db: String,
+    source: String,
+    output: String,
+    routes: Arc<Routes>,
+    tp: TopicPartition,
+    sink: RouteSink,
+}
+
+async fn crash_a_batch(name: &str, output: &str) -> CrashedBatch {
+    let db = sink_db(name).await;
+    let client = pg(&db).await;
+    let source = unique("orders").replace('_', "-");
+    let output = unique(output).replace('_', "-");
+    let routes = routes(&cancellations(&output));
+    let tp = TopicPartition::new(&source, 0);
+
+    let mut sink = route_sink(&routes, &db, name).await;
+    sink.checkpoints(std::slice::from_ref(&tp)).await.unwrap();
+    sink.write(&orders(&source, 0, 0..150)).await.unwrap();
+
+    // The next batch's records reach the broker, then its commit fails (a trigger on the
+    // progress table raises): the crash the checkpoint does not cover.
+    fail_route_commits(&client).await;
+    let failed = sink.write(&orders(&source, 0, 150..300)).await;
+    assert!(failed.is_err(), "the commit was made to fail");
+    let stranded = read_routed(&output)
+        .keys()
+        .filter(|(_, _, o)| *o >= 150)
+        .count();
+    assert_eq!(stranded, 50, "the failed batch's records are in the output");
+    allow_route_commits(&client).await;
+    CrashedBatch {
+        db,
+        source,
+        output,
+        routes,
+        tp,
+        sink,
+    }
+}
+
 #[test]
 fn a_crash_between_produce_and_commit_routes_nothing_twice() {
     run_test(async {
-        let db = sink_db("route_crash").await;
-        let client = pg(&db).await;
-        let source = unique("orders").replace('_', "-");
-        let output = unique("filtered-cancellations").replace('_', "-");
-        let routes = routes(&cancellations(&output));
-        let tp = TopicPartition::new(&source, 0);
-
-        let mut sink = route_sink(&routes, &db, "crash").await;
-        sink.checkpoints(std::slice::from_ref(&tp)).await.unwrap();
-        sink.write(&orders(&source, 0, 0..150)).await.unwrap();
-
-        // The next batch's records reach the broker, then its commit fails (a trigger on the
-        // progress table raises): the crash the checkpoint does not cover.
-        fail_route_commits(&client).await;
-        let failed = sink.write(&orders(&source, 0, 150..300)).await;
-        assert!(failed.is_err(), "the commit was made to fail");
-        let before_retry = read_routed(&output);
-        let stranded = before_retry.keys().filter(|(_, _, o)| *o >= 150).count();
-        assert_eq!(stranded, 50, "the failed batch's records are in the output");
-        allow_route_commits(&client).await;
+        let CrashedBatch {
+            db,
+            source,
+            output,
+            routes,
+            tp,
+            mut sink,
+        } = crash_a_batch("route_crash", "filtered-cancellations").await;
 
         // A new owner (a restarted pod) and the same one retrying both redeliver the batch.
-        let mut restarted = route_sink(&routes, &db, "crash").await;
+        let mut restarted = route_sink(&routes, &db, "route_crash").await;
         restarted
             .checkpoints(std::slice::from_ref(&tp))
             .await
@@ -149,15 +196,7 @@ fn a_crash_between_produce_and_commit_routes_nothing_twice() {
             .await
             .unwrap();
 
-        let got = read_routed(&output);
-        let duplicated: Vec<_> = got
-            .iter()
-            .filter(|(_, v)| v.len() > 1)
-            .map(|(k, _)| k)
-            .collect();
-        assert!(duplicated.is_empty(), "routed twice: {duplicated:?}");
-        let got_keys: Vec<(String, i32, i64)> = got.keys().cloned().collect();
-        assert_eq!(got_keys, expected(&source, 0, 0..330));
+        let got = routed_once_each(&output, expected(&source, 0, 0..330));
         for values in got.values() {
             assert_eq!(
                 values[0]["filterMetadata"]["filterId"],
@@ -175,21 +214,16 @@ fn a_crash_between_produce_and_commit_routes_nothing_twice() {
 #[test]
 fn a_successor_taking_up_a_crashed_batch_in_smaller_batches_routes_nothing_twice() {
     run_test(async {
-        let db = sink_db("route_split").await;
-        let client = pg(&db).await;
-        let source = unique("orders").replace('_', "-");
-        let output = unique("split-cancellations").replace('_', "-");
-        let routes = routes(&cancellations(&output));
-        let tp = TopicPartition::new(&source, 0);
+        let CrashedBatch {
+            db,
+            source,
+            output,
+            routes,
+            tp,
+            ..
+        } = crash_a_batch("route_split", "split-cancellations").await;
 
-        let mut sink = route_sink(&routes, &db, "split").await;
-        sink.checkpoints(std::slice::from_ref(&tp)).await.unwrap();
-        sink.write(&orders(&source, 0, 0..150)).await.unwrap();
-        fail_route_commits(&client).await;
-        assert!(sink.write(&orders(&source, 0, 150..300)).await.is_err());
-        allow_route_commits(&client).await;
-
-        let mut restarted = route_sink(&routes, &db, "split").await;
+        let mut restarted = route_sink(&routes, &db, "route_split").await;
         restarted
             .checkpoints(std::slice::from_ref(&tp))
             .await
@@ -198,15 +232,7 @@ fn a_successor_taking_up_a_crashed_batch_in_smaller_batches_routes_nothing_twice
             restarted.write(&orders(&source, 0, offsets)).await.unwrap();
         }
 
-        let got = read_routed(&output);
-        let duplicated: Vec<_> = got
-            .iter()
-            .filter(|(_, v)| v.len() > 1)
-            .map(|(k, _)| k)
-            .collect();
-        assert!(duplicated.is_empty(), "routed twice: {duplicated:?}");
-        let got_keys: Vec<(String, i32, i64)> = got.keys().cloned().collect();
-        assert_eq!(got_keys, expected(&source, 0, 0..330));
+        routed_once_each(&output, expected(&source, 0, 0..330));
     });
 }
 
@@ -245,15 +271,7 @@ fn a_stale_owner_after_its_successors_crash_routes_nothing_twice() {
 
         // The old owner goes on where it left off, as if nothing happened.
         old.write(&orders(&source, 0, 150..300)).await.unwrap();
-        let got = read_routed(&output);
-        let duplicated: Vec<_> = got
-            .iter()
-            .filter(|(_, v)| v.len() > 1)
-            .map(|(k, _)| k)
-            .collect();
-        assert!(duplicated.is_empty(), "routed twice: {duplicated:?}");
-        let got_keys: Vec<(String, i32, i64)> = got.keys().cloned().collect();
-        assert_eq!(got_keys, expected(&source, 0, 0..300));
+        routed_once_each(&output, expected(&source, 0, 0..300));
     });
 }
 

@@ -99,11 +99,7 @@ fn decoded_source(topic: &str) -> BTreeMap<Coords, Value> {
 /// The routed records of `topic`, decoded by the AvroConverter, each source change once.
 fn decoded_routed(topic: &str) -> BTreeMap<Coords, Value> {
     let routed = read_routed_bytes(topic);
-    let twice: Vec<_> = routed
-        .iter()
-        .filter(|(_, v)| v.len() > 1)
-        .map(|(k, _)| k)
-        .collect();
+    let twice = routed_twice(&routed);
     assert!(twice.is_empty(), "{topic}: routed twice: {twice:?}");
     let values: Vec<Vec<u8>> = routed.values().map(|v| v[0].clone()).collect();
     routed

@@ -329,11 +329,7 @@ fn three_filters_route_real_changes_once_across_a_rebalance_and_a_kill() {
             let want = matching(&sink, &stem, condition).await;
             assert!(!want.is_empty(), "{filter}: the traffic has matches");
             let got = read_routed(&output);
-            let twice: Vec<_> = got
-                .iter()
-                .filter(|(_, v)| v.len() > 1)
-                .map(|(k, _)| k)
-                .collect();
+            let twice = routed_twice(&got);
             assert!(twice.is_empty(), "{filter}: routed twice: {twice:?}");
             let got_set: BTreeSet<(String, i32, i64)> = got.keys().cloned().collect();
             let missing: Vec<_> = want.difference(&got_set).collect();

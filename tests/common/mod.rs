@@ -863,6 +863,14 @@ pub fn read_routed(topic: &str) -> BTreeMap<(String, i32, i64), Vec<serde_json::
         .collect()
 }
 
+/// The source changes `got` (from [`read_routed`] or [`read_routed_bytes`]) holds more than once.
+pub fn routed_twice<V>(got: &BTreeMap<(String, i32, i64), Vec<V>>) -> Vec<&(String, i32, i64)> {
+    got.iter()
+        .filter(|(_, v)| v.len() > 1)
+        .map(|(k, _)| k)
+        .collect()
+}
+
 /// [`read_routed`] with the values as bytes.
 pub fn read_routed_bytes(topic: &str) -> BTreeMap<(String, i32, i64), Vec<Vec<u8>>> {
     let mut out: BTreeMap<(String, i32, i64), Vec<Vec<u8>>> = BTreeMap::new();
