@@ -94,6 +94,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0011_route_attempts",
         sql: include_str!("../sql/0011_route_attempts.sql"),
     },
+    Migration {
+        version: 12,
+        name: "0012_log_resets",
+        sql: include_str!("../sql/0012_log_resets.sql"),
+    },
 ];
 
 /// `host:port/db` of a URL, for error messages: never the credentials.

@@ -30,6 +30,15 @@ impl fmt::Display for TopicPartition {
 /// consumer commits.
 pub type Offsets = HashMap<TopicPartition, i64>;
 
+/// A partition's log: the first offset it still holds, and the next offset it will give (the
+/// high watermark, or one past the last record seen where the broker reports less). A sink
+/// checkpoint past `end` counts records this log never gave: the log started over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogBounds {
+    pub start: i64,
+    pub end: i64,
+}
+
 /// Where one record sits in Kafka.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KafkaCoordinates {

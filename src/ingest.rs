@@ -245,7 +245,7 @@ pub async fn run(
 
     let pipeline = Pipeline::new(
         sinks,
-        consumer.clone(),
+        crate::source::broker::KafkaBroker::new(consumer.clone(), &config.kafka),
         config.batch.clone(),
         readiness.clone(),
         shutdown.clone(),

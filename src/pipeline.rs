@@ -5,20 +5,20 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{CommitMode, Consumer};
-use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::batch::{Batch, Batcher};
 use crate::config::BatchConfig;
-use crate::domain::TopicPartition;
+use crate::domain::{LogBounds, TopicPartition};
 use crate::envelope::Decoded;
 pub use crate::sink::AnySink;
 use crate::sink::{Ack, ErrorClass, Offsets, Sink, SinkError};
-use crate::source::{KafkaConsumer, SourceEvent};
+use crate::source::SourceEvent;
 pub use crate::telemetry::Readiness;
 use crate::telemetry::METRICS;
+
+mod log_reset;
 
 /// How often the run loop logs a progress line.
 const PROGRESS_EVERY: Duration = Duration::from_secs(30);
@@ -54,33 +54,17 @@ impl Backoff {
     }
 }
 
-/// Where Kafka commits go. A trait so unit tests can run the loop without a broker.
+/// Where Kafka commits go, and what the broker says of a partition's log. A trait so unit
+/// tests can run the loop without a broker; `source::broker::KafkaBroker` is the real one.
 pub trait Committer: Send {
     fn commit(&self, offsets: &Offsets, sync: bool);
-}
 
-impl Committer for Arc<KafkaConsumer> {
-    fn commit(&self, offsets: &Offsets, sync: bool) {
-        if offsets.is_empty() {
-            return;
-        }
-        let mut tpl = TopicPartitionList::new();
-        for (tp, o) in offsets {
-            if tpl
-                .add_partition_offset(&tp.topic, tp.partition, Offset::Offset(*o))
-                .is_err()
-            {
-                return;
-            }
-        }
-        let mode = if sync {
-            CommitMode::Sync
-        } else {
-            CommitMode::Async
-        };
-        if let Err(e) = Consumer::commit(self.as_ref(), &tpl, mode) {
-            tracing::warn!(error = %e, "kafka commit failed (monitoring only; sinks hold the checkpoints)");
-        }
+    /// For each partition asked, with the highest checkpoint any sink holds for it: its log's
+    /// bounds, with `end` no lower than what the log is seen to hold (see `log_reset`).
+    /// Partitions the broker does not answer for are left out.
+    fn log_bounds(&self, highest: &[(TopicPartition, i64)]) -> HashMap<TopicPartition, LogBounds> {
+        let _ = highest;
+        HashMap::new()
     }
 }
 
@@ -193,6 +177,7 @@ impl<C: Committer> Pipeline<C> {
                             self.batcher.assign(tp.clone(), starts.get(tp).copied().unwrap_or(0));
                         }
                         self.owned.extend(partitions);
+                        METRICS.assigned.set(self.owned.len() as i64);
                         let _ = reply.send(starts);
                     }
                     Some(SourceEvent::Revoked { partitions, done }) => {
@@ -285,7 +270,7 @@ impl<C: Committer> Pipeline<C> {
     /// some sink has none.
     async fn start_offsets(&mut self, partitions: &[TopicPartition]) -> Offsets {
         let mut per_sink = Vec::with_capacity(self.sinks.len());
-        for (i, sink) in self.sinks.iter_mut().enumerate() {
+        for sink in self.sinks.iter_mut() {
             let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
             let cps = loop {
                 match sink.checkpoints(partitions).await {
@@ -305,8 +290,11 @@ impl<C: Committer> Pipeline<C> {
                     }
                 }
             };
-            self.durable[i].extend(cps.iter().map(|(k, v)| (k.clone(), *v)));
             per_sink.push(cps);
+        }
+        self.take_up_logs_that_started_over(&mut per_sink).await;
+        for (durable, cps) in self.durable.iter_mut().zip(&per_sink) {
+            durable.extend(cps.iter().map(|(k, v)| (k.clone(), *v)));
         }
         partitions
             .iter()
@@ -340,6 +328,7 @@ impl<C: Committer> Pipeline<C> {
                 d.remove(tp);
             }
         }
+        METRICS.assigned.set(self.owned.len() as i64);
         self.batcher
             .retain_partitions(|tp| !partitions.contains(tp));
     }

@@ -23,6 +23,8 @@ pub struct Metrics {
     pub lag: IntGaugeVec,
     pub committed: IntGaugeVec,
     pub ready: IntGauge,
+    /// Partitions this pod owns (set once their start offsets are known).
+    pub assigned: IntGauge,
     pub compaction_runs: IntCounterVec,
     pub compaction_files: IntCounterVec,
     /// Per filter id: changes its condition held for, records acknowledged in its topic, and
@@ -30,6 +32,10 @@ pub struct Metrics {
     pub route_matched: IntCounterVec,
     pub route_routed: IntCounterVec,
     pub route_errors: IntCounterVec,
+    /// Partitions found with a sink checkpoint past the log's end (the log started over), per
+    /// sink and outcome: `rebased` (taken up from the new log's start) or `kept` (this sink
+    /// cannot; the new log's records below its checkpoint are not stored by it).
+    pub log_resets: IntCounterVec,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -54,6 +60,13 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "cdc_lake_records_written_total",
             "Records durably written, per sink",
             &["sink"],
+            r
+        )
+        .expect("metric registers"),
+        log_resets: register_int_counter_vec_with_registry!(
+            "cdc_lake_log_resets_total",
+            "Partitions whose log started over below a sink's checkpoint, per sink and outcome (rebased, kept)",
+            &["sink", "outcome"],
             r
         )
         .expect("metric registers"),
@@ -119,6 +132,12 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "cdc_lake_committed_offset",
             "Offset committed to Kafka (the lowest durable sink checkpoint), per partition",
             &["topic", "partition"],
+            r
+        )
+        .expect("metric registers"),
+        assigned: register_int_gauge_with_registry!(
+            "cdc_lake_assigned_partitions",
+            "Partitions this pod owns, counted once their start offsets are known",
             r
         )
         .expect("metric registers"),

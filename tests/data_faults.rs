@@ -594,3 +594,146 @@ fn prune_after_lake_unsafe_names_keeps_every_change_somewhere() {
         );
     });
 }
+
+/// A topic that starts over (deleted and created again, or a broker that lost its storage, as
+/// the dev broker does on every restart) reuses offsets the sinks' checkpoints already passed.
+/// Its records used to count as already stored and vanish. Now the raw log and the mirror take
+/// up the new log from its start: the raw log holds exactly the new log, the old log's rows
+/// moved to `cdc_raw.cdc_events_superseded`, the mirror holds the changes of both logs, and
+/// each reset is recorded. The lake cannot take up a new log yet and keeps its checkpoint; the
+/// pod reports that (docs/delivery-semantics.md, "A log that starts over").
+#[test]
+fn a_topic_that_starts_over_is_stored_from_its_start() {
+    run_test(async {
+        let prefix = unique("restart").replace('_', "-");
+        let topic = format!("{prefix}.public.items");
+        let record = |id: i64, lsn: i64| {
+            rec(
+                "items",
+                &format!(r#"{{"id":{id}}}"#),
+                &format!(r#"{{"id":{id},"v":"v{id}"}}"#),
+                lsn,
+            )
+        };
+        let old: Vec<Rec> = (1..=40).map(|id| record(id, 1_000 + id)).collect();
+        let old_offsets = produce_to(&topic, &old).await;
+        let db = fresh_db("restart").await;
+        let lake = LakeTarget::local("restart");
+        let cfg = config(&db, &prefix, &lake, &[("CDC_LAKE__BATCH__MAX_AGE", "50ms")]);
+        cdc_lake::ingest::migrate(&cfg).await.unwrap();
+        let client = pg(&db).await;
+        let pod = Pod::start(cfg.clone());
+        wait_until(
+            "the old log in the raw log and the mirror",
+            Duration::from_secs(60),
+            || async {
+                checkpoint(&client, "raw", &topic).await == Some(40)
+                    && checkpoint(&client, "state", &topic).await == Some(40)
+            },
+        )
+        .await;
+        pod.stop().await;
+
+        delete_topic(&topic).await;
+        let new: Vec<Rec> = (101..=110).map(|id| record(id, 10_000 + id)).collect();
+        let new_offsets = produce_to(&topic, &new).await;
+        assert_eq!(
+            new_offsets,
+            (0..10).collect::<Vec<i64>>(),
+            "the new log starts over"
+        );
+        let kept_before = METRICS
+            .log_resets
+            .with_label_values(&["lake", "kept"])
+            .get();
+
+        let pod = Pod::start(cfg.clone());
+        wait_until(
+            "the new log in the raw log and the mirror",
+            Duration::from_secs(60),
+            || async {
+                checkpoint(&client, "raw", &topic).await == Some(10)
+                    && checkpoint(&client, "state", &topic).await == Some(10)
+            },
+        )
+        .await;
+        pod.stop().await;
+
+        // The oracle is what the broker was given: (offset, id) of each log.
+        let pairs = |offsets: &[i64], ids: std::ops::RangeInclusive<i64>| -> Vec<(i64, String)> {
+            offsets
+                .iter()
+                .copied()
+                .zip(ids.map(|i| i.to_string()))
+                .collect()
+        };
+        let read = |table: &'static str| {
+            let client = &client;
+            let topic = &topic;
+            async move {
+                client
+                    .query(
+                        &format!(
+                            "SELECT kafka_offset, after_data->>'id' FROM cdc_raw.{table}
+                              WHERE kafka_topic = $1 ORDER BY 1"
+                        ),
+                        &[topic],
+                    )
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(|r| (r.get::<_, i64>(0), r.get::<_, String>(1)))
+                    .collect::<Vec<_>>()
+            }
+        };
+        assert_eq!(
+            read("cdc_events").await,
+            pairs(&new_offsets, 101..=110),
+            "the raw log holds the new log"
+        );
+        assert_eq!(
+            read("cdc_events_superseded").await,
+            pairs(&old_offsets, 1..=40),
+            "the old log's rows are kept aside"
+        );
+        let mirrored: Vec<i64> = client
+            .query("SELECT id FROM cdc_processed.items ORDER BY 1", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let both: Vec<i64> = (1..=40).chain(101..=110).collect();
+        assert_eq!(mirrored, both, "the mirror holds the changes of both logs");
+        let resets: Vec<(String, i64, i64)> = client
+            .query(
+                "SELECT sink, stale_offset, log_start FROM cdc_lake.log_resets
+                  WHERE kafka_topic = $1 ORDER BY 1",
+                &[&topic],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect();
+        assert_eq!(
+            resets,
+            vec![("raw".to_string(), 40, 0), ("state".to_string(), 40, 0)]
+        );
+        // The lake's limit, as documented: it kept its checkpoint, holds the old log only, and
+        // the pod counted that.
+        let in_lake: Vec<i64> = lake_coords(&lake.check())
+            .into_iter()
+            .filter(|c| c.0 == topic)
+            .map(|c| c.2)
+            .collect();
+        assert_eq!(in_lake, old_offsets, "the lake holds the old log");
+        assert!(
+            METRICS
+                .log_resets
+                .with_label_values(&["lake", "kept"])
+                .get()
+                > kept_before
+        );
+    });
+}

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use tokio_postgres::{GenericClient, Transaction};
 
 use super::{Offsets, SinkError};
-use crate::domain::TopicPartition;
+use crate::domain::{LogBounds, TopicPartition};
 
 fn pg_err<'a>(
     sink: &'static str,
@@ -149,6 +149,62 @@ pub async fn advance(
     .await
     .map_err(pg_err(sink, "advancing checkpoints"))?;
     Ok(())
+}
+
+/// Moves a checkpoint that is past its partition's log end back to the log's start and records
+/// the reset in `cdc_lake.log_resets`, inside the sink's transaction. Only a checkpoint still at
+/// `stale` moves: a concurrent owner may have taken the partition up first. Returns the
+/// checkpoint stored afterwards, and whether this call moved it.
+pub async fn rebase(
+    tx: &Transaction<'_>,
+    sink: &'static str,
+    consumer: &str,
+    tp: &TopicPartition,
+    stale: i64,
+    log: LogBounds,
+) -> Result<(i64, bool), SinkError> {
+    let moved = tx
+        .query_opt(
+            "UPDATE cdc_lake.checkpoints
+                SET next_offset = $5, updated_at = now()
+              WHERE sink = $1 AND consumer = $2 AND kafka_topic = $3 AND kafka_partition = $4
+                AND next_offset = $6
+             RETURNING next_offset",
+            &[
+                &sink,
+                &consumer,
+                &tp.topic,
+                &tp.partition,
+                &log.start,
+                &stale,
+            ],
+        )
+        .await
+        .map_err(pg_err(
+            sink,
+            "moving a checkpoint back to the start of a new log",
+        ))?;
+    if moved.is_none() {
+        let now = load(tx, sink, consumer, std::slice::from_ref(tp)).await?;
+        return Ok((now.get(tp).copied().unwrap_or(0), false));
+    }
+    tx.execute(
+        "INSERT INTO cdc_lake.log_resets
+             (sink, consumer, kafka_topic, kafka_partition, stale_offset, log_start, log_end)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        &[
+            &sink,
+            &consumer,
+            &tp.topic,
+            &tp.partition,
+            &stale,
+            &log.start,
+            &log.end,
+        ],
+    )
+    .await
+    .map_err(pg_err(sink, "recording a log reset"))?;
+    Ok((log.start, true))
 }
 
 #[cfg(test)]

@@ -28,7 +28,7 @@ use std::collections::HashMap;
 use std::future::Future;
 
 use crate::batch::Batch;
-use crate::domain::TopicPartition;
+use crate::domain::{LogBounds, TopicPartition};
 use crate::envelope::{ChangeEvent, Decoded};
 
 pub use crate::db::pg_detail;
@@ -187,6 +187,32 @@ pub(crate) async fn connect(
         })
 }
 
+/// Moves the rejects of `stages` at or above `from` on `tp` to `cdc_raw.cdc_rejects_superseded`,
+/// when the partition's log started over and its new records reuse those offsets.
+pub(crate) async fn supersede_rejects(
+    tx: &tokio_postgres::Transaction<'_>,
+    sink: &'static str,
+    stages: &[&str],
+    tp: &TopicPartition,
+    from: i64,
+) -> Result<u64, SinkError> {
+    tx.execute(
+        "WITH moved AS (
+             DELETE FROM cdc_raw.cdc_rejects
+              WHERE kafka_topic = $1 AND kafka_partition = $2 AND kafka_offset >= $3
+                AND stage = ANY($4)
+             RETURNING *)
+         INSERT INTO cdc_raw.cdc_rejects_superseded SELECT * FROM moved",
+        &[&tp.topic, &tp.partition, &from, &stages],
+    )
+    .await
+    .map_err(|source| SinkError::Postgres {
+        sink,
+        context: "moving the old log's rejects aside".into(),
+        source,
+    })
+}
+
 /// Records a change that sink `sink` cannot take in `cdc_raw.cdc_rejects`, at `stage`, with the
 /// reason, in the sink's own transaction (so the reject and the checkpoint commit together).
 pub(crate) async fn record_reject(
@@ -277,6 +303,22 @@ pub trait Sink: Send {
 
     /// Forgets buffered data of partitions this consumer no longer owns. Nothing is written.
     fn revoke(&mut self, partitions: &[TopicPartition]);
+
+    /// Takes up a partition whose log started over: this sink's checkpoint is past the log's
+    /// end (`stale` > `log.end`), so every record of the new log would otherwise pass
+    /// as already stored. Moves the checkpoint back to the log's start in one transaction,
+    /// keeping what the old log left (moved aside where the new log reuses its offsets), and
+    /// returns the checkpoint now stored. `None`: this sink cannot, and keeps its checkpoint;
+    /// the pipeline reports it.
+    fn rebase(
+        &mut self,
+        tp: &TopicPartition,
+        stale: i64,
+        log: LogBounds,
+    ) -> impl Future<Output = Result<Option<i64>, SinkError>> + Send {
+        let _ = (tp, stale, log);
+        async { Ok(None) }
+    }
 }
 
 /// Narrows a failed set of records down to the ones that cause a [`ErrorClass::BadData`]
@@ -407,6 +449,14 @@ impl Sink for AnySink {
     }
     fn revoke(&mut self, partitions: &[TopicPartition]) {
         each_sink!(self, s => s.revoke(partitions))
+    }
+    async fn rebase(
+        &mut self,
+        tp: &TopicPartition,
+        stale: i64,
+        log: LogBounds,
+    ) -> Result<Option<i64>, SinkError> {
+        each_sink!(self, s => s.rebase(tp, stale, log).await)
     }
 }
 

@@ -13,7 +13,7 @@ use tokio_postgres::{Client, Transaction};
 use super::{checkpoint, Ack, Bisect, ErrorClass, Offsets, Savepoint, Sink, SinkError, WriteStats};
 use crate::batch::Batch;
 use crate::config::PostgresConfig;
-use crate::domain::{KafkaCoordinates, TopicPartition};
+use crate::domain::{KafkaCoordinates, LogBounds, TopicPartition};
 use crate::envelope::avro::WriterSchema;
 use crate::envelope::{ChangeEvent, Decoded, RowSchema};
 
@@ -465,4 +465,37 @@ impl Sink for RawSink {
     }
 
     fn revoke(&mut self, _partitions: &[TopicPartition]) {}
+
+    /// The old log's rows at offsets the new log reuses move to `cdc_raw.cdc_events_superseded`
+    /// (and its rejects to `cdc_rejects_superseded`) in the checkpoint's transaction: the
+    /// audit keeps both logs, and the live log holds one record per offset of the current one.
+    async fn rebase(
+        &mut self,
+        tp: &TopicPartition,
+        stale: i64,
+        log: LogBounds,
+    ) -> Result<Option<i64>, SinkError> {
+        let consumer = self.consumer.clone();
+        let client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_err("beginning"))?;
+        let (next, moved) = checkpoint::rebase(&tx, NAME, &consumer, tp, stale, log).await?;
+        if moved {
+            let events = tx
+                .execute(
+                    "WITH moved AS (
+                         DELETE FROM cdc_raw.cdc_events
+                          WHERE kafka_topic = $1 AND kafka_partition = $2 AND kafka_offset >= $3
+                         RETURNING *)
+                     INSERT INTO cdc_raw.cdc_events_superseded SELECT * FROM moved",
+                    &[&tp.topic, &tp.partition, &log.start],
+                )
+                .await
+                .map_err(pg_err("moving the old log's rows aside"))?;
+            let rejects =
+                super::supersede_rejects(&tx, NAME, &["decode", STAGE], tp, log.start).await?;
+            tracing::warn!(%tp, events, rejects, "raw log: the old log's rows from the new log's start moved to cdc_raw.cdc_events_superseded");
+        }
+        tx.commit().await.map_err(pg_err("committing"))?;
+        Ok(Some(next))
+    }
 }

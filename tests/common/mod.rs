@@ -224,6 +224,22 @@ pub async fn create_topics(topics: &BTreeSet<String>, partitions: i32) {
     }
 }
 
+/// Deletes a topic, as an operator (or a broker that lost its storage) would: a topic created
+/// again under the same name starts its offsets over.
+pub async fn delete_topic(topic: &str) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", broker())
+        .create()
+        .unwrap();
+    for r in admin
+        .delete_topics(&[topic], &AdminOptions::new())
+        .await
+        .unwrap()
+    {
+        r.unwrap_or_else(|(t, e)| panic!("delete topic {t}: {e:?}"));
+    }
+}
+
 pub fn producer() -> FutureProducer {
     ClientConfig::new()
         .set("bootstrap.servers", broker())

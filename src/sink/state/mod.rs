@@ -28,7 +28,7 @@ use crate::batch::Batch;
 use crate::config::{
     DeleteMode, PostgresConfig, StateConfig, Target, TimePrecisionMode, PROCESSED_TARGET,
 };
-use crate::domain::{Ident, TableId, TopicPartition};
+use crate::domain::{Ident, LogBounds, TableId, TopicPartition};
 use crate::envelope::ChangeEvent;
 use crate::naming::MirrorNaming;
 
@@ -395,4 +395,29 @@ impl Sink for StateSink {
     }
 
     fn revoke(&mut self, _partitions: &[TopicPartition]) {}
+
+    /// Rows need nothing: the ordering guard compares source positions (LSNs) before offsets,
+    /// so the new log's changes apply over what the old one left. Rejects at reused offsets
+    /// move aside, so the new log's rejects can be recorded.
+    async fn rebase(
+        &mut self,
+        tp: &TopicPartition,
+        stale: i64,
+        log: LogBounds,
+    ) -> Result<Option<i64>, SinkError> {
+        self.connect().await?;
+        let name = self.name;
+        let consumer = self.consumer.clone();
+        let client = self.client.as_mut().expect("connected");
+        let tx = client
+            .transaction()
+            .await
+            .map_err(pg_err(name, "beginning"))?;
+        let (next, moved) = checkpoint::rebase(&tx, name, &consumer, tp, stale, log).await?;
+        if moved {
+            super::supersede_rejects(&tx, name, &[name], tp, log.start).await?;
+        }
+        tx.commit().await.map_err(pg_err(name, "committing"))?;
+        Ok(Some(next))
+    }
 }
