@@ -245,7 +245,7 @@ pub async fn run(
 
     let pipeline = Pipeline::new(
         sinks,
-        crate::source::broker::KafkaBroker::new(consumer.clone(), &config.kafka),
+        crate::pipeline::KafkaBroker::new(consumer.clone(), &config.kafka),
         config.batch.clone(),
         readiness.clone(),
         shutdown.clone(),

@@ -18,7 +18,10 @@ use crate::source::SourceEvent;
 pub use crate::telemetry::Readiness;
 use crate::telemetry::METRICS;
 
+mod kafka;
 mod log_reset;
+
+pub use kafka::KafkaBroker;
 
 /// How often the run loop logs a progress line.
 const PROGRESS_EVERY: Duration = Duration::from_secs(30);
@@ -55,7 +58,7 @@ impl Backoff {
 }
 
 /// Where Kafka commits go, and what the broker says of a partition's log. A trait so unit
-/// tests can run the loop without a broker; `source::broker::KafkaBroker` is the real one.
+/// tests can run the loop without a broker; [`KafkaBroker`] is the real one.
 pub trait Committer: Send {
     fn commit(&self, offsets: &Offsets, sync: bool);
 

@@ -615,8 +615,28 @@ fn a_topic_that_starts_over_is_stored_from_its_start() {
                 lsn,
             )
         };
-        let old: Vec<Rec> = (1..=40).map(|id| record(id, 1_000 + id)).collect();
-        let old_offsets = produce_to(&topic, &old).await;
+        // The old log in one produce batch: the dev broker then reports a high watermark of 1
+        // (one past the batch's first offset), so the pod must read the log to see that its
+        // checkpoints are still inside it.
+        create_topics(&BTreeSet::from([topic.clone()]), 1).await;
+        let p = producer();
+        let sends = (1..=40).map(|id| record(id, 1_000 + id)).map(|r| {
+            let p = p.clone();
+            let topic = topic.clone();
+            async move {
+                let fr = FutureRecord::to(&topic)
+                    .partition(0)
+                    .key(&r.key)
+                    .payload(&r.value);
+                p.send(fr, Duration::from_secs(10))
+                    .await
+                    .map(|d| d.offset)
+                    .map_err(|(e, _)| e)
+                    .unwrap()
+            }
+        });
+        let mut old_offsets = futures::future::join_all(sends).await;
+        assert_eq!(old_offsets, (0..40).collect::<Vec<i64>>());
         let db = fresh_db("restart").await;
         let lake = LakeTarget::local("restart");
         let cfg = config(&db, &prefix, &lake, &[("CDC_LAKE__BATCH__MAX_AGE", "50ms")]);
@@ -633,6 +653,20 @@ fn a_topic_that_starts_over_is_stored_from_its_start() {
         )
         .await;
         pod.stop().await;
+        // A restart on the same log moves nothing, whatever the watermark says.
+        let pod = Pod::start(cfg.clone());
+        old_offsets.extend(produce_to(&topic, &[record(41, 1_041)]).await);
+        wait_until("one more change", Duration::from_secs(60), || async {
+            checkpoint(&client, "raw", &topic).await == Some(41)
+                && checkpoint(&client, "state", &topic).await == Some(41)
+        })
+        .await;
+        pod.stop().await;
+        assert_eq!(
+            count(&client, "SELECT count(*) FROM cdc_lake.log_resets").await,
+            0,
+            "a restart on the same log is no reset"
+        );
 
         delete_topic(&topic).await;
         let new: Vec<Rec> = (101..=110).map(|id| record(id, 10_000 + id)).collect();
@@ -693,7 +727,7 @@ fn a_topic_that_starts_over_is_stored_from_its_start() {
         );
         assert_eq!(
             read("cdc_events_superseded").await,
-            pairs(&old_offsets, 1..=40),
+            pairs(&old_offsets, 1..=41),
             "the old log's rows are kept aside"
         );
         let mirrored: Vec<i64> = client
@@ -703,7 +737,7 @@ fn a_topic_that_starts_over_is_stored_from_its_start() {
             .iter()
             .map(|r| r.get(0))
             .collect();
-        let both: Vec<i64> = (1..=40).chain(101..=110).collect();
+        let both: Vec<i64> = (1..=41).chain(101..=110).collect();
         assert_eq!(mirrored, both, "the mirror holds the changes of both logs");
         let resets: Vec<(String, i64, i64)> = client
             .query(
@@ -718,7 +752,7 @@ fn a_topic_that_starts_over_is_stored_from_its_start() {
             .collect();
         assert_eq!(
             resets,
-            vec![("raw".to_string(), 40, 0), ("state".to_string(), 40, 0)]
+            vec![("raw".to_string(), 41, 0), ("state".to_string(), 41, 0)]
         );
         // The lake's limit, as documented: it kept its checkpoint, holds the old log only, and
         // the pod counted that.
@@ -735,5 +769,70 @@ fn a_topic_that_starts_over_is_stored_from_its_start() {
                 .get()
                 > kept_before
         );
+    });
+}
+
+/// How far a log reaches, as the pod asks it when it takes a partition, against the real broker:
+/// a checkpoint inside the log is inside it even when the broker's watermark says otherwise
+/// (the dev broker reports one past the first offset of the last batch: 1 after 40 records in
+/// one batch), and a checkpoint past the log is past it.
+#[test]
+fn the_log_probe_sees_the_log_end_past_a_short_watermark() {
+    run_test(async {
+        use cdc_lake::pipeline::Committer;
+        let prefix = unique("probe").replace('_', "-");
+        let topic = format!("{prefix}.public.items");
+        create_topics(&BTreeSet::from([topic.clone()]), 1).await;
+        let p = producer();
+        let sends = (0..40).map(|i| {
+            let (p, topic) = (p.clone(), topic.clone());
+            async move {
+                let value = format!("{i}");
+                p.send(
+                    FutureRecord::to(&topic)
+                        .partition(0)
+                        .key("k")
+                        .payload(&value),
+                    Duration::from_secs(10),
+                )
+                .await
+                .map(|d| d.offset)
+                .map_err(|(e, _)| e)
+                .unwrap()
+            }
+        });
+        assert_eq!(
+            futures::future::join_all(sends).await,
+            (0..40).collect::<Vec<i64>>()
+        );
+        let db = fresh_db("probe").await;
+        let lake = LakeTarget::local("probe");
+        let cfg = config(&db, &prefix, &lake, &[]);
+        let (events, _unused) = tokio::sync::mpsc::channel(1);
+        let (consumer, _) =
+            cdc_lake::source::create_consumer(&cfg.kafka, events, Duration::from_secs(1)).unwrap();
+        let (_, watermark) = rdkafka::consumer::Consumer::fetch_watermarks(
+            consumer.as_ref(),
+            &topic,
+            0,
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        println!("high watermark after 40 records in one batch: {watermark}");
+        let broker = cdc_lake::pipeline::KafkaBroker::new(consumer, &cfg.kafka);
+        let tp = cdc_lake::domain::TopicPartition::new(&topic, 0);
+        for (checkpoint, end) in [(40, 40), (25, 40.max(watermark)), (90, 40)] {
+            let bounds = broker.log_bounds(&[(tp.clone(), checkpoint)]);
+            let seen = bounds[&tp].end;
+            assert!(
+                seen >= end.min(checkpoint) && seen <= 40,
+                "checkpoint {checkpoint}: the log reaches {seen}, expected {end}"
+            );
+            assert_eq!(
+                checkpoint > seen,
+                checkpoint > 40,
+                "checkpoint {checkpoint} against a log of 40 records (reported end {seen})"
+            );
+        }
     });
 }

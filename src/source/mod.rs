@@ -28,7 +28,6 @@ use crate::domain::TopicPartition;
 use crate::envelope::Decoded;
 use crate::telemetry::{Readiness, METRICS};
 
-pub mod broker;
 mod decode;
 pub mod registry;
 

@@ -7,18 +7,19 @@ use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
-use super::KafkaConsumer;
+use super::Committer;
 use crate::config::KafkaConfig;
 use crate::domain::{LogBounds, Offsets, TopicPartition};
-use crate::pipeline::Committer;
+use crate::source::KafkaConsumer;
 
 /// How long the broker has to report a partition's watermarks.
 const WATERMARKS_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long the probe reads a log that seems shorter than a checkpoint. A log that reaches
-/// the checkpoint answers within one fetch; only a log that started over waits this long.
+/// How long the probe may read one partition whose watermark is below a checkpoint. It ends
+/// well before: at a record just below the checkpoint, or at the log's end (partition EOF).
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
 pub struct KafkaBroker {
@@ -38,63 +39,51 @@ impl KafkaBroker {
             .set("group.id", format!("{}-log-probe", cfg.group_id))
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
-            // Past the end the probe gets nothing rather than jumping back to the start.
+            // Past the end the probe gets nothing rather than jumping back to the start; at the
+            // end it gets an EOF event.
             .set("auto.offset.reset", "error")
+            .set("enable.partition.eof", "true")
             .set("fetch.wait.max.ms", "50")
             .set("client.id", "cdc-lake-log-probe");
         Self { consumer, probe }
     }
 
-    /// Reads each partition from just below the lowest checkpoint its watermark does not
-    /// cover, up to the highest one, and returns one past the last offset it saw per
-    /// partition. The high watermark alone cannot be trusted here: the dev broker (tansu)
-    /// reports one past the *first* offset of the last batch, so a checkpoint sits past it after
-    /// any batch of several records (measured: 5 records in one batch, watermark 1).
-    fn read_ends(&self, from: &[(TopicPartition, i64, i64)]) -> HashMap<TopicPartition, i64> {
-        let mut seen = HashMap::new();
-        let reader: BaseConsumer = match self.probe.create() {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot create the log probe; a log that started over goes unnoticed");
-                return seen;
-            }
-        };
+    /// How far `tp`'s log reaches, read from `from` (the last offset the watermark vouches for)
+    /// towards `checkpoint`: `checkpoint` once a record just below it is seen, else one past
+    /// the last record before the broker says there is nothing more (partition EOF). `None`
+    /// when neither happens in time: undecided, so nothing is moved.
+    ///
+    /// The watermark alone cannot be trusted here: the dev broker (tansu) reports one past the
+    /// *first* offset of the last batch, so after any batch of several records a checkpoint
+    /// sits past it (measured: 40 records in one batch, watermark 1). A reader of its own per
+    /// partition, so an EOF event is always this partition's (rdkafka's names only the
+    /// partition number).
+    fn read_end(&self, tp: &TopicPartition, from: i64, checkpoint: i64) -> Option<i64> {
+        let reader: BaseConsumer = self
+            .probe
+            .create()
+            .inspect_err(|e| tracing::warn!(%tp, error = %e, "cannot create the log probe"))
+            .ok()?;
         let mut tpl = TopicPartitionList::new();
-        for (tp, lowest, _) in from {
-            if tpl
-                .add_partition_offset(&tp.topic, tp.partition, Offset::Offset(lowest - 1))
-                .is_err()
-            {
-                return seen;
-            }
-        }
-        if let Err(e) = reader.assign(&tpl) {
-            tracing::warn!(error = %e, "log probe: assign failed");
-            return seen;
-        }
-        let wanted: HashMap<(&str, i32), i64> = from
-            .iter()
-            .map(|(tp, _, highest)| ((tp.topic.as_str(), tp.partition), *highest))
-            .collect();
-        let mut reached = 0;
+        tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(from))
+            .ok()?;
+        reader.assign(&tpl).ok()?;
         let deadline = Instant::now() + PROBE_TIMEOUT;
-        while reached < wanted.len() && Instant::now() < deadline {
-            let Some(Ok(m)) = reader.poll(Duration::from_millis(100)) else {
-                continue;
-            };
-            let Some(highest) = wanted.get(&(m.topic(), m.partition())) else {
-                continue;
-            };
-            let end = seen
-                .entry(TopicPartition::new(m.topic(), m.partition()))
-                .or_insert(0);
-            let before = *end;
-            *end = (*end).max(m.offset() + 1);
-            if before < *highest && *end >= *highest {
-                reached += 1;
+        let mut next = from;
+        while Instant::now() < deadline {
+            match reader.poll(Duration::from_millis(100)) {
+                Some(Ok(m)) => {
+                    next = next.max(m.offset() + 1);
+                    if next >= checkpoint {
+                        return Some(next);
+                    }
+                }
+                Some(Err(KafkaError::PartitionEOF(_))) => return Some(next),
+                _ => {}
             }
         }
-        seen
+        tracing::warn!(%tp, checkpoint, "log probe: no answer in time; the partition is taken as it is");
+        None
     }
 }
 
@@ -124,6 +113,8 @@ impl Committer for KafkaBroker {
 
     fn log_bounds(&self, highest: &[(TopicPartition, i64)]) -> HashMap<TopicPartition, LogBounds> {
         let mut bounds = HashMap::new();
+        // Partitions whose watermark is below the checkpoint: read to tell a short watermark from a
+        // log that started over.
         let mut unsure = Vec::new();
         for (tp, checkpoint) in highest {
             match self
@@ -132,7 +123,7 @@ impl Committer for KafkaBroker {
             {
                 Ok((start, end)) => {
                     if *checkpoint > end {
-                        unsure.push((tp.clone(), end.max(1), *checkpoint));
+                        unsure.push((tp.clone(), (end - 1).max(0), *checkpoint));
                     }
                     bounds.insert(tp.clone(), LogBounds { start, end });
                 }
@@ -141,10 +132,15 @@ impl Committer for KafkaBroker {
                 }
             }
         }
-        if !unsure.is_empty() {
-            for (tp, end) in self.read_ends(&unsure) {
-                if let Some(b) = bounds.get_mut(&tp) {
-                    b.end = b.end.max(end);
+        for (tp, from, checkpoint) in unsure {
+            match self.read_end(&tp, from, checkpoint) {
+                Some(end) => {
+                    if let Some(b) = bounds.get_mut(&tp) {
+                        b.end = b.end.max(end);
+                    }
+                }
+                None => {
+                    bounds.remove(&tp);
                 }
             }
         }
