@@ -122,6 +122,11 @@ impl<C: Committer> Pipeline<C> {
         for sink in &sinks {
             METRICS.written.with_label_values(&[sink.name()]);
             METRICS.sink_errors.with_label_values(&[sink.name()]);
+            for outcome in ["rebased", "kept"] {
+                METRICS
+                    .log_resets
+                    .with_label_values(&[sink.name(), outcome]);
+            }
         }
         Self {
             sinks,
