@@ -1,7 +1,8 @@
-//! The run loop: receive decoded records, batch them, write every sink concurrently, and
-//! commit to Kafka the lowest offset that every sink holds durably.
+//! The run loop: receive decoded records, batch them, hand each batch to every sink's lane
+//! (`lanes`), and commit to Kafka the lowest offset that every sink holds durably.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,13 +14,16 @@ use crate::config::BatchConfig;
 use crate::domain::{LogBounds, TopicPartition};
 use crate::envelope::Decoded;
 pub use crate::sink::AnySink;
-use crate::sink::{Ack, ErrorClass, Offsets, Sink, SinkError};
+use crate::sink::{ErrorClass, Offsets, Sink, SinkError};
 use crate::source::SourceEvent;
 pub use crate::telemetry::Readiness;
 use crate::telemetry::METRICS;
 
 mod kafka;
+mod lanes;
 mod log_reset;
+
+use lanes::{Job, LaneContext, Lanes, Report};
 
 pub use kafka::KafkaBroker;
 
@@ -72,7 +76,18 @@ pub trait Committer: Send {
 }
 
 pub struct Pipeline<C: Committer> {
+    /// The sinks while no lane runs (at start, and while partitions are assigned or revoked);
+    /// empty while `lanes` holds them.
     sinks: Vec<AnySink>,
+    lanes: Option<Lanes>,
+    names: Vec<&'static str>,
+    /// Every lane's reports arrive here; the pipeline keeps a sender so it never closes.
+    reports: mpsc::UnboundedReceiver<Report>,
+    lane_context: LaneContext,
+    /// Per sink: it is retrying a failed job (the pod is not ready meanwhile).
+    retrying: Vec<Arc<AtomicBool>>,
+    /// Per sink: a flush is queued on its lane and has not reported yet.
+    flush_queued: Vec<bool>,
     committer: C,
     batcher: Batcher,
     owned: HashSet<TopicPartition>,
@@ -128,8 +143,19 @@ impl<C: Committer> Pipeline<C> {
                     .with_label_values(&[sink.name(), outcome]);
             }
         }
+        let (report_to, reports) = mpsc::unbounded_channel();
         Self {
+            names: sinks.iter().map(Sink::name).collect(),
             sinks,
+            lanes: None,
+            reports,
+            lane_context: LaneContext {
+                reports: report_to,
+                readiness: readiness.clone(),
+                shutdown: shutdown.clone(),
+            },
+            retrying: (0..n).map(|_| Arc::new(AtomicBool::new(false))).collect(),
+            flush_queued: vec![false; n],
             committer,
             batcher: Batcher::new(batch),
             owned: HashSet::new(),
@@ -163,6 +189,9 @@ impl<C: Committer> Pipeline<C> {
             tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => break,
+                // Before records: a report can let the commit advance, and there are at most a
+                // few per batch, so records are not starved.
+                Some(report) = self.reports.recv() => self.absorb(report),
                 ev = events.recv() => match ev {
                     None => break,
                     Some(SourceEvent::Records(records)) => {
@@ -179,6 +208,9 @@ impl<C: Committer> Pipeline<C> {
                     }
                     Some(SourceEvent::Assigned { partitions, reply }) => {
                         self.write_batch().await;
+                        // The start checks read and may move the sinks' checkpoints: every
+                        // lane finishes what it holds first.
+                        self.park_lanes().await;
                         let starts = self.start_offsets(&partitions).await;
                         for tp in &partitions {
                             // Absent: the consumer starts at the partition's beginning.
@@ -199,7 +231,7 @@ impl<C: Committer> Pipeline<C> {
                 self.write_batch().await;
             }
             if last_flush.elapsed() >= self.flush_every {
-                self.flush(false).await;
+                self.flush_due();
                 last_flush = Instant::now();
             }
             if last_progress.elapsed() >= PROGRESS_EVERY {
@@ -218,16 +250,21 @@ impl<C: Committer> Pipeline<C> {
                 }
             }
             self.write_batch().await;
-            self.flush(true).await;
+            self.lanes().send_all(|| Job::Flush { force: true }).await;
+            self.park_lanes().await;
         };
         if tokio::time::timeout(deadline, drain).await.is_err() {
             tracing::error!(
                 ?deadline,
                 "drain did not finish in time; uncommitted records will be re-read on restart"
             );
+            // What did finish still counts.
+            while let Ok(report) = self.reports.try_recv() {
+                self.absorb(report);
+            }
         }
         self.commit(true);
-        let unfinished: Vec<(&'static str, Offsets)> = (0..self.sinks.len())
+        let unfinished: Vec<(&'static str, Offsets)> = (0..self.names.len())
             .filter(|i| self.failing[*i])
             .map(|i| {
                 // Where the sink resumes: its stored checkpoint (0: none stored yet).
@@ -236,7 +273,7 @@ impl<C: Committer> Pipeline<C> {
                     .iter()
                     .map(|tp| (tp.clone(), self.durable[i].get(tp).copied().unwrap_or(0)))
                     .collect();
-                (self.sinks[i].name(), held)
+                (self.names[i], held)
             })
             .collect();
         for (name, held) in &unfinished {
@@ -255,13 +292,12 @@ impl<C: Committer> Pipeline<C> {
     /// One line for operators tailing the log: totals per sink since start.
     fn log_progress(&self) {
         let written: Vec<String> = self
-            .sinks
+            .names
             .iter()
-            .map(|s| {
+            .map(|name| {
                 format!(
-                    "{}={}",
-                    s.name(),
-                    METRICS.written.with_label_values(&[s.name()]).get()
+                    "{name}={}",
+                    METRICS.written.with_label_values(&[name]).get()
                 )
             })
             .collect();
@@ -320,6 +356,7 @@ impl<C: Committer> Pipeline<C> {
     /// Finishes work for revoked partitions, commits them, and forgets them.
     async fn release(&mut self, partitions: &[TopicPartition]) {
         self.write_batch().await;
+        self.park_lanes().await;
         let commit: Offsets = self
             .commit_candidates()
             .into_iter()
@@ -341,96 +378,89 @@ impl<C: Committer> Pipeline<C> {
             .retain_partitions(|tp| !partitions.contains(tp));
     }
 
-    /// Writes the open batch to every sink concurrently, each retried until durable. Each sink
-    /// runs as its own task so that their CPU work (COPY encoding, Parquet encoding) spreads
-    /// over the runtime's threads.
+    /// Hands the open batch to every sink's lane. It waits only while some lane already holds
+    /// [`lanes::LANE_DEPTH`] jobs: the sinks write concurrently, each at its own pace, and
+    /// report back through `reports`.
     async fn write_batch(&mut self) {
         if self.batcher.is_empty() {
             return;
         }
         let batch = Arc::new(self.batcher.take());
         self.rejected += count_decode_outcomes(&batch);
-        let tasks: Vec<_> = std::mem::take(&mut self.sinks)
-            .into_iter()
-            .zip(self.failing.clone())
-            .map(|(mut sink, failing)| {
-                let (batch, readiness, shutdown) =
-                    (batch.clone(), self.readiness.clone(), self.shutdown.clone());
-                tokio::spawn(async move {
-                    // A sink that lost a batch must not store a later one: that would move its
-                    // checkpoint over the lost records.
-                    let ack = if failing {
-                        None
-                    } else {
-                        write_with_retry(&mut sink, &batch, &readiness, &shutdown).await
-                    };
-                    (sink, ack)
-                })
-            })
-            .collect();
-        let mut acks = Vec::with_capacity(tasks.len());
-        for task in tasks {
-            let (sink, ack) = task.await.expect("a sink task panicked");
+        self.lanes().send_all(|| Job::Write(batch.clone())).await;
+    }
+
+    /// The running lanes, started from the parked sinks if none run.
+    fn lanes(&mut self) -> &Lanes {
+        if self.lanes.is_none() {
+            let sinks = std::mem::take(&mut self.sinks);
+            let lanes = Lanes::start(sinks, &self.failing, &self.retrying, &self.lane_context);
+            self.lanes = Some(lanes);
+        }
+        self.lanes.as_ref().expect("started above")
+    }
+
+    /// Waits until every lane has finished the jobs it holds, absorbs their reports and takes the
+    /// sinks back.
+    async fn park_lanes(&mut self) {
+        let Some(lanes) = self.lanes.take() else {
+            return;
+        };
+        let parked = lanes.stop().await;
+        while let Ok(report) = self.reports.try_recv() {
+            self.absorb(report);
+        }
+        for (i, (sink, failing)) in parked.into_iter().enumerate() {
+            self.failing[i] |= failing;
             self.sinks.push(sink);
-            acks.push(ack);
         }
-        self.absorb(acks);
     }
 
-    /// Asks buffering sinks to make due (or, when forced, all) data durable.
-    async fn flush(&mut self, force: bool) {
-        let (readiness, shutdown) = (&self.readiness, &self.shutdown);
-        let failing = &self.failing;
-        let acks =
-            futures::future::join_all(self.sinks.iter_mut().enumerate().map(|(i, s)| async move {
-                if failing[i] {
-                    return None;
-                }
-                let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
-                loop {
-                    match s.flush(force).await {
-                        Ok(ack) => return Some(ack),
-                        Err(e) => {
-                            if !on_error(s.name(), &e, &mut backoff, readiness, shutdown).await {
-                                return None;
-                            }
-                        }
-                    }
-                }
-            }))
-            .await;
-        self.absorb(acks);
-    }
-
-    fn absorb(&mut self, acks: Vec<Option<Ack>>) {
-        let all_ok = acks.iter().all(Option::is_some);
-        for (i, ack) in acks.into_iter().enumerate() {
-            let Some(ack) = ack else {
-                // Only shutdown ends a sink's retries without an ack.
-                self.failing[i] = true;
+    /// Asks buffering sinks to make due data durable: a flush goes on each lane that has none
+    /// queued and has room. A lane that is full is busy writing, and gets the next one.
+    fn flush_due(&mut self) {
+        for i in 0..self.names.len() {
+            if self.flush_queued[i] || self.failing[i] {
                 continue;
-            };
-            let name = self.sinks[i].name();
-            METRICS
-                .written
-                .with_label_values(&[name])
-                .inc_by(ack.stats.written);
-            for (reason, n) in &ack.stats.ignored {
-                METRICS
-                    .skipped
-                    .with_label_values(&[name, reason])
-                    .inc_by(*n);
             }
-            for (tp, o) in ack.durable {
-                if self.owned.contains(&tp) {
-                    let d = self.durable[i].entry(tp).or_insert(o);
-                    *d = (*d).max(o);
-                }
+            self.flush_queued[i] = self.lanes().try_send(i, Job::Flush { force: false });
+        }
+    }
+
+    fn absorb(&mut self, report: Report) {
+        let Report {
+            sink: i,
+            ack,
+            was_flush,
+        } = report;
+        if was_flush {
+            self.flush_queued[i] = false;
+        }
+        let Some(ack) = ack else {
+            // Only shutdown ends a sink's retries without an ack.
+            self.failing[i] = true;
+            return;
+        };
+        let name = self.names[i];
+        METRICS
+            .written
+            .with_label_values(&[name])
+            .inc_by(ack.stats.written);
+        for (reason, n) in &ack.stats.ignored {
+            METRICS
+                .skipped
+                .with_label_values(&[name, reason])
+                .inc_by(*n);
+        }
+        for (tp, o) in ack.durable {
+            if self.owned.contains(&tp) {
+                let d = self.durable[i].entry(tp).or_insert(o);
+                *d = (*d).max(o);
             }
         }
-        if all_ok {
-            self.readiness
-                .set(true, "every sink accepted the last batch");
+        let retrying = self.retrying.iter().any(|r| r.load(Ordering::Acquire));
+        if !retrying && !self.failing.iter().any(|f| *f) {
+            self.readiness.set(true, "every sink is taking batches");
         }
         self.commit(false);
     }
@@ -485,32 +515,6 @@ fn count_decode_outcomes(batch: &Batch) -> u64 {
         }
     }
     rejected
-}
-
-async fn write_with_retry(
-    sink: &mut AnySink,
-    batch: &Batch,
-    readiness: &Readiness,
-    shutdown: &CancellationToken,
-) -> Option<Ack> {
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
-    loop {
-        let started = Instant::now();
-        match sink.write(batch).await {
-            Ok(ack) => {
-                METRICS
-                    .batch_seconds
-                    .with_label_values(&[sink.name()])
-                    .observe(started.elapsed().as_secs_f64());
-                return Some(ack);
-            }
-            Err(e) => {
-                if !on_error(sink.name(), &e, &mut backoff, readiness, shutdown).await {
-                    return None;
-                }
-            }
-        }
-    }
 }
 
 /// Records a failed attempt and waits before the next. Returns false when shutdown was

@@ -68,6 +68,7 @@ struct Harness {
     events: mpsc::Sender<SourceEvent>,
     shutdown: CancellationToken,
     committer: RecordingCommitter,
+    readiness: Readiness,
     run: tokio::task::JoinHandle<Result<(), UnfinishedSinks>>,
 }
 
@@ -81,11 +82,12 @@ impl Harness {
             max_bytes: ByteSize(1 << 20),
             max_age: HumanDuration(Duration::from_millis(10)),
         };
+        let readiness = Readiness::default();
         let pipeline = Pipeline::new(
             sinks.into_iter().map(AnySink::Memory).collect(),
             committer.clone(),
             batch,
-            Readiness::default(),
+            readiness.clone(),
             shutdown.clone(),
         );
         let run = tokio::spawn(pipeline.run(rx, Duration::from_secs(2)));
@@ -93,6 +95,7 @@ impl Harness {
             events: tx,
             shutdown,
             committer,
+            readiness,
             run,
         }
     }
@@ -276,4 +279,53 @@ async fn a_sink_that_recovers_gets_every_record_in_order() {
     h.stop().await.unwrap();
     assert_eq!(stored(&sink, 0), vec![0, 1, 2, 3, 4, 5]);
     assert_eq!(committer.committed(&tp(0)), Some(6));
+}
+
+#[tokio::test]
+async fn a_sink_that_falls_behind_holds_back_the_commit_but_not_the_other_sinks() {
+    let fast = MemorySink::named("fast");
+    let stuck = MemorySink::named("stuck");
+    stuck.set_failing(true);
+    let h = Harness::start(vec![fast.clone(), stuck.clone()]);
+    h.assign(vec![tp(0)]).await;
+    h.send(records(0, 0..3)).await;
+    stuck
+        .wait_for("a failed attempt", WAIT, |st| st.attempts >= 1)
+        .await;
+    // Two more batches while one sink retries: the other stores them as they come.
+    h.send(records(0, 3..6)).await;
+    fast.wait_for("fast at 6", WAIT, |st| {
+        st.checkpoints.get(&tp(0)) == Some(&6)
+    })
+    .await;
+    h.send(records(0, 6..8)).await;
+    fast.wait_for("fast at 8", WAIT, |st| {
+        st.checkpoints.get(&tp(0)) == Some(&8)
+    })
+    .await;
+    assert_eq!(
+        h.committer.committed(&tp(0)),
+        None,
+        "nothing is committed past a sink that has not stored it"
+    );
+    assert!(
+        !h.readiness.get(),
+        "not ready while a sink retries, though the other acknowledges"
+    );
+    stuck.set_failing(false);
+    stuck
+        .wait_for("stuck at 8", WAIT, |st| {
+            st.checkpoints.get(&tp(0)) == Some(&8)
+        })
+        .await;
+    let (committer, readiness) = (h.committer.clone(), h.readiness.clone());
+    h.stop().await.unwrap();
+    assert_eq!(
+        stored(&stuck, 0),
+        (0..8).collect::<Vec<_>>(),
+        "in order, once each"
+    );
+    assert_eq!(stored(&fast, 0), (0..8).collect::<Vec<_>>());
+    assert_eq!(committer.committed(&tp(0)), Some(8));
+    assert!(readiness.get(), "ready again once every sink caught up");
 }

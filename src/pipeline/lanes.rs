@@ -1,0 +1,207 @@
+//! One lane per sink: a task that owns the sink, takes its jobs (batches to write, flushes) in
+//! order from a bounded queue, and reports each outcome as it comes.
+//!
+//! Why lanes: when every batch had to reach every sink before the pipeline took the next, the
+//! slowest write of any sink (a lake roll: Parquet encoding, upload, Delta commit) held back
+//! the others, and the pipeline took no records meanwhile. In its own lane each sink works
+//! through the batches at its own pace, at most [`LANE_DEPTH`] batches behind the pipeline,
+//! and the pipeline still commits to Kafka only the lowest offset that every sink reports
+//! durable. A lane keeps the order of its jobs, so each sink still sees every partition's
+//! records in Kafka order, and a sink that lost a batch (shutdown during its retries) is
+//! offered no later one.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::{on_error, Backoff, Readiness};
+use crate::batch::Batch;
+use crate::sink::{Ack, AnySink, Sink, SinkError};
+use crate::telemetry::METRICS;
+
+/// How many jobs a lane holds beyond the one it works on. Two lets the lake roll a file while
+/// the databases take two more batches; more would only hold more batches in memory.
+pub(super) const LANE_DEPTH: usize = 2;
+
+pub(super) enum Job {
+    Write(Arc<Batch>),
+    /// Make due (or, when forced, all) buffered data durable.
+    Flush {
+        force: bool,
+    },
+}
+
+/// The outcome of one job of one sink.
+pub(super) struct Report {
+    /// The sink's position in the pipeline's list.
+    pub sink: usize,
+    /// `None`: the sink did not finish the job (shutdown came during its retries, or it had
+    /// already lost an earlier one), and it takes no later job.
+    pub ack: Option<Ack>,
+    pub was_flush: bool,
+}
+
+/// What every lane shares with the pipeline.
+#[derive(Clone)]
+pub(super) struct LaneContext {
+    pub reports: mpsc::UnboundedSender<Report>,
+    pub readiness: Readiness,
+    pub shutdown: CancellationToken,
+}
+
+struct Lane {
+    jobs: mpsc::Sender<Job>,
+    task: JoinHandle<(AnySink, bool)>,
+}
+
+/// The running lanes, in the order of the sinks.
+pub(super) struct Lanes(Vec<Lane>);
+
+impl Lanes {
+    /// Starts a lane per sink. `failing[i]`: sink `i` already lost a batch; `retrying[i]` is set
+    /// while sink `i` retries a failed job (the pipeline is not ready meanwhile).
+    pub fn start(
+        sinks: Vec<AnySink>,
+        failing: &[bool],
+        retrying: &[Arc<AtomicBool>],
+        ctx: &LaneContext,
+    ) -> Self {
+        let lanes = sinks
+            .into_iter()
+            .enumerate()
+            .map(|(index, sink)| {
+                let (jobs, queue) = mpsc::channel(LANE_DEPTH);
+                let worker = Worker {
+                    index,
+                    sink,
+                    failing: failing[index],
+                    retrying: retrying[index].clone(),
+                    ctx: ctx.clone(),
+                };
+                Lane {
+                    jobs,
+                    task: tokio::spawn(worker.run(queue)),
+                }
+            })
+            .collect();
+        Lanes(lanes)
+    }
+
+    /// Queues a job on every lane, waiting while a lane's queue is full.
+    pub async fn send_all(&self, job: impl Fn() -> Job) {
+        for (i, lane) in self.0.iter().enumerate() {
+            if lane.jobs.send(job()).await.is_err() {
+                // Only a panic ends a lane while its queue is open; `stop` surfaces it.
+                tracing::error!(sink = i, "a sink's lane ended unexpectedly");
+            }
+        }
+    }
+
+    /// Queues a job on lane `i` if its queue has room; false if it has none.
+    pub fn try_send(&self, i: usize, job: Job) -> bool {
+        self.0[i].jobs.try_send(job).is_ok()
+    }
+
+    /// Closes the queues, lets every lane finish what it holds, and returns each sink with
+    /// whether it lost a batch. The reports of those jobs are in the pipeline's channel.
+    pub async fn stop(self) -> Vec<(AnySink, bool)> {
+        let mut parked = Vec::with_capacity(self.0.len());
+        for Lane { jobs, task } in self.0 {
+            drop(jobs);
+            match task.await {
+                Ok(sink) => parked.push(sink),
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(e) => panic!("a sink's lane was cancelled: {e}"),
+            }
+        }
+        parked
+    }
+}
+
+struct Worker {
+    index: usize,
+    sink: AnySink,
+    failing: bool,
+    retrying: Arc<AtomicBool>,
+    ctx: LaneContext,
+}
+
+impl Worker {
+    async fn run(mut self, mut queue: mpsc::Receiver<Job>) -> (AnySink, bool) {
+        while let Some(job) = queue.recv().await {
+            let was_flush = matches!(job, Job::Flush { .. });
+            // A sink that lost a batch must not store a later one: that would move its
+            // checkpoint over the lost records.
+            let ack = if self.failing {
+                None
+            } else {
+                match job {
+                    Job::Write(batch) => self.write(&batch).await,
+                    Job::Flush { force } => self.flush(force).await,
+                }
+            };
+            self.failing = ack.is_none();
+            let report = Report {
+                sink: self.index,
+                ack,
+                was_flush,
+            };
+            // The pipeline holds the receiver for as long as lanes run.
+            let _ = self.ctx.reports.send(report);
+        }
+        (self.sink, self.failing)
+    }
+
+    /// Writes the batch, retried until it is durable; `None` when shutdown came first.
+    async fn write(&mut self, batch: &Batch) -> Option<Ack> {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
+        loop {
+            let started = Instant::now();
+            match self.sink.write(batch).await {
+                Ok(ack) => {
+                    METRICS
+                        .batch_seconds
+                        .with_label_values(&[self.sink.name()])
+                        .observe(started.elapsed().as_secs_f64());
+                    return Some(self.succeeded(ack));
+                }
+                Err(e) => {
+                    if !self.failed(&e, &mut backoff).await {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Flushes, retried like a write.
+    async fn flush(&mut self, force: bool) -> Option<Ack> {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
+        loop {
+            match self.sink.flush(force).await {
+                Ok(ack) => return Some(self.succeeded(ack)),
+                Err(e) => {
+                    if !self.failed(&e, &mut backoff).await {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    fn succeeded(&self, ack: Ack) -> Ack {
+        self.retrying.store(false, Ordering::Release);
+        ack
+    }
+
+    /// Marks the sink as retrying and waits before the next attempt; false on shutdown.
+    async fn failed(&self, e: &SinkError, backoff: &mut Backoff) -> bool {
+        self.retrying.store(true, Ordering::Release);
+        let ctx = &self.ctx;
+        on_error(self.sink.name(), e, backoff, &ctx.readiness, &ctx.shutdown).await
+    }
+}
