@@ -378,9 +378,9 @@ impl<C: Committer> Pipeline<C> {
             .retain_partitions(|tp| !partitions.contains(tp));
     }
 
-    /// Hands the open batch to every sink's lane. It waits only while some lane already holds
-    /// [`lanes::LANE_DEPTH`] jobs: the sinks write concurrently, each at its own pace, and
-    /// report back through `reports`.
+    /// Hands the open batch to every sink's lane. It waits only while some lane is
+    /// [`lanes::LANE_BATCHES`] full batches behind: the sinks write concurrently, each at its
+    /// own pace, and report back through `reports`.
     async fn write_batch(&mut self) {
         if self.batcher.is_empty() {
             return;
@@ -394,7 +394,13 @@ impl<C: Committer> Pipeline<C> {
     fn lanes(&mut self) -> &Lanes {
         if self.lanes.is_none() {
             let sinks = std::mem::take(&mut self.sinks);
-            let lanes = Lanes::start(sinks, &self.failing, &self.retrying, &self.lane_context);
+            let lanes = Lanes::start(
+                sinks,
+                &self.failing,
+                &self.retrying,
+                self.batcher.max_records(),
+                &self.lane_context,
+            );
             self.lanes = Some(lanes);
         }
         self.lanes.as_ref().expect("started above")
@@ -417,13 +423,14 @@ impl<C: Committer> Pipeline<C> {
     }
 
     /// Asks buffering sinks to make due data durable: a flush goes on each lane that has none
-    /// queued and has room. A lane that is full is busy writing, and gets the next one.
+    /// queued (a lane that is behind would otherwise gather flushes).
     fn flush_due(&mut self) {
         for i in 0..self.names.len() {
             if self.flush_queued[i] || self.failing[i] {
                 continue;
             }
-            self.flush_queued[i] = self.lanes().try_send(i, Job::Flush { force: false });
+            self.lanes().flush(i);
+            self.flush_queued[i] = true;
         }
     }
 

@@ -92,7 +92,7 @@ impl Default for BatchConfig {
         Self {
             max_records: 10_000,
             max_bytes: ByteSize(16 << 20),
-            max_age: HumanDuration(Duration::from_millis(100)),
+            max_age: HumanDuration(Duration::from_millis(50)),
         }
     }
 }

@@ -4,9 +4,9 @@
 //! Why lanes: when every batch had to reach every sink before the pipeline took the next, the
 //! slowest write of any sink (a lake roll: Parquet encoding, upload, Delta commit) held back
 //! the others, and the pipeline took no records meanwhile. In its own lane each sink works
-//! through the batches at its own pace, at most [`LANE_DEPTH`] batches behind the pipeline,
-//! and the pipeline still commits to Kafka only the lowest offset that every sink reports
-//! durable. A lane keeps the order of its jobs, so each sink still sees every partition's
+//! through the batches at its own pace, at most [`LANE_BATCHES`] full batches' worth of
+//! records behind the pipeline, and the pipeline still commits to Kafka only the lowest offset
+//! that every sink reports durable. A lane keeps the order of its jobs, so each sink still sees every partition's
 //! records in Kafka order, and a sink that lost a batch (shutdown during its retries) is
 //! offered no later one.
 
@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -23,9 +23,12 @@ use crate::batch::Batch;
 use crate::sink::{Ack, AnySink, Sink, SinkError};
 use crate::telemetry::METRICS;
 
-/// How many jobs a lane holds beyond the one it works on. Two lets the lake roll a file while
-/// the databases take two more batches; more would only hold more batches in memory.
-pub(super) const LANE_DEPTH: usize = 2;
+/// How far a lane may fall behind, in full batches (`batch.max_records`) of records, counting
+/// the one it writes. The bound is in records, not batches, so that at low rates, where
+/// batches close by age and are small, a lake roll or a Delta commit of a few hundred
+/// milliseconds does not fill the lane and stall the other sinks; memory stays bounded by the
+/// same number of records at any rate.
+pub(super) const LANE_BATCHES: usize = 2;
 
 pub(super) enum Job {
     Write(Arc<Batch>),
@@ -54,7 +57,12 @@ pub(super) struct LaneContext {
 }
 
 struct Lane {
-    jobs: mpsc::Sender<Job>,
+    /// Unbounded: `room` bounds what a lane holds.
+    jobs: mpsc::UnboundedSender<(Job, Option<OwnedSemaphorePermit>)>,
+    /// Records the lane may still take; a job holds its records' permits until it is done.
+    room: Arc<Semaphore>,
+    /// The permits `room` started with.
+    capacity: usize,
     task: JoinHandle<(AnySink, bool)>,
 }
 
@@ -68,13 +76,17 @@ impl Lanes {
         sinks: Vec<AnySink>,
         failing: &[bool],
         retrying: &[Arc<AtomicBool>],
+        max_records: usize,
         ctx: &LaneContext,
     ) -> Self {
+        let room = max_records
+            .saturating_mul(LANE_BATCHES)
+            .min(Semaphore::MAX_PERMITS);
         let lanes = sinks
             .into_iter()
             .enumerate()
             .map(|(index, sink)| {
-                let (jobs, queue) = mpsc::channel(LANE_DEPTH);
+                let (jobs, queue) = mpsc::unbounded_channel();
                 let worker = Worker {
                     index,
                     sink,
@@ -84,6 +96,8 @@ impl Lanes {
                 };
                 Lane {
                     jobs,
+                    room: Arc::new(Semaphore::new(room)),
+                    capacity: room,
                     task: tokio::spawn(worker.run(queue)),
                 }
             })
@@ -91,26 +105,37 @@ impl Lanes {
         Lanes(lanes)
     }
 
-    /// Queues a job on every lane, waiting while a lane's queue is full.
+    /// Queues a job on every lane, waiting while a lane has no room for its records.
     pub async fn send_all(&self, job: impl Fn() -> Job) {
         for (i, lane) in self.0.iter().enumerate() {
-            if lane.jobs.send(job()).await.is_err() {
+            let job = job();
+            let permit = match &job {
+                Job::Write(batch) => {
+                    // A batch bigger than the room (max_records changed) takes all of it.
+                    let records = batch.len().clamp(1, lane.capacity);
+                    let permits = u32::try_from(records).unwrap_or(u32::MAX);
+                    let permit = lane.room.clone().acquire_many_owned(permits).await;
+                    Some(permit.expect("lane semaphores are never closed"))
+                }
+                Job::Flush { .. } => None,
+            };
+            if lane.jobs.send((job, permit)).is_err() {
                 // Only a panic ends a lane while its queue is open; `stop` surfaces it.
                 tracing::error!(sink = i, "a sink's lane ended unexpectedly");
             }
         }
     }
 
-    /// Queues a job on lane `i` if its queue has room; false if it has none.
-    pub fn try_send(&self, i: usize, job: Job) -> bool {
-        self.0[i].jobs.try_send(job).is_ok()
+    /// Queues a flush on lane `i`.
+    pub fn flush(&self, i: usize) {
+        let _ = self.0[i].jobs.send((Job::Flush { force: false }, None));
     }
 
     /// Closes the queues, lets every lane finish what it holds, and returns each sink with
     /// whether it lost a batch. The reports of those jobs are in the pipeline's channel.
     pub async fn stop(self) -> Vec<(AnySink, bool)> {
         let mut parked = Vec::with_capacity(self.0.len());
-        for Lane { jobs, task } in self.0 {
+        for Lane { jobs, task, .. } in self.0 {
             drop(jobs);
             match task.await {
                 Ok(sink) => parked.push(sink),
@@ -131,8 +156,12 @@ struct Worker {
 }
 
 impl Worker {
-    async fn run(mut self, mut queue: mpsc::Receiver<Job>) -> (AnySink, bool) {
-        while let Some(job) = queue.recv().await {
+    async fn run(
+        mut self,
+        mut queue: mpsc::UnboundedReceiver<(Job, Option<OwnedSemaphorePermit>)>,
+    ) -> (AnySink, bool) {
+        // The permit goes back when the job is done: its records leave the lane's room.
+        while let Some((job, _permit)) = queue.recv().await {
             let was_flush = matches!(job, Job::Flush { .. });
             // A sink that lost a batch must not store a later one: that would move its
             // checkpoint over the lost records.
