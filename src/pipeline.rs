@@ -136,6 +136,7 @@ impl<C: Committer> Pipeline<C> {
         // 0, not "no data", until the first record or error.
         for sink in &sinks {
             METRICS.written.with_label_values(&[sink.name()]);
+            METRICS.queued.with_label_values(&[sink.name()]);
             METRICS.sink_errors.with_label_values(&[sink.name()]);
             for outcome in ["rebased", "kept"] {
                 METRICS

@@ -25,6 +25,9 @@ pub struct Metrics {
     pub ready: IntGauge,
     /// Partitions this pod owns (set once their start offsets are known).
     pub assigned: IntGauge,
+    /// Per sink: records handed to its lane and not yet written (the sink is this far behind
+    /// the pipeline; the lane holds at most two full batches).
+    pub queued: IntGaugeVec,
     pub compaction_runs: IntCounterVec,
     pub compaction_files: IntCounterVec,
     /// Per filter id: changes its condition held for, records acknowledged in its topic, and
@@ -138,6 +141,14 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         assigned: register_int_gauge_with_registry!(
             "cdc_lake_assigned_partitions",
             "Partitions this pod owns, counted once their start offsets are known",
+            r
+        )
+        .expect("metric registers"),
+        queued: register_int_gauge_vec_with_registry!(
+            "cdc_lake_sink_queued_records",
+            "Records handed to a sink and not yet written by it, per sink: how far it is behind \
+             the others (at most 2 x batch.max_records; at that bound the pipeline waits for it)",
+            &["sink"],
             r
         )
         .expect("metric registers"),

@@ -13,6 +13,7 @@ use cdc_lake::pipeline::{AnySink, Committer, Pipeline, Readiness, UnfinishedSink
 use cdc_lake::sink::memory::MemorySink;
 use cdc_lake::sink::Offsets;
 use cdc_lake::source::SourceEvent;
+use cdc_lake::telemetry::METRICS;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -312,12 +313,14 @@ async fn a_sink_that_falls_behind_holds_back_the_commit_but_not_the_other_sinks(
         !h.readiness.get(),
         "not ready while a sink retries, though the other acknowledges"
     );
+    queued_reaches("stuck", 8).await;
     stuck.set_failing(false);
     stuck
         .wait_for("stuck at 8", WAIT, |st| {
             st.checkpoints.get(&tp(0)) == Some(&8)
         })
         .await;
+    queued_reaches("stuck", 0).await;
     let (committer, readiness) = (h.committer.clone(), h.readiness.clone());
     h.stop().await.unwrap();
     assert_eq!(
@@ -328,4 +331,19 @@ async fn a_sink_that_falls_behind_holds_back_the_commit_but_not_the_other_sinks(
     assert_eq!(stored(&fast, 0), (0..8).collect::<Vec<_>>());
     assert_eq!(committer.committed(&tp(0)), Some(8));
     assert!(readiness.get(), "ready again once every sink caught up");
+}
+
+/// Waits until `cdc_lake_sink_queued_records{sink}` reads `n` (the lane sets it after each
+/// hand-over and each finished job).
+async fn queued_reaches(sink: &str, n: i64) {
+    let gauge = METRICS.queued.with_label_values(&[sink]);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while gauge.get() != n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{sink}: {} records queued, expected {n}",
+            gauge.get()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }

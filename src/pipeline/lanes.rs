@@ -63,6 +63,7 @@ struct Lane {
     room: Arc<Semaphore>,
     /// The permits `room` started with.
     capacity: usize,
+    name: &'static str,
     task: JoinHandle<(AnySink, bool)>,
 }
 
@@ -79,7 +80,7 @@ impl Lanes {
         max_records: usize,
         ctx: &LaneContext,
     ) -> Self {
-        let room = max_records
+        let capacity = max_records
             .saturating_mul(LANE_BATCHES)
             .min(Semaphore::MAX_PERMITS);
         let lanes = sinks
@@ -87,17 +88,22 @@ impl Lanes {
             .enumerate()
             .map(|(index, sink)| {
                 let (jobs, queue) = mpsc::unbounded_channel();
+                let name = sink.name();
+                let room = Arc::new(Semaphore::new(capacity));
                 let worker = Worker {
                     index,
                     sink,
                     failing: failing[index],
                     retrying: retrying[index].clone(),
                     ctx: ctx.clone(),
+                    room: Arc::clone(&room),
+                    capacity,
                 };
                 Lane {
                     jobs,
-                    room: Arc::new(Semaphore::new(room)),
-                    capacity: room,
+                    room,
+                    capacity,
+                    name,
                     task: tokio::spawn(worker.run(queue)),
                 }
             })
@@ -123,6 +129,7 @@ impl Lanes {
                 // Only a panic ends a lane while its queue is open; `stop` surfaces it.
                 tracing::error!(sink = i, "a sink's lane ended unexpectedly");
             }
+            report_queued(lane.name, &lane.room, lane.capacity);
         }
     }
 
@@ -147,12 +154,23 @@ impl Lanes {
     }
 }
 
+/// Publishes how many records lane `name` holds (its taken permits).
+fn report_queued(name: &str, room: &Semaphore, capacity: usize) {
+    let queued = capacity.saturating_sub(room.available_permits());
+    METRICS
+        .queued
+        .with_label_values(&[name])
+        .set(i64::try_from(queued).unwrap_or(i64::MAX));
+}
+
 struct Worker {
     index: usize,
     sink: AnySink,
     failing: bool,
     retrying: Arc<AtomicBool>,
     ctx: LaneContext,
+    room: Arc<Semaphore>,
+    capacity: usize,
 }
 
 impl Worker {
@@ -161,7 +179,7 @@ impl Worker {
         mut queue: mpsc::UnboundedReceiver<(Job, Option<OwnedSemaphorePermit>)>,
     ) -> (AnySink, bool) {
         // The permit goes back when the job is done: its records leave the lane's room.
-        while let Some((job, _permit)) = queue.recv().await {
+        while let Some((job, permit)) = queue.recv().await {
             let was_flush = matches!(job, Job::Flush { .. });
             // A sink that lost a batch must not store a later one: that would move its
             // checkpoint over the lost records.
@@ -174,6 +192,8 @@ impl Worker {
                 }
             };
             self.failing = ack.is_none();
+            drop(permit);
+            report_queued(self.sink.name(), &self.room, self.capacity);
             let report = Report {
                 sink: self.index,
                 ack,
