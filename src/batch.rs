@@ -110,12 +110,12 @@ impl Batcher {
         true
     }
 
-    /// True when the batch reached its count or byte limit.
     /// The most records a batch holds (`batch.max_records`).
     pub fn max_records(&self) -> usize {
         self.limits.max_records
     }
 
+    /// True when the batch reached its count or byte limit.
     pub fn is_full(&self) -> bool {
         self.current.records.len() >= self.limits.max_records
             || self.current.bytes as u64 >= self.limits.max_bytes.0

@@ -137,6 +137,23 @@ impl Harness {
     }
 }
 
+/// Two sinks on partition 0, the second failing: after the first batch (offsets 0..3) and
+/// `attempts` failed attempts to store it.
+async fn one_sink_failing(
+    ok: &'static str,
+    bad: &'static str,
+    attempts: u64,
+) -> (Harness, MemorySink, MemorySink) {
+    let (ok, bad) = (MemorySink::named(ok), MemorySink::named(bad));
+    bad.set_failing(true);
+    let h = Harness::start(vec![ok.clone(), bad.clone()]);
+    h.assign(vec![tp(0)]).await;
+    h.send(records(0, 0..3)).await;
+    bad.wait_for("failed attempts", WAIT, |st| st.attempts >= attempts)
+        .await;
+    (h, ok, bad)
+}
+
 fn stored(sink: &MemorySink, partition: i32) -> Vec<i64> {
     let st = sink.state.lock().unwrap();
     st.stored
@@ -231,15 +248,7 @@ async fn revoked_partitions_are_never_written_or_committed_again() {
 
 #[tokio::test]
 async fn a_failing_sink_holds_its_checkpoint_and_gets_no_later_batch_after_shutdown() {
-    let healthy = MemorySink::named("healthy");
-    let failing = MemorySink::named("failing");
-    failing.set_failing(true);
-    let h = Harness::start(vec![healthy.clone(), failing.clone()]);
-    h.assign(vec![tp(0)]).await;
-    h.send(records(0, 0..3)).await;
-    failing
-        .wait_for("two failed attempts", WAIT, |st| st.attempts >= 2)
-        .await;
+    let (h, healthy, failing) = one_sink_failing("healthy", "failing", 2).await;
     // More records arrive while the sink fails, then SIGTERM.
     h.send(records(0, 3..5)).await;
     let committer = h.committer.clone();
@@ -284,15 +293,7 @@ async fn a_sink_that_recovers_gets_every_record_in_order() {
 
 #[tokio::test]
 async fn a_sink_that_falls_behind_holds_back_the_commit_but_not_the_other_sinks() {
-    let fast = MemorySink::named("fast");
-    let stuck = MemorySink::named("stuck");
-    stuck.set_failing(true);
-    let h = Harness::start(vec![fast.clone(), stuck.clone()]);
-    h.assign(vec![tp(0)]).await;
-    h.send(records(0, 0..3)).await;
-    stuck
-        .wait_for("a failed attempt", WAIT, |st| st.attempts >= 1)
-        .await;
+    let (h, fast, stuck) = one_sink_failing("fast", "stuck", 1).await;
     // Two more batches while one sink retries: the other stores them as they come.
     h.send(records(0, 3..6)).await;
     fast.wait_for("fast at 6", WAIT, |st| {

@@ -6,9 +6,9 @@
 //! the others, and the pipeline took no records meanwhile. In its own lane each sink works
 //! through the batches at its own pace, at most [`LANE_BATCHES`] full batches' worth of
 //! records behind the pipeline, and the pipeline still commits to Kafka only the lowest offset
-//! that every sink reports durable. A lane keeps the order of its jobs, so each sink still sees every partition's
-//! records in Kafka order, and a sink that lost a batch (shutdown during its retries) is
-//! offered no later one.
+//! that every sink reports durable. A lane keeps the order of its jobs, so each sink still sees
+//! every partition's records in Kafka order, and a sink that lost a batch (shutdown during its
+//! retries) is offered no later one.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -59,12 +59,37 @@ pub(super) struct LaneContext {
 struct Lane {
     /// Unbounded: `room` bounds what a lane holds.
     jobs: mpsc::UnboundedSender<(Job, Option<OwnedSemaphorePermit>)>,
-    /// Records the lane may still take; a job holds its records' permits until it is done.
-    room: Arc<Semaphore>,
-    /// The permits `room` started with.
-    capacity: usize,
-    name: &'static str,
+    room: Arc<Room>,
     task: JoinHandle<(AnySink, bool)>,
+}
+
+/// The records a lane may hold, shared by the pipeline (which takes room for a batch) and the
+/// lane's task (which gives it back when the batch is written).
+struct Room {
+    /// A permit per record; a job holds its records' permits until it is done.
+    free: Arc<Semaphore>,
+    /// The permits `free` started with.
+    capacity: usize,
+    sink: &'static str,
+}
+
+impl Room {
+    /// Waits until the lane has room for `records`; a batch bigger than the whole room (after
+    /// `batch.max_records` was lowered) takes all of it.
+    async fn take(&self, records: usize) -> OwnedSemaphorePermit {
+        let permits = u32::try_from(records.clamp(1, self.capacity)).unwrap_or(u32::MAX);
+        let permit = self.free.clone().acquire_many_owned(permits).await;
+        permit.expect("lane semaphores are never closed")
+    }
+
+    /// Publishes how many records the lane holds, as `cdc_lake_sink_queued_records`.
+    fn report(&self) {
+        let queued = self.capacity.saturating_sub(self.free.available_permits());
+        METRICS
+            .queued
+            .with_label_values(&[self.sink])
+            .set(i64::try_from(queued).unwrap_or(i64::MAX));
+    }
 }
 
 /// The running lanes, in the order of the sinks.
@@ -88,8 +113,11 @@ impl Lanes {
             .enumerate()
             .map(|(index, sink)| {
                 let (jobs, queue) = mpsc::unbounded_channel();
-                let name = sink.name();
-                let room = Arc::new(Semaphore::new(capacity));
+                let room = Arc::new(Room {
+                    free: Arc::new(Semaphore::new(capacity)),
+                    capacity,
+                    sink: sink.name(),
+                });
                 let worker = Worker {
                     index,
                     sink,
@@ -97,13 +125,10 @@ impl Lanes {
                     retrying: retrying[index].clone(),
                     ctx: ctx.clone(),
                     room: Arc::clone(&room),
-                    capacity,
                 };
                 Lane {
                     jobs,
                     room,
-                    capacity,
-                    name,
                     task: tokio::spawn(worker.run(queue)),
                 }
             })
@@ -116,20 +141,14 @@ impl Lanes {
         for (i, lane) in self.0.iter().enumerate() {
             let job = job();
             let permit = match &job {
-                Job::Write(batch) => {
-                    // A batch bigger than the room (max_records changed) takes all of it.
-                    let records = batch.len().clamp(1, lane.capacity);
-                    let permits = u32::try_from(records).unwrap_or(u32::MAX);
-                    let permit = lane.room.clone().acquire_many_owned(permits).await;
-                    Some(permit.expect("lane semaphores are never closed"))
-                }
+                Job::Write(batch) => Some(lane.room.take(batch.len()).await),
                 Job::Flush { .. } => None,
             };
             if lane.jobs.send((job, permit)).is_err() {
                 // Only a panic ends a lane while its queue is open; `stop` surfaces it.
                 tracing::error!(sink = i, "a sink's lane ended unexpectedly");
             }
-            report_queued(lane.name, &lane.room, lane.capacity);
+            lane.room.report();
         }
     }
 
@@ -154,23 +173,13 @@ impl Lanes {
     }
 }
 
-/// Publishes how many records lane `name` holds (its taken permits).
-fn report_queued(name: &str, room: &Semaphore, capacity: usize) {
-    let queued = capacity.saturating_sub(room.available_permits());
-    METRICS
-        .queued
-        .with_label_values(&[name])
-        .set(i64::try_from(queued).unwrap_or(i64::MAX));
-}
-
 struct Worker {
     index: usize,
     sink: AnySink,
     failing: bool,
     retrying: Arc<AtomicBool>,
     ctx: LaneContext,
-    room: Arc<Semaphore>,
-    capacity: usize,
+    room: Arc<Room>,
 }
 
 impl Worker {
@@ -193,7 +202,7 @@ impl Worker {
             };
             self.failing = ack.is_none();
             drop(permit);
-            report_queued(self.sink.name(), &self.room, self.capacity);
+            self.room.report();
             let report = Report {
                 sink: self.index,
                 ack,
