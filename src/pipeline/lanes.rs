@@ -138,16 +138,20 @@ impl Lanes {
 
     /// Queues a job on every lane, waiting while a lane has no room for its records.
     pub async fn send_all(&self, job: impl Fn() -> Job) {
-        for (i, lane) in self.0.iter().enumerate() {
+        for lane in &self.0 {
             let job = job();
             let permit = match &job {
                 Job::Write(batch) => Some(lane.room.take(batch.len()).await),
                 Job::Flush { .. } => None,
             };
-            if lane.jobs.send((job, permit)).is_err() {
-                // Only a panic ends a lane while its queue is open; `stop` surfaces it.
-                tracing::error!(sink = i, "a sink's lane ended unexpectedly");
-            }
+            // Only a panic ends a lane while its queue is open. Go down with it, as the pipeline
+            // did when a sink's task panicked: a lane that takes nothing would hold the commit
+            // for good, where a restart resumes from the checkpoints.
+            assert!(
+                lane.jobs.send((job, permit)).is_ok(),
+                "the {} sink's lane ended: its task panicked",
+                lane.room.sink
+            );
             lane.room.report();
         }
     }
