@@ -26,6 +26,7 @@ fn main() {
         // The pod's fetch settings (src/source/mod.rs), so the ceiling is what the pod could read.
         .set("fetch.wait.max.ms", "50")
         .set("queued.max.messages.kbytes", "16384")
+        .set("fetch.queue.backoff.ms", "10")
         .create()
         .expect("a consumer");
     let metadata = consumer
