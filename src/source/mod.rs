@@ -186,6 +186,22 @@ pub fn create_consumer(
     events: mpsc::Sender<SourceEvent>,
     rebalance_timeout: Duration,
 ) -> Result<(Arc<KafkaConsumer>, Arc<AtomicBool>), KafkaError> {
+    let cc = client_config(cfg);
+    let closing = Arc::new(AtomicBool::new(false));
+    let ctx = SourceContext {
+        events,
+        rebalance_timeout,
+        closing: closing.clone(),
+        rebalanced: Mutex::new(Vec::new()),
+    };
+    let consumer: KafkaConsumer = cc.create_with_context(ctx)?;
+    let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&topics)?;
+    Ok((Arc::new(consumer), closing))
+}
+
+/// The consumer's librdkafka settings: the pod's own, then `kafka.properties` over them.
+fn client_config(cfg: &KafkaConfig) -> ClientConfig {
     let mut cc = ClientConfig::new();
     cc.set("bootstrap.servers", &cfg.brokers)
         .set("group.id", &cfg.group_id)
@@ -213,17 +229,7 @@ pub fn create_consumer(
     for (k, v) in &cfg.properties {
         cc.set(k, v);
     }
-    let closing = Arc::new(AtomicBool::new(false));
-    let ctx = SourceContext {
-        events,
-        rebalance_timeout,
-        closing: closing.clone(),
-        rebalanced: Mutex::new(Vec::new()),
-    };
-    let consumer: KafkaConsumer = cc.create_with_context(ctx)?;
-    let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
-    consumer.subscribe(&topics)?;
-    Ok((Arc::new(consumer), closing))
+    cc
 }
 
 /// Records that wait for the Schema Registry, in arrival order. While any waits, every later
@@ -452,5 +458,42 @@ pub fn run_poll_loop(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kafka(properties: &[(&str, &str)]) -> KafkaConfig {
+        KafkaConfig {
+            brokers: "127.0.0.1:9092".into(),
+            group_id: "g".into(),
+            checkpoint_name: None,
+            topics: vec!["t".into()],
+            properties: properties
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            format: Default::default(),
+            schema_registry: None,
+        }
+    }
+
+    /// librdkafka's own default (1 s) idles the pod each time its prefetch fills on a backlog
+    /// (docs/performance.md); the operator's `kafka.properties` still win.
+    #[test]
+    fn a_full_prefetch_delays_the_next_fetch_briefly_unless_the_operator_says_otherwise() {
+        let ours = client_config(&kafka(&[]));
+        let backoff_ms: u64 = ours
+            .get("fetch.queue.backoff.ms")
+            .expect("set by the pod")
+            .parse()
+            .expect("a number");
+        assert!(backoff_ms <= 50, "{backoff_ms} ms");
+        assert_eq!(ours.get("queued.max.messages.kbytes"), Some("16384"));
+
+        let theirs = client_config(&kafka(&[("fetch.queue.backoff.ms", "250")]));
+        assert_eq!(theirs.get("fetch.queue.backoff.ms"), Some("250"));
     }
 }
