@@ -42,11 +42,20 @@ pub fn python() -> String {
 
 /// A name no other test run uses: lowercase, digits and `_`.
 pub fn unique(name: &str) -> String {
+    // The clock alone is not enough: tests of one binary start on parallel threads, and two of
+    // them once read the same nanoseconds (tests/compaction.rs's two kill tests then shared
+    // their topics and each saw the other's records).
+    static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos();
-    format!("{name}_{}_{}", std::process::id(), nanos % 1_000_000_000)
+    format!(
+        "{name}_{}_{}_{call}",
+        std::process::id(),
+        nanos % 1_000_000_000
+    )
 }
 
 pub async fn pg(url: &str) -> Client {
