@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use rdkafka::config::ClientConfig;
+use cdc_lake::config::KafkaConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
@@ -19,16 +19,18 @@ fn main() {
         std::process::exit(2);
     };
     let expected: u64 = records.parse().expect("RECORDS is a count");
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", "cdc-lake-read-ceiling")
-        .set("enable.auto.commit", "false")
-        // The pod's fetch settings (src/source/mod.rs), so the ceiling is what the pod could read.
-        .set("fetch.wait.max.ms", "50")
-        .set("queued.max.messages.kbytes", "16384")
-        .set("fetch.queue.backoff.ms", "10")
-        .create()
-        .expect("a consumer");
+    // The pod's own consumer settings, so the ceiling is what the pod could read.
+    let consumer: BaseConsumer = cdc_lake::source::client_config(&KafkaConfig {
+        brokers: brokers.clone(),
+        group_id: "cdc-lake-read-ceiling".into(),
+        checkpoint_name: None,
+        topics: vec![topic.clone()],
+        properties: Default::default(),
+        format: Default::default(),
+        schema_registry: None,
+    })
+    .create()
+    .expect("a consumer");
     let metadata = consumer
         .fetch_metadata(Some(topic), Duration::from_secs(10))
         .expect("the topic's metadata");

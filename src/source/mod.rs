@@ -201,7 +201,8 @@ pub fn create_consumer(
 }
 
 /// The consumer's librdkafka settings: the pod's own, then `kafka.properties` over them.
-fn client_config(cfg: &KafkaConfig) -> ClientConfig {
+/// (`examples/broker_read_ceiling` reads with these too, so its ceiling is the pod's.)
+pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
     let mut cc = ClientConfig::new();
     cc.set("bootstrap.servers", &cfg.brokers)
         .set("group.id", &cfg.group_id)
