@@ -36,15 +36,24 @@ impl Batch {
     /// last offset.
     pub fn ranges(&self) -> BTreeMap<TopicPartition, (i64, i64)> {
         let mut out: BTreeMap<TopicPartition, (i64, i64)> = BTreeMap::new();
-        for r in &self.records {
-            let c = r.coords();
-            let tp = c.topic_partition();
-            out.entry(tp)
-                .and_modify(|(lo, hi)| {
-                    *lo = (*lo).min(c.offset);
-                    *hi = (*hi).max(c.offset);
+        // A partition's records come in runs: each run is folded before its partition is
+        // looked up, so the map is touched (and its key built) once per run, not per record.
+        // Every sink calls this for every batch.
+        let mut coords = self.records.iter().map(Decoded::coords).peekable();
+        while let Some(first) = coords.next() {
+            let (mut lo, mut hi) = (first.offset, first.offset);
+            while let Some(c) =
+                coords.next_if(|c| c.partition == first.partition && c.topic == first.topic)
+            {
+                lo = lo.min(c.offset);
+                hi = hi.max(c.offset);
+            }
+            out.entry(first.topic_partition())
+                .and_modify(|(l, h)| {
+                    *l = (*l).min(lo);
+                    *h = (*h).max(hi);
                 })
-                .or_insert((c.offset, c.offset));
+                .or_insert((lo, hi));
         }
         for (tp, (lo, _)) in &mut out {
             if let Some(start) = self.starts.get(tp) {
@@ -209,6 +218,33 @@ mod tests {
         let ranges: Vec<_> = batch.ranges().into_iter().collect();
         assert_eq!(ranges, vec![(TopicPartition::new("t", 0), (5, 6))]);
         assert!(b.is_empty());
+    }
+
+    /// Partitions interleaved in runs: each partition's range covers all of its runs.
+    #[test]
+    fn ranges_cover_every_run_of_a_partition() {
+        let mut b = Batcher::new(limits(100, 1 << 20, 60_000));
+        for (p, o) in [
+            (0, 5),
+            (0, 6),
+            (1, 9),
+            (0, 7),
+            (2, 1),
+            (1, 10),
+            (1, 11),
+            (0, 8),
+        ] {
+            b.push(skip(p, o));
+        }
+        let ranges: Vec<_> = b.take().ranges().into_iter().collect();
+        assert_eq!(
+            ranges,
+            vec![
+                (TopicPartition::new("t", 0), (5, 8)),
+                (TopicPartition::new("t", 1), (9, 11)),
+                (TopicPartition::new("t", 2), (1, 1)),
+            ]
+        );
     }
 
     #[test]

@@ -202,10 +202,7 @@ impl Decoder {
             _ => {}
         }
 
-        let inferred = |d: &mut Self| {
-            d.inferred
-                .share(RowSchema::infer_change(before.as_ref(), after.as_ref()))
-        };
+        let inferred = |d: &mut Self| d.inferred.share_change(before.as_ref(), after.as_ref());
         let row_schema = match types {
             // A message's Connect schema has no row struct; its block is typed by inference.
             _ if op == Op::Message => inferred(self),

@@ -15,7 +15,7 @@ use serde_json::{Map, Value};
 
 use crate::domain::{KafkaCoordinates, Position, SourceDb, TableId};
 pub use decode::{parse_source, DecodeError, Decoder};
-pub use schema::{Column, ColumnType, RowSchema, TimeUnit};
+pub use schema::{Column, ColumnType, InferredSchemas, RowSchema, TimeUnit};
 
 /// Debezium's operation codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

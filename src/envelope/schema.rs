@@ -228,8 +228,9 @@ fn widen(a: &ColumnType, b: &ColumnType) -> ColumnType {
 /// The type of an integer literal that does not fit `i64` (None for a float: a fraction or an
 /// exponent). serde_json keeps the literal's digits (`arbitrary_precision`).
 fn integer_width(n: &serde_json::Number) -> Option<ColumnType> {
-    let text = n.to_string();
-    let digits = text.strip_prefix('-').unwrap_or(&text);
+    // The number's literal as received (arbitrary_precision), without copying it.
+    let text = n.as_str();
+    let digits = text.strip_prefix('-').unwrap_or(text);
     if !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
@@ -354,10 +355,44 @@ impl InferredSchemas {
     /// The shared schema equal to `schema`, or `schema` made the shared one.
     pub fn share(&mut self, schema: RowSchema) -> std::sync::Arc<RowSchema> {
         if let Some(i) = self.recent.iter().position(|s| **s == schema) {
-            // Most recently used first: the next change is most likely of the same shape.
-            self.recent[..=i].rotate_right(1);
-            return self.recent[0].clone();
+            return self.reuse(i);
         }
+        self.keep(schema)
+    }
+
+    /// The shared schema [`RowSchema::infer_change`] gives for this change. The row is compared
+    /// with the kept schemas before anything is built: the decoder calls this for every
+    /// schemaless change, and nearly all of them match the schema of the change before.
+    pub fn share_change(
+        &mut self,
+        before: Option<&serde_json::Map<String, Value>>,
+        after: Option<&serde_json::Map<String, Value>>,
+    ) -> std::sync::Arc<RowSchema> {
+        let row = after.or(before);
+        let matches = |s: &RowSchema| match row {
+            _ if s.declared || s.id.is_some() => false,
+            None => s.columns.is_empty(),
+            Some(row) => {
+                s.columns.len() == row.len()
+                    && s.columns
+                        .iter()
+                        .zip(row)
+                        .all(|(c, (name, v))| c.name == *name && c.ty == infer_type(v))
+            }
+        };
+        match self.recent.iter().position(|s| matches(s)) {
+            Some(i) => self.reuse(i),
+            None => self.keep(RowSchema::infer_change(before, after)),
+        }
+    }
+
+    fn reuse(&mut self, i: usize) -> std::sync::Arc<RowSchema> {
+        // Most recently used first: the next change is most likely of the same shape.
+        self.recent[..=i].rotate_right(1);
+        self.recent[0].clone()
+    }
+
+    fn keep(&mut self, schema: RowSchema) -> std::sync::Arc<RowSchema> {
         let shared = std::sync::Arc::new(schema);
         self.recent.insert(0, shared.clone());
         self.recent.truncate(INFERRED_SCHEMAS_KEPT);
@@ -487,5 +522,53 @@ mod tests {
         assert!(std::sync::Arc::ptr_eq(&a, &b) && std::sync::Arc::ptr_eq(&a, &again));
         assert!(!std::sync::Arc::ptr_eq(&a, &other_type) && *a != *other_type);
         assert!(!std::sync::Arc::ptr_eq(&a, &other_shape) && *a != *other_shape);
+    }
+
+    /// Matching a change against the kept schemas gives exactly the schema inference builds,
+    /// shared between changes of one shape, for every kind of row.
+    #[test]
+    fn a_change_gets_the_schema_inference_would_build() {
+        let rows = [
+            serde_json::json!({"id": 1, "v": "x", "n": 1.5}),
+            serde_json::json!({"id": 2, "v": "y", "n": 2.5}),
+            serde_json::json!({"v": "y", "id": 2, "n": 2.5}),
+            serde_json::json!({"id": 3, "v": null, "n": 2}),
+            serde_json::from_str(r#"{"id": 4, "v": [1], "n": 18446744073709551616}"#).unwrap(),
+            serde_json::json!({"id": 5, "v": {"a": 1}, "n": true}),
+            serde_json::json!({}),
+        ];
+        let mut shared = InferredSchemas::default();
+        let mut seen = Vec::new();
+        for round in 0..2 {
+            for (i, row) in rows.iter().enumerate() {
+                let row = row.as_object().unwrap();
+                let as_after = shared.share_change(None, Some(row));
+                assert_eq!(
+                    *as_after,
+                    RowSchema::infer_change(None, Some(row)),
+                    "row {i}"
+                );
+                let as_before = shared.share_change(Some(row), None);
+                assert!(std::sync::Arc::ptr_eq(&as_after, &as_before), "row {i}");
+                if round == 0 {
+                    seen.push(as_after);
+                } else {
+                    assert!(
+                        std::sync::Arc::ptr_eq(&as_after, &seen[i]),
+                        "row {i} shared"
+                    );
+                }
+            }
+        }
+        assert!(
+            std::sync::Arc::ptr_eq(&seen[0], &seen[1]),
+            "one shape, one schema"
+        );
+        assert!(
+            *seen[1] != *seen[2],
+            "another column order is another schema"
+        );
+        let none = shared.share_change(None, None);
+        assert_eq!(*none, RowSchema::default());
     }
 }

@@ -25,7 +25,8 @@ use super::Selection;
 use crate::domain::{KafkaCoordinates, TableId, TopicPartition};
 use crate::envelope::avro::json_converter_envelope;
 use crate::envelope::{
-    json, parse_source, ChangeEvent, Column, Decoded, Decoder, Op, RowSchema, ValueForm,
+    json, parse_source, ChangeEvent, Column, Decoded, Decoder, InferredSchemas, Op, RowSchema,
+    ValueForm,
 };
 use crate::sink::lake::compaction::{ranges_with_files, read_partition};
 use crate::sink::lake::encode::{AVRO_CONNECT_SCHEMAS, AVRO_SCHEMA_ID};
@@ -175,9 +176,21 @@ fn into_map(v: Option<Value>) -> Option<Map<String, Value>> {
 }
 
 /// One raw-log row back into the change the live pod applied.
+/// The envelope a replayed change records if it is rejected: rebuilt from what the log holds,
+/// serialized from borrowed parts (the same text `json!` of copies of them gave, without the
+/// copies).
+#[derive(serde::Serialize)]
+struct RebuiltEnvelope<'a> {
+    before: &'a Option<Map<String, Value>>,
+    after: &'a Option<Map<String, Value>>,
+    op: &'a str,
+    source: &'a RawValue,
+}
+
 fn raw_change(
     r: &tokio_postgres::Row,
     schemas: &HashMap<i64, Arc<RowSchema>>,
+    inferred: &mut InferredSchemas,
 ) -> ReplayResult<ChangeEvent> {
     let coords = KafkaCoordinates {
         topic: r.get(0),
@@ -188,14 +201,14 @@ fn raw_change(
     // The JSON columns arrive as text and parse as deep as jsonb holds (envelope::json);
     // tokio-postgres's own jsonb decoding stops at 128 levels.
     let json_column = |i: usize| -> ReplayResult<Option<Value>> {
-        r.get::<_, Option<String>>(i)
-            .map(|t| json::from_str::<Value>(&t))
+        r.get::<_, Option<&str>>(i)
+            .map(json::from_str::<Value>)
             .transpose()
             .with_context(|| format!("{coords:?}: column {i} of the raw log is not JSON"))
     };
     let key: Option<Value> = json_column(4)?;
-    let op_code: String = r.get(5);
-    let op = Op::parse(&op_code).with_context(|| format!("{coords:?}: unknown op {op_code:?}"))?;
+    let op_code: &str = r.get(5);
+    let op = Op::parse(op_code).with_context(|| format!("{coords:?}: unknown op {op_code:?}"))?;
     let before = into_map(json_column(6)?);
     let after = into_map(json_column(7)?);
     let source_text: String = r.get(8);
@@ -213,14 +226,18 @@ fn raw_change(
             .get(&id)
             .cloned()
             .with_context(|| format!("{coords:?}: row schema {id} is missing"))?,
-        // Schemaless input: infer from the values again, as the live pod did.
-        None => Arc::new(RowSchema::infer_change(before.as_ref(), after.as_ref())),
+        // Schemaless input: infer from the values again, as the live pod did, and share the
+        // schema between changes of one shape as the live decoder does (the state sink skips
+        // its per-change schema checks for a schema it has just seen).
+        None => inferred.share_change(before.as_ref(), after.as_ref()),
     };
-    // A rejected replay change records an envelope rebuilt from what the log holds.
-    let raw_value = serde_json::json!({
-        "before": before, "after": after, "op": op_code, "source": &source_json,
+    let raw_value = serde_json::to_string(&RebuiltEnvelope {
+        before: &before,
+        after: &after,
+        op: op_code,
+        source: &source_json,
     })
-    .to_string();
+    .expect("JSON values always serialize");
     Ok(ChangeEvent {
         raw_key: key.as_ref().map(|k| Arc::from(k.to_string())),
         position: source.position(coords.offset),
@@ -262,12 +279,17 @@ pub async fn read_raw(client: Client, sel: Selection) -> ReplayResult<Chunks> {
                 .context("reading cdc_raw.cdc_events")?;
             pin_mut!(stream);
             let mut chunk = Vec::with_capacity(CHUNK);
+            let mut inferred = InferredSchemas::default();
             while let Some(row) = stream
                 .try_next()
                 .await
                 .context("reading cdc_raw.cdc_events")?
             {
-                chunk.push(Decoded::Change(Arc::new(raw_change(&row, &schemas)?)));
+                chunk.push(Decoded::Change(Arc::new(raw_change(
+                    &row,
+                    &schemas,
+                    &mut inferred,
+                )?)));
                 if chunk.len() == CHUNK {
                     let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK));
                     if tx.send(Ok(full)).await.is_err() {
