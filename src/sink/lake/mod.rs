@@ -6,6 +6,7 @@
 //! `_pending.json`. File names are deterministic (`<topic>+<partition>+<first offset>`), so a
 //! retry after a crash rewrites the same objects instead of adding copies.
 
+mod columns;
 pub mod compaction;
 pub mod delta;
 pub mod encode;
