@@ -175,7 +175,6 @@ fn into_map(v: Option<Value>) -> Option<Map<String, Value>> {
     }
 }
 
-/// One raw-log row back into the change the live pod applied.
 /// The envelope a replayed change records if it is rejected: rebuilt from what the log holds,
 /// serialized from borrowed parts (the same text `json!` of copies of them gave, without the
 /// copies).
@@ -187,6 +186,7 @@ struct RebuiltEnvelope<'a> {
     source: &'a RawValue,
 }
 
+/// One raw-log row back into the change the live pod applied.
 fn raw_change(
     r: &tokio_postgres::Row,
     schemas: &HashMap<i64, Arc<RowSchema>>,
