@@ -352,14 +352,6 @@ pub struct InferredSchemas {
 }
 
 impl InferredSchemas {
-    /// The shared schema equal to `schema`, or `schema` made the shared one.
-    pub fn share(&mut self, schema: RowSchema) -> std::sync::Arc<RowSchema> {
-        if let Some(i) = self.recent.iter().position(|s| **s == schema) {
-            return self.reuse(i);
-        }
-        self.keep(schema)
-    }
-
     /// The shared schema [`RowSchema::infer_change`] gives for this change. The row is compared
     /// with the kept schemas before anything is built: the decoder calls this for every
     /// schemaless change, and nearly all of them match the schema of the change before.
@@ -369,8 +361,9 @@ impl InferredSchemas {
         after: Option<&serde_json::Map<String, Value>>,
     ) -> std::sync::Arc<RowSchema> {
         let row = after.or(before);
+        // Only infer_change's schemas are kept (never declared, no id): comparing the columns
+        // is comparing the whole schema.
         let matches = |s: &RowSchema| match row {
-            _ if s.declared || s.id.is_some() => false,
             None => s.columns.is_empty(),
             Some(row) => {
                 s.columns.len() == row.len()
@@ -380,20 +373,12 @@ impl InferredSchemas {
                         .all(|(c, (name, v))| c.name == *name && c.ty == infer_type(v))
             }
         };
-        match self.recent.iter().position(|s| matches(s)) {
-            Some(i) => self.reuse(i),
-            None => self.keep(RowSchema::infer_change(before, after)),
+        if let Some(i) = self.recent.iter().position(|s| matches(s)) {
+            // Most recently used first: the next change is most likely of the same shape.
+            self.recent[..=i].rotate_right(1);
+            return self.recent[0].clone();
         }
-    }
-
-    fn reuse(&mut self, i: usize) -> std::sync::Arc<RowSchema> {
-        // Most recently used first: the next change is most likely of the same shape.
-        self.recent[..=i].rotate_right(1);
-        self.recent[0].clone()
-    }
-
-    fn keep(&mut self, schema: RowSchema) -> std::sync::Arc<RowSchema> {
-        let shared = std::sync::Arc::new(schema);
+        let shared = std::sync::Arc::new(RowSchema::infer_change(before, after));
         self.recent.insert(0, shared.clone());
         self.recent.truncate(INFERRED_SCHEMAS_KEPT);
         shared
@@ -512,13 +497,13 @@ mod tests {
     /// and a shape seen before is found again among the last ones.
     #[test]
     fn inferred_schemas_of_one_shape_are_shared() {
-        let row = |v: serde_json::Value| RowSchema::infer(v.as_object().unwrap());
         let mut shared = InferredSchemas::default();
-        let a = shared.share(row(serde_json::json!({"id": 1, "v": "x"})));
-        let b = shared.share(row(serde_json::json!({"id": 2, "v": "y"})));
-        let other_type = shared.share(row(serde_json::json!({"id": 3, "v": 1.5})));
-        let other_shape = shared.share(row(serde_json::json!({"id": 4})));
-        let again = shared.share(row(serde_json::json!({"id": 5, "v": "z"})));
+        let mut share = |v: serde_json::Value| shared.share_change(None, v.as_object());
+        let a = share(serde_json::json!({"id": 1, "v": "x"}));
+        let b = share(serde_json::json!({"id": 2, "v": "y"}));
+        let other_type = share(serde_json::json!({"id": 3, "v": 1.5}));
+        let other_shape = share(serde_json::json!({"id": 4}));
+        let again = share(serde_json::json!({"id": 5, "v": "z"}));
         assert!(std::sync::Arc::ptr_eq(&a, &b) && std::sync::Arc::ptr_eq(&a, &again));
         assert!(!std::sync::Arc::ptr_eq(&a, &other_type) && *a != *other_type);
         assert!(!std::sync::Arc::ptr_eq(&a, &other_shape) && *a != *other_shape);

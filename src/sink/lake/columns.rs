@@ -1,6 +1,7 @@
 //! The typed `before`/`after` columns of a lake file: each column's Arrow type, and its values
 //! from the row maps of the file's changes.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -87,12 +88,20 @@ fn decimal_i256(b64: &str) -> Option<i256> {
     sign_extend::<32>(&bytes).map(i256::from_be_bytes)
 }
 
-fn text(ty: &ColumnType, v: &Value) -> String {
-    match to_sql_json(ty, v) {
-        Ok(Value::String(s)) => s,
-        Ok(other) => other.to_string(),
-        // Kept as sent (e.g. a JSON document jsonb cannot hold): the lake's text is exact.
-        Err(_) => v.as_str().map_or_else(|| v.to_string(), str::to_string),
+/// A value's exact text in the lake. Text as sent needs no conversion and is borrowed, not
+/// copied (most of a table's text columns, on every row).
+fn text<'v>(ty: &ColumnType, v: &'v Value) -> Cow<'v, str> {
+    match (ty, v) {
+        (
+            ColumnType::Text | ColumnType::Uuid | ColumnType::TimeTz | ColumnType::Unknown,
+            Value::String(s),
+        ) => Cow::Borrowed(s),
+        _ => Cow::Owned(match to_sql_json(ty, v) {
+            Ok(Value::String(s)) => s,
+            Ok(other) => other.to_string(),
+            // Kept as sent (e.g. a JSON document jsonb cannot hold): the lake's text is exact.
+            Err(_) => v.as_str().map_or_else(|| v.to_string(), str::to_string),
+        }),
     }
 }
 
@@ -195,27 +204,11 @@ fn build_column(ty: &ColumnType, values: &[Option<&Value>]) -> ArrayRef {
             let nulls = NullBuffer::from(rows.iter().map(Option::is_some).collect::<Vec<bool>>());
             Arc::new(ListArray::new(item, offsets, child, Some(nulls))) as ArrayRef
         }
-        _ => {
-            let mut b = StringBuilder::with_capacity(values.len(), 0);
-            for v in values {
-                match v {
-                    None => b.append_null(),
-                    // Text as sent needs no conversion: appended without a copy.
-                    Some(Value::String(s)) if is_verbatim_text(ty) => b.append_value(s),
-                    Some(v) => b.append_value(text(ty, v)),
-                }
-            }
-            Arc::new(b.finish()) as ArrayRef
-        }
+        _ => build!(
+            StringBuilder::with_capacity(values.len(), 0),
+            |v: &Value| Some(text(ty, v))
+        ),
     }
-}
-
-/// Types whose JSON string is the lake's text unchanged (what [`text`] would return).
-fn is_verbatim_text(ty: &ColumnType) -> bool {
-    matches!(
-        ty,
-        ColumnType::Text | ColumnType::Uuid | ColumnType::TimeTz | ColumnType::Unknown
-    )
 }
 
 /// Each row's value of each column, column by column (None: the row or the value is absent).

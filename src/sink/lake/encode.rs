@@ -352,6 +352,21 @@ mod tests {
             .as_any()
             .downcast_ref::<StructArray>()
             .unwrap();
+        let types: Vec<(&str, &DataType)> = after
+            .fields()
+            .iter()
+            .map(|f| (f.name().as_str(), f.data_type()))
+            .collect();
+        assert_eq!(
+            types,
+            [
+                ("id", &DataType::Int64),
+                ("v", &DataType::Utf8),
+                ("n", &DataType::Float64),
+                ("w", &DataType::Int64)
+            ],
+            "each column keeps its inferred type"
+        );
         let column = |name: &str| {
             let array = after.column_by_name(name).unwrap();
             (0..array.len())
