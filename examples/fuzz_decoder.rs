@@ -156,7 +156,7 @@ fn consume(d: &Decoded) -> &'static str {
             }
             let _ = e.size_bytes();
             let _ = e.event_time_ms();
-            let _ = encode_parquet(std::slice::from_ref(e), &e.schema);
+            let _ = encode_parquet(std::slice::from_ref(e));
             "change"
         }
         Decoded::Skip(..) => "skip",

@@ -1,14 +1,9 @@
 //! Encodes one lake file: change events of one table, one date and one offset range, as Parquet
 //! with `before`/`after` as typed structs and the original envelope kept for losslessness.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use arrow::array::{
-    ArrayRef, BinaryBuilder, Int32Builder, Int64Builder, StringBuilder, StructArray,
-    TimestampMillisecondBuilder,
-};
-use arrow::datatypes::{DataType, Field, Fields, Schema, TimeUnit as ArrowUnit};
+use arrow::datatypes::Schema;
 use arrow::record_batch::RecordBatch;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
@@ -17,22 +12,13 @@ use parquet::file::properties::WriterProperties;
 use parquet::schema::types::ColumnPath;
 
 pub use super::columns::arrow_type;
-use super::columns::row_struct;
-use crate::envelope::avro::WriterSchema;
-use crate::envelope::{ChangeEvent, RowSchema};
-
-/// The file metadata key of an Avro file's Connect schemas: a JSON object from each writer
-/// schema id in `avro_value_schema_id` to the Connect schema (JsonConverter's form) its rows'
-/// `envelope` payloads are typed by. `{"schema": <it>, "payload": <envelope>}` is then the
-/// record exactly as JsonConverter would have written it.
-pub const AVRO_CONNECT_SCHEMAS: &str = "cdc_lake.avro_connect_schemas";
-
-/// The column of an Avro row's writer schema id (files with Avro changes only).
-pub const AVRO_SCHEMA_ID: &str = "avro_value_schema_id";
+use super::file_builder::FileBuilder;
+pub use super::file_builder::{AVRO_CONNECT_SCHEMAS, AVRO_SCHEMA_ID};
+use crate::envelope::ChangeEvent;
 
 /// Encodes events (all of one table and date, in offset order) as one Parquet object.
-pub fn encode_parquet(events: &[Arc<ChangeEvent>], schema: &RowSchema) -> Result<Vec<u8>, String> {
-    let (batch, metadata) = record_batch(events, schema)?;
+pub fn encode_parquet(events: &[Arc<ChangeEvent>]) -> Result<Vec<u8>, String> {
+    let (batch, metadata) = record_batch(events)?;
     write_parquet(&batch, metadata)
 }
 
@@ -46,17 +32,16 @@ pub enum FileFor<'a> {
     Delta(Option<&'a Schema>),
 }
 
-/// One lake file.
+/// One lake file of the rows in `batch` ([`FileBuilder::finish`]).
 pub fn encode_file(
-    events: &[Arc<ChangeEvent>],
-    schema: &RowSchema,
+    batch: &RecordBatch,
+    metadata: Option<Vec<KeyValue>>,
     file_for: FileFor<'_>,
 ) -> Result<Vec<u8>, String> {
-    let (batch, metadata) = record_batch(events, schema)?;
     match file_for {
-        FileFor::Parquet => write_parquet(&batch, metadata),
+        FileFor::Parquet => write_parquet(batch, metadata),
         FileFor::Delta(table) => {
-            let mut batch = super::delta::types::to_delta(&batch).map_err(|e| e.to_string())?;
+            let mut batch = super::delta::types::to_delta(batch).map_err(|e| e.to_string())?;
             if let Some(table) = table {
                 batch = super::delta::types::rename_conflicts(batch, table)
                     .map_err(|e| e.to_string())?;
@@ -66,180 +51,15 @@ pub fn encode_file(
     }
 }
 
-/// The rows of one lake file, and the file's key-value metadata.
+/// The rows of one lake file of `events` (all of one table and date, in offset order), and
+/// the file's key-value metadata; the row schema is every event's merged.
 pub fn record_batch(
     events: &[Arc<ChangeEvent>],
-    schema: &RowSchema,
 ) -> Result<(RecordBatch, Option<Vec<KeyValue>>), String> {
-    let n = events.len();
-    // Sized up front: the envelope column alone holds every record as received, and growing
-    // it by doubling copied it about twice over.
-    let total = |len: fn(&ChangeEvent) -> usize| events.iter().map(|e| len(e)).sum::<usize>();
-    let mut topic = StringBuilder::with_capacity(n, total(|e| e.coords.topic.len()));
-    let mut partition = Int32Builder::with_capacity(n);
-    let mut offset = Int64Builder::with_capacity(n);
-    let mut kts = TimestampMillisecondBuilder::with_capacity(n).with_timezone("UTC");
-    let mut key =
-        StringBuilder::with_capacity(n, total(|e| e.raw_key.as_ref().map_or(0, |k| k.len())));
-    let mut op = StringBuilder::with_capacity(n, n);
-    let mut ts_ms = Int64Builder::with_capacity(n);
-    let mut transaction = StringBuilder::new();
-    let mut envelope = StringBuilder::with_capacity(n, total(|e| e.raw_value.len()));
-    let (
-        mut s_connector,
-        mut s_name,
-        mut s_db,
-        mut s_schema,
-        mut s_table,
-        mut s_snapshot,
-        mut s_seq,
-    ) = (
-        StringBuilder::new(),
-        StringBuilder::new(),
-        StringBuilder::new(),
-        StringBuilder::new(),
-        StringBuilder::new(),
-        StringBuilder::new(),
-        StringBuilder::new(),
-    );
-    let (mut s_ts, mut s_tx, mut s_lsn, mut s_commit) = (
-        Int64Builder::new(),
-        Int64Builder::new(),
-        Int64Builder::new(),
-        Int64Builder::new(),
-    );
-    for e in events {
-        topic.append_value(&e.coords.topic);
-        partition.append_value(e.coords.partition);
-        offset.append_value(e.coords.offset);
-        kts.append_option(e.coords.timestamp_ms);
-        key.append_option(e.raw_key.as_deref());
-        op.append_value(e.op.code());
-        ts_ms.append_option(e.ts_ms);
-        transaction.append_option(e.transaction.as_ref().map(|t| t.get()));
-        envelope.append_value(&*e.raw_value);
-        s_connector.append_option(e.source.connector.as_deref());
-        s_name.append_option(e.source.name.as_deref());
-        s_db.append_option(e.source.db.as_deref());
-        s_schema.append_value(&e.table.schema);
-        s_table.append_value(&e.table.table);
-        s_snapshot.append_option(e.source.snapshot.as_deref());
-        s_seq.append_option(e.source.sequence.as_deref());
-        s_ts.append_option(e.source.ts_ms);
-        s_tx.append_option(e.source.tx_id);
-        s_lsn.append_option(e.source.lsn);
-        s_commit.append_value(e.position.commit_lsn);
+    match FileBuilder::of(events) {
+        Some(mut file) => file.finish(),
+        None => Err("a lake file needs at least one change".into()),
     }
-    let source_fields = Fields::from(vec![
-        Field::new("connector", DataType::Utf8, true),
-        Field::new("name", DataType::Utf8, true),
-        Field::new("db", DataType::Utf8, true),
-        Field::new("schema", DataType::Utf8, true),
-        Field::new("table", DataType::Utf8, true),
-        Field::new("ts_ms", DataType::Int64, true),
-        Field::new("snapshot", DataType::Utf8, true),
-        Field::new("tx_id", DataType::Int64, true),
-        Field::new("lsn", DataType::Int64, true),
-        Field::new("sequence", DataType::Utf8, true),
-        Field::new("commit_lsn", DataType::Int64, true),
-    ]);
-    let source = StructArray::new(
-        source_fields.clone(),
-        vec![
-            Arc::new(s_connector.finish()),
-            Arc::new(s_name.finish()),
-            Arc::new(s_db.finish()),
-            Arc::new(s_schema.finish()),
-            Arc::new(s_table.finish()),
-            Arc::new(s_ts.finish()),
-            Arc::new(s_snapshot.finish()),
-            Arc::new(s_tx.finish()),
-            Arc::new(s_lsn.finish()),
-            Arc::new(s_seq.finish()),
-            Arc::new(s_commit.finish()),
-        ],
-        None,
-    );
-    let befores: Vec<_> = events.iter().map(|e| e.before.as_ref()).collect();
-    let afters: Vec<_> = events.iter().map(|e| e.after.as_ref()).collect();
-    let (before, row_fields) = row_struct(schema, &befores);
-    let (after, _) = row_struct(schema, &afters);
-
-    // Parquet cannot store a struct without fields: a file of rowless changes only (say a
-    // schemaless truncate) has no before/after columns; its envelope column says everything.
-    let has_rows = !row_fields.is_empty();
-    let mut fields = vec![
-        Field::new("kafka_topic", DataType::Utf8, false),
-        Field::new("kafka_partition", DataType::Int32, false),
-        Field::new("kafka_offset", DataType::Int64, false),
-        Field::new(
-            "kafka_timestamp",
-            DataType::Timestamp(ArrowUnit::Millisecond, Some("UTC".into())),
-            true,
-        ),
-        Field::new("kafka_key", DataType::Utf8, true),
-        Field::new("op", DataType::Utf8, false),
-        Field::new("ts_ms", DataType::Int64, true),
-        Field::new("source", DataType::Struct(source_fields), false),
-    ];
-    let mut columns: Vec<ArrayRef> = vec![
-        Arc::new(topic.finish()),
-        Arc::new(partition.finish()),
-        Arc::new(offset.finish()),
-        Arc::new(kts.finish()),
-        Arc::new(key.finish()),
-        Arc::new(op.finish()),
-        Arc::new(ts_ms.finish()),
-        Arc::new(source),
-    ];
-    if has_rows {
-        fields.push(Field::new(
-            "before",
-            DataType::Struct(row_fields.clone()),
-            true,
-        ));
-        fields.push(Field::new("after", DataType::Struct(row_fields), true));
-        columns.push(before);
-        columns.push(after);
-    }
-    fields.push(Field::new("transaction", DataType::Utf8, true));
-    fields.push(Field::new("envelope", DataType::Utf8, false));
-    columns.push(Arc::new(transaction.finish()));
-    columns.push(Arc::new(envelope.finish()));
-    // Changes that arrived as Avro keep their value bytes and writer schema id, so the record
-    // as published is recoverable. Their `envelope` is the JSON payload; the Connect schema of
-    // each writer schema is stored once, in the file's metadata, not once per row. Files of
-    // JSON changes have none of this.
-    let mut avro_schemas: BTreeMap<u32, &WriterSchema> = BTreeMap::new();
-    if events.iter().any(|e| e.avro.is_some()) {
-        let mut bytes = BinaryBuilder::new();
-        let mut schema_id = Int64Builder::with_capacity(n);
-        for e in events {
-            let avro = e.avro.as_deref();
-            bytes.append_option(avro.map(|a| a.value.as_slice()));
-            schema_id.append_option(avro.map(|a| i64::from(a.value_schema.id())));
-            if let Some(a) = avro {
-                avro_schemas.insert(a.value_schema.id(), &a.value_schema);
-            }
-        }
-        fields.push(Field::new("avro_value", DataType::Binary, true));
-        fields.push(Field::new(AVRO_SCHEMA_ID, DataType::Int64, true));
-        columns.push(Arc::new(bytes.finish()));
-        columns.push(Arc::new(schema_id.finish()));
-    }
-    let arrow_schema = Arc::new(Schema::new(fields));
-    let batch = RecordBatch::try_new(arrow_schema.clone(), columns).map_err(|e| e.to_string())?;
-    let metadata = (!avro_schemas.is_empty()).then(|| {
-        let entries: Vec<String> = avro_schemas
-            .iter()
-            .map(|(id, w)| format!("\"{id}\":{}", w.connect_text()))
-            .collect();
-        vec![KeyValue::new(
-            AVRO_CONNECT_SCHEMAS.to_string(),
-            format!("{{{}}}", entries.join(",")),
-        )]
-    });
-    Ok((batch, metadata))
 }
 
 /// How every lake file is written (compacted files too).
@@ -274,6 +94,9 @@ pub fn write_parquet(
 
 #[cfg(test)]
 mod tests {
+    use arrow::array::StructArray;
+    use arrow::datatypes::DataType;
+
     use super::*;
     use crate::domain::KafkaCoordinates;
     use crate::envelope::{Decoded, Decoder};
@@ -294,7 +117,7 @@ mod tests {
             panic!("a truncate decodes to a change");
         };
         assert!(e.schema.columns.is_empty());
-        let bytes = encode_parquet(std::slice::from_ref(&e), &e.schema).unwrap();
+        let bytes = encode_parquet(std::slice::from_ref(&e)).unwrap();
         let reader =
             parquet::file::reader::SerializedFileReader::new(bytes::Bytes::from(bytes)).unwrap();
         use parquet::file::reader::FileReader;
@@ -341,11 +164,7 @@ mod tests {
                 }
             })
             .collect();
-        let mut schema = RowSchema::default();
-        for e in &events {
-            schema.merge(&e.schema);
-        }
-        let (batch, _) = record_batch(&events, &schema).unwrap();
+        let (batch, _) = record_batch(&events).unwrap();
         let after = batch
             .column_by_name("after")
             .unwrap()

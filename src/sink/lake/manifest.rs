@@ -49,6 +49,21 @@ pub fn stored_path(path: &str) -> Path {
     Path::parse(path).unwrap_or_else(|_| Path::from(path))
 }
 
+/// The UTC day of `ms` as [`date_of`] names it (None where it says 1970-01-01 for want of a
+/// date), without formatting it.
+pub fn day_of(ms: Option<i64>) -> Option<i64> {
+    ms.filter(|ms| chrono::DateTime::from_timestamp_millis(*ms).is_some())
+        .map(|ms| ms.div_euclid(86_400_000))
+}
+
+/// UTC date of epoch milliseconds.
+pub fn date_of(ms: Option<i64>) -> String {
+    ms.and_then(chrono::DateTime::from_timestamp_millis)
+        .unwrap_or_default()
+        .format("%Y-%m-%d")
+        .to_string()
+}
+
 /// The directory of a source table's files below `cdc_events/`: `table=<schema.table>`, or with
 /// the `source` layout `server=<server>/db=<db>/table=<schema.table>`. Every part goes through
 /// [`lake_path_segment`] and the table name through [`qualified_name`], so no two source tables

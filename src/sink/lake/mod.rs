@@ -10,10 +10,12 @@ mod columns;
 pub mod compaction;
 pub mod delta;
 pub mod encode;
+mod file_builder;
 pub mod manifest;
 mod publish;
 mod store;
 
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
@@ -25,7 +27,8 @@ use object_store::{ObjectStore, PutMode, PutOptions, PutPayload};
 use self::delta::stats::DeltaFile;
 use self::delta::DeltaLog;
 use self::encode::FileFor;
-use self::manifest::{Commit, FileEntry, Layout, Pending};
+use self::file_builder::FileBuilder;
+use self::manifest::{date_of, day_of, Commit, FileEntry, Layout, Pending};
 use self::publish::Unpublished;
 use self::store::commit_paths;
 pub use self::store::{
@@ -35,14 +38,13 @@ use super::{Ack, Offsets, Sink, SinkError, WriteStats};
 use crate::batch::Batch;
 use crate::config::{LakeConfig, TableFormat};
 use crate::domain::{TableId, TopicPartition};
-use crate::envelope::{ChangeEvent, RowSchema};
+use crate::envelope::RowSchema;
 
 pub const NAME: &str = "lake";
 
-/// Records of one table and date waiting for the next commit.
+/// Records of one table and date waiting for the next commit, as the file's columns.
 struct FileBuffer {
-    events: Vec<Arc<ChangeEvent>>,
-    schema: RowSchema,
+    file: FileBuilder,
     /// The declared (Connect) schema the file was opened with; a different one rolls the file.
     declared: Option<Arc<RowSchema>>,
 }
@@ -66,7 +68,7 @@ impl PartitionState {
     fn durable(&self) -> Option<i64> {
         self.files
             .values()
-            .filter_map(|f| f.events.first().map(|e| e.coords.offset))
+            .map(|f| f.file.first_offset())
             .min()
             .or(self.seen_next)
     }
@@ -84,21 +86,6 @@ pub struct LakeSink {
 
 /// What a change's file key is made of: server, database, table, and [`day_of`].
 type FileSource<'a> = (Option<&'a str>, Option<&'a str>, &'a TableId, Option<i64>);
-
-/// The UTC day of `ms` as [`date_of`] names it (None where it says 1970-01-01 for want of a
-/// date), without formatting it.
-fn day_of(ms: Option<i64>) -> Option<i64> {
-    ms.filter(|ms| chrono::DateTime::from_timestamp_millis(*ms).is_some())
-        .map(|ms| ms.div_euclid(86_400_000))
-}
-
-/// UTC date of epoch milliseconds.
-fn date_of(ms: Option<i64>) -> String {
-    ms.and_then(chrono::DateTime::from_timestamp_millis)
-        .unwrap_or_default()
-        .format("%Y-%m-%d")
-        .to_string()
-}
 
 impl LakeSink {
     pub fn new(cfg: &LakeConfig) -> Result<Self, SinkError> {
@@ -266,12 +253,30 @@ impl LakeSink {
         };
         let st = self.partitions.get_mut(tp).expect("present above");
         let next_offset = st.seen_next.expect("set when the first record arrived");
-        let files = std::mem::take(&mut st.files);
-        let paths: Vec<(Path, &(String, String), &FileBuffer)> = files
+        let mut files = std::mem::take(&mut st.files);
+        // Each file's rows as one record batch; the builders keep them for a retry.
+        let finished = files
+            .iter_mut()
+            .map(|(_, f)| {
+                f.file.finish().map_err(|reason| SinkError::Encode {
+                    table: f.file.table().to_string(),
+                    reason,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>();
+        let finished = match finished {
+            Ok(finished) => finished,
+            Err(e) => {
+                self.partitions.get_mut(tp).expect("present above").files = files;
+                return Err(e);
+            }
+        };
+        let paths: Vec<(Path, &(String, String), &FileBuffer, _)> = files
             .iter()
-            .map(|(k, f)| {
-                let first = f.events[0].coords.offset;
-                (self.layout.data_file(&k.0, &k.1, tp, first), k, f)
+            .zip(finished)
+            .map(|((k, f), finished)| {
+                let first = f.file.first_offset();
+                (self.layout.data_file(&k.0, &k.1, tp, first), k, f, finished)
             })
             .collect();
 
@@ -291,49 +296,53 @@ impl LakeSink {
             let delta = self.delta.is_some();
             let layout = &self.layout;
             let table_schemas = &table_schemas;
-            let uploads = paths.iter().map(|(path, (dir, date), f)| {
-                let store = self.store.clone();
-                let file_for = if delta {
-                    FileFor::Delta(table_schemas.get(dir).map(|s| s.as_ref()))
-                } else {
-                    FileFor::Parquet
-                };
-                // The source table as the raw log names it (`source_table`), which prune and
-                // replay match against; the directory is only where the file lives.
-                let table = f.events[0].table.to_string();
-                async move {
-                    let encode_err = |reason| SinkError::Encode {
-                        table: table.clone(),
-                        reason,
-                    };
-                    let bytes = bytes::Bytes::from(
-                        encode::encode_file(&f.events, &f.schema, file_for).map_err(encode_err)?,
-                    );
-                    let delta_file = if delta {
-                        let (_, relative) = layout.table_part(path.as_ref()).expect("a data file");
-                        let file =
-                            DeltaFile::from_parquet(&relative, date, &bytes).map_err(encode_err)?;
-                        Some((dir.clone(), table.clone(), file))
+            let uploads = paths
+                .iter()
+                .map(|(path, (dir, date), f, (batch, metadata))| {
+                    let store = self.store.clone();
+                    let file_for = if delta {
+                        FileFor::Delta(table_schemas.get(dir).map(|s| s.as_ref()))
                     } else {
-                        None
+                        FileFor::Parquet
                     };
-                    let len = bytes.len() as u64;
-                    store
-                        .put(path, PutPayload::from(bytes))
-                        .await
-                        .map_err(store_err(path))?;
-                    let entry = FileEntry {
-                        path: path.to_string(),
-                        table: table.clone(),
-                        date: date.clone(),
-                        rows: f.events.len() as u64,
-                        bytes: len,
-                        min_offset: f.events[0].coords.offset,
-                        max_offset: f.events[f.events.len() - 1].coords.offset,
-                    };
-                    Ok::<_, SinkError>((entry, delta_file))
-                }
-            });
+                    // The source table as the raw log names it (`source_table`), which prune and
+                    // replay match against; the directory is only where the file lives.
+                    let table = f.file.table().to_string();
+                    async move {
+                        let encode_err = |reason| SinkError::Encode {
+                            table: table.clone(),
+                            reason,
+                        };
+                        let bytes = bytes::Bytes::from(
+                            encode::encode_file(batch, metadata.clone(), file_for)
+                                .map_err(encode_err)?,
+                        );
+                        let delta_file = if delta {
+                            let (_, relative) =
+                                layout.table_part(path.as_ref()).expect("a data file");
+                            let file = DeltaFile::from_parquet(&relative, date, &bytes)
+                                .map_err(encode_err)?;
+                            Some((dir.clone(), table.clone(), file))
+                        } else {
+                            None
+                        };
+                        let len = bytes.len() as u64;
+                        store
+                            .put(path, PutPayload::from(bytes))
+                            .await
+                            .map_err(store_err(path))?;
+                        let entry = FileEntry {
+                            path: path.to_string(),
+                            table: table.clone(),
+                            date: date.clone(),
+                            rows: f.file.rows() as u64,
+                            bytes: len,
+                            min_offset: f.file.first_offset(),
+                            max_offset: f.file.last_offset(),
+                        };
+                        Ok::<_, SinkError>((entry, delta_file))
+                    }
+                });
             let (entries, delta_files): (Vec<FileEntry>, Vec<_>) =
                 try_join_all(uploads).await?.into_iter().unzip();
             let commit = Commit {
@@ -486,14 +495,10 @@ impl Sink for LakeSink {
             let declared = e.schema.declared.then(|| e.schema.clone());
             let needs_roll = st.files.get(&key).is_some_and(|f| {
                 // The file already took the previous change's schema.
-                let same_as_last = f
-                    .events
-                    .last()
-                    .is_some_and(|last| Arc::ptr_eq(&last.schema, &e.schema));
-                !same_as_last
+                !f.file.has_schema_of_last(&e.schema)
                     && match (&f.declared, &declared) {
                         (Some(a), Some(b)) => !Arc::ptr_eq(a, b) && a != b,
-                        (None, None) => f.schema.conflicts(&e.schema),
+                        (None, None) => f.file.schema().conflicts(&e.schema),
                         _ => true,
                     }
             });
@@ -503,19 +508,15 @@ impl Sink for LakeSink {
                 self.commit_partition(&tp).await?;
             }
             let st = self.partitions.get_mut(&tp).expect("still owned");
-            let file = st.files.entry(key).or_insert_with(|| FileBuffer {
-                events: Vec::new(),
-                schema: RowSchema::default(),
-                declared: declared.clone(),
-            });
-            if file
-                .events
-                .last()
-                .is_none_or(|last| !Arc::ptr_eq(&last.schema, &e.schema))
-            {
-                file.schema.merge(&e.schema);
+            match st.files.entry(key) {
+                Entry::Occupied(mut open) => open.get_mut().file.push(e),
+                Entry::Vacant(new) => {
+                    new.insert(FileBuffer {
+                        file: FileBuilder::new(e),
+                        declared,
+                    });
+                }
             }
-            file.events.push(e.clone());
             st.rows += 1;
             st.bytes += e.size_bytes();
             st.opened_at.get_or_insert_with(Instant::now);
