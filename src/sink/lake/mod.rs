@@ -15,7 +15,6 @@ pub mod manifest;
 mod publish;
 mod store;
 
-use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
@@ -460,10 +459,15 @@ impl Sink for LakeSink {
             }
         }
         let mut last_file: Option<(FileSource, (String, String))> = None;
+        // A batch holds runs of one partition: its name is copied once per run, not per record.
+        let mut tp: Option<TopicPartition> = None;
         for r in &batch.records {
             let coords = r.coords();
-            let tp = coords.topic_partition();
-            let st = self.partitions.get_mut(&tp).expect("recovered above");
+            let tp = match &tp {
+                Some(t) if t.partition == coords.partition && t.topic == coords.topic => t,
+                _ => tp.insert(coords.topic_partition()),
+            };
+            let st = self.partitions.get_mut(tp).expect("recovered above");
             // Below the commit: stored. Below what was seen: already buffered, e.g. when the
             // pipeline retries a batch whose commit failed (an S3 outage) after buffering it.
             let below = |next: Option<i64>| next.is_some_and(|n| coords.offset < n);
@@ -483,17 +487,16 @@ impl Sink for LakeSink {
             );
             // Consecutive changes mostly share a table and a day: their file key is built once.
             let key = match &last_file {
-                Some((last, key)) if *last == source => key.clone(),
+                Some((last, _)) if *last == source => &last_file.as_ref().expect("matched").1,
                 _ => {
                     let (server, db) = (source.0.unwrap_or(""), source.1.unwrap_or(""));
                     let dir = manifest::table_dir(self.cfg.layout, (server, db), &e.table);
                     let key = (dir, date_of(e.event_time_ms()));
-                    last_file = Some((source, key.clone()));
-                    key
+                    &last_file.insert((source, key)).1
                 }
             };
             let declared = e.schema.declared.then(|| e.schema.clone());
-            let needs_roll = st.files.get(&key).is_some_and(|f| {
+            let needs_roll = st.files.get(key).is_some_and(|f| {
                 // The file already took the previous change's schema.
                 !f.file.has_schema_of_last(&e.schema)
                     && match (&f.declared, &declared) {
@@ -505,16 +508,15 @@ impl Sink for LakeSink {
             if needs_roll {
                 // A schema change (declared, or an inferred type that cannot widen) starts a
                 // new file: commit what we have first.
-                self.commit_partition(&tp).await?;
+                self.commit_partition(tp).await?;
             }
-            let st = self.partitions.get_mut(&tp).expect("still owned");
-            match st.files.entry(key) {
-                Entry::Occupied(mut open) => open.get_mut().file.push(e),
-                Entry::Vacant(new) => {
-                    new.insert(FileBuffer {
-                        file: FileBuilder::new(e),
-                        declared,
-                    });
+            let st = self.partitions.get_mut(tp).expect("still owned");
+            // Looked up by reference: the key is copied only when a file opens.
+            match st.files.get_mut(key) {
+                Some(open) => open.file.push(e),
+                None => {
+                    let file = FileBuilder::new(e);
+                    st.files.insert(key.clone(), FileBuffer { file, declared });
                 }
             }
             st.rows += 1;
