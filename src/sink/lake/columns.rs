@@ -111,7 +111,7 @@ fn text<'v>(ty: &ColumnType, v: &'v Value) -> Cow<'v, str> {
 /// One typed column of `before` or `after`, appended a row at a time as changes reach the
 /// lake. Values that do not match the column's type become null here (they are still in the
 /// envelope column).
-pub(super) struct ColumnBuilder {
+struct ColumnBuilder {
     ty: ColumnType,
     values: Values,
 }
@@ -148,10 +148,10 @@ enum Values {
 
 /// Rows a fresh column has room for. Small: a partition can hold a file for each of
 /// thousands of tables at once, and builders grow by doubling.
-const INITIAL_ROWS: usize = 64;
+pub(super) const INITIAL_ROWS: usize = 64;
 
 impl ColumnBuilder {
-    pub(super) fn new(ty: &ColumnType) -> Self {
+    fn new(ty: &ColumnType) -> Self {
         let n = INITIAL_ROWS;
         let decimal256 = |p, s| {
             Decimal256Builder::with_capacity(n)
@@ -214,12 +214,12 @@ impl ColumnBuilder {
         }
     }
 
-    pub(super) fn ty(&self) -> &ColumnType {
+    fn ty(&self) -> &ColumnType {
         &self.ty
     }
 
     /// Appends one row's value (None: the row has no such column).
-    pub(super) fn append(&mut self, v: Option<&Value>) {
+    fn append(&mut self, v: Option<&Value>) {
         let Self { ty, values } = self;
         let v = present(v);
         match values {
@@ -285,7 +285,7 @@ impl ColumnBuilder {
 
     /// The rows appended since the last call, as one array of [`arrow_type`]; the builder is
     /// then empty.
-    pub(super) fn finish(&mut self) -> ArrayRef {
+    fn finish(&mut self) -> ArrayRef {
         match &mut self.values {
             Values::Boolean(b) => Arc::new(b.finish()),
             Values::Int16(b) => Arc::new(b.finish()),
@@ -333,19 +333,20 @@ impl WideningColumn {
     /// encodes the same rows again.
     fn finish(&mut self) -> Result<ArrayRef, String> {
         let ty = arrow_type(self.open.ty());
+        // The fresh rows join the kept pieces before anything can fail, so an error loses none.
         let fresh = self.open.finish();
-        let mut pieces = std::mem::take(&mut self.done);
-        pieces.push(fresh);
-        let pieces: Vec<ArrayRef> = pieces
-            .into_iter()
-            .filter(|p| !p.is_empty())
+        self.done.push(fresh);
+        self.done.retain(|p| !p.is_empty());
+        let pieces: Vec<ArrayRef> = self
+            .done
+            .iter()
             .map(|p| {
                 if p.data_type() == &ty {
-                    Ok(p)
+                    Ok(p.clone())
                 } else if p.null_count() == p.len() {
                     Ok(new_null_array(&ty, p.len()))
                 } else {
-                    cast(&p, &ty).map_err(|e| e.to_string())
+                    cast(p, &ty).map_err(|e| e.to_string())
                 }
             })
             .collect::<Result<_, _>>()?;

@@ -15,7 +15,7 @@ use arrow::datatypes::{DataType, Field, Fields, Schema, TimeUnit as ArrowUnit};
 use arrow::record_batch::RecordBatch;
 use parquet::file::metadata::KeyValue;
 
-use super::columns::RowColumns;
+use super::columns::{RowColumns, INITIAL_ROWS};
 use crate::envelope::avro::WriterSchema;
 use crate::envelope::{ChangeEvent, RowSchema};
 
@@ -28,30 +28,33 @@ pub const AVRO_CONNECT_SCHEMAS: &str = "cdc_lake.avro_connect_schemas";
 /// The column of an Avro row's writer schema id (files with Avro changes only).
 pub const AVRO_SCHEMA_ID: &str = "avro_value_schema_id";
 
-/// Rows a fresh file has room for before its builders grow (by doubling).
-const INITIAL_ROWS: usize = 64;
-
 /// A column of a fixed type: the rows finished so far, and a builder for the rows since.
 /// Finishing keeps the result, so a commit that fails and is retried encodes the same rows.
 struct Kept<B> {
-    done: Option<ArrayRef>,
+    done: Vec<ArrayRef>,
     open: B,
 }
 
 impl<B: ArrayBuilder> Kept<B> {
     fn new(open: B) -> Self {
-        Self { done: None, open }
+        Self {
+            done: Vec::new(),
+            open,
+        }
     }
 
     fn finish(&mut self) -> Result<ArrayRef, String> {
+        // The fresh rows join the kept ones before anything can fail, so an error loses none.
         let fresh = self.open.finish();
-        let all = match self.done.take() {
-            None => fresh,
-            Some(done) if fresh.is_empty() => done,
-            Some(done) => concat(&[done.as_ref(), fresh.as_ref()]).map_err(|e| e.to_string())?,
-        };
-        self.done = Some(all.clone());
-        Ok(all)
+        if !fresh.is_empty() || self.done.is_empty() {
+            self.done.push(fresh);
+        }
+        if self.done.len() > 1 {
+            let pieces: Vec<&dyn Array> = self.done.iter().map(|p| p.as_ref()).collect();
+            let all = concat(&pieces).map_err(|e| e.to_string())?;
+            self.done = vec![all];
+        }
+        Ok(self.done[0].clone())
     }
 }
 
@@ -223,7 +226,7 @@ impl FileBuilder {
     }
 
     pub fn rows(&self) -> usize {
-        self.offset.done.as_ref().map_or(0, |d| d.len()) + self.offset.open.len()
+        self.offset.done.iter().map(|d| d.len()).sum::<usize>() + self.offset.open.len()
     }
 
     pub fn first_offset(&self) -> i64 {
