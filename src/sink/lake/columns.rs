@@ -318,6 +318,42 @@ impl ColumnBuilder {
     }
 }
 
+/// Adds a column's `fresh` rows to the pieces it kept and joins them into one array of `ty`,
+/// which is then the only piece kept (so a retried commit encodes the same rows again). Pieces
+/// of an earlier, narrower type are cast: the widenings a file allows (integer to float, to a
+/// wider integer, or to exact text; unknown to anything) give the value a direct conversion
+/// would. The fresh rows are kept before anything can fail, so an error loses none.
+pub(super) fn join_pieces(
+    pieces: &mut Vec<ArrayRef>,
+    fresh: ArrayRef,
+    ty: &DataType,
+) -> Result<ArrayRef, String> {
+    pieces.push(fresh);
+    pieces.retain(|p| !p.is_empty());
+    let typed: Vec<ArrayRef> = pieces
+        .iter()
+        .map(|p| {
+            if p.data_type() == ty {
+                Ok(p.clone())
+            } else if p.null_count() == p.len() {
+                Ok(new_null_array(ty, p.len()))
+            } else {
+                cast(p, ty).map_err(|e| e.to_string())
+            }
+        })
+        .collect::<Result<_, _>>()?;
+    let all = match typed.as_slice() {
+        [] => new_empty_array(ty),
+        [one] => one.clone(),
+        many => {
+            let many: Vec<&dyn Array> = many.iter().map(|p| p.as_ref()).collect();
+            concat(&many).map_err(|e| e.to_string())?
+        }
+    };
+    *pieces = vec![all.clone()];
+    Ok(all)
+}
+
 /// A column of a file whose type may widen while the file fills (an inferred integer column
 /// that later sees a float): the rows already built under earlier types, and a builder of the
 /// current type for the rows since.
@@ -327,39 +363,11 @@ struct WideningColumn {
 }
 
 impl WideningColumn {
-    /// Every row so far as one array of `ty`. Earlier pieces are cast: the widenings a file
-    /// allows (integer to float, to a wider integer, or to exact text; unknown to anything)
-    /// give the value a direct conversion would. The result is kept, so a retried commit
-    /// encodes the same rows again.
+    /// Every row so far as one array of the column's current type ([`join_pieces`]).
     fn finish(&mut self) -> Result<ArrayRef, String> {
         let ty = arrow_type(self.open.ty());
-        // The fresh rows join the kept pieces before anything can fail, so an error loses none.
         let fresh = self.open.finish();
-        self.done.push(fresh);
-        self.done.retain(|p| !p.is_empty());
-        let pieces: Vec<ArrayRef> = self
-            .done
-            .iter()
-            .map(|p| {
-                if p.data_type() == &ty {
-                    Ok(p.clone())
-                } else if p.null_count() == p.len() {
-                    Ok(new_null_array(&ty, p.len()))
-                } else {
-                    cast(p, &ty).map_err(|e| e.to_string())
-                }
-            })
-            .collect::<Result<_, _>>()?;
-        let all = match pieces.as_slice() {
-            [] => new_empty_array(&ty),
-            [one] => one.clone(),
-            many => {
-                let many: Vec<&dyn Array> = many.iter().map(|p| p.as_ref()).collect();
-                concat(&many).map_err(|e| e.to_string())?
-            }
-        };
-        self.done = vec![all.clone()];
-        Ok(all)
+        join_pieces(&mut self.done, fresh, &ty)
     }
 }
 

@@ -97,6 +97,7 @@ mod tests {
     use arrow::array::StructArray;
     use arrow::datatypes::DataType;
 
+    use super::super::file_builder::tests::changes;
     use super::*;
     use crate::domain::KafkaCoordinates;
     use crate::envelope::{Decoded, Decoder};
@@ -138,32 +139,12 @@ mod tests {
     /// dictionary-less columns read back whole.
     #[test]
     fn values_land_in_their_columns_whatever_the_key_order() {
-        let mut decoder = Decoder::new();
-        let afters = [
+        let events = changes(&[
             r#"{"id":1,"v":"a","n":1.5}"#,
             r#"{"v":"b","id":2,"n":2.5}"#,
             r#"{"id":3,"w":7}"#,
             r#"{"n":4.5,"w":8,"v":"d","id":4}"#,
-        ];
-        let events: Vec<Arc<ChangeEvent>> = afters
-            .iter()
-            .enumerate()
-            .map(|(offset, after)| {
-                let value = format!(
-                    r#"{{"before":null,"after":{after},"source":{{"schema":"public","table":"t","lsn":{offset}}},"op":"c"}}"#
-                );
-                let coords = KafkaCoordinates {
-                    topic: "t".into(),
-                    partition: 0,
-                    offset: offset as i64,
-                    timestamp_ms: None,
-                };
-                match decoder.decode(coords, None, Some(value.as_bytes())) {
-                    Decoded::Change(e) => e,
-                    other => panic!("{other:?}"),
-                }
-            })
-            .collect();
+        ]);
         let (batch, _) = record_batch(&events).unwrap();
         let after = batch
             .column_by_name("after")

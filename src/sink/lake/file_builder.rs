@@ -10,12 +10,11 @@ use arrow::array::{
     Array, ArrayBuilder, ArrayRef, BinaryBuilder, Int32Builder, Int64Builder, StringBuilder,
     StructArray, TimestampMillisecondBuilder,
 };
-use arrow::compute::concat;
 use arrow::datatypes::{DataType, Field, Fields, Schema, TimeUnit as ArrowUnit};
 use arrow::record_batch::RecordBatch;
 use parquet::file::metadata::KeyValue;
 
-use super::columns::{RowColumns, INITIAL_ROWS};
+use super::columns::{join_pieces, RowColumns, INITIAL_ROWS};
 use crate::envelope::avro::WriterSchema;
 use crate::envelope::{ChangeEvent, RowSchema};
 
@@ -44,17 +43,9 @@ impl<B: ArrayBuilder> Kept<B> {
     }
 
     fn finish(&mut self) -> Result<ArrayRef, String> {
-        // The fresh rows join the kept ones before anything can fail, so an error loses none.
         let fresh = self.open.finish();
-        if !fresh.is_empty() || self.done.is_empty() {
-            self.done.push(fresh);
-        }
-        if self.done.len() > 1 {
-            let pieces: Vec<&dyn Array> = self.done.iter().map(|p| p.as_ref()).collect();
-            let all = concat(&pieces).map_err(|e| e.to_string())?;
-            self.done = vec![all];
-        }
-        Ok(self.done[0].clone())
+        let ty = fresh.data_type().clone();
+        join_pieces(&mut self.done, fresh, &ty)
     }
 }
 
@@ -262,7 +253,20 @@ impl FileBuilder {
             }
             self.last_schema = Some(e.schema.clone());
         }
-        let rows_before = self.rows();
+        let avro = e.avro.as_deref();
+        if avro.is_some() && self.avro.is_none() {
+            // The first Avro change of the file: the rows before it have no Avro value.
+            let rows_before = self.rows();
+            let mut value = Kept::new(BinaryBuilder::with_capacity(INITIAL_ROWS, 0));
+            let mut schema_id = int64();
+            value.open.append_nulls(rows_before);
+            schema_id.open.append_nulls(rows_before);
+            self.avro = Some(AvroColumns {
+                value,
+                schema_id,
+                schemas: BTreeMap::new(),
+            });
+        }
         self.last_offset = e.coords.offset;
         self.topic.open.append_value(&e.coords.topic);
         self.partition.open.append_value(e.coords.partition);
@@ -280,19 +284,6 @@ impl FileBuilder {
             .open
             .append_option(e.transaction.as_ref().map(|t| t.get()));
         self.envelope.open.append_value(&*e.raw_value);
-        let avro = e.avro.as_deref();
-        if avro.is_some() && self.avro.is_none() {
-            // The first Avro change of the file: the rows before it have no Avro value.
-            let mut value = Kept::new(BinaryBuilder::with_capacity(INITIAL_ROWS, 0));
-            let mut schema_id = int64();
-            value.open.append_nulls(rows_before);
-            schema_id.open.append_nulls(rows_before);
-            self.avro = Some(AvroColumns {
-                value,
-                schema_id,
-                schemas: BTreeMap::new(),
-            });
-        }
         if let Some(columns) = self.avro.as_mut() {
             columns
                 .value
@@ -382,7 +373,7 @@ impl FileBuilder {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use arrow::array::{Decimal256Array, Float64Array, Int64Array, StringArray, StructArray};
     use arrow::datatypes::i256;
 
@@ -391,7 +382,7 @@ mod tests {
     use crate::envelope::{Decoded, Decoder};
 
     /// Schemaless changes of table `t` with these `after` rows, at offsets 0, 1, ….
-    fn changes(afters: &[&str]) -> Vec<Arc<ChangeEvent>> {
+    pub(in crate::sink::lake) fn changes(afters: &[&str]) -> Vec<Arc<ChangeEvent>> {
         let mut decoder = Decoder::new();
         afters
             .iter()

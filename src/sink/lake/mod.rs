@@ -486,15 +486,12 @@ impl Sink for LakeSink {
                 day_of(e.event_time_ms()),
             );
             // Consecutive changes mostly share a table and a day: their file key is built once.
-            let key = match &last_file {
-                Some((last, _)) if *last == source => &last_file.as_ref().expect("matched").1,
-                _ => {
-                    let (server, db) = (source.0.unwrap_or(""), source.1.unwrap_or(""));
-                    let dir = manifest::table_dir(self.cfg.layout, (server, db), &e.table);
-                    let key = (dir, date_of(e.event_time_ms()));
-                    &last_file.insert((source, key)).1
-                }
-            };
+            if last_file.as_ref().is_none_or(|(last, _)| *last != source) {
+                let (server, db) = (source.0.unwrap_or(""), source.1.unwrap_or(""));
+                let dir = manifest::table_dir(self.cfg.layout, (server, db), &e.table);
+                last_file = Some((source, (dir, date_of(e.event_time_ms()))));
+            }
+            let key = &last_file.as_ref().expect("set above").1;
             let declared = e.schema.declared.then(|| e.schema.clone());
             let needs_roll = st.files.get(key).is_some_and(|f| {
                 // The file already took the previous change's schema.
