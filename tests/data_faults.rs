@@ -739,6 +739,11 @@ fn a_topic_that_starts_over_is_stored_from_its_start() {
             .collect();
         let both: Vec<i64> = (1..=41).chain(101..=110).collect();
         assert_eq!(mirrored, both, "the mirror holds the changes of both logs");
+        assert_eq!(
+            count(&client, "SELECT count(*) FROM cdc_raw.cdc_rejects").await,
+            0,
+            "a log that started over under a source that did not is no reject"
+        );
         let resets: Vec<(String, i64, i64)> = client
             .query(
                 "SELECT sink, stale_offset, log_start FROM cdc_lake.log_resets
@@ -768,6 +773,114 @@ fn a_topic_that_starts_over_is_stored_from_its_start() {
                 .with_label_values(&["lake", "kept"])
                 .get()
                 > kept_before
+        );
+    });
+}
+
+/// A source database created again (or restored to an earlier point) starts its WAL positions
+/// over, and Debezium's new topic with them. Its changes to rows the mirror already holds are
+/// behind those rows in position though committed later: the ordering guard alone would keep
+/// the old rows without a trace. They are rejected at the mirror with the reason instead; new
+/// keys apply, and the raw log stores every record. The oracle is what the broker was given.
+#[test]
+fn a_source_that_started_over_is_rejected_at_the_mirror_not_held_back() {
+    run_test(async {
+        let prefix = unique("rewind").replace('_', "-");
+        let topic = format!("{prefix}.public.items");
+        const OLD_TS: i64 = 1_795_239_028_962;
+        let record = |id: i64, v: &str, lsn: i64, ts_ms: i64| Rec {
+            key: format!(r#"{{"id":{id}}}"#),
+            value: envelope("items", &format!(r#"{{"id":{id},"v":"{v}"}}"#), lsn, ts_ms),
+            timestamp: None,
+        };
+        // The old log is longer than the new one, so the pod sees the new one start over.
+        let old: Vec<Rec> = (1..=8)
+            .map(|id| record(id, "old", 90_000 + id, OLD_TS))
+            .collect();
+        produce_to(&topic, &old).await;
+        let db = fresh_db("rewind").await;
+        let lake = LakeTarget::local("rewind");
+        let cfg = config(&db, &prefix, &lake, &[("CDC_LAKE__BATCH__MAX_AGE", "50ms")]);
+        cdc_lake::ingest::migrate(&cfg).await.unwrap();
+        let client = pg(&db).await;
+        let pod = Pod::start(cfg.clone());
+        wait_until(
+            "the old source in the mirror",
+            Duration::from_secs(60),
+            || async { checkpoint(&client, "state", &topic).await == Some(8) },
+        )
+        .await;
+        pod.stop().await;
+
+        // The new source: ids 1-3 again, far behind in position and an hour later; id 9 is new.
+        // Id 4 is an old change of the old source delivered again (behind in position and in
+        // time): the guard holds it back as it should, and it is no reject.
+        delete_topic(&topic).await;
+        let later = OLD_TS + 3_600_000;
+        let mut new: Vec<Rec> = (1..=3)
+            .map(|id| record(id, "new", 2_000 + id, later + id))
+            .collect();
+        new.push(record(9, "new", 2_009, later + 9));
+        new.push(record(4, "older", 89_004, OLD_TS - 60_000));
+        assert_eq!(produce_to(&topic, &new).await, vec![0, 1, 2, 3, 4]);
+        let pod = Pod::start(cfg.clone());
+        wait_until(
+            "the new log at the mirror",
+            Duration::from_secs(60),
+            || async {
+                checkpoint(&client, "state", &topic).await == Some(5)
+                    && checkpoint(&client, "raw", &topic).await == Some(5)
+            },
+        )
+        .await;
+        pod.stop().await;
+
+        let rejects: Vec<(i64, String)> = client
+            .query(
+                "SELECT kafka_offset, reason FROM cdc_raw.cdc_rejects
+                  WHERE kafka_topic = $1 AND stage = 'state' ORDER BY 1",
+                &[&topic],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let offsets: Vec<i64> = rejects.iter().map(|r| r.0).collect();
+        assert_eq!(
+            offsets,
+            vec![0, 1, 2],
+            "the new source's changes to held rows: {rejects:?}"
+        );
+        for (offset, reason) in &rejects {
+            let id = offset + 1;
+            let positions = format!("commit LSN 0/{:X} < 0/{:X}", 2_000 + id, 90_000 + id);
+            assert!(
+                reason.contains("started over") && reason.contains(&positions),
+                "{reason}"
+            );
+        }
+        let mirror: Vec<(i64, String)> = client
+            .query("SELECT id, v FROM cdc_processed.items ORDER BY 1", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let mut expected: Vec<(i64, String)> = (1..=8).map(|id| (id, "old".to_string())).collect();
+        expected.push((9, "new".into()));
+        assert_eq!(
+            mirror, expected,
+            "held rows stay as they were; a new key applies"
+        );
+        assert_eq!(
+            count(
+                &client,
+                &format!("SELECT count(*) FROM cdc_raw.cdc_events WHERE kafka_topic = '{topic}'")
+            )
+            .await,
+            5,
+            "the raw log stores every record of the new log"
         );
     });
 }

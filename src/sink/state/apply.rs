@@ -126,10 +126,10 @@ impl StateSink {
             let cached = self.mirrors.get(&dest.name).cloned();
             let attempt = Savepoint::begin(tx, self.name, "cdc_apply").await?;
             match self.apply_set(tx, dest, &usable[range.clone()]).await {
-                Ok(key_mismatches) => {
+                Ok(not_applied) => {
                     attempt.release().await?;
-                    stats.written += (range.len() - key_mismatches.len()) as u64;
-                    for (i, reason) in key_mismatches {
+                    stats.written += (range.len() - not_applied.len()) as u64;
+                    for (i, reason) in not_applied {
                         self.reject_one(tx, usable[range.start + i], &reason, stats)
                             .await?;
                     }
@@ -176,7 +176,8 @@ impl StateSink {
     }
 
     /// One attempt: the table made to fit the changes, then staged and merged. Returns the
-    /// changes (by index) whose key does not match the table's primary key, not applied.
+    /// changes (by index) not applied, with the reason: their key does not match the table's
+    /// primary key, or their source started over below the mirror's positions.
     pub(super) async fn apply_set(
         &mut self,
         tx: &Transaction<'_>,
@@ -193,7 +194,13 @@ impl StateSink {
                 None => keyed.push(*e),
             }
         }
-        self.stage_and_merge(tx, dest, &keyed).await?;
+        let rewound = self.stage_and_merge(tx, dest, &keyed).await?;
+        for r in rewound {
+            let at = events
+                .iter()
+                .position(|e| e.coords.partition == r.partition && e.coords.offset == r.offset);
+            mismatched.extend(at.map(|i| (i, r.reason)));
+        }
         Ok(mismatched)
     }
 

@@ -94,6 +94,41 @@ const SOURCE_TS: &str =
 /// Rows older than the table's last truncate stay gone.
 pub(super) const NEWER_THAN_TRUNCATE: &str = "(s.__cdc_w_commit_lsn IS NULL OR (s._cdc_commit_lsn, s._cdc_lsn) > (s.__cdc_w_commit_lsn, s.__cdc_w_lsn))";
 
+/// How much later than the mirror's row a change behind it must have been committed to count
+/// as from a source that started over. Within one WAL, commit times follow commit positions
+/// except for transactions committing at the same moment, well inside this.
+const REWIND_SLACK: &str = "interval '1 second'";
+
+/// After a mirror's MERGE: the staged changes it held back although they are newer. Each is
+/// behind its key's row in source position yet committed more than [`REWIND_SLACK`] later,
+/// which one WAL cannot produce: the source database was created again or restored to an
+/// earlier point, and its positions started over below the mirror's. Returns partition,
+/// offset, and the change's and the row's commit positions.
+pub(super) fn rewound_sql(m: &Mirror, plan: &StagePlan) -> Result<String, String> {
+    let key = positions(plan, &m.key)?;
+    let on: Vec<String> = m
+        .key
+        .iter()
+        .zip(&key)
+        .map(|(k, &i)| format!("m.{k} = {}", value(plan, i)))
+        .collect();
+    let converted: String = key
+        .iter()
+        .filter(|&&i| plan.columns[i - 1].kind == ColumnKind::ViaJsonb)
+        .map(|&i| format!(", {} AS v{i}", select_value(m, plan, i)))
+        .collect();
+    Ok(format!(
+        "SELECT s._cdc_partition, s._cdc_offset, s._cdc_commit_lsn, m.cdc_commit_lsn
+           FROM (SELECT st.*{converted} FROM {stage} st) s
+           JOIN {t} m ON {on}
+          WHERE (m.cdc_commit_lsn, m.cdc_lsn) > (s._cdc_commit_lsn, s._cdc_lsn)
+            AND {SOURCE_TS} > m.cdc_source_ts + {REWIND_SLACK}",
+        stage = plan.table,
+        t = m.qualified,
+        on = on.join(" AND "),
+    ))
+}
+
 /// `(cols) VALUES (values)` lists of an INSERT of the table's columns.
 fn insert_lists(m: &Mirror, plan: &StagePlan) -> Result<(String, String), String> {
     let cols: Vec<&str> = m.columns.iter().map(Ident::quoted).collect();

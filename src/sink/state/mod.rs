@@ -5,7 +5,7 @@
 //! source position so that replays and duplicates never move a row backwards. The checkpoint
 //! advances in the same transaction.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use tokio_postgres::{Client, Transaction};
 
@@ -100,6 +100,11 @@ pub struct StateSink {
     setup_sql: Vec<std::path::PathBuf>,
     /// Mapped tables, checked against the catalog when the target was opened.
     mapped_tables: HashMap<TableId, Mirror>,
+    /// Partitions whose log started over (`rebase`), for the rest of this pod's life: a source
+    /// created again or restored starts its positions over with its topics, and the mirror's
+    /// ordering guard would keep the old source's rows. Each batch of theirs is checked for
+    /// that after its MERGE (one more join, only after such an incident).
+    rewind_watch: HashSet<TopicPartition>,
     prepared: bool,
 }
 
@@ -143,6 +148,7 @@ impl StateSink {
             mappings: Vec::new(),
             setup_sql: Vec::new(),
             mapped_tables: HashMap::new(),
+            rewind_watch: HashSet::new(),
             prepared: false,
         }
     }
@@ -394,11 +400,14 @@ impl Sink for StateSink {
         Ok(Ack::default())
     }
 
+    /// The watch of a partition whose log started over stays (`rewind_watch`): the group may
+    /// take the partition away and give it back, and its checkpoint no longer shows the reset.
     fn revoke(&mut self, _partitions: &[TopicPartition]) {}
 
     /// Rows need nothing: the ordering guard compares source positions (LSNs) before offsets,
-    /// so the new log's changes apply over what the old one left. Rejects at reused offsets
-    /// move aside, so the new log's rejects can be recorded.
+    /// so the new log's changes apply over what the old one left. Unless the source started
+    /// over with its log: the partition is watched (`rewind_watch`). Rejects at reused
+    /// offsets move aside, so the new log's rejects can be recorded.
     async fn rebase(
         &mut self,
         tp: &TopicPartition,
@@ -418,6 +427,9 @@ impl Sink for StateSink {
             super::supersede_rejects(&tx, name, &[name], tp, log.start).await?;
         }
         tx.commit().await.map_err(pg_err(name, "committing"))?;
+        if moved {
+            self.rewind_watch.insert(tp.clone());
+        }
         Ok(Some(next))
     }
 }

@@ -24,8 +24,24 @@ use crate::sink::SinkError;
 pub(super) struct Applier {
     plan: StagePlan,
     merge: String,
+    /// Finds the changes the MERGE held back although they are newer (a source that started
+    /// over); mirrors only: a mapped table keeps no commit time.
+    rewound: Option<String>,
     /// By staged column: whether the MERGE updates it, so a row lacking it must say so.
     updated: Vec<bool>,
+}
+
+/// A staged change the ordering guard held back although its source started over: where it
+/// is, and why it is rejected.
+pub(super) struct Rewound {
+    pub partition: i32,
+    pub offset: i64,
+    pub reason: String,
+}
+
+/// A WAL position as PostgreSQL writes it (`16/B374D848`).
+fn lsn_text(lsn: i64) -> String {
+    format!("{:X}/{:X}", (lsn as u64) >> 32, (lsn as u64) & 0xFFFF_FFFF)
 }
 
 /// COPY data is sent in pieces of about this size: PostgreSQL parses one while the next is
@@ -38,10 +54,10 @@ impl StateSink {
         tx: &Transaction<'_>,
         dest: &Dest,
         events: &[&ChangeEvent],
-    ) -> Result<(), SinkError> {
+    ) -> Result<Vec<Rewound>, SinkError> {
         let table = &dest.table;
         if events.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         // Convert every row before the COPY starts: a value that cannot be converted fails
         // this set cleanly, and the narrowing rejects just that change.
@@ -126,7 +142,64 @@ impl StateSink {
             self.name,
             format!("merging into {}", mirror.qualified),
         ))?;
-        Ok(())
+        match &applier.rewound {
+            Some(sql) if self.watches_any(events) => self.rewound(tx, dest, sql).await,
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    /// Whether a change of `events` comes from a partition whose log started over since this
+    /// pod started (see `rewind_watch`).
+    fn watches_any(&self, events: &[&ChangeEvent]) -> bool {
+        !self.rewind_watch.is_empty()
+            && events.iter().any(|e| {
+                self.rewind_watch
+                    .iter()
+                    .any(|tp| tp.partition == e.coords.partition && tp.topic == e.coords.topic)
+            })
+    }
+
+    /// The changes just merged that the ordering guard held back although their source
+    /// started over, each with its reason.
+    async fn rewound(
+        &self,
+        tx: &Transaction<'_>,
+        dest: &Dest,
+        sql: &str,
+    ) -> Result<Vec<Rewound>, SinkError> {
+        let mirror = self.mirrors.get(&dest.name).expect("ensured before");
+        let rows = tx.query(sql, &[]).await.map_err(pg_err(
+            self.name,
+            format!("comparing positions with {}", mirror.qualified),
+        ))?;
+        let found: Vec<Rewound> = rows
+            .iter()
+            .map(|r| {
+                let (change, row): (i64, i64) = (r.get(2), r.get(3));
+                Rewound {
+                    partition: r.get(0),
+                    offset: r.get(1),
+                    reason: format!(
+                        "{}: the change is behind the mirror's row in source position (commit LSN {} < {}) but was committed later: the source database was created again or restored to an earlier point, so its positions started over and the ordering guard would keep the old row; rebuild the mirror (docs/operations.md, \"A source that started over\")",
+                        mirror.qualified,
+                        lsn_text(change),
+                        lsn_text(row),
+                    ),
+                }
+            })
+            .collect();
+        if let Some(first) = found.first() {
+            tracing::error!(
+                sink = self.name,
+                table = %dest.table,
+                mirror = %mirror.qualified,
+                changes = found.len(),
+                partition = first.partition,
+                offset = first.offset,
+                "the source started over below the mirror's positions (created again, or restored to an earlier point): its changes to rows the mirror holds are rejected instead of held back by the ordering guard; rebuild the mirror (docs/operations.md, \"A source that started over\")"
+            );
+        }
+        Ok(found)
     }
 
     /// Whether the table's columns now differ from those its cached applier stages: a type
@@ -172,6 +245,16 @@ impl StateSink {
             table: dest.table.to_string(),
             reason: format!("cannot apply to {}: {reason}", mirror.qualified),
         })?;
+        let rewound =
+            match &mirror.mapped {
+                None => Some(merge_sql::rewound_sql(mirror, &plan).map_err(|reason| {
+                    SinkError::Encode {
+                        table: dest.table.to_string(),
+                        reason: format!("cannot apply to {}: {reason}", mirror.qualified),
+                    }
+                })?),
+                Some(_) => None,
+            };
         let updated = plan
             .columns
             .iter()
@@ -180,6 +263,7 @@ impl StateSink {
         let applier = Arc::new(Applier {
             plan,
             merge,
+            rewound,
             updated,
         });
         self.mirrors
@@ -355,6 +439,7 @@ mod tests {
         Applier {
             plan,
             merge: String::new(),
+            rewound: None,
             updated,
         }
     }
