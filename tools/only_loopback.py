@@ -6,6 +6,7 @@ traced process reached an IP address other than loopback.
   to learn whether IPv6 works. Such calls are counted and reported, not failed.
 - Any send or write on an inet socket is traffic: the destination in its arguments, or the peer
   that `-yy` shows for a connected socket, must be loopback. This also catches DNS queries.
+- A trace without a single connection or send to an IP address fails: it traced nothing.
 
   python tools/only_loopback.py TRACE...
 """
@@ -19,8 +20,9 @@ PEER = re.compile(r"->\[?([0-9a-fA-F.:]+?)\]?:\d+$")
 
 
 def main(paths):
-    checked, route_probes, outside = 0, {}, {}
+    checked, route_probes, outside, silent = 0, {}, {}, []
     for path in paths:
+        checked_before = checked
         with open(path, errors="replace") as f:
             for line in f:
                 m = CALL.match(line)
@@ -40,8 +42,14 @@ def main(paths):
                     checked += 1
                     if a not in LOOPBACK:
                         outside[f"{call} {proto} {a}"] = outside.get(f"{call} {proto} {a}", 0) + 1
+        if checked == checked_before:
+            silent.append(path)
     if outside:
         sys.exit(f"traffic outside loopback: {outside} (traces: {' '.join(paths)})")
+    # Superset talks to PostgreSQL and the browser to Superset, both over TCP: a trace without
+    # a single connection traced nothing (wrong pid, strace not attached), so it proves nothing.
+    if silent:
+        sys.exit(f"no connection or send to an IP address in {' '.join(silent)}: the trace saw no traffic, so it checks nothing")
     probes = f"; UDP route probes without traffic: {route_probes}" if route_probes else ""
     print(f"loopback only: {checked} connections and sends to IP addresses, all to loopback{probes}")
 
