@@ -11,7 +11,6 @@ use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
 use parquet::schema::types::ColumnPath;
 
-pub use super::columns::arrow_type;
 use super::file_builder::FileBuilder;
 pub use super::file_builder::{AVRO_CONNECT_SCHEMAS, AVRO_SCHEMA_ID};
 use crate::envelope::ChangeEvent;
