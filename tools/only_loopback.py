@@ -14,7 +14,7 @@ import re
 import sys
 
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
-CALL = re.compile(r"^\d+ (connect|sendto|sendmsg|sendmmsg|write)\(\d+<(TCP|TCPv6|UDP|UDPv6):\[(.*?)\]>(.*)")
+CALL = re.compile(r"^\s*\d+\s+(connect|sendto|sendmsg|sendmmsg|write)\(\d+<(TCP|TCPv6|UDP|UDPv6):\[(.*?)\]>(.*)")
 EXPLICIT = re.compile(r'inet_addr\("([^"]+)"\)|inet_pton\(AF_INET6, "([^"]+)"')
 PEER = re.compile(r"->\[?([0-9a-fA-F.:]+?)\]?:\d+$")
 
