@@ -47,6 +47,17 @@ fn value(plan: &StagePlan, i: usize) -> String {
     }
 }
 
+/// The join of a staged row `s` to its mirror row `m` on the key, whose staged columns are at
+/// `key` (from [`positions`]).
+fn key_join(m: &Mirror, plan: &StagePlan, key: &[usize]) -> String {
+    m.key
+        .iter()
+        .zip(key)
+        .map(|(k, &i)| format!("m.{k} = {}", value(plan, i)))
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
 /// The part both MERGEs share: the target, the newest staged change per key (the staged
 /// columns, converted values, `extra` select items, and the table's truncate watermark), the
 /// key join.
@@ -58,12 +69,7 @@ fn merge_using(
     extra: &str,
 ) -> Result<String, String> {
     let key = positions(plan, &m.key)?;
-    let on: Vec<String> = m
-        .key
-        .iter()
-        .zip(&key)
-        .map(|(k, &i)| format!("m.{k} = {}", value(plan, i)))
-        .collect();
+    let on = key_join(m, plan, &key);
     let distinct: Vec<String> = key.iter().map(|i| format!("st.c{i}")).collect();
     let converted: String = (1..=plan.columns.len())
         .filter(|&i| plan.columns[i - 1].kind == ColumnKind::ViaJsonb)
@@ -82,7 +88,6 @@ fn merge_using(
         distinct = distinct.join(", "),
         schema_lit = sql_literal(schema),
         table_lit = sql_literal(table),
-        on = on.join(" AND "),
     ))
 }
 
@@ -106,12 +111,7 @@ const REWIND_SLACK: &str = "interval '1 second'";
 /// offset, and the change's and the row's commit positions.
 pub(super) fn rewound_sql(m: &Mirror, plan: &StagePlan) -> Result<String, String> {
     let key = positions(plan, &m.key)?;
-    let on: Vec<String> = m
-        .key
-        .iter()
-        .zip(&key)
-        .map(|(k, &i)| format!("m.{k} = {}", value(plan, i)))
-        .collect();
+    let on = key_join(m, plan, &key);
     let converted: String = key
         .iter()
         .filter(|&&i| plan.columns[i - 1].kind == ColumnKind::ViaJsonb)
@@ -125,7 +125,6 @@ pub(super) fn rewound_sql(m: &Mirror, plan: &StagePlan) -> Result<String, String
             AND {SOURCE_TS} > m.cdc_source_ts + {REWIND_SLACK}",
         stage = plan.table,
         t = m.qualified,
-        on = on.join(" AND "),
     ))
 }
 
