@@ -96,6 +96,21 @@ async fn checkpoint(client: &Client, sink: &str, topic: &str) -> Option<i64> {
         .map(|r| r.get(0))
 }
 
+/// Waits until the raw log's and the mirror's checkpoints of `topic` both reach `next`.
+async fn wait_for_raw_and_state(
+    client: &Client,
+    topic: &str,
+    next: i64,
+    what: &str,
+    timeout: Duration,
+) {
+    wait_until(what, timeout, || async {
+        checkpoint(client, "raw", topic).await == Some(next)
+            && checkpoint(client, "state", topic).await == Some(next)
+    })
+    .await;
+}
+
 /// Records this test's topic has delivered to the pod (the pod's own counter).
 fn consumed(topic: &str) -> u64 {
     METRICS.consumed.with_label_values(&[topic]).get()
@@ -216,13 +231,12 @@ async fn sigterm_during_a_wedge(which: Wedged) {
         .await
         .unwrap();
     let pod = Pod::start(cfg.clone());
-    wait_until(
+    wait_for_raw_and_state(
+        &client,
+        &topic,
+        4,
         "every sink past the last record",
         Duration::from_secs(60),
-        || async {
-            checkpoint(&client, "raw", &topic).await == Some(4)
-                && checkpoint(&client, "state", &topic).await == Some(4)
-        },
     )
     .await;
     pod.stop().await;
@@ -411,13 +425,12 @@ fn single_poison_records_are_isolated_per_sink() {
         let pod = Pod::start(cfg);
         let client = pg(&db).await;
         // Healthy records behind every poison one arrive, in every sink.
-        wait_until(
+        wait_for_raw_and_state(
+            &client,
+            &topic,
+            last + 1,
             "every sink past the last record",
             Duration::from_secs(90),
-            || async {
-                checkpoint(&client, "raw", &topic).await == Some(last + 1)
-                    && checkpoint(&client, "state", &topic).await == Some(last + 1)
-            },
         )
         .await;
         pod.stop().await;
@@ -643,23 +656,25 @@ fn a_topic_that_starts_over_is_stored_from_its_start() {
         cdc_lake::ingest::migrate(&cfg).await.unwrap();
         let client = pg(&db).await;
         let pod = Pod::start(cfg.clone());
-        wait_until(
+        wait_for_raw_and_state(
+            &client,
+            &topic,
+            40,
             "the old log in the raw log and the mirror",
             Duration::from_secs(60),
-            || async {
-                checkpoint(&client, "raw", &topic).await == Some(40)
-                    && checkpoint(&client, "state", &topic).await == Some(40)
-            },
         )
         .await;
         pod.stop().await;
         // A restart on the same log moves nothing, whatever the watermark says.
         let pod = Pod::start(cfg.clone());
         old_offsets.extend(produce_to(&topic, &[record(41, 1_041)]).await);
-        wait_until("one more change", Duration::from_secs(60), || async {
-            checkpoint(&client, "raw", &topic).await == Some(41)
-                && checkpoint(&client, "state", &topic).await == Some(41)
-        })
+        wait_for_raw_and_state(
+            &client,
+            &topic,
+            41,
+            "one more change",
+            Duration::from_secs(60),
+        )
         .await;
         pod.stop().await;
         assert_eq!(
@@ -682,13 +697,12 @@ fn a_topic_that_starts_over_is_stored_from_its_start() {
             .get();
 
         let pod = Pod::start(cfg.clone());
-        wait_until(
+        wait_for_raw_and_state(
+            &client,
+            &topic,
+            10,
             "the new log in the raw log and the mirror",
             Duration::from_secs(60),
-            || async {
-                checkpoint(&client, "raw", &topic).await == Some(10)
-                    && checkpoint(&client, "state", &topic).await == Some(10)
-            },
         )
         .await;
         pod.stop().await;
@@ -824,13 +838,12 @@ fn a_source_that_started_over_is_rejected_at_the_mirror_not_held_back() {
         new.push(record(4, "older", 89_004, OLD_TS - 60_000));
         assert_eq!(produce_to(&topic, &new).await, vec![0, 1, 2, 3, 4]);
         let pod = Pod::start(cfg.clone());
-        wait_until(
+        wait_for_raw_and_state(
+            &client,
+            &topic,
+            5,
             "the new log at the mirror",
             Duration::from_secs(60),
-            || async {
-                checkpoint(&client, "state", &topic).await == Some(5)
-                    && checkpoint(&client, "raw", &topic).await == Some(5)
-            },
         )
         .await;
         pod.stop().await;
