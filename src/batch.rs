@@ -108,13 +108,7 @@ impl Batcher {
             }
         }
         self.opened_at.get_or_insert_with(Instant::now);
-        self.current.bytes += match &record {
-            Decoded::Change(e) => e.size_bytes(),
-            Decoded::Reject(r) => {
-                r.value.as_ref().map_or(0, Vec::len) + r.key.as_ref().map_or(0, Vec::len)
-            }
-            Decoded::Skip(..) => 64,
-        };
+        self.current.bytes += record.size_bytes();
         self.current.records.push(record);
         true
     }
@@ -122,6 +116,11 @@ impl Batcher {
     /// The most records a batch holds (`batch.max_records`).
     pub fn max_records(&self) -> usize {
         self.limits.max_records
+    }
+
+    /// The most a batch holds in decoded size (`batch.max_bytes`).
+    pub fn max_bytes(&self) -> u64 {
+        self.limits.max_bytes.0
     }
 
     /// True when the batch reached its count or byte limit.

@@ -220,7 +220,12 @@ pub async fn run(
         .map_err(IngestError::Decoder)?;
     let poll_thread = {
         let (consumer, stop, readiness) = (consumer.clone(), stop.clone(), readiness.clone());
-        let chunk = config.batch.max_records.clamp(100, 5000);
+        // Chunks of up to 5,000 records, and a quarter of a batch's bytes: the queue of four
+        // then holds about one batch (docs/performance.md, "Where a backlog's memory is").
+        let chunk = crate::source::ChunkLimits {
+            records: config.batch.max_records.clamp(100, 5000),
+            bytes: usize::try_from(config.batch.max_bytes.0 / 4).unwrap_or(usize::MAX),
+        };
         std::thread::Builder::new()
             .name("kafka-poll".into())
             // Decodes records: as deep as envelope::json allows.

@@ -196,8 +196,8 @@ impl<C: Committer> Pipeline<C> {
                 ev = events.recv() => match ev {
                     None => break,
                     Some(SourceEvent::Records(records)) => {
-                        // The poll thread hands over chunks of at least 100 records: a batch
-                        // closes inside one at its limits, so `batch.max_records` holds.
+                        // A batch closes inside a chunk at its limits, so `batch.max_records`
+                        // and `batch.max_bytes` hold whatever the chunk's size.
                         for r in records {
                             if self.owned.contains(&r.coords().topic_partition()) {
                                 self.batcher.push(r);
@@ -399,7 +399,7 @@ impl<C: Committer> Pipeline<C> {
                 sinks,
                 &self.failing,
                 &self.retrying,
-                self.batcher.max_records(),
+                self.batcher.max_bytes(),
                 &self.lane_context,
             );
             self.lanes = Some(lanes);

@@ -75,14 +75,20 @@ struct Harness {
 
 impl Harness {
     fn start(sinks: Vec<MemorySink>) -> Harness {
+        Harness::start_with(
+            sinks,
+            BatchConfig {
+                max_records: 1000,
+                max_bytes: ByteSize(1 << 20),
+                max_age: HumanDuration(Duration::from_millis(10)),
+            },
+        )
+    }
+
+    fn start_with(sinks: Vec<MemorySink>, batch: BatchConfig) -> Harness {
         let (tx, rx) = mpsc::channel(4);
         let shutdown = CancellationToken::new();
         let committer = RecordingCommitter::default();
-        let batch = BatchConfig {
-            max_records: 1000,
-            max_bytes: ByteSize(1 << 20),
-            max_age: HumanDuration(Duration::from_millis(10)),
-        };
         let readiness = Readiness::default();
         let pipeline = Pipeline::new(
             sinks.into_iter().map(AnySink::Memory).collect(),
@@ -332,6 +338,64 @@ async fn a_sink_that_falls_behind_holds_back_the_commit_but_not_the_other_sinks(
     assert_eq!(stored(&fast, 0), (0..8).collect::<Vec<_>>());
     assert_eq!(committer.committed(&tp(0)), Some(8));
     assert!(readiness.get(), "ready again once every sink caught up");
+}
+
+/// A sink that falls behind holds at most two full batches by decoded size (`batch.max_bytes`),
+/// however few records they hold; then the pipeline waits for it and takes no more records. So
+/// the changes the pod holds are bounded in bytes at any row width (a bound in records let the
+/// bench's rows, whose batches close by bytes, fill each lane with four batches).
+#[tokio::test]
+async fn a_lane_holds_two_batches_by_decoded_size_then_the_pipeline_waits() {
+    let (fast, stuck) = (MemorySink::named("fast-b"), MemorySink::named("stuck-b"));
+    stuck.set_failing(true);
+    let h = Harness::start_with(
+        vec![fast.clone(), stuck.clone()],
+        BatchConfig {
+            max_records: 1000,
+            max_bytes: ByteSize(1024),
+            max_age: HumanDuration(Duration::from_millis(10)),
+        },
+    );
+    h.assign(vec![tp(0)]).await;
+    let all = records(0, 0..20);
+    assert!(
+        all.iter().all(|r| r.size_bytes() > 1024),
+        "each record fills a batch by bytes, far below its 1,000-record limit"
+    );
+    // One record per hand-over: three for the pipeline, then four that fill the channel
+    // (it holds four) while the pipeline waits.
+    let mut pending = all.into_iter();
+    for r in pending.by_ref().take(7) {
+        h.send(vec![r]).await;
+    }
+    // Batches 0, 1 and 2 reached the fast sink; the stuck one holds 0 (retried) and 1, and
+    // batch 2 waits for room in its lane, so the pipeline takes nothing more.
+    fast.wait_for("fast at 3", WAIT, |st| {
+        st.checkpoints.get(&tp(0)) == Some(&3)
+    })
+    .await;
+    queued_reaches("stuck-b", 2).await;
+    assert_eq!(
+        h.events.capacity(),
+        0,
+        "the pipeline waits for the stuck lane and takes no more records"
+    );
+    assert_eq!(
+        stored(&fast, 0),
+        vec![0, 1, 2],
+        "no batch passed the full lane"
+    );
+    stuck.set_failing(false);
+    for r in pending {
+        h.send(vec![r]).await;
+    }
+    for sink in [&fast, &stuck] {
+        sink.wait_for("all 20", WAIT, |st| st.checkpoints.get(&tp(0)) == Some(&20))
+            .await;
+    }
+    h.stop().await.unwrap();
+    assert_eq!(stored(&stuck, 0), (0..20).collect::<Vec<_>>());
+    assert_eq!(stored(&fast, 0), (0..20).collect::<Vec<_>>());
 }
 
 /// Waits until `cdc_lake_sink_queued_records{sink}` reads `n` (the lane sets it after each

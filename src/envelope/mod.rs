@@ -278,4 +278,16 @@ impl Decoded {
             Decoded::Reject(r) => &r.coords,
         }
     }
+
+    /// Approximate in-memory size: what batches, the poll thread's chunks and the lanes count
+    /// against their byte limits.
+    pub fn size_bytes(&self) -> usize {
+        match self {
+            Decoded::Change(e) => e.size_bytes(),
+            Decoded::Reject(r) => {
+                r.value.as_ref().map_or(0, Vec::len) + r.key.as_ref().map_or(0, Vec::len)
+            }
+            Decoded::Skip(..) => 64,
+        }
+    }
 }

@@ -5,12 +5,12 @@
 //! slowest write of any sink (a lake roll: Parquet encoding, upload, Delta commit) held back
 //! the others, and the pipeline took no records meanwhile. In its own lane each sink works
 //! through the batches at its own pace, at most [`LANE_BATCHES`] full batches' worth of
-//! records behind the pipeline, and the pipeline still commits to Kafka only the lowest offset
+//! decoded bytes behind the pipeline, and the pipeline still commits to Kafka only the lowest offset
 //! that every sink reports durable. A lane keeps the order of its jobs, so each sink still sees
 //! every partition's records in Kafka order, and a sink that lost a batch (shutdown during its
 //! retries) is offered no later one.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,11 +23,12 @@ use crate::batch::Batch;
 use crate::sink::{Ack, AnySink, Sink, SinkError};
 use crate::telemetry::METRICS;
 
-/// How far a lane may fall behind, in full batches (`batch.max_records`) of records, counting
-/// the one it writes. The bound is in records, not batches, so that at low rates, where
+/// How far a lane may fall behind, in full batches by decoded size (`batch.max_bytes`),
+/// counting the one it writes. The bound is in bytes, not batches, so that at low rates, where
 /// batches close by age and are small, a lake roll or a Delta commit of a few hundred
-/// milliseconds does not fill the lane and stall the other sinks; memory stays bounded by the
-/// same number of records at any rate.
+/// milliseconds does not fill the lane and stall the other sinks; and in bytes, not records, so
+/// that what a lane holds is the memory it costs at any row width (a bound in records let each
+/// lane hold four batches of the bench's rows, which close at `batch.max_bytes` first).
 pub(super) const LANE_BATCHES: usize = 2;
 
 pub(super) enum Job {
@@ -58,33 +59,54 @@ pub(super) struct LaneContext {
 
 struct Lane {
     /// Unbounded: `room` bounds what a lane holds.
-    jobs: mpsc::UnboundedSender<(Job, Option<OwnedSemaphorePermit>)>,
+    jobs: mpsc::UnboundedSender<(Job, Option<Held>)>,
     room: Arc<Room>,
     task: JoinHandle<(AnySink, bool)>,
 }
 
-/// The records a lane may hold, shared by the pipeline (which takes room for a batch) and the
-/// lane's task (which gives it back when the batch is written).
+/// The decoded bytes a lane may hold, shared by the pipeline (which takes room for a batch) and
+/// the lane's task (which gives it back when the batch is written).
 struct Room {
-    /// A permit per record; a job holds its records' permits until it is done.
+    /// A permit per KiB of decoded size; a job holds its batch's permits until it is done.
     free: Arc<Semaphore>,
-    /// The permits `free` started with.
-    capacity: usize,
+    /// The permits a full batch takes (`batch.max_bytes`): a batch that closed one record past
+    /// its limit still fits [`LANE_BATCHES`] times.
+    per_batch: usize,
+    /// The records the lane holds, for `cdc_lake_sink_queued_records`.
+    records: AtomicUsize,
     sink: &'static str,
 }
 
+/// A job's share of its lane's room: given back when the job is done.
+struct Held {
+    _permit: OwnedSemaphorePermit,
+    records: usize,
+}
+
 impl Room {
-    /// Waits until the lane has room for `records`; a batch bigger than the whole room (after
-    /// `batch.max_records` was lowered) takes all of it.
-    async fn take(&self, records: usize) -> OwnedSemaphorePermit {
-        let permits = u32::try_from(records.clamp(1, self.capacity)).unwrap_or(u32::MAX);
+    /// Waits until the lane has room for `batch`; a batch bigger than `batch.max_bytes` (one
+    /// record larger than it, or the limit lowered since) counts as a full one.
+    async fn take(&self, batch: &Batch) -> Held {
+        let kib = batch.bytes.div_ceil(1024);
+        let permits = u32::try_from(kib.clamp(1, self.per_batch)).unwrap_or(u32::MAX);
         let permit = self.free.clone().acquire_many_owned(permits).await;
-        permit.expect("lane semaphores are never closed")
+        let records = batch.len();
+        self.records.fetch_add(records, Ordering::Relaxed);
+        Held {
+            _permit: permit.expect("lane semaphores are never closed"),
+            records,
+        }
+    }
+
+    fn give_back(&self, held: Option<Held>) {
+        if let Some(held) = held {
+            self.records.fetch_sub(held.records, Ordering::Relaxed);
+        }
     }
 
     /// Publishes how many records the lane holds, as `cdc_lake_sink_queued_records`.
     fn report(&self) {
-        let queued = self.capacity.saturating_sub(self.free.available_permits());
+        let queued = self.records.load(Ordering::Relaxed);
         METRICS
             .queued
             .with_label_values(&[self.sink])
@@ -102,20 +124,21 @@ impl Lanes {
         sinks: Vec<AnySink>,
         failing: &[bool],
         retrying: &[Arc<AtomicBool>],
-        max_records: usize,
+        max_batch_bytes: u64,
         ctx: &LaneContext,
     ) -> Self {
-        let capacity = max_records
-            .saturating_mul(LANE_BATCHES)
-            .min(Semaphore::MAX_PERMITS);
+        let per_batch = usize::try_from(max_batch_bytes.div_ceil(1024))
+            .unwrap_or(usize::MAX)
+            .min(Semaphore::MAX_PERMITS / LANE_BATCHES);
         let lanes = sinks
             .into_iter()
             .enumerate()
             .map(|(index, sink)| {
                 let (jobs, queue) = mpsc::unbounded_channel();
                 let room = Arc::new(Room {
-                    free: Arc::new(Semaphore::new(capacity)),
-                    capacity,
+                    free: Arc::new(Semaphore::new(per_batch * LANE_BATCHES)),
+                    per_batch,
+                    records: AtomicUsize::new(0),
                     sink: sink.name(),
                 });
                 let worker = Worker {
@@ -140,15 +163,15 @@ impl Lanes {
     pub async fn send_all(&self, job: impl Fn() -> Job) {
         for lane in &self.0 {
             let job = job();
-            let permit = match &job {
-                Job::Write(batch) => Some(lane.room.take(batch.len()).await),
+            let held = match &job {
+                Job::Write(batch) => Some(lane.room.take(batch).await),
                 Job::Flush { .. } => None,
             };
             // Only a panic ends a lane while its queue is open. Go down with it, as the pipeline
             // did when a sink's task panicked: a lane that takes nothing would hold the commit
             // for good, where a restart resumes from the checkpoints.
             assert!(
-                lane.jobs.send((job, permit)).is_ok(),
+                lane.jobs.send((job, held)).is_ok(),
                 "the {} sink's lane ended: its task panicked",
                 lane.room.sink
             );
@@ -189,10 +212,10 @@ struct Worker {
 impl Worker {
     async fn run(
         mut self,
-        mut queue: mpsc::UnboundedReceiver<(Job, Option<OwnedSemaphorePermit>)>,
+        mut queue: mpsc::UnboundedReceiver<(Job, Option<Held>)>,
     ) -> (AnySink, bool) {
-        // The permit goes back when the job is done: its records leave the lane's room.
-        while let Some((job, permit)) = queue.recv().await {
+        // The room goes back when the job is done: its records leave the lane.
+        while let Some((job, held)) = queue.recv().await {
             let was_flush = matches!(job, Job::Flush { .. });
             // A sink that lost a batch must not store a later one: that would move its
             // checkpoint over the lost records.
@@ -205,7 +228,7 @@ impl Worker {
                 }
             };
             self.failing = ack.is_none();
-            drop(permit);
+            self.room.give_back(held);
             self.room.report();
             let report = Report {
                 sink: self.index,

@@ -28,9 +28,12 @@ use crate::domain::TopicPartition;
 use crate::envelope::Decoded;
 use crate::telemetry::{Readiness, METRICS};
 
+mod chunk;
 mod decode;
 pub mod registry;
 
+use chunk::Chunk;
+pub use chunk::ChunkLimits;
 pub use decode::RecordDecoder;
 pub use registry::RegistryUnavailable;
 
@@ -289,12 +292,7 @@ impl Waiting {
     }
 
     /// Decodes held records from the front, when a retry is due, until one still cannot be.
-    fn retry(
-        &mut self,
-        decoder: &mut RecordDecoder,
-        chunk: &mut Vec<Decoded>,
-        readiness: &Readiness,
-    ) {
+    fn retry(&mut self, decoder: &mut RecordDecoder, chunk: &mut Chunk, readiness: &Readiness) {
         if self.records.is_empty() || Instant::now() < self.next_try {
             return;
         }
@@ -336,7 +334,7 @@ impl Waiting {
 fn take(
     m: BorrowedMessage<'_>,
     decoder: &mut RecordDecoder,
-    chunk: &mut Vec<Decoded>,
+    chunk: &mut Chunk,
     waiting: &mut Waiting,
     readiness: &Readiness,
 ) {
@@ -385,11 +383,11 @@ pub fn run_poll_loop(
     consumer: Arc<KafkaConsumer>,
     events: mpsc::Sender<SourceEvent>,
     stop: Arc<AtomicBool>,
-    max_chunk: usize,
+    limits: ChunkLimits,
     mut decoder: RecordDecoder,
     readiness: Readiness,
 ) {
-    let mut chunk: Vec<Decoded> = Vec::new();
+    let mut chunk = Chunk::default();
     let mut waiting = Waiting::new();
     // Whether fetching is paused: while the pipeline is busy or records wait for the registry.
     let mut paused = false;
@@ -410,10 +408,10 @@ pub fn run_poll_loop(
         if !chunk.is_empty() {
             let full_since = Instant::now();
             loop {
-                match events.try_send(SourceEvent::Records(std::mem::take(&mut chunk))) {
+                match events.try_send(SourceEvent::Records(chunk.take())) {
                     Ok(()) => break,
                     Err(mpsc::error::TrySendError::Full(SourceEvent::Records(back))) => {
-                        chunk = back;
+                        chunk.restore(back);
                         if paused
                             || full_since.elapsed() >= PAUSE_AFTER
                             || stop.load(Ordering::SeqCst)
@@ -451,7 +449,7 @@ pub fn run_poll_loop(
             Some(Ok(m)) => {
                 take(m, &mut decoder, &mut chunk, &mut waiting, &readiness);
                 // Drain what is already fetched without waiting.
-                while chunk.len() < max_chunk && waiting.is_empty() {
+                while !chunk.is_full(limits) && waiting.is_empty() {
                     match consumer.poll(Duration::ZERO) {
                         Some(Ok(m)) => take(m, &mut decoder, &mut chunk, &mut waiting, &readiness),
                         _ => break,
