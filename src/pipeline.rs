@@ -399,7 +399,7 @@ impl<C: Committer> Pipeline<C> {
                 sinks,
                 &self.failing,
                 &self.retrying,
-                self.batcher.max_bytes(),
+                (self.batcher.max_records(), self.batcher.max_bytes()),
                 &self.lane_context,
             );
             self.lanes = Some(lanes);

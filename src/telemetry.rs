@@ -147,8 +147,8 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         queued: register_int_gauge_vec_with_registry!(
             "cdc_lake_sink_queued_records",
             "Records handed to a sink and not yet written by it, per sink: how far it is behind \
-             the others (at most two batches, 2 x batch.max_bytes of decoded changes; at that \
-             bound the pipeline waits for it)",
+             the others (at most two batches: 2 x batch.max_records and 2 x batch.max_bytes \
+             of decoded changes; at that bound the pipeline waits for it)",
             &["sink"],
             r
         )

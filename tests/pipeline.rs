@@ -340,31 +340,23 @@ async fn a_sink_that_falls_behind_holds_back_the_commit_but_not_the_other_sinks(
     assert!(readiness.get(), "ready again once every sink caught up");
 }
 
-/// A sink that falls behind holds at most two full batches by decoded size (`batch.max_bytes`),
-/// however few records they hold; then the pipeline waits for it and takes no more records. So
-/// the changes the pod holds are bounded in bytes at any row width (a bound in records let the
-/// bench's rows, whose batches close by bytes, fill each lane with four batches).
-#[tokio::test]
-async fn a_lane_holds_two_batches_by_decoded_size_then_the_pipeline_waits() {
-    let (fast, stuck) = (MemorySink::named("fast-b"), MemorySink::named("stuck-b"));
+/// A sink that falls behind holds at most two full batches, by records (`batch.max_records`)
+/// and by decoded size (`batch.max_bytes`), whichever binds first; then the pipeline waits for
+/// it and takes no more records. So what the pod holds is bounded in bytes at any row width,
+/// and a sink is never thousands of small batches behind (each a lake file and Delta commit
+/// that a graceful stop would have to drain).
+async fn a_lane_holds_two_batches_then_the_pipeline_waits(
+    batch: BatchConfig,
+    fast: &'static str,
+    stuck_name: &'static str,
+) {
+    let (fast, stuck) = (MemorySink::named(fast), MemorySink::named(stuck_name));
     stuck.set_failing(true);
-    let h = Harness::start_with(
-        vec![fast.clone(), stuck.clone()],
-        BatchConfig {
-            max_records: 1000,
-            max_bytes: ByteSize(1024),
-            max_age: HumanDuration(Duration::from_millis(10)),
-        },
-    );
+    let h = Harness::start_with(vec![fast.clone(), stuck.clone()], batch);
     h.assign(vec![tp(0)]).await;
-    let all = records(0, 0..20);
-    assert!(
-        all.iter().all(|r| r.size_bytes() > 1024),
-        "each record fills a batch by bytes, far below its 1,000-record limit"
-    );
     // One record per hand-over: three for the pipeline, then four that fill the channel
     // (it holds four) while the pipeline waits.
-    let mut pending = all.into_iter();
+    let mut pending = records(0, 0..20).into_iter();
     for r in pending.by_ref().take(7) {
         h.send(vec![r]).await;
     }
@@ -374,7 +366,7 @@ async fn a_lane_holds_two_batches_by_decoded_size_then_the_pipeline_waits() {
         st.checkpoints.get(&tp(0)) == Some(&3)
     })
     .await;
-    queued_reaches("stuck-b", 2).await;
+    queued_reaches(stuck_name, 2).await;
     assert_eq!(
         h.events.capacity(),
         0,
@@ -396,6 +388,30 @@ async fn a_lane_holds_two_batches_by_decoded_size_then_the_pipeline_waits() {
     h.stop().await.unwrap();
     assert_eq!(stored(&stuck, 0), (0..20).collect::<Vec<_>>());
     assert_eq!(stored(&fast, 0), (0..20).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn a_lane_holds_two_batches_by_decoded_size_then_the_pipeline_waits() {
+    assert!(
+        records(0, 0..1)[0].size_bytes() > 1024,
+        "each record fills a 1 KiB batch by bytes, far below its 1,000-record limit"
+    );
+    let batch = BatchConfig {
+        max_records: 1000,
+        max_bytes: ByteSize(1024),
+        max_age: HumanDuration(Duration::from_millis(10)),
+    };
+    a_lane_holds_two_batches_then_the_pipeline_waits(batch, "fast-bytes", "stuck-bytes").await;
+}
+
+#[tokio::test]
+async fn a_lane_holds_two_batches_by_records_then_the_pipeline_waits() {
+    let batch = BatchConfig {
+        max_records: 1,
+        max_bytes: ByteSize(1 << 20),
+        max_age: HumanDuration(Duration::from_millis(10)),
+    };
+    a_lane_holds_two_batches_then_the_pipeline_waits(batch, "fast-records", "stuck-records").await;
 }
 
 /// Waits until `cdc_lake_sink_queued_records{sink}` reads `n` (the lane sets it after each

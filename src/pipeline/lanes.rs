@@ -5,12 +5,12 @@
 //! slowest write of any sink (a lake roll: Parquet encoding, upload, Delta commit) held back
 //! the others, and the pipeline took no records meanwhile. In its own lane each sink works
 //! through the batches at its own pace, at most [`LANE_BATCHES`] full batches' worth of
-//! decoded bytes behind the pipeline, and the pipeline still commits to Kafka only the lowest offset
+//! records and bytes behind the pipeline, and the pipeline still commits to Kafka only the lowest offset
 //! that every sink reports durable. A lane keeps the order of its jobs, so each sink still sees
 //! every partition's records in Kafka order, and a sink that lost a batch (shutdown during its
 //! retries) is offered no later one.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,12 +23,14 @@ use crate::batch::Batch;
 use crate::sink::{Ack, AnySink, Sink, SinkError};
 use crate::telemetry::METRICS;
 
-/// How far a lane may fall behind, in full batches by decoded size (`batch.max_bytes`),
-/// counting the one it writes. The bound is in bytes, not batches, so that at low rates, where
-/// batches close by age and are small, a lake roll or a Delta commit of a few hundred
-/// milliseconds does not fill the lane and stall the other sinks; and in bytes, not records, so
-/// that what a lane holds is the memory it costs at any row width (a bound in records let each
-/// lane hold four batches of the bench's rows, which close at `batch.max_bytes` first).
+/// How far a lane may fall behind, in full batches, counting the one it writes: at most this
+/// many times `batch.max_records` records **and** this many times `batch.max_bytes` of decoded
+/// size. The bound is in records and bytes, not batches, so that at low rates, where batches
+/// close by age and are small, a lake roll or a Delta commit of a few hundred milliseconds does
+/// not fill the lane and stall the other sinks. Both limits count: records alone let each lane
+/// hold four or five batches of the bench's rows (they close by bytes at about 4,500 records),
+/// bytes alone let a lane hold thousands of one-record batches of a small `batch.max_records`,
+/// each a lake file and Delta commit, which a graceful stop then had to drain.
 pub(super) const LANE_BATCHES: usize = 2;
 
 pub(super) enum Job {
@@ -64,49 +66,68 @@ struct Lane {
     task: JoinHandle<(AnySink, bool)>,
 }
 
-/// The decoded bytes a lane may hold, shared by the pipeline (which takes room for a batch) and
-/// the lane's task (which gives it back when the batch is written).
+/// What a lane may hold, shared by the pipeline (which takes room for a batch) and the lane's
+/// task (which gives it back when the batch is written).
 struct Room {
-    /// A permit per KiB of decoded size; a job holds its batch's permits until it is done.
-    free: Arc<Semaphore>,
-    /// The permits a full batch takes (`batch.max_bytes`): a batch that closed one record past
-    /// its limit still fits [`LANE_BATCHES`] times.
-    per_batch: usize,
-    /// The records the lane holds, for `cdc_lake_sink_queued_records`.
-    records: AtomicUsize,
+    /// A permit per record; a job holds its batch's permits until it is done.
+    records: Arc<Semaphore>,
+    /// A permit per KiB of decoded size, held the same way.
+    kib: Arc<Semaphore>,
+    /// The permits a full batch takes of each (`batch.max_records`, `batch.max_bytes`): a batch
+    /// that closed one record past its byte limit still fits [`LANE_BATCHES`] times.
+    full_batch: (usize, usize),
     sink: &'static str,
 }
 
-/// A job's share of its lane's room: given back when the job is done.
+/// A job's share of its lane's room: given back when the job is done (dropped).
 struct Held {
-    _permit: OwnedSemaphorePermit,
-    records: usize,
+    _records: OwnedSemaphorePermit,
+    _kib: OwnedSemaphorePermit,
 }
 
 impl Room {
-    /// Waits until the lane has room for `batch`; a batch bigger than `batch.max_bytes` (one
-    /// record larger than it, or the limit lowered since) counts as a full one.
-    async fn take(&self, batch: &Batch) -> Held {
-        let kib = batch.bytes.div_ceil(1024);
-        let permits = u32::try_from(kib.clamp(1, self.per_batch)).unwrap_or(u32::MAX);
-        let permit = self.free.clone().acquire_many_owned(permits).await;
-        let records = batch.len();
-        self.records.fetch_add(records, Ordering::Relaxed);
-        Held {
-            _permit: permit.expect("lane semaphores are never closed"),
-            records,
+    fn new(max_records: usize, max_bytes: u64, sink: &'static str) -> Room {
+        let most = Semaphore::MAX_PERMITS / LANE_BATCHES;
+        let full_batch = (
+            max_records.clamp(1, most),
+            usize::try_from(max_bytes.div_ceil(1024)).map_or(most, |k| k.clamp(1, most)),
+        );
+        Room {
+            records: Arc::new(Semaphore::new(full_batch.0 * LANE_BATCHES)),
+            kib: Arc::new(Semaphore::new(full_batch.1 * LANE_BATCHES)),
+            full_batch,
+            sink,
         }
     }
 
-    fn give_back(&self, held: Option<Held>) {
-        if let Some(held) = held {
-            self.records.fetch_sub(held.records, Ordering::Relaxed);
+    /// Waits until the lane has room for `batch`; a batch over a limit (one record larger than
+    /// `batch.max_bytes`, or a limit lowered since) counts as a full one. Only the pipeline
+    /// takes room, so waiting on one semaphore, then the other, cannot deadlock.
+    async fn take(&self, batch: &Batch) -> Held {
+        let permits = |n: usize, full: usize| u32::try_from(n.clamp(1, full)).unwrap_or(u32::MAX);
+        let records = permits(batch.len(), self.full_batch.0);
+        let kib = permits(batch.bytes.div_ceil(1024), self.full_batch.1);
+        let never_closed = "lane semaphores are never closed";
+        Held {
+            _records: self
+                .records
+                .clone()
+                .acquire_many_owned(records)
+                .await
+                .expect(never_closed),
+            _kib: self
+                .kib
+                .clone()
+                .acquire_many_owned(kib)
+                .await
+                .expect(never_closed),
         }
     }
 
     /// Publishes how many records the lane holds, as `cdc_lake_sink_queued_records`.
     fn report(&self) {
-        let queued = self.records.load(Ordering::Relaxed);
+        let capacity = self.full_batch.0 * LANE_BATCHES;
+        let queued = capacity.saturating_sub(self.records.available_permits());
         METRICS
             .queued
             .with_label_values(&[self.sink])
@@ -124,23 +145,15 @@ impl Lanes {
         sinks: Vec<AnySink>,
         failing: &[bool],
         retrying: &[Arc<AtomicBool>],
-        max_batch_bytes: u64,
+        (max_records, max_bytes): (usize, u64),
         ctx: &LaneContext,
     ) -> Self {
-        let per_batch = usize::try_from(max_batch_bytes.div_ceil(1024))
-            .unwrap_or(usize::MAX)
-            .min(Semaphore::MAX_PERMITS / LANE_BATCHES);
         let lanes = sinks
             .into_iter()
             .enumerate()
             .map(|(index, sink)| {
                 let (jobs, queue) = mpsc::unbounded_channel();
-                let room = Arc::new(Room {
-                    free: Arc::new(Semaphore::new(per_batch * LANE_BATCHES)),
-                    per_batch,
-                    records: AtomicUsize::new(0),
-                    sink: sink.name(),
-                });
+                let room = Arc::new(Room::new(max_records, max_bytes, sink.name()));
                 let worker = Worker {
                     index,
                     sink,
@@ -228,7 +241,7 @@ impl Worker {
                 }
             };
             self.failing = ack.is_none();
-            self.room.give_back(held);
+            drop(held);
             self.room.report();
             let report = Report {
                 sink: self.index,
