@@ -32,17 +32,20 @@ impl Chunk {
         self.records.len() >= limits.records || self.bytes >= limits.bytes
     }
 
-    /// The records, leaving the chunk empty.
-    pub fn take(&mut self) -> Vec<Decoded> {
-        self.bytes = 0;
-        std::mem::take(&mut self.records)
+    /// The records and their decoded size, leaving the chunk empty.
+    pub fn take(&mut self) -> (Vec<Decoded>, usize) {
+        (
+            std::mem::take(&mut self.records),
+            std::mem::take(&mut self.bytes),
+        )
     }
 
-    /// Puts back records a full pipeline did not take.
-    pub fn restore(&mut self, records: Vec<Decoded>) {
+    /// Puts back records a full pipeline did not take, with the size `take` gave (the poll
+    /// thread offers a chunk again every millisecond while the pipeline is busy: no re-count).
+    pub fn restore(&mut self, records: Vec<Decoded>, bytes: usize) {
         debug_assert!(self.records.is_empty());
-        self.bytes = records.iter().map(Decoded::size_bytes).sum();
         self.records = records;
+        self.bytes = bytes;
     }
 }
 
@@ -77,9 +80,9 @@ mod tests {
         assert!(!chunk.is_full(by_records) && !chunk.is_full(by_bytes));
         chunk.push(skip(1));
         assert!(!chunk.is_full(by_records) && chunk.is_full(by_bytes));
-        let back = chunk.take();
+        let (back, bytes) = chunk.take();
         assert!(chunk.is_empty() && !chunk.is_full(by_bytes));
-        chunk.restore(back);
+        chunk.restore(back, bytes);
         assert!(chunk.is_full(by_bytes), "restored records count again");
         chunk.push(skip(2));
         assert!(chunk.is_full(by_records));

@@ -408,10 +408,11 @@ pub fn run_poll_loop(
         if !chunk.is_empty() {
             let full_since = Instant::now();
             loop {
-                match events.try_send(SourceEvent::Records(chunk.take())) {
+                let (records, bytes) = chunk.take();
+                match events.try_send(SourceEvent::Records(records)) {
                     Ok(()) => break,
                     Err(mpsc::error::TrySendError::Full(SourceEvent::Records(back))) => {
-                        chunk.restore(back);
+                        chunk.restore(back, bytes);
                         if paused
                             || full_since.elapsed() >= PAUSE_AFTER
                             || stop.load(Ordering::SeqCst)
