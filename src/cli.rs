@@ -73,14 +73,19 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 /// 20% of its rate in page faults (docs/performance.md, "Freed memory back to the kernel").
 const PURGE_DELAY_MS: std::ffi::c_long = 100;
 
+/// mimalloc.h: `mi_option_purge_delay` is option 15 in mimalloc 2 and 3. The crate declares
+/// the option functions only behind a feature that pulls in another crate, so the index is
+/// written here; a test checks it against the variable mimalloc reads for that option.
+const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
+
+extern "C" {
+    fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
+    #[cfg(test)]
+    fn mi_option_get(option: std::ffi::c_int) -> std::ffi::c_long;
+}
+
 /// Sets [`PURGE_DELAY_MS`] before the first thread starts, unless the environment chose one.
 fn return_freed_memory_promptly() {
-    // mimalloc.h: `mi_option_purge_delay` is option 15 (mimalloc 2 and 3). The crate declares
-    // `mi_option_set` only behind a feature that pulls in another crate.
-    const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
-    extern "C" {
-        fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
-    }
     // The allocator the binaries install; naming it keeps mimalloc linked here too.
     let _allocator = mimalloc::MiMalloc;
     let chosen = ["MIMALLOC_PURGE_DELAY", "MIMALLOC_RESET_DELAY"]
@@ -119,5 +124,38 @@ where
             eprintln!("{program}: {}", error_chain(&e));
             e.exit_code()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Option 15 is the purge delay: a child process started with `MIMALLOC_PURGE_DELAY` reads
+    /// that value back from option 15. A mimalloc that renumbered its options would otherwise
+    /// have the pod silently set another one.
+    #[test]
+    fn option_15_is_mimallocs_purge_delay() {
+        const CHILD: &str = "CDC_LAKE_TEST_PURGE_DELAY_CHILD";
+        const NAME: &str = "cli::tests::option_15_is_mimallocs_purge_delay";
+        if std::env::var_os(CHILD).is_some() {
+            let _allocator = mimalloc::MiMalloc;
+            // SAFETY: a plain getter of mimalloc's option table.
+            assert_eq!(unsafe { mi_option_get(MI_OPTION_PURGE_DELAY) }, 4321);
+            return;
+        }
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
+            .env(CHILD, "1")
+            .env("MIMALLOC_PURGE_DELAY", "4321")
+            .env_remove("MIMALLOC_RESET_DELAY")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("1 passed"),
+            "the child test failed or did not run:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }

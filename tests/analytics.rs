@@ -416,17 +416,13 @@ fn bookstore_views_and_replica_match_the_source_across_a_crash() {
 
         // Exactly once: one ledger row per insert/update/read of an order on the broker.
         let topic = format!("{name}.public.orders");
-        let checkpoints: BTreeMap<i32, i64> = analytics
-            .query(
-                "SELECT kafka_partition, max(next_offset) FROM cdc_lake.checkpoints
+        let checkpoints: BTreeMap<i32, i64> = pairs(
+            &analytics,
+            "SELECT kafka_partition, max(next_offset) FROM cdc_lake.checkpoints
                   WHERE sink = 'state:analytics' AND kafka_topic = $1 GROUP BY 1",
-                &[&topic],
-            )
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect();
+            &[&topic],
+        )
+        .await;
         let expected: BTreeSet<(String, i64)> =
             tokio::task::spawn_blocking(move || topic_values(&topic, &checkpoints))
                 .await
@@ -440,16 +436,12 @@ fn bookstore_views_and_replica_match_the_source_across_a_crash() {
                     )
                 })
                 .collect();
-        let ledger: Vec<(String, i64)> = analytics
-            .query(
-                "SELECT order_id::text, source_lsn FROM analytics.fact_order_events",
-                &[],
-            )
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect();
+        let ledger: Vec<(String, i64)> = pairs(
+            &analytics,
+            "SELECT order_id::text, source_lsn FROM analytics.fact_order_events",
+            &[],
+        )
+        .await;
         assert!(
             ledger.len() as i64 > at_kill,
             "changes after the crash were applied"

@@ -122,13 +122,12 @@ async fn replayed(
     replay::run(cfg, &rebuild_args("processed", SourceKind::Lake))
         .await
         .unwrap();
-    client
-        .query("SELECT id::text, status FROM cdc_processed.orders", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect()
+    pairs(
+        client,
+        "SELECT id::text, status FROM cdc_processed.orders",
+        &[],
+    )
+    .await
 }
 
 async fn run(lake: LakeTarget, orders: usize) {

@@ -482,16 +482,13 @@ fn single_poison_records_are_isolated_per_sink() {
 
         // State: the rejects are exactly the records no mirror can take, each with a reason that
         // names its table; the rest are in their mirrors.
-        let rejected_state: Vec<(i64, String)> = client
-            .query(
-                "SELECT kafka_offset, reason FROM cdc_raw.cdc_rejects WHERE kafka_topic = $1 AND stage = 'state' ORDER BY 1",
-                &[&topic],
-            )
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect();
+        let rejected_state: Vec<(i64, String)> = pairs(
+            &client,
+            "SELECT kafka_offset, reason FROM cdc_raw.cdc_rejects
+              WHERE kafka_topic = $1 AND stage = 'state' ORDER BY 1",
+            &[&topic],
+        )
+        .await;
         assert_eq!(
             rejected_state.iter().map(|r| r.0).collect::<Vec<_>>(),
             state_rejected,
@@ -848,17 +845,13 @@ fn a_source_that_started_over_is_rejected_at_the_mirror_not_held_back() {
         .await;
         pod.stop().await;
 
-        let rejects: Vec<(i64, String)> = client
-            .query(
-                "SELECT kafka_offset, reason FROM cdc_raw.cdc_rejects
+        let rejects: Vec<(i64, String)> = pairs(
+            &client,
+            "SELECT kafka_offset, reason FROM cdc_raw.cdc_rejects
                   WHERE kafka_topic = $1 AND stage = 'state' ORDER BY 1",
-                &[&topic],
-            )
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect();
+            &[&topic],
+        )
+        .await;
         let offsets: Vec<i64> = rejects.iter().map(|r| r.0).collect();
         assert_eq!(
             offsets,
@@ -873,13 +866,12 @@ fn a_source_that_started_over_is_rejected_at_the_mirror_not_held_back() {
                 "{reason}"
             );
         }
-        let mirror: Vec<(i64, String)> = client
-            .query("SELECT id, v FROM cdc_processed.items ORDER BY 1", &[])
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect();
+        let mirror: Vec<(i64, String)> = pairs(
+            &client,
+            "SELECT id, v FROM cdc_processed.items ORDER BY 1",
+            &[],
+        )
+        .await;
         let mut expected: Vec<(i64, String)> = (1..=8).map(|id| (id, "old".to_string())).collect();
         expected.push((9, "new".into()));
         assert_eq!(

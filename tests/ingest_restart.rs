@@ -25,11 +25,12 @@ async fn assert_exactly_once(
     assert_eq!(raw_set.len(), expected.len(), "raw rows");
     assert_eq!(raw_set, expected, "raw log has a gap");
 
-    let rows = client
-        .query("SELECT id::text, status FROM cdc_processed.orders", &[])
-        .await
-        .unwrap();
-    let state: BTreeMap<String, String> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let state: BTreeMap<String, String> = pairs(
+        &client,
+        "SELECT id::text, status FROM cdc_processed.orders",
+        &[],
+    )
+    .await;
     assert_eq!(
         &state, expected_state,
         "mirror differs from the reference model"

@@ -50,27 +50,23 @@ async fn replay_samples(file: &str, lake: LakeTarget) {
     );
 
     // Mirrors equal the source's final state.
-    let books = client
-        .query(
-            "SELECT title, price::text FROM cdc_processed.books ORDER BY title",
-            &[],
-        )
-        .await
-        .unwrap();
-    let books: Vec<(String, String)> = books.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let books: Vec<(String, String)> = pairs(
+        &client,
+        "SELECT title, price::text FROM cdc_processed.books ORDER BY title",
+        &[],
+    )
+    .await;
     assert_eq!(books.len(), 4, "{books:?}");
     assert!(
         books.contains(&("Dune".into(), "17.49".into())),
         "{books:?}"
     );
-    let orders = client
-        .query(
-            "SELECT id::text, status FROM cdc_processed.orders ORDER BY id",
-            &[],
-        )
-        .await
-        .unwrap();
-    let orders: Vec<(String, String)> = orders.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let orders: Vec<(String, String)> = pairs(
+        &client,
+        "SELECT id::text, status FROM cdc_processed.orders ORDER BY id",
+        &[],
+    )
+    .await;
     assert_eq!(orders.len(), 2, "{orders:?}");
     assert!(
         orders.contains(&(

@@ -58,17 +58,13 @@ fn rejects_are_counted_listed_and_reprocessed_once_fixed() {
         pod.stop().await;
 
         // The status views: events per table and operation, and no sink behind the raw log.
-        let stats: Vec<(String, i64)> = client
-            .query(
-                "SELECT operation, events FROM cdc_raw.cdc_statistics
+        let stats: Vec<(String, i64)> = pairs(
+            &client,
+            "SELECT operation, events FROM cdc_raw.cdc_statistics
                   WHERE source_table = 'public.orders' ORDER BY 1",
-                &[],
-            )
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect();
+            &[],
+        )
+        .await;
         assert_eq!(stats, vec![("c".to_string(), 2), ("u".to_string(), 1)]);
         assert_eq!(
             count(
@@ -174,16 +170,12 @@ fn a_column_type_changed_while_the_pod_runs_takes_the_next_changes() {
         .await;
         state_reaches(&client, 3, "both changes mirrored").await;
         pod.stop().await;
-        let rows: Vec<(String, String)> = client
-            .query(
-                "SELECT id, total FROM cdc_processed.orders ORDER BY id",
-                &[],
-            )
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect();
+        let rows: Vec<(String, String)> = pairs(
+            &client,
+            "SELECT id, total FROM cdc_processed.orders ORDER BY id",
+            &[],
+        )
+        .await;
         assert_eq!(
             rows,
             vec![

@@ -436,14 +436,7 @@ fn mapped_target_conforms() {
 }
 
 async fn pg_rows(url: &str, sql: &str) -> Vec<(i32, i64)> {
-    pg(url)
-        .await
-        .query(sql, &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect()
+    pairs(&pg(url).await, sql, &[]).await
 }
 
 fn lake_config(target: &LakeTarget) -> cdc_lake::config::LakeConfig {

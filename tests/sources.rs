@@ -48,41 +48,6 @@ async fn change(c: &Client, tag: &str, new_id: i32) {
     .unwrap();
 }
 
-/// Rows of `table` as `id -> {customer, amount, placed_at}` in a canonical text form (the
-/// same expression on both sides, over the real column types).
-async fn rows(c: &Client, table: &str) -> BTreeMap<i64, Value> {
-    c.query(
-        &format!(
-            "SELECT id::bigint, jsonb_build_object('customer', customer, 'amount', amount::text,
-                    'placed_at', to_char(placed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS'))
-               FROM {table}"
-        ),
-        &[],
-    )
-    .await
-    .unwrap_or_else(|e| panic!("read {table}: {e}"))
-    .iter()
-    .map(|r| (r.get(0), r.get(1)))
-    .collect()
-}
-
-/// The PostgreSQL types of a mirror's source columns.
-async fn column_types(c: &Client, schema: &str, table: &str) -> BTreeMap<String, String> {
-    c.query(
-        "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod)
-           FROM pg_attribute a JOIN pg_class k ON k.oid = a.attrelid
-           JOIN pg_namespace n ON n.oid = k.relnamespace
-          WHERE n.nspname = $1 AND k.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped
-            AND a.attname IN ('id', 'customer', 'amount', 'placed_at')",
-        &[&schema, &table],
-    )
-    .await
-    .unwrap()
-    .iter()
-    .map(|r| (r.get(0), r.get(1)))
-    .collect()
-}
-
 /// Waits until the pod's own signals say it has everything Debezium sent for `topic`: the
 /// last streamed change (the insert of `last_id`) in the raw log, and the state checkpoint past
 /// every raw offset of the topic.
@@ -155,10 +120,10 @@ fn two_connectors_with_one_table_name_never_mix() {
         wait_ingested(&sink, &topic_b, 7).await;
         pod.stop().await;
 
-        let expected_a = rows(&src_a, "public.orders").await;
-        let expected_b = rows(&src_b, "public.orders").await;
+        let expected_a = order_rows(&src_a, "public.orders", &[]).await;
+        let expected_b = order_rows(&src_b, "public.orders", &[]).await;
         assert_ne!(expected_a, expected_b, "the two sources differ");
-        let mirror = rows(&sink, "cdc_processed.orders").await;
+        let mirror = order_rows(&sink, "cdc_processed.orders", &[]).await;
         let (owner_db, other_topic) = if mirror == expected_a {
             (&db_a, &topic_b)
         } else {
@@ -225,20 +190,22 @@ fn two_connectors_with_one_table_name_never_mix() {
         ] {
             // `{server}` escapes the dot in the server name: `<stem>\.a.public.orders`.
             let mirror_table = format!("{}.public.orders", server.replace('.', "\\."));
-            let got = rows(
+            let got = order_rows(
                 &sink,
                 &format!("cdc_processed.\"{}\"", mirror_table.replace('"', "\"\"")),
+                &[],
             )
             .await;
             assert_eq!(
                 &got, expected,
                 "mirror {mirror_table} equals {db}.public.orders"
             );
-            let types = column_types(&sink, "cdc_processed", &mirror_table).await;
+            let types = column_types(&sink, "cdc_processed", &mirror_table, &ORDER_COLUMNS).await;
             let source_types = column_types(
                 if db == &db_a { &src_a } else { &src_b },
                 "public",
                 "orders",
+                &ORDER_COLUMNS,
             )
             .await;
             assert_eq!(source_types.len(), 4);
@@ -347,17 +314,15 @@ fn tables_whose_names_collided_get_a_mirror_and_a_lake_directory_each() {
             "x_y", "x.y", "a.b_c", "a_b.c", "a\\.b.c", "a.b\\.c", "a\\.b_c",
         ];
         for (i, ((schema, table), name)) in tables.iter().zip(want_names).enumerate() {
-            let got = sink
-                .query(
-                    &format!(
-                        "SELECT id::bigint, who FROM cdc_processed.\"{}\"",
-                        name.replace('"', "\"\"")
-                    ),
-                    &[],
-                )
-                .await
-                .unwrap_or_else(|e| panic!("mirror {name:?} of {schema}.{table}: {e}"));
-            let got: Vec<(i64, String)> = got.iter().map(|r| (r.get(0), r.get(1))).collect();
+            let got: Vec<(i64, String)> = pairs(
+                &sink,
+                &format!(
+                    "SELECT id::bigint, who FROM cdc_processed.\"{}\"",
+                    name.replace('"', "\"\"")
+                ),
+                &[],
+            )
+            .await;
             assert_eq!(
                 got,
                 vec![(i as i64, format!("{schema}/{table}"))],

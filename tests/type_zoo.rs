@@ -111,17 +111,13 @@ async fn round_trip(
     // Types, not only values: each mirror column's PostgreSQL type and each lake column's
     // Arrow type against what the capture setting declares (values alone passed while floats
     // were stored as text).
-    let mirror_types: std::collections::BTreeMap<String, String> = client
-        .query(
-            "SELECT column_name::text, data_type::text FROM information_schema.columns
+    let mirror_types: std::collections::BTreeMap<String, String> = pairs(
+        &client,
+        "SELECT column_name::text, data_type::text FROM information_schema.columns
               WHERE table_schema = 'cdc_processed' AND table_name = 'type_zoo'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+        &[],
+    )
+    .await;
     let lake_report = lake.check();
     let lake_types = &lake_report["types"]["public.type_zoo"];
     type Expected<'a> = &'a [(&'a str, &'a str)];

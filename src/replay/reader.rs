@@ -93,13 +93,10 @@ impl Reader {
         }
     }
 
-    /// Streams the selection in replay order. The raw reader needs its own connection.
+    /// Streams the selection in replay order. The raw reader opens its own connections.
     pub async fn read(&self, config: &Config, sel: &Selection) -> ReplayResult<source::Chunks> {
         match self {
-            Reader::Raw(_) => {
-                let client = crate::db::connect(&config.postgres, "cdc-replay reader").await?;
-                source::read_raw(client, sel.clone()).await
-            }
+            Reader::Raw(_) => source::read_raw(&config.postgres, sel.clone()).await,
             Reader::Lake {
                 store,
                 layout,

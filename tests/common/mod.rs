@@ -782,6 +782,68 @@ pub async fn count(client: &Client, sql: &str) -> i64 {
     }
 }
 
+/// The first two columns of every row `sql` returns, collected as pairs (a `Vec` keeps the
+/// query's order, a map or set keys by the first column). Panics with the statement on error.
+pub async fn pairs<A, B, C>(
+    client: &Client,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> C
+where
+    A: for<'r> tokio_postgres::types::FromSql<'r>,
+    B: for<'r> tokio_postgres::types::FromSql<'r>,
+    C: FromIterator<(A, B)>,
+{
+    client
+        .query(sql, params)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+/// The columns of the source fixtures' `public.orders`, and with the Avro tests' added column.
+pub const ORDER_COLUMNS: [&str; 4] = ["id", "customer", "amount", "placed_at"];
+pub const ORDER_COLUMNS_WITH_NOTE: [&str; 5] = ["id", "customer", "amount", "placed_at", "note"];
+
+/// Rows of an orders table as `id -> {customer, amount, placed_at, extra...}` in a canonical
+/// text form: the same expression over the source table and its mirror, so equal maps mean
+/// equal values under the real column types.
+pub async fn order_rows(c: &Client, table: &str, extra: &[&str]) -> BTreeMap<i64, Value> {
+    let extra: String = extra.iter().map(|e| format!(", '{e}', {e}")).collect();
+    pairs(
+        c,
+        &format!(
+            "SELECT id::bigint, jsonb_build_object('customer', customer, 'amount', amount::text,
+                    'placed_at', to_char(placed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS'){extra})
+               FROM {table}"
+        ),
+        &[],
+    )
+    .await
+}
+
+/// The PostgreSQL type (`format_type`) of each of `columns` of `schema.table`.
+pub async fn column_types(
+    c: &Client,
+    schema: &str,
+    table: &str,
+    columns: &[&str],
+) -> BTreeMap<String, String> {
+    let columns: Vec<String> = columns.iter().map(|c| c.to_string()).collect();
+    pairs(
+        c,
+        "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod)
+           FROM pg_attribute a JOIN pg_class k ON k.oid = a.attrelid
+           JOIN pg_namespace n ON n.oid = k.relnamespace
+          WHERE n.nspname = $1 AND k.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped
+            AND a.attname::text = ANY($3)",
+        &[&schema, &table, &columns],
+    )
+    .await
+}
+
 /// Every (topic, partition, offset) in the raw log, with how often it appears.
 pub async fn raw_coords(client: &Client) -> Vec<(String, i32, i64, i64)> {
     client
