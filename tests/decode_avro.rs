@@ -320,7 +320,7 @@ fn whole(d: &Decoded) -> String {
             e.after,
             e.values,
             e.source,
-            e.source_json.get(),
+            e.source_text(),
             e.transaction.as_ref().map(|t| t.get()),
             e.ts_ms,
             e.schema,

@@ -9,7 +9,10 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use super::schema::InferredSchemas;
-use super::{json, ChangeEvent, Decoded, Op, Reject, RowSchema, SkipReason, SourceInfo, ValueForm};
+use super::{
+    json, ChangeEvent, Decoded, Op, Reject, RowSchema, SkipReason, SourceInfo, SourceText,
+    ValueForm,
+};
 use crate::domain::{KafkaCoordinates, Position, TableId};
 
 /// Why a record is rejected at decode. `Display` is the reason stored with it; [`kind`]
@@ -149,24 +152,20 @@ impl Decoder {
             Some(s) => RowTypes::Connect(s),
             None => RowTypes::Inferred,
         };
-        self.change(
-            coords,
-            wire,
-            types,
-            key.map(ReceivedKey::Json),
-            Arc::from(text),
-        )
+        self.change(coords, wire, types, key.map(ReceivedKey::Json), text)
     }
 
     /// The change an envelope with an `op` describes, after the checks every envelope gets:
-    /// the JSON and the Avro path both end here, so they build identical events.
+    /// the JSON and the Avro path both end here, so they build identical events. `value_text`
+    /// becomes the change's `raw_value`; the blocks of `wire` that are slices of it are kept as
+    /// ranges of it.
     pub(super) fn change(
         &mut self,
         coords: &KafkaCoordinates,
         wire: WireEnvelope<'_>,
         types: RowTypes<'_>,
         key: Option<ReceivedKey<'_>>,
-        raw_value: Arc<str>,
+        value_text: &str,
     ) -> Result<Decoded, DecodeError> {
         let op_code = wire
             .op
@@ -235,11 +234,11 @@ impl Decoder {
             values: ValueForm::Debezium,
             position: source.position(coords.offset),
             source,
-            source_json: source_raw.to_owned(),
+            source_json: SourceText::locate(source_raw, value_text),
             transaction: wire.transaction.map(ToOwned::to_owned),
             ts_ms: wire.ts_ms.as_ref().and_then(Value::as_i64),
             schema: row_schema,
-            raw_value,
+            raw_value: Arc::from(value_text),
             raw_key,
             avro: None,
         })))
@@ -444,6 +443,32 @@ mod tests {
             Decoded::Reject(r) => r.reason,
             other => panic!("expected a reject, got {other:?}"),
         }
+    }
+
+    /// The source block is kept as a range of the value, in both envelope forms, and reads back
+    /// byte for byte as sent (spacing included: the raw log stores it verbatim).
+    #[test]
+    fn the_source_block_is_a_range_of_the_value_as_sent() {
+        let source = r#"{ "schema": "public","table":"t",  "lsn": 7 }"#;
+        let plain = format!(r#"{{"op":"c","after":{{"id":1}},"source":{source}}}"#);
+        let schema = r#"{"type":"struct","fields":[{"field":"after","type":"struct",
+            "fields":[{"field":"id","type":"int32"}]}]}"#;
+        let wrapped = format!(r#"{{"schema":{schema},"payload":{plain}}}"#);
+        for value in [&plain, &wrapped] {
+            let Decoded::Change(e) = decode(None, Some(value)) else {
+                panic!("{value} decodes to a change")
+            };
+            assert!(
+                matches!(e.source_json, SourceText::InValue(_)),
+                "{value}: {:?}",
+                e.source_json
+            );
+            assert_eq!(e.source_text(), source);
+        }
+        // A block that is not a slice of the value keeps its own copy.
+        let elsewhere: Box<RawValue> = serde_json::from_str(source).unwrap();
+        let located = SourceText::locate(&elsewhere, &plain);
+        assert!(matches!(&located, SourceText::Owned(b) if b.get() == source));
     }
 
     #[test]

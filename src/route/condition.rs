@@ -393,7 +393,7 @@ pub struct SourceFields(std::cell::OnceCell<serde_json::Map<String, serde_json::
 impl SourceFields {
     fn get<'a>(&'a self, e: &ChangeEvent, name: &str) -> Option<&'a serde_json::Value> {
         self.0
-            .get_or_init(|| serde_json::from_str(e.source_json.get()).unwrap_or_default())
+            .get_or_init(|| serde_json::from_str(e.source_text()).unwrap_or_default())
             .get(name)
     }
 }

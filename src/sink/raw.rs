@@ -46,6 +46,33 @@ const EVENT_TYPES: &[Type] = &[
     Type::BYTEA,
     Type::BYTEA,
 ];
+/// JSON text as received (a change's `source` block), sent as jsonb verbatim, as `Json` of a
+/// `RawValue` sends it, without a copy into a `RawValue` of its own.
+#[derive(Debug)]
+struct JsonText<'a>(&'a str);
+
+impl ToSql for JsonText<'_> {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<postgres_types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        use bytes::BufMut;
+        if *ty == Type::JSONB {
+            // jsonb's binary format: a version byte, then the text.
+            out.put_u8(1);
+        }
+        out.put_slice(self.0.as_bytes());
+        Ok(postgres_types::IsNull::No)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        matches!(*ty, Type::JSON | Type::JSONB)
+    }
+
+    postgres_types::to_sql_checked!();
+}
+
 const REJECT_COLUMNS: &str =
     "kafka_topic, kafka_partition, kafka_offset, kafka_timestamp, raw_key, raw_value, stage, reason";
 const REJECT_TYPES: &[Type] = &[
@@ -317,7 +344,7 @@ async fn copy_events(tx: &Transaction<'_>, changes: &[&ChangeEvent]) -> Result<(
             &e.source.db,
             &before.as_ref().map(Json),
             &after.as_ref().map(Json),
-            &Json(&e.source_json),
+            &JsonText(e.source_text()),
             &e.transaction.as_ref().map(Json),
             &e.source.lsn,
             &e.position.commit_lsn,

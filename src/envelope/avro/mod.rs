@@ -286,7 +286,7 @@ impl Decoder {
         let types = RowTypes::Compiled(writer.row_schema.clone());
         // The payload's text only: the lake keeps each Connect schema once per file
         // (`sink::lake::encode::AVRO_CONNECT_SCHEMAS`), so an event carries no copy of it.
-        self.change(coords, wire, types, key, Arc::from(payload_text))
+        self.change(coords, wire, types, key, &payload_text)
             .unwrap_or_else(|error| {
                 Decoded::Reject(super::Reject {
                     kind: error.kind(),

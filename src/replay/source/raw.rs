@@ -15,7 +15,8 @@ use super::{spawn_reader, table_id, Chunks, Plan};
 use crate::config::PostgresConfig;
 use crate::domain::{KafkaCoordinates, TopicPartition};
 use crate::envelope::{
-    json, parse_source, ChangeEvent, Column, Decoded, InferredSchemas, Op, RowSchema, ValueForm,
+    json, parse_source, ChangeEvent, Column, Decoded, InferredSchemas, Op, RowSchema, SourceText,
+    ValueForm,
 };
 use crate::replay::error::{Context, ReplayError, ReplayResult};
 use crate::replay::Selection;
@@ -186,7 +187,7 @@ fn raw_change(
         after,
         values: ValueForm::Sql,
         source,
-        source_json,
+        source_json: SourceText::Owned(source_json),
         transaction,
         ts_ms: None,
         schema,
