@@ -189,12 +189,17 @@ pub fn render() -> String {
 }
 
 /// Logs to stderr; `RUST_LOG` filters (default `info`), `CDC_LAKE_LOG_FORMAT=json` for JSON lines.
+/// Colours only on a terminal, and not with `NO_COLOR`: a log collected from a pod or written
+/// to a file stays plain text that grep and log shippers read.
 pub fn init_logging() {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::new(log_directives(
         std::env::var("RUST_LOG").ok().as_deref(),
     ));
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     if std::env::var("CDC_LAKE_LOG_FORMAT").is_ok_and(|f| f == "json") {
         builder.json().init();

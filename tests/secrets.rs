@@ -101,6 +101,10 @@ fn no_credential_in_any_log_line() {
         );
         assert!(output.contains("DEBUG"), "debug logging was on");
         assert_no_secret("the running pod", &output);
+        assert!(
+            !output.contains('\u{1b}'),
+            "a log that goes to a pipe has no terminal colour codes:\n{output}"
+        );
 
         // A pod whose database is unreachable logs connection errors, still without the password.
         let output = run_pod_for(
