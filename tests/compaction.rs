@@ -144,12 +144,11 @@ async fn run(lake: LakeTarget, orders: usize) {
     let cfg = config(&db, &prefix, &lake, &extra);
     let client = pg(&db).await;
     let pod = Pod::start(cfg.clone());
-    wait_until(
+    wait_raw_rows(
+        &client,
+        records.len() as i64,
         "every record in the raw log",
         Duration::from_secs(240),
-        || async {
-            count(&client, "SELECT count(*) FROM cdc_raw.cdc_events").await == records.len() as i64
-        },
     )
     .await;
     pod.stop().await;

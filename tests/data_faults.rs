@@ -75,6 +75,17 @@ fn incompressible(len: usize) -> String {
         .collect()
 }
 
+/// The state sink's rejects of `topic`: (offset, reason), in offset order.
+async fn state_rejects(client: &Client, topic: &str) -> Vec<(i64, String)> {
+    pairs(
+        client,
+        "SELECT kafka_offset, reason FROM cdc_raw.cdc_rejects
+          WHERE kafka_topic = $1 AND stage = 'state' ORDER BY 1",
+        &[&topic],
+    )
+    .await
+}
+
 async fn offsets(client: &Client, sql: &str, topic: &str) -> Vec<i64> {
     client
         .query(sql, &[&topic])
@@ -482,13 +493,7 @@ fn single_poison_records_are_isolated_per_sink() {
 
         // State: the rejects are exactly the records no mirror can take, each with a reason that
         // names its table; the rest are in their mirrors.
-        let rejected_state: Vec<(i64, String)> = pairs(
-            &client,
-            "SELECT kafka_offset, reason FROM cdc_raw.cdc_rejects
-              WHERE kafka_topic = $1 AND stage = 'state' ORDER BY 1",
-            &[&topic],
-        )
-        .await;
+        let rejected_state = state_rejects(&client, &topic).await;
         assert_eq!(
             rejected_state.iter().map(|r| r.0).collect::<Vec<_>>(),
             state_rejected,
@@ -845,13 +850,7 @@ fn a_source_that_started_over_is_rejected_at_the_mirror_not_held_back() {
         .await;
         pod.stop().await;
 
-        let rejects: Vec<(i64, String)> = pairs(
-            &client,
-            "SELECT kafka_offset, reason FROM cdc_raw.cdc_rejects
-                  WHERE kafka_topic = $1 AND stage = 'state' ORDER BY 1",
-            &[&topic],
-        )
-        .await;
+        let rejects = state_rejects(&client, &topic).await;
         let offsets: Vec<i64> = rejects.iter().map(|r| r.0).collect();
         assert_eq!(
             offsets,

@@ -24,9 +24,12 @@ fn probes_and_metrics_are_served() {
             &[("CDC_LAKE__HTTP__LISTEN", addr.as_str())],
         ));
         let client = pg(&db).await;
-        wait_until("samples ingested", Duration::from_secs(60), || async {
-            count(&client, "SELECT count(*) FROM cdc_raw.cdc_events").await == records.len() as i64
-        })
+        wait_raw_rows(
+            &client,
+            records.len() as i64,
+            "samples ingested",
+            Duration::from_secs(60),
+        )
         .await;
 
         let a = addr.clone();

@@ -25,12 +25,11 @@ async fn replay_samples(file: &str, lake: LakeTarget) {
     let db = fresh_db("samples").await;
     let pod = Pod::start(config(&db, &prefix, &lake, &[]));
     let client = pg(&db).await;
-    wait_until(
+    wait_raw_rows(
+        &client,
+        records.len() as i64,
         "every sample in the raw log",
         Duration::from_secs(60),
-        || async {
-            count(&client, "SELECT count(*) FROM cdc_raw.cdc_events").await == records.len() as i64
-        },
     )
     .await;
     // Stopping drains the lake buffers; the checkpoint tables must then cover everything.

@@ -75,12 +75,11 @@ async fn ingest_samples(
     let cfg = with_targets(db, prefix, lake, targets);
     let pod = Pod::start(cfg.clone());
     let client = pg(db).await;
-    wait_until(
+    wait_raw_rows(
+        &client,
+        records.len() as i64,
         "every sample in the raw log",
         Duration::from_secs(60),
-        || async {
-            count(&client, "SELECT count(*) FROM cdc_raw.cdc_events").await == records.len() as i64
-        },
     )
     .await;
     pod.stop().await;
@@ -309,13 +308,11 @@ fn rebuild_of_a_live_target_while_the_pod_runs_changes_nothing() {
         a.batch_size = 700;
         replay::run(&cfg, &a).await.unwrap();
         producing.await.unwrap();
-        wait_until(
+        wait_raw_rows(
+            &client,
+            records.len() as i64,
             "every record in the raw log",
             Duration::from_secs(60),
-            || async {
-                count(&client, "SELECT count(*) FROM cdc_raw.cdc_events").await
-                    == records.len() as i64
-            },
         )
         .await;
         wait_until("the state checkpoint at the end", Duration::from_secs(60), || async {
@@ -362,13 +359,11 @@ fn the_readers_stream_every_selected_change_once_in_order() {
         let cfg = config(&db, &prefix, &lake, &[]);
         let pod = Pod::start(cfg.clone());
         let client = pg(&db).await;
-        wait_until(
+        wait_raw_rows(
+            &client,
+            records.len() as i64,
             "every record in the raw log",
             Duration::from_secs(60),
-            || async {
-                count(&client, "SELECT count(*) FROM cdc_raw.cdc_events").await
-                    == records.len() as i64
-            },
         )
         .await;
         // A graceful stop drains: the lake then holds every record too.

@@ -55,10 +55,11 @@ async fn round_trip(
         .insert("public.zoo_nokey".into(), vec!["sku".into()]);
     let pod = Pod::start(cfg.clone());
     let client = pg(&db).await;
-    wait_until(
+    wait_raw_rows(
+        &client,
+        want,
         "every zoo change in the raw log",
         Duration::from_secs(120),
-        || async { count(&client, "SELECT count(*) FROM cdc_raw.cdc_events").await == want },
     )
     .await;
     pod.stop().await;

@@ -733,6 +733,15 @@ where
     }
 }
 
+/// Waits until the raw log holds exactly `rows` changes: the pod's own signal that it has
+/// stored what the test produced. `what` names them in the timeout's message.
+pub async fn wait_raw_rows(client: &Client, rows: i64, what: &str, timeout: Duration) {
+    wait_until(what, timeout, || async {
+        count(client, "SELECT count(*) FROM cdc_raw.cdc_events").await == rows
+    })
+    .await;
+}
+
 /// What the source cluster was doing, for a wait on real Debezium that timed out: its
 /// sessions (a replication slot is created only once every transaction older than it has
 /// ended) and its replication slots.
