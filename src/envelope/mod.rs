@@ -120,12 +120,13 @@ impl SourceText {
     /// `block` as a range of `value` when it is a slice of it (as a block parsed from the value
     /// is), else its own copy.
     pub fn locate(block: &RawValue, value: &str) -> Self {
+        // A block from elsewhere gives an offset out of the value's bounds (or a wrapped, empty
+        // range), which `get` refuses like any range off a character boundary.
         let start = (block.get().as_ptr() as usize).wrapping_sub(value.as_ptr() as usize);
         let end = start.wrapping_add(block.get().len());
-        if start <= value.len() && end <= value.len() && value.get(start..end).is_some() {
-            SourceText::InValue(start..end)
-        } else {
-            SourceText::Owned(block.to_owned())
+        match value.get(start..end) {
+            Some(_) => SourceText::InValue(start..end),
+            None => SourceText::Owned(block.to_owned()),
         }
     }
 }
