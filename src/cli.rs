@@ -68,10 +68,12 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 /// mimalloc 3 returns freed memory to the kernel only after `purge_delay` times
 /// `arena_purge_mult` (1,000 ms × 10 by default). The pod frees a batch's decoded changes on
 /// the sinks' threads as fast as the poll thread allocates the next, so on a backlog about
-/// 50-80 MB of freed pages waited there, counted in its RSS. 100 ms (1 s in the arenas) gives
-/// most of them back at no measurable cost; 10 ms gave back more but cost the lake alone about
-/// 20% of its rate in page faults (docs/performance.md, "Freed memory back to the kernel").
-const PURGE_DELAY_MS: std::ffi::c_long = 100;
+/// 50-80 MB of freed pages waited there, counted in its RSS. A heap profile of a backlog found
+/// the live heap at half the RSS peak. 30 ms (300 ms in the arenas) gives most of the rest
+/// back with the lake alone within its spread; 10 ms gave back more but cost the lake alone
+/// about 20% of its rate in page faults (docs/performance.md, "Freed memory back to the
+/// kernel" and "The prefetch and the purge delay").
+const PURGE_DELAY_MS: std::ffi::c_long = 30;
 
 /// mimalloc.h: `mi_option_purge_delay` is option 15 in mimalloc 2 and 3. The crate declares
 /// the option functions only behind a feature that pulls in another crate, so the index is
