@@ -5,8 +5,10 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::io::Read;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -19,7 +21,7 @@ fn secret_file(name: &str, value: &str) -> String {
     path.display().to_string()
 }
 
-fn pod_command(topic_prefix: &str, pg_url: &str) -> Command {
+fn pod_command(topic_prefix: &str, pg_url: &str, http_listen: &str) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_cdc-lake"));
     cmd.env("RUST_LOG", "debug")
         .env("CDC_LAKE__KAFKA__BROKERS", broker())
@@ -33,7 +35,7 @@ fn pod_command(topic_prefix: &str, pg_url: &str) -> Command {
             "CDC_LAKE__POSTGRES__PASSWORD_FILE",
             secret_file("pgpw", PG_SECRET),
         )
-        .env("CDC_LAKE__HTTP__LISTEN", "")
+        .env("CDC_LAKE__HTTP__LISTEN", http_listen)
         .env("CDC_LAKE__TARGETS", "{}")
         .env("CDC_LAKE__LAKE__PREFIX", unique("secrets"))
         .env("CDC_LAKE__LAKE__S3__BUCKET", "cdc-lake")
@@ -57,22 +59,107 @@ fn assert_no_secret(what: &str, output: &str) {
     }
 }
 
-/// Runs the pod for a while (it ingests the samples and writes the S3 lake), then SIGTERM.
-fn run_pod_for(mut cmd: Command, seconds: u64) -> String {
-    let child = cmd
-        .arg("ingest")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_secs(seconds));
-    sigterm(child.id());
-    let out = child.wait_with_output().unwrap();
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+/// The pod binary as a child process, its output collected as it prints: a pipe nobody reads
+/// would block the pod's logging once full.
+struct PodProcess {
+    child: Child,
+    output: Arc<Mutex<String>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl PodProcess {
+    fn start(mut cmd: Command) -> Self {
+        let mut child = cmd
+            .arg("ingest")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let output = Arc::new(Mutex::new(String::new()));
+        let stdout: Box<dyn Read + Send> = Box::new(child.stdout.take().unwrap());
+        let stderr: Box<dyn Read + Send> = Box::new(child.stderr.take().unwrap());
+        let readers = [stdout, stderr]
+            .into_iter()
+            .map(|mut pipe| {
+                let output = output.clone();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 8192];
+                    while let Ok(n @ 1..) = pipe.read(&mut buf) {
+                        output
+                            .lock()
+                            .unwrap()
+                            .push_str(&String::from_utf8_lossy(&buf[..n]));
+                    }
+                })
+            })
+            .collect();
+        PodProcess {
+            child,
+            output,
+            readers,
+        }
+    }
+
+    fn output(&self) -> String {
+        self.output.lock().unwrap().clone()
+    }
+
+    /// Waits until `done` holds (it gets what the pod printed so far), or fails the test with
+    /// that output after `timeout`.
+    fn wait_until(&self, what: &str, timeout: Duration, mut done: impl FnMut(&str) -> bool) {
+        let start = Instant::now();
+        while !done(&self.output()) {
+            assert!(
+                start.elapsed() < timeout,
+                "timed out after {timeout:?} waiting for {what}:\n{}",
+                self.output()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGTERM, then everything the pod printed.
+    fn stop(mut self) -> String {
+        sigterm(self.child.id());
+        self.child.wait().unwrap();
+        for reader in self.readers.drain(..) {
+            reader.join().unwrap();
+        }
+        self.output()
+    }
+}
+
+/// A free local port for the pod's HTTP server.
+fn metrics_address() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().to_string()
+}
+
+/// Runs the pod until it has committed `records` records (its own `/metrics`: every sink,
+/// the S3 lake too, has stored or rejected each one), then SIGTERM; returns what it printed.
+fn run_pod_until_committed(cmd: Command, metrics: &str, records: usize) -> String {
+    let pod = PodProcess::start(cmd);
+    pod.wait_until(
+        &format!("the pod to commit {records} records"),
+        Duration::from_secs(60),
+        |_| {
+            try_http_get(metrics, "/metrics").is_ok_and(|(_, body)| {
+                metric_total(&body, "cdc_lake_committed_offset") >= records as f64
+            })
+        },
+    );
+    pod.stop()
+}
+
+/// The sum of a metric's samples over all its labels on a `/metrics` page.
+fn metric_total(page: &str, name: &str) -> f64 {
+    page.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(['{', ' ']))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 fn sigterm(pid: u32) {
@@ -92,7 +179,9 @@ fn no_credential_in_any_log_line() {
         let db = fresh_db("secrets").await;
 
         // A working pod: connects, migrates, ingests, uploads to S3, at debug level.
-        let output = run_pod_for(pod_command(&prefix, &db), 8);
+        let metrics = metrics_address();
+        let output =
+            run_pod_until_committed(pod_command(&prefix, &db, &metrics), &metrics, records.len());
         let client = pg(&db).await;
         assert_eq!(
             count(&client, "SELECT count(*) FROM cdc_raw.cdc_events").await,
@@ -107,15 +196,21 @@ fn no_credential_in_any_log_line() {
         );
 
         // A pod whose database is unreachable logs connection errors, still without the password.
-        let output = run_pod_for(
-            pod_command(&prefix, "postgres://postgres@127.0.0.1:1/nowhere"),
-            3,
+        let pod = PodProcess::start(pod_command(
+            &prefix,
+            "postgres://postgres@127.0.0.1:1/nowhere",
+            "",
+        ));
+        pod.wait_until(
+            "the pod to log its connection error",
+            Duration::from_secs(30),
+            |printed| printed.contains("127.0.0.1:1"),
         );
-        assert!(output.contains("127.0.0.1:1"), "{output}");
+        let output = pod.stop();
         assert_no_secret("a pod failing to connect", &output);
 
         // check-config shows that secrets are set, never what they are.
-        let out = pod_command(&prefix, &db)
+        let out = pod_command(&prefix, &db, "")
             .arg("check-config")
             .output()
             .unwrap();
@@ -169,7 +264,9 @@ fn no_row_value_in_any_log_line_at_debug_level() {
         ];
         produce(&records).await;
         let db = fresh_db("rowlog").await;
-        let output = run_pod_for(pod_command(&prefix, &db), 8);
+        let metrics = metrics_address();
+        let output =
+            run_pod_until_committed(pod_command(&prefix, &db, &metrics), &metrics, records.len());
         let client = pg(&db).await;
         assert_eq!(
             count(&client, "SELECT count(*) FROM cdc_processed.people").await,

@@ -552,16 +552,25 @@ pub async fn committed_avro_capture(prefix: &str) -> Vec<BinaryRecord> {
 
 /// `GET path` from the pod's HTTP server at `addr`: the status and the body (blocking).
 pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    try_http_get(addr, path).unwrap_or_else(|e| panic!("GET {path} from {addr}: {e}"))
+}
+
+/// [`http_get`], or the error while the server is not (yet) answering.
+pub fn try_http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut s = std::net::TcpStream::connect(addr)?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n")?;
     let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let status = out.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (
+    s.read_to_string(&mut out)?;
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {out:?}")))?;
+    Ok((
         status,
         out.split("\r\n\r\n").nth(1).unwrap_or("").to_string(),
-    )
+    ))
 }
 
 /// The (topic, partition, offset) of every row a lake report found.
