@@ -129,6 +129,14 @@ impl PodProcess {
     }
 }
 
+/// A test that fails while its pod runs leaves no pod behind.
+impl Drop for PodProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A free local port for the pod's HTTP server.
 fn metrics_address() -> String {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
