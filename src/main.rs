@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use cdc_lake::cli::CommandError;
+use cdc_lake::cli::{CommandError, Lifetime};
 use cdc_lake::config::Config;
 
 // The pipeline allocates many small JSON values per record; glibc malloc showed up as ~15% of
@@ -82,7 +82,11 @@ enum LakeAction {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    cdc_lake::cli::run("cdc-lake", cli.config.as_deref(), |config| {
+    let lifetime = match cli.command {
+        Command::Ingest { .. } => Lifetime::Pod,
+        _ => Lifetime::OneShot,
+    };
+    cdc_lake::cli::run("cdc-lake", lifetime, cli.config.as_deref(), |config| {
         run(cli.command, config)
     })
 }

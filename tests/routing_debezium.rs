@@ -38,18 +38,11 @@ impl PodProcess {
 
     /// Records this pod consumed (its own /metrics).
     fn consumed(&self) -> u64 {
-        // Not listening yet: nothing consumed.
-        if std::net::TcpStream::connect(&self.metrics).is_err() {
-            return 0;
+        // Not listening (or not answering) yet: nothing consumed.
+        match try_http_get(&self.metrics, "/metrics") {
+            Ok((200, page)) => metric_total(&page, "cdc_lake_records_consumed_total") as u64,
+            _ => 0,
         }
-        let (status, body) = http_get(&self.metrics, "/metrics");
-        if status != 200 {
-            return 0;
-        }
-        body.lines()
-            .filter(|l| l.starts_with("cdc_lake_records_consumed_total"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>() as u64
     }
 
     fn kill_9(mut self) {

@@ -159,17 +159,6 @@ fn run_pod_until_committed(cmd: Command, metrics: &str, records: usize) -> Strin
     pod.stop()
 }
 
-/// The sum of a metric's samples over all its labels on a `/metrics` page.
-fn metric_total(page: &str, name: &str) -> f64 {
-    page.lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(['{', ' ']))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 fn sigterm(pid: u32) {
     Command::new("kill")
         .args(["-TERM", &pid.to_string()])

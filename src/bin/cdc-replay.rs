@@ -33,7 +33,11 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    cdc_lake::cli::run("cdc-replay", cli.config.as_deref(), |config| async move {
-        Ok(cdc_lake::replay::cli_replay(&config, &cli.args).await?)
-    })
+    let lifetime = cdc_lake::cli::Lifetime::OneShot;
+    cdc_lake::cli::run(
+        "cdc-replay",
+        lifetime,
+        cli.config.as_deref(),
+        |config| async move { Ok(cdc_lake::replay::cli_replay(&config, &cli.args).await?) },
+    )
 }

@@ -64,6 +64,8 @@ pub async fn apply_selection(
         if batch.len() >= batch_size {
             let full = std::mem::take(&mut batch);
             apply_batch(sink, &full, summary).await?;
+            // Freeing it here would keep the target's connection idle meanwhile.
+            crate::batch::drop_in_background(full);
         }
     }
     apply_batch(sink, &batch, summary).await

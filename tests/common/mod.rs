@@ -573,6 +573,18 @@ pub fn try_http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
     ))
 }
 
+/// The sum of one metric over all its label sets on a Prometheus text page
+/// (`name{...} value` and `name value` lines; other metrics sharing the prefix are not counted).
+pub fn metric_total(page: &str, name: &str) -> f64 {
+    page.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(['{', ' ']))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// The (topic, partition, offset) of every row a lake report found.
 pub fn lake_coords(report: &Value) -> BTreeSet<(String, i32, i64)> {
     report["coords"]
