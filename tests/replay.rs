@@ -345,12 +345,16 @@ fn rebuild_of_a_live_target_while_the_pod_runs_changes_nothing() {
 /// Both readers stream each selected change exactly once, partition by partition in offset
 /// order: checked against the raw log's own rows, for the whole log and for an offset range.
 /// The rebuild tests cannot see this: the ordering guard makes a mirror's final state the same
-/// whatever order its changes arrive in.
+/// whatever order its changes arrive in. Then the lake is compacted into one file per
+/// partition, each larger than the lake reader's chunk, and read again: the same changes in
+/// the same order, in chunks no larger than `LAKE_CHUNK` (a reader that decoded a file whole
+/// held a compacted lake's millions of changes in memory at once).
 #[test]
 fn the_readers_stream_every_selected_change_once_in_order() {
     run_test(async {
         let prefix = unique("order").replace('_', "-");
-        let (records, _) = order_stream(&prefix, 3_000);
+        // More than LAKE_CHUNK changes per partition, so one compacted file exceeds a chunk.
+        let (records, _) = order_stream(&prefix, 12_000);
         let topic = records[0].topic.clone();
         create_topics(&[topic.clone()].into_iter().collect(), 4).await;
         produce(&records).await;
@@ -375,7 +379,40 @@ fn the_readers_stream_every_selected_change_once_in_order() {
             to_offset: Some(1_234),
             ..replay::Selection::default()
         };
-        for source in [SourceKind::Raw, SourceKind::Lake] {
+        let compact_the_lake = || {
+            let out = Command::new(env!("CARGO_BIN_EXE_cdc-lake"))
+                .args(["lake", "compact", "--before", "2100-01-01"])
+                .envs(lake.env())
+                .env("CDC_LAKE__POSTGRES__URL", &db)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+            assert!(
+                stdout.contains("files -> 4;"),
+                "one file per partition: {stdout}"
+            );
+        };
+        let per_partition = (0..4)
+            .map(|p| records.iter().filter(|r| r.partition == p).count())
+            .min()
+            .unwrap();
+        assert!(
+            per_partition > replay::source::LAKE_CHUNK,
+            "{per_partition}"
+        );
+        for (source, compact) in [
+            (SourceKind::Raw, false),
+            (SourceKind::Lake, false),
+            (SourceKind::Lake, true),
+        ] {
+            if compact {
+                compact_the_lake();
+            }
             let reader = replay::Reader::open(&cfg, source).await.unwrap();
             for sel in [&whole, &range] {
                 let want: Vec<(String, i32, i64)> = client
@@ -392,8 +429,11 @@ fn the_readers_stream_every_selected_change_once_in_order() {
                     .collect();
                 let mut got = Vec::new();
                 let mut chunks = reader.read(&cfg, sel).await.unwrap();
+                let mut largest = 0;
                 while let Some(chunk) = chunks.recv().await {
-                    for change in chunk.unwrap() {
+                    let chunk = chunk.unwrap();
+                    largest = largest.max(chunk.len());
+                    for change in chunk {
                         let c = change.coords();
                         got.push((c.topic.clone(), c.partition, c.offset));
                     }
@@ -406,6 +446,12 @@ fn the_readers_stream_every_selected_change_once_in_order() {
                     got.len(),
                     want.len()
                 );
+                if source == SourceKind::Lake {
+                    assert!(
+                        largest <= replay::source::LAKE_CHUNK,
+                        "lake reader (compacted: {compact}), {sel}: a chunk of {largest} changes"
+                    );
+                }
             }
         }
     });

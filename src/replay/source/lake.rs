@@ -2,12 +2,14 @@
 //! decoded again with the live decoder.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
 
+use arrow::array::RecordBatch;
 use bytes::Bytes;
 use object_store::ObjectStore;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
 use parquet::arrow::ProjectionMask;
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
@@ -91,40 +93,71 @@ const LAKE_COLUMNS: &[&str] = &[
     "envelope",
 ];
 
-/// Decodes one Parquet file's records with the live decoder.
-fn decode_file(bytes: Bytes, decoder: &mut Decoder, path: &str) -> ReplayResult<Vec<Decoded>> {
-    use arrow::array::Array;
-    use arrow::datatypes::{Int32Type, Int64Type};
+/// One lake file being read: its record batches are decoded one at a time, so memory holds
+/// one batch's changes rather than the file's. A compacted file can hold millions of changes;
+/// decoded whole, 300k of them took a replay to 1.1 GB (docs/performance.md).
+struct FileChanges {
+    path: String,
+    batches: ParquetRecordBatchReader,
+    avro_schemas: HashMap<i64, Box<RawValue>>,
+    /// Decoded changes of the current record batch, in file order.
+    pending: VecDeque<Decoded>,
+}
 
-    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes)
-        .with_context(|| format!("{path} is not a readable Parquet file"))?;
-    let avro_schemas = avro_connect_schemas(&builder, path)?;
-    let fields = builder.parquet_schema();
-    let position = |name: &str| {
-        fields
-            .root_schema()
-            .get_fields()
+impl FileChanges {
+    fn open(bytes: Bytes, path: &str) -> ReplayResult<Self> {
+        let builder = ParquetRecordBatchReaderBuilder::try_new(bytes)
+            .with_context(|| format!("{path} is not a readable Parquet file"))?;
+        let avro_schemas = avro_connect_schemas(&builder, path)?;
+        let fields = builder.parquet_schema();
+        let position = |name: &str| {
+            fields
+                .root_schema()
+                .get_fields()
+                .iter()
+                .position(|f| f.name() == name)
+        };
+        let mut indices: Vec<usize> = LAKE_COLUMNS
             .iter()
-            .position(|f| f.name() == name)
-    };
-    let mut indices: Vec<usize> = LAKE_COLUMNS
-        .iter()
-        .map(|name| position(name).with_context(|| format!("{path} has no column {name}")))
-        .collect::<ReplayResult<_>>()?;
-    if !avro_schemas.is_empty() {
-        indices.push(
-            position(AVRO_SCHEMA_ID)
-                .with_context(|| format!("{path} has Avro schemas but no {AVRO_SCHEMA_ID}"))?,
-        );
+            .map(|name| position(name).with_context(|| format!("{path} has no column {name}")))
+            .collect::<ReplayResult<_>>()?;
+        if !avro_schemas.is_empty() {
+            indices.push(
+                position(AVRO_SCHEMA_ID)
+                    .with_context(|| format!("{path} has Avro schemas but no {AVRO_SCHEMA_ID}"))?,
+            );
+        }
+        let mask = ProjectionMask::roots(fields, indices);
+        let batches = builder
+            .with_projection(mask)
+            .build()
+            .with_context(|| format!("reading {path}"))?;
+        Ok(Self {
+            path: path.to_string(),
+            batches,
+            avro_schemas,
+            pending: VecDeque::new(),
+        })
     }
-    let mask = ProjectionMask::roots(fields, indices);
-    let reader = builder
-        .with_projection(mask)
-        .build()
-        .with_context(|| format!("reading {path}"))?;
-    let mut out = Vec::new();
-    for batch in reader {
-        let batch = batch.with_context(|| format!("reading {path}"))?;
+
+    /// The offset of the file's next change, decoding its next record batch when needed; None
+    /// at the end of the file.
+    fn next_offset(&mut self, decoder: &mut Decoder) -> ReplayResult<Option<i64>> {
+        while self.pending.is_empty() {
+            let Some(batch) = self.batches.next() else {
+                return Ok(None);
+            };
+            let batch = batch.with_context(|| format!("reading {}", self.path))?;
+            self.decode(&batch, decoder)?;
+        }
+        Ok(self.pending.front().map(|r| r.coords().offset))
+    }
+
+    /// Decodes one record batch's rows with the live decoder into `pending`.
+    fn decode(&mut self, batch: &RecordBatch, decoder: &mut Decoder) -> ReplayResult<()> {
+        use arrow::array::Array;
+        use arrow::datatypes::{Int32Type, Int64Type};
+        let (path, avro_schemas) = (self.path.as_str(), &self.avro_schemas);
         let col = |name: &str| {
             batch
                 .column_by_name(name)
@@ -164,10 +197,11 @@ fn decode_file(bytes: Bytes, decoder: &mut Decoder, path: &str) -> ReplayResult<
                 }
                 None => Cow::Borrowed(envelope.value(i)),
             };
-            out.push(decoder.decode(coords, k, Some(value.as_bytes())));
+            self.pending
+                .push_back(decoder.decode(coords, k, Some(value.as_bytes())));
         }
+        Ok(())
     }
-    Ok(out)
 }
 
 fn strings<'a>(
@@ -245,14 +279,20 @@ fn avro_connect_schemas<T>(
         .collect()
 }
 
-/// Streams the selected commits' records, commit by commit in offset order.
+/// Changes per chunk sent to the apply: what a replay from the lake holds in flight is a few
+/// chunks, whatever the size of the files.
+pub const LAKE_CHUNK: usize = 5_000;
+
+/// Streams the selected commits' records, commit by commit in offset order, in chunks of
+/// [`LAKE_CHUNK`].
 pub fn read_lake(store: Arc<dyn ObjectStore>, commits: Vec<Commit>, sel: Selection) -> Chunks {
     let (tx, rx) = mpsc::channel(2);
     spawn_reader(tx.clone(), async move {
         let mut decoder = Decoder::new();
+        let mut chunk = Vec::with_capacity(LAKE_CHUNK);
         for commit in commits {
             let result = async {
-                let mut records = Vec::new();
+                let mut files = Vec::with_capacity(commit.files.len());
                 for f in &commit.files {
                     let path = crate::sink::lake::manifest::stored_path(&f.path);
                     let bytes = store
@@ -262,18 +302,47 @@ pub fn read_lake(store: Arc<dyn ObjectStore>, commits: Vec<Commit>, sel: Selecti
                         .bytes()
                         .await
                         .with_context(|| format!("reading lake file {path}"))?;
-                    records.extend(decode_file(bytes, &mut decoder, &f.path)?);
+                    files.push(FileChanges::open(bytes, &f.path)?);
                 }
-                // A commit's files split one offset range by table: merge them back in order.
-                records.sort_by_key(|r| r.coords().offset);
-                records.retain(|r| sel.selects(r));
-                Ok::<_, ReplayError>(records)
+                // A commit's files split one offset range by table: merged back in offset
+                // order, the smallest next offset first.
+                let mut next = BinaryHeap::new();
+                for (i, file) in files.iter_mut().enumerate() {
+                    if let Some(offset) = file.next_offset(&mut decoder)? {
+                        next.push(Reverse((offset, i)));
+                    }
+                }
+                while let Some(Reverse((_, i))) = next.pop() {
+                    let change = files[i].pending.pop_front().expect("its offset was read");
+                    if let Some(offset) = files[i].next_offset(&mut decoder)? {
+                        next.push(Reverse((offset, i)));
+                    }
+                    if !sel.selects(&change) {
+                        continue;
+                    }
+                    chunk.push(change);
+                    if chunk.len() == LAKE_CHUNK {
+                        let full = std::mem::replace(&mut chunk, Vec::with_capacity(LAKE_CHUNK));
+                        if tx.send(Ok(full)).await.is_err() {
+                            return Ok(false);
+                        }
+                    }
+                }
+                Ok::<_, ReplayError>(true)
             }
             .await;
-            let stop = result.is_err();
-            if tx.send(result).await.is_err() || stop {
-                return;
+            match result {
+                Ok(true) => {}
+                // The apply stopped reading.
+                Ok(false) => return,
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
             }
+        }
+        if !chunk.is_empty() {
+            let _ = tx.send(Ok(chunk)).await;
         }
     });
     rx

@@ -18,7 +18,7 @@ use super::Selection;
 use crate::domain::{TableId, TopicPartition};
 use crate::envelope::Decoded;
 
-pub use lake::{lake_commits, lake_partitions, plan_lake, read_lake};
+pub use lake::{lake_commits, lake_partitions, plan_lake, read_lake, LAKE_CHUNK};
 pub use raw::{plan_raw, read_raw};
 
 /// What a selection covers, known before anything is written.
