@@ -105,7 +105,8 @@ struct FileChanges {
 }
 
 impl FileChanges {
-    fn open(bytes: Bytes, path: &str) -> ReplayResult<Self> {
+    /// Opens a file whose record batches hold `batch_rows` rows.
+    fn open(bytes: Bytes, path: &str, batch_rows: usize) -> ReplayResult<Self> {
         let builder = ParquetRecordBatchReaderBuilder::try_new(bytes)
             .with_context(|| format!("{path} is not a readable Parquet file"))?;
         let avro_schemas = avro_connect_schemas(&builder, path)?;
@@ -130,6 +131,7 @@ impl FileChanges {
         let mask = ProjectionMask::roots(fields, indices);
         let batches = builder
             .with_projection(mask)
+            .with_batch_size(batch_rows)
             .build()
             .with_context(|| format!("reading {path}"))?;
         Ok(Self {
@@ -293,6 +295,10 @@ pub fn read_lake(store: Arc<dyn ObjectStore>, commits: Vec<Commit>, sel: Selecti
         for commit in commits {
             let result = async {
                 let mut files = Vec::with_capacity(commit.files.len());
+                // Each file holds one decoded record batch while the commit is merged: a commit
+                // of many tables' files (compacted, a thousand tables) would otherwise hold a
+                // thousand batches of 1,024 changes.
+                let batch_rows = (LAKE_CHUNK / commit.files.len().max(1)).clamp(16, 1024);
                 for f in &commit.files {
                     let path = crate::sink::lake::manifest::stored_path(&f.path);
                     let bytes = store
@@ -302,7 +308,7 @@ pub fn read_lake(store: Arc<dyn ObjectStore>, commits: Vec<Commit>, sel: Selecti
                         .bytes()
                         .await
                         .with_context(|| format!("reading lake file {path}"))?;
-                    files.push(FileChanges::open(bytes, &f.path)?);
+                    files.push(FileChanges::open(bytes, &f.path, batch_rows)?);
                 }
                 // A commit's files split one offset range by table: merged back in offset
                 // order, the smallest next offset first.
